@@ -1,0 +1,11 @@
+"""masknorm: masked normalization for PyTorch (layer, RMS, batch, group, instance).
+
+Statistics ignore the positions where `mask` is False:
+
+    mu = (1/k) sum_V x,  sigma^2 = (1/(k-c)) sum_V (x-mu)^2,  y = gamma (x-mu)/sqrt(sigma^2+eps) + beta
+
+Importing masknorm imports torch only; the verification side (masknorm.spec, .reference,
+.proofs) needs the `verify` extras.
+"""
+
+__version__ = "0.1.0"

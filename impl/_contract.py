@@ -1,0 +1,107 @@
+"""The argument contract of masked normalization, checked on shapes and scalars only.
+
+Shared by the torch implementation and the mpmath reference so that both accept and reject
+exactly the same calls with the same messages. Nothing here touches tensor values.
+
+    groups  = index over the axes not in R;   V = {i in group : mask_i};  k = |V|;  nu = k - c
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple, Union
+
+Shape = Tuple[int, ...]
+Dim = Union[int, Sequence[int]]
+
+POLICIES = ("normalize", "keep", "zero")
+
+
+@dataclass(frozen=True)
+class NormArgs:
+    """Validated arguments: `dims` sorted, non-negative and unique."""
+
+    shape: Shape
+    dims: Tuple[int, ...]
+    correction: int
+    eps: float
+    center: bool
+    masked: str
+
+    @property
+    def kept_dims(self) -> Tuple[int, ...]:
+        """The axes that index groups (not reduced)."""
+        return tuple(d for d in range(len(self.shape)) if d not in self.dims)
+
+    @property
+    def group_size(self) -> int:
+        """n: the number of positions in one group."""
+        return math.prod(self.shape[d] for d in self.dims)
+
+
+def broadcasts_onto(small: Sequence[int], big: Sequence[int]) -> bool:
+    """True when a tensor of shape `small` broadcasts to `big` without changing `big`."""
+    if len(small) > len(big):
+        return False
+    return all(s in (1, b) for s, b in zip(reversed(tuple(small)), reversed(tuple(big))))
+
+
+def normalize_dims(dim: Dim, ndim: int) -> Tuple[int, ...]:
+    """`dim` (int or sequence of ints, negative counts from the end) as sorted unique axes."""
+    if isinstance(dim, bool) or not isinstance(dim, (numbers.Integral, Sequence)) or isinstance(dim, str):
+        raise TypeError(f"dim must be an int or a tuple of ints, got {type(dim).__name__} {dim!r}")
+    dims = (dim,) if isinstance(dim, numbers.Integral) else tuple(dim)
+    if not dims:
+        raise ValueError("dim must name at least one axis to reduce, got an empty sequence")
+    out = []
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"dim must be an int or a tuple of ints, got element {d!r} in dim={dim!r}")
+        if not -ndim <= d < ndim:
+            raise ValueError(f"dim={dim!r} is out of range for x with {ndim} dimensions")
+        out.append(int(d) % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"dim={dim!r} names the same axis twice (x has {ndim} dimensions)")
+    return tuple(sorted(out))
+
+
+def check_args(
+    x_shape: Sequence[int],
+    mask_shape: Optional[Sequence[int]] = None,
+    dim: Dim = -1,
+    *,
+    correction: int = 0,
+    eps: float = 1e-5,
+    center: bool = True,
+    masked: str = "normalize",
+    weight_shape: Optional[Sequence[int]] = None,
+    bias_shape: Optional[Sequence[int]] = None,
+) -> NormArgs:
+    """Validate a masked_norm call by shapes and scalars; raise TypeError/ValueError naming the argument."""
+    shape = tuple(int(s) for s in x_shape)
+    if len(shape) == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d tensor")
+    dims = normalize_dims(dim, len(shape))
+    if mask_shape is not None and not broadcasts_onto(mask_shape, shape):
+        raise ValueError(
+            f"mask of shape {tuple(mask_shape)} does not broadcast to x of shape {shape} "
+            "(it may have size 1 where x does not, but must not add or enlarge dimensions)"
+        )
+    for name, s in (("weight", weight_shape), ("bias", bias_shape)):
+        if s is not None and not broadcasts_onto(s, shape):
+            raise ValueError(f"{name} of shape {tuple(s)} does not broadcast to x of shape {shape}")
+    if isinstance(correction, bool) or not isinstance(correction, numbers.Integral):
+        raise TypeError(f"correction must be an int >= 0, got {type(correction).__name__} {correction!r}")
+    if correction < 0:
+        raise ValueError(f"correction must be >= 0, got {correction}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number >= 0, got {type(eps).__name__} {eps!r}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    if not isinstance(center, bool):
+        raise TypeError(f"center must be a bool, got {type(center).__name__} {center!r}")
+    if masked not in POLICIES:
+        raise ValueError(f"masked must be one of {POLICIES}, got {masked!r}")
+    return NormArgs(shape, dims, int(correction), float(eps), center, masked)

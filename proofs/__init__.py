@@ -1,0 +1,1 @@
+"""masknorm.proofs: the properties of masked normalization, confirmed symbolically with sympy."""

@@ -1,0 +1,1 @@
+"""masknorm.reference: high-precision (mpmath) evaluation of masked normalization, the oracle."""
