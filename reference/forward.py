@@ -17,12 +17,14 @@ from .problem import Problem, prepare
 
 @dataclass(frozen=True)
 class GroupStats:
-    """Statistics of one group: k valid positions, nu = k - c; mu and s are None when degenerate."""
+    """Statistics of one group: k valid positions, nu = k - c; mu, sigma and s = sqrt(sigma^2 + eps)
+    are None when the group is degenerate."""
 
     k: int
     nu: int
-    mu: Optional[mpmath.mpf]
-    s: Optional[mpmath.mpf]
+    mu: Optional[mpmath.mpf] = None
+    sigma: Optional[mpmath.mpf] = None
+    s: Optional[mpmath.mpf] = None
 
     @property
     def degenerate(self) -> bool:
@@ -37,12 +39,12 @@ def group_stats(x: Sequence[Any], valid: Sequence[bool], correction: int, eps: m
     k = len(values)
     nu = k - correction
     if nu <= 0:
-        return GroupStats(k, nu, None, None)
+        return GroupStats(k, nu)
     if eps == 0 and all(v == (values[0] if center else 0) for v in values):
-        return GroupStats(k, nu, None, None)
+        return GroupStats(k, nu)
     mu = mpmath.fsum(values) / k if center else mpmath.mpf(0)
     variance = mpmath.fsum((v - mu) ** 2 for v in values) / nu
-    return GroupStats(k, nu, mu, mpmath.sqrt(variance + eps))
+    return GroupStats(k, nu, mu, mpmath.sqrt(variance), mpmath.sqrt(variance + eps))
 
 
 def all_stats(problem: Problem) -> List[GroupStats]:
