@@ -1,9 +1,11 @@
 """masknorm.reference: high-precision (mpmath) evaluation of masked normalization, the oracle.
 
 Every input converts to its exact value, the definition is evaluated at `dps` digits, and each
-result is rounded once to float64.
+result is rounded once to float64. Errors of a candidate are measured in units of u * kappa,
+kappa = (|mu| + sigma)/s per group (see masknorm.reference.error).
 """
 
+from .error import error_in_ukappa, kappa, max_error_in_ukappa, unit_roundoff
 from .forward import masked_norm
 
-__all__ = ["masked_norm"]
+__all__ = ["masked_norm", "kappa", "unit_roundoff", "error_in_ukappa", "max_error_in_ukappa"]
