@@ -60,26 +60,32 @@ def normalized_positions(problem: Problem) -> np.ndarray:
     return problem.mask
 
 
+def passed_through(value: Any, valid: bool, masked: str) -> Any:
+    """Output (or derivative) at a position not normalized with the group's statistics: the value
+    itself (degenerate group, or "keep"), 0 at a masked-out position under "zero"."""
+    return mpmath.mpf(0) if masked == "zero" and not valid else value
+
+
 def yhat_row(x: Sequence[Any], in_p: Sequence[bool], stats: GroupStats) -> List[Any]:
     """yhat_j = (x_j - mu)/s on P of a non-degenerate group; None elsewhere (never computed)."""
     return [(v - stats.mu) / stats.s if p else None for v, p in zip(x, in_p)]
 
 
 def normalize_mp(problem: Problem) -> np.ndarray:
-    """The outputs as a (groups, n) object array of mpf at the current precision (not rounded)."""
-    zero_out = problem.args.masked == "zero"
+    """The outputs in x's shape, an object array of mpf at the current precision (not rounded)."""
+    masked = problem.args.masked
     in_p = normalized_positions(problem)
     rows = []
     for g, stats in enumerate(all_stats(problem)):
         x, m = problem.x[g], problem.mask[g]
         if stats.degenerate:
-            rows.append([mpmath.mpf(0) if zero_out and not m[j] else x[j] for j in range(len(x))])
+            rows.append([passed_through(x[j], m[j], masked) for j in range(len(x))])
             continue
         yhat = yhat_row(x, in_p[g], stats)
         row = []
         for j, y in enumerate(yhat):
             if y is None:
-                row.append(mpmath.mpf(0) if zero_out else x[j])
+                row.append(passed_through(x[j], m[j], masked))
                 continue
             if problem.weight is not None:
                 y = problem.weight[g, j] * y
@@ -87,7 +93,7 @@ def normalize_mp(problem: Problem) -> np.ndarray:
                 y = y + problem.bias[g, j]
             row.append(y)
         rows.append(row)
-    return object_array([v for row in rows for v in row], problem.mask.shape)
+    return problem.layout.from_groups(object_array([v for row in rows for v in row], problem.mask.shape))
 
 
 def masked_norm(
@@ -110,4 +116,4 @@ def masked_norm(
     )
     with mpmath.workdps(dps):
         out = normalize_mp(problem)
-    return to_float64(problem.layout.from_groups(out))
+    return to_float64(out)

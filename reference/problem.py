@@ -24,7 +24,8 @@ MIN_DPS = 20  # >= 64 bits: every float64 and long double input converts exactly
 @dataclass(frozen=True)
 class Problem:
     """A call in group layout: rows of `x`, `mask`, `weight`, `bias` are the groups (mpf objects,
-    bool for mask; weight/bias None when absent). `eps` is the exact value of the float eps."""
+    bool for mask; weight/bias None when absent, else broadcast from `weight_shape`/`bias_shape`).
+    `eps` is the exact value of the float eps."""
 
     args: NormArgs
     layout: Layout
@@ -33,6 +34,8 @@ class Problem:
     weight: Optional[np.ndarray]
     bias: Optional[np.ndarray]
     eps: mpmath.mpf
+    weight_shape: Optional[Tuple[int, ...]] = None
+    bias_shape: Optional[Tuple[int, ...]] = None
 
 
 def check_dps(dps: Any) -> int:
@@ -110,5 +113,7 @@ def prepare(
             grouped(wa),
             grouped(ba),
             mpmath.mpf(args.eps),
+            None if wa is None else wa.shape,
+            None if ba is None else ba.shape,
         )
         return problem, {n: grouped(a) for n, a in extra.items()}, grouped(wd), grouped(bd)
