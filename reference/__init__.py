@@ -1,11 +1,13 @@
 """masknorm.reference: high-precision (mpmath) evaluation of masked normalization, the oracle.
 
-Every input converts to its exact value, the definition is evaluated at `dps` digits, and each
-result is rounded once to float64. Errors of a candidate are measured in units of u * kappa,
-kappa = (|mu| + sigma)/s per group (see masknorm.reference.error).
+Every input converts to its exact value, the definition (forward) and the spec's generated closed
+forms (vjp, jvp) are evaluated at `dps` digits, and each result is rounded once to float64. Errors
+of a candidate are measured in units of u * kappa, kappa = (|mu| + sigma)/s per group
+(see masknorm.reference.error).
 """
 
+from .derivatives import jvp, vjp
 from .error import error_in_ukappa, kappa, max_error_in_ukappa, unit_roundoff
 from .forward import masked_norm
 
-__all__ = ["masked_norm", "kappa", "unit_roundoff", "error_in_ukappa", "max_error_in_ukappa"]
+__all__ = ["masked_norm", "vjp", "jvp", "kappa", "unit_roundoff", "error_in_ukappa", "max_error_in_ukappa"]

@@ -138,24 +138,6 @@ def test_valid_outputs_equal_the_compacted_group(values, mask, correction, eps, 
     np.testing.assert_array_equal(out[m], ref)
 
 
-@pytest.mark.parametrize("garbage", [NAN, INF, -INF, 1e300, -1e300])
-@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
-@pytest.mark.parametrize("center", [True, False])
-def test_garbage_in_masked_out_positions_changes_no_valid_output(garbage, masked, center):
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((2, 5))
-    mask = np.array([[True, False, True, True, False], [False, True, True, False, True]])
-    w, b = rng.standard_normal(5), rng.standard_normal(5)
-    dirty = np.where(mask, x, garbage)
-    clean = masked_norm(x, mask, correction=1, eps=0, center=center, weight=w, bias=b, masked=masked)
-    out = masked_norm(dirty, mask, correction=1, eps=0, center=center, weight=w, bias=b, masked=masked)
-    np.testing.assert_array_equal(out[mask], clean[mask])
-    if masked == "keep":
-        np.testing.assert_array_equal(out[~mask], garbage)
-    if masked == "zero":
-        np.testing.assert_array_equal(out[~mask], 0.0)
-
-
 # ---- torch's own layers, float64, mask=None --------------------------------------------------
 # Tolerance: |ours - torch| <= 1e-13 + 1e-13 |ours| elementwise (outputs are O(1) with O(1) affine,
 # torch's float64 kernels are within a few ulps of the exact result, so this has ~1000x headroom
