@@ -121,7 +121,7 @@ def test_mask_and_affine_broadcast():
 
 
 @given(
-    st.lists(st.floats(-1e3, 1e3, allow_subnormal=False), min_size=1, max_size=6),
+    st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=6),
     st.lists(st.booleans(), min_size=6, max_size=6),
     st.integers(0, 2),
     st.sampled_from([0.0, 1e-5, 0.5]),
@@ -136,6 +136,43 @@ def test_valid_outputs_equal_the_compacted_group(values, mask, correction, eps, 
     out = masked_norm(x, m, correction=correction, eps=eps, center=center)
     ref = masked_norm(compact, correction=correction, eps=eps, center=center)
     np.testing.assert_array_equal(out[m], ref)
+
+
+@st.composite
+def grouped_calls(draw):
+    """x of a small random shape, reduction axes, a full mask, and a policy."""
+    shape = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3)))
+    dims = tuple(draw(st.sets(st.integers(-len(shape), -1), min_size=1)))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(shape), dims, rng.random(shape) < 0.6, draw(st.sampled_from(["normalize", "keep", "zero"]))
+
+
+@given(grouped_calls())
+def test_each_group_is_normalized_on_its_own(call):
+    # the test's own grouping: move the reduced axes last with numpy, then each row is a 1-D call
+    x, dims, mask, masked = call
+    out = masked_norm(x, mask, dims, eps=1e-3, masked=masked)
+    reduced = [d % x.ndim for d in dims]
+    last = list(range(x.ndim - len(reduced), x.ndim))
+    rows = lambda a: np.moveaxis(a, reduced, last).reshape(-1, np.prod([x.shape[d] for d in reduced]))  # noqa: E731
+    for xr, mr, orow in zip(rows(x), rows(mask), rows(out)):
+        if mr.any():
+            np.testing.assert_array_equal(orow[mr], masked_norm(xr[mr], eps=1e-3))
+        if masked != "normalize":  # (normalize's masked-out values: the hand cases above)
+            np.testing.assert_array_equal(orow[~mr], xr[~mr] if masked == "keep" else 0.0)
+
+
+def test_zero_size_inputs():
+    assert masked_norm(np.zeros((0, 3))).shape == (0, 3)
+    assert masked_norm(np.zeros((3, 0))).shape == (3, 0)
+
+
+def test_precision_is_enough_to_round_once():
+    # at 30 and at 80 digits the float64 results are the same roundings
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 6)) * 1e3 + 5e3
+    np.testing.assert_array_equal(masked_norm(x, dps=30, eps=0), masked_norm(x, dps=80, eps=0))
 
 
 # ---- torch's own layers, float64, mask=None --------------------------------------------------
