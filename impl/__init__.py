@@ -9,3 +9,7 @@ Importing masknorm imports torch only; the verification side (masknorm.spec, .re
 """
 
 __version__ = "0.1.0"
+
+from masknorm.functional import masked_norm
+
+__all__ = ["masked_norm"]

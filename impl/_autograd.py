@@ -1,0 +1,177 @@
+"""Masked normalization as one autograd.Function whose backward and jvp are the spec's closed forms.
+
+    out = gamma * y_hat + beta   on P (positions normalized with their group's statistics)
+    out = x                      on passthrough positions (degenerate groups; "keep" padding)
+    out = 0                      elsewhere ("zero" padding)
+
+Saved for backward: x, the mask, weight, and the per-group statistics (GroupStats); y_hat is
+recomputed from x. When the backward itself is differentiated
+(grad mode on inside backward: double backward, forward-over-reverse), the statistics are
+recomputed from x with differentiable ops so that second derivatives are exact.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from masknorm._stats import GroupStats, group_stats
+from masknorm.spec import closed_forms
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp16/bf16 accumulate in float32; float32 and float64 in themselves."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def regions(
+    mask: Optional[torch.Tensor], degenerate: torch.Tensor, masked: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(P, passthrough): where the output is the normalized value, and where it is x."""
+    if mask is None or masked == "normalize":
+        return ~degenerate, degenerate
+    normalized = mask & ~degenerate
+    if masked == "keep":
+        return normalized, ~normalized
+    return normalized, mask & degenerate
+
+
+def _affine(y_hat: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """gamma * y_hat + beta, each optional."""
+    if weight is not None and bias is not None:
+        return torch.addcmul(bias, weight, y_hat)
+    if weight is not None:
+        return y_hat * weight
+    return y_hat + bias if bias is not None else y_hat
+
+
+def _normalized(xc: torch.Tensor, st: GroupStats) -> torch.Tensor:
+    """y_hat = (x/a - mu/a) * (a/s): scaled by an exact power of two a, so nothing overflows."""
+    return (xc * st.scale - st.shift_scaled) * st.inv_s_scaled
+
+
+def _compose(norm_out, xc, P, passthrough, masked):
+    """Select per position between the normalized output, x and 0 (NaN-safe: no multiplications)."""
+    if masked == "zero":
+        return torch.where(P, norm_out, torch.where(passthrough, xc, 0))
+    return torch.where(P, norm_out, xc)
+
+
+def _safe_counts(st: GroupStats) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(k, nu) with degenerate groups set to 1: their formulas are discarded, and must not make inf/NaN
+    that a second differentiation would multiply by zero."""
+    return torch.where(st.degenerate, 1.0, st.k), torch.where(st.degenerate, 1.0, st.nu)
+
+
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+class MaskedNormFunction(torch.autograd.Function):
+    """out = masked_norm(x, mask, dims, ...); see masknorm.masked_norm for the contract."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, mask, weight, bias, dims, correction, eps, center, masked):
+        ct = compute_dtype(x.dtype)
+        xc = x.to(ct)
+        st = group_stats(xc, mask, dims, correction, eps, center)
+        P, passthrough = regions(mask, st.degenerate, masked)
+        out = _compose(_affine(_normalized(xc, st), _cast(weight, ct), _cast(bias, ct)), xc, P, passthrough, masked)
+        return (out.to(x.dtype), *st)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, mask, weight, bias, dims, correction, eps, center, masked = inputs
+        st = output[1:]
+        ctx.config = (dims, correction, eps, center, masked)
+        ctx.has_bias = bias is not None
+        ctx.bias_shape = None if bias is None else bias.shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, mask, weight, *st)
+        ctx.save_for_forward(x, mask, weight, *st)
+        ctx.mark_non_differentiable(*st)
+        ctx.set_materialize_grads(True)
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused_stats_grads):
+        x, mask, weight, *saved = ctx.saved_tensors
+        dims, correction, eps, center, masked = ctx.config
+        ct = compute_dtype(x.dtype)
+        xc = x.to(ct)
+        if torch.is_grad_enabled():
+            st = group_stats(xc, mask, dims, correction, eps, center)
+        else:
+            st = GroupStats(*saved)
+        w = _cast(weight, ct)
+        gx, gw, gb = masked_norm_vjp(grad_out.to(ct), xc, mask, w, st, dims, center, masked,
+                                     ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3])
+        gx = gx.to(x.dtype) if ctx.needs_input_grad[0] else None
+        gw = None if gw is None else gw.sum_to_size(weight.shape).to(weight.dtype)
+        gb = None if gb is None else gb.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype)
+        return gx, None, gw, gb, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
+        x, mask, weight, *saved = ctx.saved_tensors
+        dims, correction, eps, center, masked = ctx.config
+        ct = compute_dtype(x.dtype)
+        xc = x.to(ct)
+        st = GroupStats(*saved)
+        y_dot = masked_norm_jvp(xc, x_dot.to(ct), mask, _cast(weight, ct), _cast(weight_dot, ct),
+                                _cast(bias_dot, ct), st, dims, center, masked)
+        return (y_dot.to(x.dtype), *(None for _ in saved))
+
+
+def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b):
+    """(grad x, grad weight before summing to its shape, grad bias likewise), closed form:
+
+    gx_j = (1/s) [ g_j [j in P] - (m_j/k) sum_P g - (m_j y_hat_j / nu) sum_P g y_hat ] + [j passes] g_out_j
+    with g = gamma * g_out; a padded position whose upstream gradient is 0 contributes nothing.
+    """
+    P, passthrough = regions(mask, st.degenerate, masked)
+    y_hat = _normalized(xc, st)
+    if mask is not None and masked == "normalize":
+        P_used = P & (mask | (g_out != 0))
+    else:
+        P_used = P
+    y_hat = torch.where(P_used, y_hat, 0)
+    g_out_P = torch.where(P_used, g_out, 0)
+    gy = g_out_P * y_hat
+    g = g_out_P if w is None else g_out_P * w
+    sum_g = g.sum(dims, keepdim=True)
+    sum_gy = (gy if w is None else gy * w).sum(dims, keepdim=True)
+    m = 1.0 if mask is None else mask.to(xc.dtype)
+    k, nu = _safe_counts(st)
+    if center:
+        core = closed_forms.vjp_centered(g, 1.0, m, y_hat, sum_g, sum_gy, k, nu, st.inv_s)
+    else:
+        core = closed_forms.vjp_rms(g, 1.0, m, y_hat, sum_gy, nu, st.inv_s)
+    gx = _compose(core, g_out, P, passthrough, masked)
+    return gx, (gy if want_w else None), (g_out_P if want_b else None)
+
+
+def masked_norm_jvp(xc, x_dot, mask, w, w_dot, b_dot, st, dims, center, masked):
+    """Tangent of the output, closed form on P:
+
+    y_hat_dot_p = (1/s) [ x_dot_p - (1/k) sum_V x_dot - (y_hat_p/nu) sum_V y_hat x_dot ]
+    out_dot = gamma y_hat_dot + gamma_dot y_hat + beta_dot on P, x_dot where x passes through.
+    """
+    P, passthrough = regions(mask, st.degenerate, masked)
+    y_hat = _normalized(xc, st)
+    x_dot_v = x_dot if mask is None else torch.where(mask, x_dot, 0)
+    yx = x_dot_v * y_hat if mask is None else torch.where(mask, x_dot_v * y_hat, 0)
+    sum_yx = yx.sum(dims, keepdim=True)
+    k, nu = _safe_counts(st)
+    if center:
+        sum_x = x_dot_v.sum(dims, keepdim=True)
+        y_hat_dot = closed_forms.jvp_centered(x_dot, y_hat, sum_x, sum_yx, k, nu, st.inv_s)
+    else:
+        y_hat_dot = closed_forms.jvp_rms(x_dot, y_hat, sum_yx, nu, st.inv_s)
+    one = torch.ones((), dtype=xc.dtype, device=xc.device)
+    zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
+    out_dot = closed_forms.affine_jvp(one if w is None else w, y_hat_dot, zero if w_dot is None else w_dot,
+                                      y_hat, zero if b_dot is None else b_dot)
+    return _compose(out_dot, x_dot, P, passthrough, masked)

@@ -1,0 +1,130 @@
+"""Per-group statistics of masked normalization, robust to range and exact on degenerate groups.
+
+For each group (keepdim shape), with a = 2^e a power of two near max_V |x| and xs = x / a:
+
+    mu' = c0 + (1/k) sum_V (xs - c0)        c0 = xs at the group's first valid position
+    var' = (1/nu) sum_V (xs - mu')^2        inv_s' = 1 / sqrt(var' + eps / a^2)
+    y_hat = (x / a - mu') * inv_s'          1/s = inv_s' / a  (1/sqrt(eps) when var' = 0)
+
+Scaling by an exact power of two keeps every square in range (1e30 or 1e-30 in float32 is safe);
+shifting by a valid value c0 makes a constant group give a sum of squares of exactly zero, so the
+degenerate test (nu <= 0, or eps = 0 and all valid values equal; RMS: all zero) is exact.
+Every operation is a differentiable torch op, so the same code serves the forward pass (under
+no_grad) and the recomputation that double backward needs; a and c0 are constants whose
+derivatives cancel exactly, so they are detached.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+
+class GroupStats(NamedTuple):
+    """Statistics of each group, in keepdim shape; y_hat = (x * scale - shift_scaled) * inv_s_scaled."""
+
+    scale: torch.Tensor  # 1/a, an exact power of two
+    shift_scaled: torch.Tensor  # mu/a
+    inv_s_scaled: torch.Tensor  # a/s, clamped to the largest finite value
+    inv_s: torch.Tensor  # 1/s (inf only where the true 1/s exceeds the dtype's range)
+    k: torch.Tensor  # number of valid positions
+    nu: torch.Tensor  # k - correction
+    degenerate: torch.Tensor  # bool
+
+
+def _exponent_bounds(dtype: torch.dtype, eps: float) -> Tuple[int, int]:
+    """Range of e for a = 2^e: 1/a and eps/a^2 stay finite in `dtype`."""
+    info = torch.finfo(dtype)
+    emax = int(math.log2(info.max)) + 1  # frexp exponent of the largest finite value
+    lo = 2 - emax
+    if eps > 0:
+        lo = max(lo, math.ceil((math.log2(eps) - (emax - 8)) / 2))
+    return lo, emax
+
+
+def valid_count(mask: Optional[torch.Tensor], shape: Sequence[int], dims: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """k per group (keepdim shape, `dtype`): valid positions counted along the reduced axes."""
+    if mask is None:
+        n = _product([shape[d] for d in dims])
+        return torch.full([1] * len(shape), float(n), dtype=dtype)
+    wide = [d for d in dims if mask.shape[d] != 1]
+    repeat = _product([shape[d] for d in dims if mask.shape[d] == 1])
+    counts = mask.sum(wide, keepdim=True, dtype=torch.int64) if wide else mask.to(torch.int64)
+    return (counts * repeat).to(dtype)
+
+
+def first_valid(v: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[int]) -> torch.Tensor:
+    """v at each group's first valid position (row-major over the reduced axes), keepdim shape.
+
+    A group with no valid position yields v at its first position; such groups are degenerate.
+    """
+    ndim = v.dim()
+    if mask is None:
+        return v[tuple(slice(0, 1) if d in dims else slice(None) for d in range(ndim))]
+    red = list(dims)
+    sizes = [v.shape[d] for d in red]
+    spread = mask.expand([v.shape[d] if d in dims else mask.shape[d] for d in range(ndim)])
+    flat = spread.movedim(red, list(range(ndim - len(red), ndim))).reshape(*[mask.shape[d] for d in range(ndim) if d not in dims], -1)
+    idx = flat.to(torch.uint8).argmax(-1)
+    keep_shape = [1 if d in dims else mask.shape[d] for d in range(ndim)]
+    index = []
+    stride = _product(sizes)
+    for d in range(ndim):
+        if d in dims:
+            stride //= v.shape[d]
+            index.append(((idx // stride) % v.shape[d]).reshape(keep_shape))
+        else:
+            shape_d = [1] * ndim
+            shape_d[d] = v.shape[d]
+            index.append(torch.arange(v.shape[d], device=v.device).reshape(shape_d))
+    return v[tuple(index)]
+
+
+def group_stats(
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    dims: Sequence[int],
+    correction: int,
+    eps: float,
+    center: bool,
+) -> GroupStats:
+    """Masked statistics of x (a floating tensor in its compute dtype) per group."""
+    dims = list(dims)
+    xz = x if mask is None else torch.where(mask, x, 0)
+    k = valid_count(mask, x.shape, dims, x.dtype).to(x.device)
+    nu = k - correction
+    lo, hi = _exponent_bounds(x.dtype, eps)
+    amax = torch.amax(xz.detach().abs(), dims, keepdim=True)
+    inv_a = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent.clamp(lo, hi))
+    xs = xz * inv_a
+    if center:
+        c0 = first_valid(xs.detach(), mask, dims)
+        d = xs - c0 if mask is None else torch.where(mask, xs - c0, 0)
+        shift = d.sum(dims, keepdim=True) / k
+        d = d - shift if mask is None else torch.where(mask, d - shift, 0)
+        mu_s = c0 + shift
+    else:
+        d = xs
+        mu_s = torch.zeros_like(inv_a)
+    ss = (d * d).sum(dims, keepdim=True)
+    degenerate = nu <= 0
+    if eps == 0:
+        degenerate = degenerate | (ss == 0)
+    nu_safe = torch.where(degenerate, 1.0, nu)
+    var_s = torch.where(degenerate, 1.0, ss / nu_safe)
+    inv_s_s = torch.rsqrt(var_s + eps * inv_a * inv_a)
+    if eps > 0:
+        inv_s = torch.where(ss == 0, eps**-0.5, inv_s_s * inv_a)
+    else:
+        inv_s = inv_s_s * inv_a
+    inv_s_s = inv_s_s.clamp(max=torch.finfo(x.dtype).max)
+    return GroupStats(inv_a, mu_s, inv_s_s, inv_s, k, nu, degenerate)
+
+
+def _product(sizes: Sequence[int]) -> int:
+    out = 1
+    for s in sizes:
+        out *= s
+    return out

@@ -1,0 +1,84 @@
+"""masked_norm: the functional core every masknorm layer is a preset of."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from masknorm._autograd import MaskedNormFunction
+from masknorm._contract import check_args
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(name: str, t: Optional[torch.Tensor], x: torch.Tensor, *, boolean: bool = False) -> None:
+    """TypeError unless `t` is None or a tensor of the right kind on x's device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if boolean and t.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = valid), got dtype {t.dtype} of shape {tuple(t.shape)}")
+    if not boolean and t.dtype not in _FLOATING:
+        raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype} of shape {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+def masked_norm(
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor] = None,
+    dim: Union[int, Sequence[int]] = -1,
+    *,
+    correction: int = 0,
+    eps: float = 1e-5,
+    center: bool = True,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    masked: str = "normalize",
+) -> torch.Tensor:
+    """Normalize x over the axes `dim`, with statistics taken over the positions where `mask` is True.
+
+        y = weight * (x - mu) / sqrt(var + eps) + bias,
+        mu = mean_V x (0 if not center),  var = sum_V (x - mu)^2 / (k - correction)
+
+    Args:
+        x: floating tensor (float16/bfloat16 accumulate in float32 and return their dtype).
+        mask: bool tensor broadcastable to x (True = valid); None = all valid.
+        dim: the reduction axes (int or tuple); a group is one index over the other axes.
+        correction: c >= 0, the variance divisor is k - c (k = valid positions in the group).
+        eps: added to the variance, >= 0.
+        center: subtract the mean (layer/batch norm) or not (RMS norm).
+        weight, bias: gamma/beta, broadcastable to x without changing its shape.
+        masked: output at masked-out positions: "normalize" (gamma*(x-mu)/s + beta),
+            "keep" (x) or "zero" (0).
+
+    A degenerate group (k - c <= 0, or eps = 0 and all valid values equal; RMS: all zero)
+    passes x through unchanged with no affine (0 at masked-out positions under "zero").
+    Values at masked-out positions never affect other positions' outputs or gradients.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATING:
+        raise TypeError(f"x must be a floating tensor (float16/bfloat16/float32/float64), got dtype {x.dtype}")
+    _check_tensor("mask", mask, x, boolean=True)
+    _check_tensor("weight", weight, x)
+    _check_tensor("bias", bias, x)
+    args = check_args(
+        x.shape,
+        None if mask is None else mask.shape,
+        dim,
+        correction=correction,
+        eps=eps,
+        center=center,
+        masked=masked,
+        weight_shape=None if weight is None else weight.shape,
+        bias_shape=None if bias is None else bias.shape,
+    )
+    if mask is not None and mask.dim() < x.dim():
+        mask = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
+    out, *_stats = MaskedNormFunction.apply(
+        x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked
+    )
+    return out
