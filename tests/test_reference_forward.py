@@ -230,11 +230,12 @@ ONE_ULP_ABOVE_ONE = {
 }
 
 
-@pytest.mark.parametrize("dtype", list(ONE_ULP_ABOVE_ONE))
-@pytest.mark.parametrize("as_numpy", [False, True])
+@pytest.mark.parametrize(
+    "dtype, as_numpy",
+    [(d, False) for d in ONE_ULP_ABOVE_ONE] + [(d, True) for d in ONE_ULP_ABOVE_ONE if d != torch.bfloat16],
+)
 def test_inputs_convert_exactly(dtype, as_numpy):
-    if as_numpy and dtype == torch.bfloat16:
-        pytest.skip("numpy has no bfloat16")
+    # as_numpy: the same values as a numpy array of the same dtype (numpy has no bfloat16)
     ulp = ONE_ULP_ABOVE_ONE[dtype]
     x = torch.tensor([1.0, 1.0 + ulp, 1.0 + 2 * ulp], dtype=dtype)
     assert x[1].item() != 1.0  # the value is representable in this dtype
@@ -249,6 +250,13 @@ def test_inputs_convert_exactly(dtype, as_numpy):
         s = mpmath.sqrt(sum((t - mu) ** 2 for t in v) / 3)
         expected = [float((t - mu) / s) for t in v]
     np.testing.assert_array_equal(masked_norm(y_in, eps=0), expected)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).nmant <= 52, reason="long double is float64 on this platform")
+def test_long_double_converts_exactly():
+    ulp = np.longdouble(2) ** -np.finfo(np.longdouble).nmant
+    x = np.array([1, 1 + ulp, 1 + 2 * ulp], dtype=np.longdouble)
+    np.testing.assert_array_equal(masked_norm(x, correction=1, eps=0), arr(-1, 0, 1))
 
 
 def test_eps_converts_exactly_as_the_binary_float():
