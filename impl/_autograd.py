@@ -51,7 +51,7 @@ def _normalized(xc: torch.Tensor, st: GroupStats) -> torch.Tensor:
     return (xc * st.scale - st.shift_scaled) * st.inv_s_scaled
 
 
-def _compose(norm_out, xc, P, passthrough, masked):
+def compose(norm_out: torch.Tensor, xc: torch.Tensor, P: torch.Tensor, passthrough: torch.Tensor, masked: str) -> torch.Tensor:
     """Select per position between the normalized output, x and 0 (NaN-safe: no multiplications)."""
     if masked == "zero":
         return torch.where(P, norm_out, torch.where(passthrough, xc, 0))
@@ -79,7 +79,7 @@ class MaskedNormFunction(torch.autograd.Function):
         xc = x.to(ct)
         st = group_stats(xc, mask, dims, correction, eps, center)
         P, passthrough = regions(mask, st.degenerate, masked)
-        out = _compose(_affine(_normalized(xc, st), _cast(weight, ct), _cast(bias, ct)), xc, P, passthrough, masked)
+        out = compose(_affine(_normalized(xc, st), _cast(weight, ct), _cast(bias, ct)), xc, P, passthrough, masked)
         return (out.to(x.dtype), *st)
 
     @staticmethod
@@ -87,9 +87,7 @@ class MaskedNormFunction(torch.autograd.Function):
         x, mask, weight, bias, dims, correction, eps, center, masked = inputs
         st = output[1:]
         ctx.config = (dims, correction, eps, center, masked)
-        ctx.has_bias = bias is not None
-        ctx.bias_shape = None if bias is None else bias.shape
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, mask, weight, *st)
         ctx.save_for_forward(x, mask, weight, *st)
         ctx.mark_non_differentiable(*st)
@@ -98,19 +96,8 @@ class MaskedNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, *_unused_stats_grads):
         x, mask, weight, *saved = ctx.saved_tensors
-        dims, correction, eps, center, masked = ctx.config
-        ct = compute_dtype(x.dtype)
-        xc = x.to(ct)
-        if torch.is_grad_enabled():
-            st = group_stats(xc, mask, dims, correction, eps, center)
-        else:
-            st = GroupStats(*saved)
-        w = _cast(weight, ct)
-        gx, gw, gb = masked_norm_vjp(grad_out.to(ct), xc, mask, w, st, dims, center, masked,
-                                     ctx.needs_input_grad[2], ctx.has_bias and ctx.needs_input_grad[3])
-        gx = gx.to(x.dtype) if ctx.needs_input_grad[0] else None
-        gw = None if gw is None else gw.sum_to_size(weight.shape).to(weight.dtype)
-        gb = None if gb is None else gb.sum_to_size(ctx.bias_shape).to(ctx.bias_dtype)
+        stats = None if torch.is_grad_enabled() else GroupStats(*saved)
+        gx, gw, gb = general_vjp(grad_out, x, mask, weight, ctx.bias_shape, ctx.config, ctx.needs_input_grad, stats)
         return gx, None, gw, gb, None, None, None, None, None
 
     @staticmethod
@@ -123,6 +110,25 @@ class MaskedNormFunction(torch.autograd.Function):
         y_dot = masked_norm_jvp(xc, x_dot.to(ct), mask, _cast(weight, ct), _cast(weight_dot, ct),
                                 _cast(bias_dot, ct), st, dims, center, masked)
         return (y_dot.to(x.dtype), *(None for _ in saved))
+
+
+def general_vjp(grad_out, x, mask, weight, bias_shape, config, needs_input_grad, stats=None):
+    """(grad x, grad weight, grad bias) in the inputs' dtypes and shapes.
+
+    With stats=None the statistics are recomputed from x with differentiable ops, so that the
+    result can itself be differentiated (double backward, forward-over-reverse).
+    """
+    dims, correction, eps, center, masked = config
+    ct = compute_dtype(x.dtype)
+    xc = x.to(ct)
+    st = group_stats(xc, mask, dims, correction, eps, center) if stats is None else stats
+    w = _cast(weight, ct)
+    gx, gw, gb = masked_norm_vjp(grad_out.to(ct), xc, mask, w, st, dims, center, masked,
+                                 needs_input_grad[2], bias_shape is not None and needs_input_grad[3])
+    gx = gx.to(x.dtype) if needs_input_grad[0] else None
+    gw = None if gw is None else gw.sum_to_size(weight.shape).to(weight.dtype)
+    gb = None if gb is None else gb.sum_to_size(bias_shape[0]).to(bias_shape[1])
+    return gx, gw, gb
 
 
 def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b):
@@ -149,7 +155,7 @@ def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b
         core = closed_forms.vjp_centered(g, 1.0, m, y_hat, sum_g, sum_gy, k, nu, st.inv_s)
     else:
         core = closed_forms.vjp_rms(g, 1.0, m, y_hat, sum_gy, nu, st.inv_s)
-    gx = _compose(core, g_out, P, passthrough, masked)
+    gx = compose(core, g_out, P, passthrough, masked)
     return gx, (gy if want_w else None), (g_out_P if want_b else None)
 
 
@@ -174,4 +180,4 @@ def masked_norm_jvp(xc, x_dot, mask, w, w_dot, b_dot, st, dims, center, masked):
     zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
     out_dot = closed_forms.affine_jvp(one if w is None else w, y_hat_dot, zero if w_dot is None else w_dot,
                                       y_hat, zero if b_dot is None else b_dot)
-    return _compose(out_dot, x_dot, P, passthrough, masked)
+    return compose(out_dot, x_dot, P, passthrough, masked)

@@ -1,0 +1,114 @@
+"""Fast path: layer norm over trailing axes with one validity flag per group (padded tokens).
+
+When the mask is constant along the reduced axes, every group is either fully valid (plain layer
+norm) or fully masked (degenerate: passed through). torch's fused kernels then do the work:
+
+    forward:  y, mu, rstd = native_layer_norm(x);  out = where(P, y, x or 0)
+    backward: dx = native_layer_norm_backward(where(P, dy, 0), where(mask, x, 0), ...);
+              dx = where(P, dx, dy or 0)
+
+A padded group's garbage stays in its own row of the fused kernel and is then replaced. If some
+valid group's rstd leaves the range where the fused kernel's variance is exact (overflow or
+underflow of squares, or a constant group with eps = 0), the call is redone on the general path:
+a Python-level check (a host sync), so this path runs in eager mode only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from masknorm._autograd import compose, general_vjp, masked_norm_jvp, regions
+from masknorm._stats import GroupStats
+
+# rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64.
+_SAFE_RSTD = (2.0**-40, 2.0**40)
+
+
+def applies(
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    dims: Sequence[int],
+    correction: int,
+    center: bool,
+) -> bool:
+    """True for a layer norm over trailing axes with one mask flag per group, in eager mode.
+
+    Under torch.compile and torch.func transforms the general path runs (its Python-level
+    safety check would be a graph break / a data-dependent branch there).
+    """
+    nd = x.dim()
+    nshape = tuple(x.shape[nd - len(dims):])
+    return (
+        center
+        and correction == 0
+        and x.dtype in (torch.float32, torch.float64)
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and tuple(dims) == tuple(range(nd - len(dims), nd))
+        and (mask is None or all(mask.shape[d] == 1 for d in dims))
+        and all(t is None or (tuple(t.shape) == nshape and t.dtype == x.dtype) for t in (weight, bias))
+    )
+
+
+def _forward(xc, mask, weight, bias, ndims, eps, masked) -> Tuple[torch.Tensor, GroupStats]:
+    """(out, stats) via torch's fused layer norm; padded groups' own NaNs stay in their rows."""
+    nshape = tuple(xc.shape[xc.dim() - ndims:])
+    y, mean, rstd = torch.native_layer_norm(xc, nshape, weight, bias, eps)
+    valid = torch.ones_like(mean, dtype=torch.bool) if mask is None else mask.expand(mean.shape)
+    k = valid.to(xc.dtype) * float(math.prod(nshape))
+    st = GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k, ~valid)
+    P, passthrough = regions(mask, st.degenerate, masked)
+    return compose(y, xc, P, passthrough, masked), st
+
+
+def _safe(st: GroupStats) -> bool:
+    """Every valid group's rstd is in the range where the fused kernel is exact (host sync)."""
+    r = st.inv_s
+    return not bool((~st.degenerate & ~((r >= _SAFE_RSTD[0]) & (r <= _SAFE_RSTD[1]))).any())
+
+
+class TokenLayerNormFunction(torch.autograd.Function):
+    """The fused-kernel twin of MaskedNormFunction; returns (out, ok) and ok=False when unsafe."""
+
+    @staticmethod
+    def forward(ctx, x, mask, weight, bias, ndims, eps, masked):
+        out, st = _forward(x, mask, weight, bias, ndims, eps, masked)
+        ok = _safe(st)
+        ctx.config = (tuple(range(x.dim() - ndims, x.dim())), 0, eps, True, masked)
+        ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
+        ctx.save_for_backward(x, mask, weight, *st)
+        ctx.save_for_forward(x, mask, weight, *st)
+        return out, ok
+
+    @staticmethod
+    def backward(ctx, g_out, _g_ok):
+        x, mask, weight, *saved = ctx.saved_tensors
+        dims, masked = ctx.config[0], ctx.config[4]
+        want = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
+            return gx, None, gw, gb, None, None, None
+        st = GroupStats(*saved)
+        x_clean = x if mask is None else torch.where(mask, x, 0)
+        P, passthrough = regions(mask, st.degenerate, masked)
+        nshape = list(x_clean.shape[x_clean.dim() - len(dims):])
+        g_p = torch.where(P, g_out, 0)
+        gx, gw, _ = torch.ops.aten.native_layer_norm_backward(
+            g_p, x_clean, nshape, torch.where(P, st.shift_scaled, 0), torch.where(P, st.inv_s, 0), weight, None,
+            [True, want[2], False],
+        )
+        gb = g_p.sum(list(range(g_p.dim() - len(dims)))) if want[3] else None
+        gx = compose(gx, g_out, P, passthrough, masked) if want[0] else None
+        return gx, None, gw, gb, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
+        x, mask, weight, *saved = ctx.saved_tensors
+        dims, _, _, _, masked = ctx.config
+        st = GroupStats(*saved)
+        return masked_norm_jvp(x, x_dot, mask, weight, weight_dot, bias_dot, st, dims, True, masked), None
