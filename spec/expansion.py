@@ -15,6 +15,7 @@ x_q - mu = d_q: residuals stay short, and one is 0 in (M, d) exactly when it is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import sympy as sp
 
@@ -125,6 +126,7 @@ def confirm(mask: tuple[int, ...], center: bool) -> int:
     return check.count
 
 
+@lru_cache(maxsize=None)
 def expand_size(size: int) -> Expansion:
     """Confirm all closed forms for one group size, over its masks, centered and RMS."""
     masks = tuple(concrete_masks(size))

@@ -8,7 +8,8 @@ from sympy.printing.str import StrPrinter
 
 
 class ArithmeticPrinter(StrPrinter):
-    """sympy's str printer restricted to + - * /: integer powers become products or quotients;
+    """sympy's str printer restricted to + - * /: integer powers become parenthesized products or
+    quotients;
     anything else (functions, non-integer rationals or powers, floats) raises ValueError."""
 
     def _print_Pow(self, expr: sp.Pow, rational: bool = False) -> str:
@@ -17,7 +18,9 @@ class ArithmeticPrinter(StrPrinter):
             raise ValueError(f"not plain arithmetic: {expr}")
         base = self.parenthesize(expr.base, 100)  # a product inside a quotient needs parentheses
         product = "*".join([base] * abs(int(exponent)))
-        return product if exponent > 0 else f"1/({product})"
+        if exponent < 0:
+            return f"1/({product})"
+        return product if exponent == 1 else f"({product})"
 
     def _print_Rational(self, expr: sp.Rational) -> str:
         raise ValueError(f"not plain arithmetic (a non-integer constant): {expr}")

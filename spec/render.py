@@ -42,6 +42,9 @@ def closed_forms_py(forms: tuple[ClosedForm, ...]) -> str:
         f"__all__ = [\n{names}]",
     ]
     for f in forms:
+        unknown = f.expr.free_symbols - set(f.args)
+        if unknown:
+            raise ValueError(f"{f.name} uses {sorted(map(str, unknown))}, not among its arguments")
         body = arithmetic(f.expr)
         lines += [
             "",
