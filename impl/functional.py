@@ -6,7 +6,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from masknorm import _token_path
+from masknorm import _channel_path, _token_path
 from masknorm._autograd import MaskedNormFunction
 from masknorm._contract import check_args
 
@@ -81,6 +81,12 @@ def masked_norm(
         mask = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
     if _token_path.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
         out, ok = _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.masked)
+        if ok:
+            return out
+    elif _channel_path.applies(x, weight, bias, args.dims, args.eps, args.center):
+        out, ok = _channel_path.ChannelNormFunction.apply(
+            x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
+        )
         if ok:
             return out
     out, *_stats = MaskedNormFunction.apply(
