@@ -108,7 +108,8 @@ def _rewrite(derivative: sp.Expr, variant: Variant, args: tuple[sp.Symbol, ...],
     closed = sp.factor_terms(rewritten)
     leftover = closed.free_symbols - set(args)
     if leftover:
-        raise DerivationError(f"{name}: the derivative does not reduce to its arguments (left: {sorted(map(str, leftover))})")
+        left = sorted(map(str, leftover))
+        raise DerivationError(f"{name}: the derivative does not reduce to its arguments (left: {left})")
     return closed
 
 
@@ -156,13 +157,13 @@ def _affine_forms() -> list[ClosedForm]:
         _closed_form("weight_grad", "grad weight_j", (a.grad_out_j, a.yhat_j, a.p_j), sp.diff(loss, gamma[j]), variant),
         _closed_form("bias_grad", "grad bias_j", (a.grad_out_j, a.p_j), sp.diff(loss, beta[j]), variant),
     ]
-    curve = sp.Function("Y")(t)
-    raw = sp.diff((a.weight + t * a.weight_dot) * curve + sp.Symbol("bias") + t * a.bias_dot, t)
-    closed = raw.subs(sp.Derivative(curve, t), a.yhat_dot).subs(curve, a.yhat).xreplace({t: 0})
+    curve = sp.Function("Y")(t)  # yhat along the tangent: Y(0) = yhat, Y'(0) = yhat_dot
+    derivative = sp.diff((a.weight + t * a.weight_dot) * curve + sp.Symbol("bias") + t * a.bias_dot, t).subs(t, 0)
+    closed = derivative.subs({sp.Subs(sp.Derivative(curve, t), t, 0): a.yhat_dot, curve.subs(t, 0): a.yhat})
     args = (a.weight, a.yhat_dot, a.weight_dot, a.yhat, a.bias_dot)
-    if sp.expand(closed - a.DESIGN["affine_jvp"]) != 0:
+    if closed.free_symbols - set(args) or sp.expand(closed - a.DESIGN["affine_jvp"]) != 0:
         raise DerivationError(f"affine_jvp: derived {closed} differs from {a.DESIGN['affine_jvp']}")
-    forms.append(ClosedForm("affine_jvp", "out_dot", args, closed, closed, a.DESIGN["affine_jvp"]))
+    forms.append(ClosedForm("affine_jvp", "out_dot", args, closed, derivative, a.DESIGN["affine_jvp"]))
     return forms
 
 

@@ -108,7 +108,8 @@ def derivation_md(results: Results) -> str:
         "   inverting their definitions (x_p = mu + s yhat_p, Sum(m x) = k mu, Sum(P g x) = s sum_p_g_yhat",
         "   + mu sum_p_g, Sum(m x xdot) = s sum_v_yhat_xdot + mu sum_v_xdot, s = 1/inv_s) and collected;",
         "   a derivative that does not reduce to the arguments is an error. That expression is printed",
-        "   (only + - * /) into `closed_forms.py`.",
+        "   (only + - * /) into `closed_forms.py`. `affine_jvp` is d/dt [(weight + t weight_dot) Y(t) + bias",
+        "   + t bias_dot] at t = 0, with Y(t) yhat along the tangent (Y(0) = yhat, Y'(0) = yhat_dot).",
         "3. **Forward check.** The closed form with its arguments replaced by their definitions minus the",
         "   derivative has canonical form 0; and the closed form equals DESIGN.md's statement.",
         "4. **Policies.** For each policy and variant, the full output's Jacobian, VJP (x, weight, bias of",
@@ -129,11 +130,8 @@ def derivation_md(results: Results) -> str:
             lines.append("Not stated in DESIGN.md.")
         else:
             lines.append("Equals DESIGN.md's statement.")
-        if f.derivative is not f.expr:
-            lines += ["", "Canonical derivative it was rewritten from:", ""] + _code(f.derivative)
-        else:
-            lines += ["", "Derived as d/dt [(weight + t weight_dot) Y(t) + bias + t bias_dot] at t = 0,",
-                      "Y(0) = yhat, Y'(0) = yhat_dot."]
+        lines += ["", "The derivative it was rewritten from:", ""]
+        lines += _code(f.derivative)
     lines += ["", "## Generic checks (symbolic n, canonical residual 0)", ""]
     lines += [f"- {label}" for label in results.generic_checks]
     lines += [
