@@ -1,0 +1,76 @@
+"""Mask conventions of the modules: a mask never carries the channel/feature axis, the module inserts it.
+
+    token mask:   x (*, *normalized_shape), mask (*)           -> mask[..., None, ..., None]
+    channel mask: x (B, C, *spatial),       mask (B, *spatial) -> mask[:, None]   ((B, 1, *spatial) as is)
+
+Any size may be 1 (broadcast); a mask that fits no convention is a ValueError naming both shapes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from masknorm._contract import POLICIES, broadcasts_onto
+
+
+def check_policy(masked: str) -> str:
+    """`masked` if it is one of the contract's policies, else ValueError."""
+    if masked not in POLICIES:
+        raise ValueError(f"masked must be one of {POLICIES}, got {masked!r}")
+    return masked
+
+
+def check_mask_tensor(mask: torch.Tensor) -> None:
+    """TypeError unless mask is a bool tensor (True = valid)."""
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        kind = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor (True = valid), got {kind}")
+
+
+def token_mask(x: torch.Tensor, mask: Optional[torch.Tensor], n_normalized: int) -> Optional[torch.Tensor]:
+    """Mask in x's rank for normalization over x's last `n_normalized` axes.
+
+    mask (*) with x (*, *normalized_shape): one flag per token; or a mask of x's rank that broadcasts to x.
+    """
+    if mask is None:
+        return None
+    check_mask_tensor(mask)
+    lead = tuple(x.shape[: x.dim() - n_normalized])
+    if mask.dim() == len(lead) and broadcasts_onto(mask.shape, lead):
+        return mask.reshape(tuple(mask.shape) + (1,) * n_normalized)
+    if mask.dim() == x.dim() and broadcasts_onto(mask.shape, x.shape):
+        return mask
+    raise ValueError(
+        f"mask of shape {tuple(mask.shape)} fits no convention for x of shape {tuple(x.shape)}: "
+        f"expected one flag per token {lead}, or a mask of x's rank that broadcasts to x"
+    )
+
+
+def channel_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Mask of shape (B, 1, *spatial) for x (B, C, *spatial), from (B, *spatial) or (B, 1, *spatial)."""
+    if mask is None:
+        return None
+    check_mask_tensor(mask)
+    no_channel = (x.shape[0],) + tuple(x.shape[2:])
+    if mask.dim() == x.dim() - 1 and broadcasts_onto(mask.shape, no_channel):
+        return mask.unsqueeze(1)
+    if mask.dim() == x.dim() and mask.shape[1] == 1 and broadcasts_onto(mask.shape, x.shape):
+        return mask
+    raise ValueError(
+        f"mask of shape {tuple(mask.shape)} fits no convention for x of shape {tuple(x.shape)}: "
+        f"expected (B, *spatial) = {no_channel} or (B, 1, *spatial); a mask never carries the channel axis"
+    )
+
+
+def apply_policy(out: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor], masked: str) -> torch.Tensor:
+    """out at valid positions; at masked-out ones out ("normalize"), x ("keep") or 0 ("zero")."""
+    if mask is None or masked == "normalize":
+        return out
+    return torch.where(mask, out, x if masked == "keep" else torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def channel_view(param: Optional[torch.Tensor], lead: Sequence[int], trailing: int) -> Optional[torch.Tensor]:
+    """A per-channel parameter reshaped to `lead` followed by `trailing` singleton axes."""
+    return None if param is None else param.reshape(tuple(lead) + (1,) * trailing)

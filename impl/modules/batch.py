@@ -1,0 +1,68 @@
+"""Masked batch norm: statistics per channel over the valid positions of the batch."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from masknorm.modules._norm_base import MaskedRunningNorm
+from masknorm.modules._running import masked_moments, update_running
+
+
+class _MaskedBatchNorm(MaskedRunningNorm):
+    """y = gamma (x - mu_c)/sqrt(var_c + eps) + beta, mu_c/var_c over the valid positions of channel c.
+
+    x is (B, C, *spatial) (BatchNorm1d also (B, C)); mask is (B, *spatial) or (B, 1, *spatial)
+    (x (B, C) takes mask (B,): the rows of a point cloud or of a Keras-style (N, C) batch); sizes may be 1.
+    A mask never carries the channel axis. None = all valid, and the module equals torch's.
+
+    Training (or running statistics None): the batch's masked statistics normalize (biased variance,
+    as torch); with track_running_stats, running_mean/var move towards the masked mean and the
+    unbiased masked variance (divisor k - 1) by `momentum` (None: cumulative average 1/num_batches_tracked);
+    a channel with k <= 1 valid positions keeps its running values; num_batches_tracked counts calls.
+    Masked-out positions: "normalize" gets the batch's normalization, "keep" returns x, "zero" returns 0.
+
+    Eval with running statistics: out = gamma (x - running_mean)/sqrt(running_var + eps) + beta at every
+    position under "normalize" (exactly torch's eval output); "keep" returns x and "zero" 0 at masked-out positions.
+    """
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input_dim(x)
+        mask = self._prepare(x, mask)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        if not use_batch:
+            return self._normalize_running(x, mask)
+        dims = (0,) + tuple(range(2, x.dim()))
+        if self.training and self.track_running_stats and self.running_mean is not None:
+            m = masked_moments(x, mask, dims)
+            update_running(self.running_mean, self.running_var, m.mean, m.var, m.count > 1, factor)
+        return self._normalize_batch(x, mask, dims)
+
+
+class MaskedBatchNorm1d(_MaskedBatchNorm):
+    __doc__ = "Masked nn.BatchNorm1d: x (B, C) with mask (B,), or x (B, C, L) with mask (B, L).\n\n" + _MaskedBatchNorm.__doc__
+
+    _input_dims = (2, 3)
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 masked: str = "normalize") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, masked=masked)
+
+
+class MaskedBatchNorm2d(MaskedBatchNorm1d):
+    __doc__ = "Masked nn.BatchNorm2d: x (B, C, H, W) with mask (B, H, W).\n\n" + _MaskedBatchNorm.__doc__
+
+    _input_dims = (4,)
+
+
+class MaskedBatchNorm3d(MaskedBatchNorm1d):
+    __doc__ = "Masked nn.BatchNorm3d: x (B, C, D, H, W) with mask (B, D, H, W).\n\n" + _MaskedBatchNorm.__doc__
+
+    _input_dims = (5,)

@@ -1,0 +1,44 @@
+"""Masked group norm: statistics per (sample, group) over the group's channels and valid positions."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from masknorm.functional import masked_norm
+from masknorm.modules._masks import channel_mask, channel_view, check_policy
+from masknorm.modules._norm_base import bias_kwarg
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """Masked nn.GroupNorm: y = gamma_c (x - mu_bg)/sqrt(var_bg + eps) + beta_c, over channels in group g and valid positions.
+
+    x (B, C, *spatial) is viewed as (B, G, C/G, *spatial); mask is (B, *spatial) or (B, 1, *spatial)
+    (sizes may be 1; a mask never carries the channel axis); None = all valid, and the module
+    equals torch's. Masked-out positions: normalized with their group's statistics ("normalize"),
+    x ("keep") or 0 ("zero"); a (sample, group) with no valid position passes x through (0 under "zero").
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 device=None, dtype=None, *, bias: bool = True, masked: str = "normalize") -> None:
+        super().__init__(num_groups, num_channels, eps, affine, device, dtype, **bias_kwarg(bias))
+        self.masked = check_policy(masked)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"x of shape {tuple(x.shape)} is not (B, C={self.num_channels}, *spatial)")
+        mask = channel_mask(x, mask)
+        g = self.num_groups
+        lead, trailing = (g, self.num_channels // g), x.dim() - 2
+        grouped = x.reshape(x.shape[0], *lead, *x.shape[2:])
+        out = masked_norm(
+            grouped, None if mask is None else mask.unsqueeze(1), tuple(range(2, grouped.dim())), eps=self.eps,
+            weight=channel_view(self.weight, lead, trailing), bias=channel_view(self.bias, lead, trailing),
+            masked=self.masked,
+        )
+        return out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, masked={self.masked!r}"
