@@ -32,7 +32,8 @@ DUMMY_PREFIX = "i_"
 class Canonicalizer:
     """Rewrite with R1-R6 (module docstring): `canon(e)` is expand(rules(e))."""
 
-    def __init__(self, indicators: Iterable[sp.IndexedBase] = (), known_sums: Mapping[sp.Expr, sp.Expr] | None = None):
+    def __init__(self, indicators: Iterable[sp.IndexedBase] = (),
+                 known_sums: Mapping[sp.Expr, sp.Expr] | None = None) -> None:
         self.indicators = frozenset(indicators)
         self.known_sums: dict[sp.Expr, sp.Expr] = {}
         for total, value in (known_sums or {}).items():

@@ -55,7 +55,7 @@ class Policy:
 
     name: str
     normalized: Callable[[sp.Expr], sp.Expr]
-    keep: int
+    keep: int | sp.Expr
 
 
 POLICIES = (

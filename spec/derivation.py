@@ -190,13 +190,17 @@ def _require_zero(label: str, residual: sp.Expr) -> str:
     return label
 
 
+def _weighted_grad_out(q: sp.Expr) -> sp.Expr:
+    """g_q = gamma_q gout_q: the upstream gradient of yhat_q through the affine."""
+    return gamma[q] * grad_out[q]
+
+
 def policy_checks(variant: Variant, policy: Policy) -> list[str]:
     """Full output out_p = P_p (gamma_p yhat_p + beta_p) + K (1 - P_p) x_p under policy, generic n:
     its Jacobian, VJP (x, weight, bias) and JVP equal the closed forms combined. Returns the labels."""
     norm, moving, sfx = variant.norm, variant.moving(), variant.suffix
     on = policy.normalized
-    upstream = lambda q: gamma[q] * grad_out[q]  # noqa: E731 - g = weight * grad_out
-    forward = variant.forward(on, upstream)
+    forward = variant.forward(on, _weighted_grad_out)
     label = f"{policy.name}, {sfx}:"
 
     jacobian = on(p) * gamma[p] * _instantiate(f"jacobian_{sfx}", forward) \

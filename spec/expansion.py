@@ -2,10 +2,11 @@
 
 For each size n and each mask of `concrete_masks(n)`, the definition is written out over symbols
 x1..xn (gamma1.., gout1.., xdot1.., ...) with the 0/1 mask substituted before differentiating
-(k = its count; nu stays a symbol), sympy differentiates it, and every derivative is compared with the closed forms evaluated on the same
-group (sums written out): the residual must expand to 0. Checked per (n, mask, variant): the
-Jacobian d yhat_p/d x_j for all p, j; per policy: grad x_j, grad weight_j, grad bias_j of
-sum_q gout_q out_q and out_dot_p of out(x + t xdot, gamma + t gammadot, beta + t betadot).
+(k = its count; nu stays a symbol), sympy differentiates it, and every derivative is compared
+with the closed forms evaluated on the same group (sums written out): the residual must expand
+to 0. Checked per (n, mask, variant): the Jacobian d yhat_p/d x_j for all p, j; per policy:
+grad x_j, grad weight_j, grad bias_j of sum_q gout_q out_q and out_dot_p of
+out(x + t xdot, gamma + t gammadot, beta + t betadot).
 
 Residuals are expanded after the invertible linear change of variables (centered only)
 x_q = M + d_q for the valid q but the last, x_last = M - sum d_q, under which mu = M and
