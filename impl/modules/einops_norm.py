@@ -45,10 +45,12 @@ class MaskedNorm(nn.Module):
             raise ValueError(f"feature axis {missing[0]!r} has no size: pass {missing[0]}=... so the parameters can be made")
         self.eps, self.correction, self.center, self.affine = eps, correction, center, affine
         self.masked = check_policy(masked)
-        shape = tuple(self.sizes[a] for a in self.features)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(shape, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None)
+        if affine:
+            shape, factory = tuple(self.sizes[a] for a in self.features), {"device": device, "dtype": dtype}
+            self.weight = nn.Parameter(torch.empty(shape, **factory))
+            self.bias = nn.Parameter(torch.empty(shape, **factory)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
