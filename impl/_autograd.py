@@ -16,7 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from masknorm._stats import GroupStats, group_stats
+from masknorm._stats import GroupStats, group_stats, where_or_zero
 from masknorm.spec import closed_forms
 
 
@@ -54,7 +54,7 @@ def _normalized(xc: torch.Tensor, st: GroupStats) -> torch.Tensor:
 def compose(norm_out: torch.Tensor, xc: torch.Tensor, P: torch.Tensor, passthrough: torch.Tensor, masked: str) -> torch.Tensor:
     """Select per position between the normalized output, x and 0 (NaN-safe: no multiplications)."""
     if masked == "zero":
-        return torch.where(P, norm_out, torch.where(passthrough, xc, 0))
+        return torch.where(P, norm_out, where_or_zero(passthrough, xc))
     return torch.where(P, norm_out, xc)
 
 
@@ -143,8 +143,8 @@ def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b
         P_used = P & (mask | (g_out != 0))
     else:
         P_used = P
-    y_hat = torch.where(P_used, y_hat, 0)
-    g_out_P = torch.where(P_used, g_out, 0)
+    y_hat = where_or_zero(P_used, y_hat)
+    g_out_P = where_or_zero(P_used, g_out)
     gy = g_out_P * y_hat
     g = g_out_P if w is None else g_out_P * w
     sum_g = g.sum(dims, keepdim=True)
@@ -167,8 +167,8 @@ def masked_norm_jvp(xc, x_dot, mask, w, w_dot, b_dot, st, dims, center, masked):
     """
     P, passthrough = regions(mask, st.degenerate, masked)
     y_hat = _normalized(xc, st)
-    x_dot_v = x_dot if mask is None else torch.where(mask, x_dot, 0)
-    yx = x_dot_v * y_hat if mask is None else torch.where(mask, x_dot_v * y_hat, 0)
+    x_dot_v = x_dot if mask is None else where_or_zero(mask, x_dot)
+    yx = x_dot_v * y_hat if mask is None else where_or_zero(mask, x_dot_v * y_hat)
     sum_yx = yx.sum(dims, keepdim=True)
     k, nu = _safe_counts(st)
     if center:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from masknorm._autograd import compose, general_vjp, masked_norm_jvp, regions
-from masknorm._stats import GroupStats, valid_count
+from masknorm._stats import GroupStats, valid_count, where_or_zero
 
 
 def applies(
@@ -54,7 +54,7 @@ def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction:
     """(var, stats, safe) per channel; safe is a Python bool (host sync)."""
     k = valid_count(mask, x.shape, dims, x.dtype).to(x.device)
     nu = k - correction
-    d = x.clone() if mask is None else torch.where(mask, x, 0)
+    d = x.clone() if mask is None else where_or_zero(mask, x)
     mu = d.sum(dims, keepdim=True) / k
     if mask is None:
         d.sub_(mu)
@@ -97,7 +97,7 @@ class ChannelNormFunction(torch.autograd.Function):
             return gx, None, gw, gb, None, None, None, None
         st = GroupStats(*saved)
         P, passthrough = regions(mask, st.degenerate, masked)
-        g_p = g_out if mask is None or masked == "normalize" else torch.where(P, g_out, 0)
+        g_p = g_out if mask is None or masked == "normalize" else where_or_zero(P, g_out)
         x_fin = x if mask is None else torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         mu, inv_s = st.shift_scaled, st.inv_s
         w = None if weight is None else weight.flatten()

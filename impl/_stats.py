@@ -92,7 +92,7 @@ def group_stats(
 ) -> GroupStats:
     """Masked statistics of x (a floating tensor in its compute dtype) per group."""
     dims = list(dims)
-    xz = x if mask is None else torch.where(mask, x, 0)
+    xz = x if mask is None else where_or_zero(mask, x)
     k = valid_count(mask, x.shape, dims, x.dtype).to(x.device)
     nu = k - correction
     lo, hi = _exponent_bounds(x.dtype, eps)
@@ -101,9 +101,9 @@ def group_stats(
     xs = xz * inv_a
     if center:
         c0 = first_valid(xs.detach(), mask, dims)
-        d = xs - c0 if mask is None else torch.where(mask, xs - c0, 0)
+        d = xs - c0 if mask is None else where_or_zero(mask, xs - c0)
         shift = d.sum(dims, keepdim=True) / k
-        d = d - shift if mask is None else torch.where(mask, d - shift, 0)
+        d = d - shift if mask is None else where_or_zero(mask, d - shift)
         mu_s = c0 + shift
     else:
         d = xs
@@ -121,6 +121,11 @@ def group_stats(
         inv_s = inv_s_s * inv_a
     inv_s_s = inv_s_s.clamp(max=torch.finfo(x.dtype).max)
     return GroupStats(inv_a, mu_s, inv_s_s, inv_s, k, nu, degenerate)
+
+
+def where_or_zero(cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """t where cond, else 0 (NaN-safe; a 0-d tensor operand keeps torch.where on its fast kernel)."""
+    return torch.where(cond, t, t.new_zeros(()))
 
 
 def _product(sizes: Sequence[int]) -> int:

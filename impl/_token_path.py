@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from masknorm._autograd import compose, general_vjp, masked_norm_jvp, regions
-from masknorm._stats import GroupStats
+from masknorm._stats import GroupStats, where_or_zero
 
 # rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64.
 _SAFE_RSTD = (2.0**-40, 2.0**40)
@@ -94,12 +94,12 @@ class TokenLayerNormFunction(torch.autograd.Function):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, None, None, None
         st = GroupStats(*saved)
-        x_clean = x if mask is None else torch.where(mask, x, 0)
+        x_clean = x if mask is None else where_or_zero(mask, x)
         P, passthrough = regions(mask, st.degenerate, masked)
         nshape = list(x_clean.shape[x_clean.dim() - len(dims):])
-        g_p = torch.where(P, g_out, 0)
+        g_p = where_or_zero(P, g_out)
         gx, gw, _ = torch.ops.aten.native_layer_norm_backward(
-            g_p, x_clean, nshape, torch.where(P, st.shift_scaled, 0), torch.where(P, st.inv_s, 0), weight, None,
+            g_p, x_clean, nshape, where_or_zero(P, st.shift_scaled), where_or_zero(P, st.inv_s), weight, None,
             [True, want[2], False],
         )
         gb = g_p.sum(list(range(g_p.dim() - len(dims)))) if want[3] else None

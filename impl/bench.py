@@ -1,0 +1,149 @@
+"""`masknorm bench`: masked_norm against torch's native kernels and a plain-torch masked norm.
+
+Each case times forward + backward of three implementations interleaved in one process (so
+machine load hits all alike), reports medians and ratios to torch's unmasked fused kernel, and
+measures the bytes autograd saves for backward relative to the size of x.
+
+Large CPU tensors spend much of their time page-faulting fresh memory; glibc returns big
+blocks to the OS unless MALLOC_MMAP_THRESHOLD_ is raised. The benchmark re-executes itself with
+MALLOC_MMAP_THRESHOLD_ set (unless --allocator default) and prints the setting it ran with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from masknorm.functional import masked_norm
+
+_THRESHOLD = str(2**32)
+
+
+def plain_masked_norm(x, mask, dims, eps, weight, bias):
+    """What users write by hand: masked moments by multiplication, autograd for the backward."""
+    m = mask.to(x.dtype).expand_as(x)
+    k = m.sum(dims, keepdim=True)
+    mu = (x * m).sum(dims, keepdim=True) / k
+    var = (((x - mu) * m) ** 2).sum(dims, keepdim=True) / k
+    return (x - mu) / torch.sqrt(var + eps) * weight + bias
+
+
+@dataclass
+class Case:
+    name: str
+    x: torch.Tensor
+    mask: torch.Tensor
+    dims: Sequence[int]
+    weight: torch.Tensor
+    bias: torch.Tensor
+    native_name: str
+    native: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _cases(device: str, scale: float) -> List[Case]:
+    gen = torch.Generator().manual_seed(0)
+    B, T, D = 32, max(1, int(512 * scale)), 768
+    x = torch.randn(B, T, D, generator=gen).to(device).requires_grad_()
+    tokens = (torch.rand(B, T, 1, generator=gen) > 0.3).to(device)
+    w = torch.ones(D, device=device, requires_grad=True)
+    b = torch.zeros(D, device=device, requires_grad=True)
+    layer = Case(f"layer norm B={B} T={T} D={D}, token mask ~30% padding, dim=-1", x, tokens, (-1,), w, b,
+                 "F.layer_norm", lambda t, w=w, b=b: F.layer_norm(t, (D,), w, b))
+    Bb, C, L = 64, 256, max(1, int(1024 * scale))
+    xb = torch.randn(Bb, C, L, generator=gen).to(device).requires_grad_()
+    rows = (torch.rand(Bb, 1, L, generator=gen) > 0.3).to(device)
+    wb = torch.ones(C, 1, device=device, requires_grad=True)
+    bb = torch.zeros(C, 1, device=device, requires_grad=True)
+    batch = Case(f"batch norm B={Bb} C={C} L={L}, (B,1,L) mask ~30% padding, dim=(0,2)", xb, rows, (0, 2), wb, bb,
+                 "F.batch_norm (train)",
+                 lambda t, w=wb, b=bb: F.batch_norm(t, None, None, w.flatten(), b.flatten(), training=True))
+    return [layer, batch]
+
+
+def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    """Bytes of distinct storages autograd keeps for backward while fn's output is alive."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def _median_ms(samples: List[float]) -> float:
+    return 1e3 * statistics.median(samples)
+
+
+def run_case(case: Case, repeats: int, warmup: int) -> dict:
+    """Interleaved timings (fwd+bwd) of masknorm, the native kernel and the plain masked norm."""
+    grad = torch.randn_like(case.x)
+    impls = {
+        "masknorm": lambda: masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias),
+        case.native_name: lambda: case.native(case.x),
+        "plain torch (masked)": lambda: plain_masked_norm(case.x, case.mask, case.dims, 1e-5, case.weight, case.bias),
+    }
+    samples = {name: [] for name in impls}
+    sync = torch.cuda.synchronize if case.x.is_cuda else (lambda: None)
+    for i in range(warmup + repeats):
+        for name, fn in impls.items():
+            case.x.grad = None
+            sync()
+            start = time.perf_counter()
+            fn().backward(grad)
+            sync()
+            if i >= warmup:
+                samples[name].append(time.perf_counter() - start)
+    x_bytes = case.x.numel() * case.x.element_size()
+    return {
+        "median_ms": {name: _median_ms(s) for name, s in samples.items()},
+        "saved_over_x": {name: _saved_bytes(fn) / x_bytes for name, fn in impls.items()},
+        "native": case.native_name,
+    }
+
+
+def _print_case(case: Case, result: dict) -> None:
+    native = result["median_ms"][result["native"]]
+    print(f"\n{case.name}")
+    print(f"  {'implementation':<24} {'median ms':>10} {'vs native':>10} {'saved/x':>8}")
+    for name, ms in result["median_ms"].items():
+        print(f"  {name:<24} {ms:>10.2f} {ms / native:>9.2f}x {result['saved_over_x'][name]:>7.2f}x")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="masknorm bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=15, help="timed runs per implementation (default 15)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the sequence axes for a quick look")
+    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
+                        help=f"tuned: rerun with MALLOC_MMAP_THRESHOLD_={_THRESHOLD} (default); default: as is")
+    args = parser.parse_args(argv)
+    if args.allocator == "tuned" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and args.device == "cpu":
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=_THRESHOLD)
+        cmd = [sys.executable, "-m", "masknorm.bench", *(sys.argv[1:] if argv is None else argv)]
+        return subprocess.call(cmd, env=env)
+    print(f"masknorm bench: torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
+    print(f"allocator: MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset (glibc default)')}")
+    print(f"fwd+bwd, float32, median of {args.repeats} interleaved runs after {args.warmup} warm-up runs")
+    for case in _cases(args.device, args.scale):
+        _print_case(case, run_case(case, args.repeats, args.warmup))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
