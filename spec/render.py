@@ -101,7 +101,8 @@ def derivation_md(results: Results) -> str:
         "   named s, and the result is brought to canonical form by `masknorm.spec.canonical`:",
         "",
     ]
-    lines += ["   > " + row if row else "   >" for row in canonical.__doc__.strip().splitlines()]
+    rules = canonical.__doc__.strip().splitlines()
+    lines += ["   ```text"] + ["   " + row if row else "" for row in rules] + ["   ```"]
     lines += [
         "",
         "2. **Closed form.** The canonical derivative is rewritten in the closed form's arguments by",
@@ -117,7 +118,9 @@ def derivation_md(results: Results) -> str:
         "   differentiated from the definition and equal the closed forms combined (generic n).",
         "5. **Expansion, n = 1..8.** The same identities, with the definition written out over symbols",
         "   x1..xn for concrete masks (substituted before differentiating; nu stays a symbol), each",
-        "   residual expanded to 0 (`masknorm.spec.expansion`).",
+        "   residual expanded to 0 (`masknorm.spec.expansion`). Centered residuals are expanded in the",
+        "   variables x_q = M + d_q (valid q but the last), x_last = M - sum d_q: an invertible linear",
+        "   change of variables, so a residual vanishes in them exactly when it vanishes in x.",
         "",
         "## Derived closed forms",
         "",
