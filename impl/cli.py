@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 # name -> (module:function taking argv, one-line help)
 SUBCOMMANDS = {
+    "verify": ("masknorm.reference.verify:main", "the main job: derive --check, then the torch layers vs the reference"),
     "derive": ("masknorm.spec.derive:main", "regenerate the symbolic derivations (--check: fail on drift)"),
     "bench": ("masknorm.bench:main", "time masked_norm against torch's native kernels (ratios, memory)"),
 }
