@@ -126,7 +126,8 @@ class LazyAffineMaskedNorm(LazyMaskedNorm):
     weight: UninitializedParameter
     bias: UninitializedParameter
 
-    def __init__(self, batched: Optional[bool] = False, *args: Any, device=None, dtype=None, **kwargs: Any) -> None:
+    def __init__(self, batched: Optional[bool] = False, *args: Any, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, **kwargs: Any) -> None:
         super().__init__(batched, *args, **kwargs)
         self.weight = UninitializedParameter(device=device, dtype=dtype)
         self.bias = UninitializedParameter(device=device, dtype=dtype)

@@ -12,6 +12,7 @@ from masknorm.modules import (
     MaskedLayerNorm, MaskedRMSNorm,
 )
 from masknorm.reference import masked_norm as reference
+from masknorm.reference import vjp as reference_vjp
 
 F64 = {"dtype": torch.float64}
 POLICIES = ("normalize", "keep", "zero")
@@ -189,6 +190,29 @@ def test_group_norm_matches_reference(masked):
     np.testing.assert_allclose(out.detach().numpy(), expected.reshape(3, 6, 5), rtol=1e-12, atol=1e-12)
     if masked != "zero":
         assert torch.equal(out[2], x[2])
+    g = torch.randn(3, 6, 5, generator=gen, **F64)
+    gx, gw, gb = torch.autograd.grad(m(x.requires_grad_(), mask), [x, m.weight, m.bias], g)
+    ex, ew, eb = reference_vjp(g.reshape(3, 2, 3, 5).numpy(), x.detach().reshape(3, 2, 3, 5).numpy(),
+                               mask.reshape(3, 1, 1, 5).numpy(), dim=(2, 3), eps=m.eps,
+                               weight=m.weight.detach().reshape(2, 3, 1).numpy(),
+                               bias=m.bias.detach().reshape(2, 3, 1).numpy(), masked=masked)
+    for ours, theirs in ((gx, ex), (gw, ew), (gb, eb)):
+        np.testing.assert_allclose(ours.numpy(), np.asarray(theirs).reshape(ours.shape), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_keep_float32_running_stats(dtype):
+    """Half inputs: output in their dtype, statistics of the exact half values accumulated in float32."""
+    gen = _gen(14)
+    m = MaskedBatchNorm1d(3, momentum=1.0)
+    x, mask = torch.randn(4, 3, 6, generator=gen).to(dtype), _mask((4, 6), gen)
+    out = m(x, mask)
+    rows = x.double().movedim(1, -1)[mask]
+    assert out.dtype == dtype and m.running_mean.dtype == torch.float32
+    torch.testing.assert_close(m.running_mean, rows.mean(0).float())
+    torch.testing.assert_close(m.running_var, rows.var(0).float())
+    m.eval()
+    assert m(x, mask).dtype == dtype
 
 
 @pytest.mark.parametrize("cls, functional", [(MaskedLayerNorm, F.layer_norm), (MaskedRMSNorm, F.rms_norm)])

@@ -27,6 +27,11 @@ class _MaskedBatchNorm(MaskedRunningNorm):
     position under "normalize" (exactly torch's eval output); "keep" returns x and "zero" 0 at masked-out positions.
     """
 
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, *, bias: bool = True, masked: str = "normalize") -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, masked=masked)
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input_dim(x)
         mask = self._prepare(x, mask)
@@ -50,19 +55,14 @@ class MaskedBatchNorm1d(_MaskedBatchNorm):
 
     _input_dims = (2, 3)
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
-                 masked: str = "normalize") -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, masked=masked)
 
-
-class MaskedBatchNorm2d(MaskedBatchNorm1d):
+class MaskedBatchNorm2d(_MaskedBatchNorm):
     __doc__ = "Masked nn.BatchNorm2d: x (B, C, H, W) with mask (B, H, W).\n\n" + _MaskedBatchNorm.__doc__
 
     _input_dims = (4,)
 
 
-class MaskedBatchNorm3d(MaskedBatchNorm1d):
+class MaskedBatchNorm3d(_MaskedBatchNorm):
     __doc__ = "Masked nn.BatchNorm3d: x (B, C, D, H, W) with mask (B, D, H, W).\n\n" + _MaskedBatchNorm.__doc__
 
     _input_dims = (5,)

@@ -32,7 +32,8 @@ class MaskedNorm(nn.Module):
 
     def __init__(self, pattern: str, reduce: str, features: Optional[str] = None, *, eps: float = 1e-5,
                  correction: int = 0, center: bool = True, affine: bool = True, bias: bool = True,
-                 masked: str = "normalize", device=None, dtype=None, **sizes: int) -> None:
+                 masked: str = "normalize", device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, **sizes: int) -> None:
         super().__init__()
         self.pattern = parse_pattern(pattern)
         self.reduce = parse_axes(reduce, self.pattern, "reduce")

@@ -22,7 +22,8 @@ class MaskedGroupNorm(nn.GroupNorm):
     """
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 device=None, dtype=None, *, bias: bool = True, masked: str = "normalize") -> None:
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, *, bias: bool = True,
+                 masked: str = "normalize") -> None:
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, **bias_kwarg(bias))
         self.masked = check_policy(masked)
 

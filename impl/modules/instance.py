@@ -30,8 +30,8 @@ class _MaskedInstanceNorm(MaskedRunningNorm):
     _no_batch_dim = 0
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1, affine: bool = False,
-                 track_running_stats: bool = False, device=None, dtype=None, *, bias: bool = True,
-                 masked: str = "normalize") -> None:
+                 track_running_stats: bool = False, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, *, bias: bool = True, masked: str = "normalize") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, masked=masked)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -38,7 +38,8 @@ class MaskedLayerNorm(nn.LayerNorm):
 """ + _MASK_DOC
 
     def __init__(self, normalized_shape: _Shape, eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True, device=None, dtype=None, *, masked: str = "normalize") -> None:
+                 bias: bool = True, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, *,
+                 masked: str = "normalize") -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.masked = check_policy(masked)
 
@@ -55,7 +56,8 @@ class MaskedRMSNorm(nn.RMSNorm):
 """ + _MASK_DOC
 
     def __init__(self, normalized_shape: _Shape, eps: Optional[float] = None, elementwise_affine: bool = True,
-                 device=None, dtype=None, *, masked: str = "normalize") -> None:
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, *,
+                 masked: str = "normalize") -> None:
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.masked = check_policy(masked)
 
