@@ -201,7 +201,7 @@ def policy_checks(variant: Variant, policy: Policy) -> list[str]:
     norm, moving, sfx = variant.norm, variant.moving(), variant.suffix
     on = policy.normalized
     forward = variant.forward(on, _weighted_grad_out)
-    label = f"{policy.name}, {sfx}:"
+    label = f"{policy.name}, {sfx} (P_q = {on(sp.Symbol('q'))}, K = {policy.keep}):"
 
     jacobian = on(p) * gamma[p] * _instantiate(f"jacobian_{sfx}", forward) \
         + policy.keep * (1 - on(p)) * sp.KroneckerDelta(p, j)

@@ -98,7 +98,7 @@ def test_generic_checks_cover_every_policy_and_the_degenerate_rule():
     labels = derivation.generic_checks()
     for policy in POLICIES:
         for variant in ("centered", "rms"):
-            assert sum(label.startswith(f"{policy.name}, {variant}:") for label in labels) == 5
+            assert sum(label.startswith(f"{policy.name}, {variant} (") for label in labels) == 5
         assert sum(label.startswith(f"degenerate, {policy.name}:") for label in labels) == 3
 
 
