@@ -21,7 +21,8 @@ class _MaskedBatchNorm(MaskedRunningNorm):
     as torch); with track_running_stats, running_mean/var move towards the masked mean and the
     unbiased masked variance (divisor k - 1) by `momentum` (None: cumulative average 1/num_batches_tracked);
     a channel with k <= 1 valid positions keeps its running values; num_batches_tracked counts calls.
-    Masked-out positions: "normalize" gets the batch's normalization, "keep" returns x, "zero" returns 0.
+    Masked-out positions: "normalize" gets the batch's normalization, "keep" returns x, "zero" returns 0;
+    a batch with no valid position passes x through (0 under "zero").
 
     Eval with running statistics: out = gamma (x - running_mean)/sqrt(running_var + eps) + beta at every
     position under "normalize" (exactly torch's eval output); "keep" returns x and "zero" 0 at masked-out positions.
