@@ -11,5 +11,29 @@ Importing masknorm imports torch only; the verification side (masknorm.spec, .re
 __version__ = "0.1.0"
 
 from masknorm.functional import masked_norm
+from masknorm.modules import (
+    MaskedBatchNorm1d,
+    MaskedBatchNorm2d,
+    MaskedBatchNorm3d,
+    MaskedGroupNorm,
+    MaskedInstanceNorm1d,
+    MaskedInstanceNorm2d,
+    MaskedInstanceNorm3d,
+    MaskedLayerNorm,
+    MaskedNorm,
+    MaskedRMSNorm,
+)
 
-__all__ = ["masked_norm"]
+__all__ = [
+    "masked_norm",
+    "MaskedLayerNorm",
+    "MaskedRMSNorm",
+    "MaskedBatchNorm1d",
+    "MaskedBatchNorm2d",
+    "MaskedBatchNorm3d",
+    "MaskedGroupNorm",
+    "MaskedInstanceNorm1d",
+    "MaskedInstanceNorm2d",
+    "MaskedInstanceNorm3d",
+    "MaskedNorm",
+]

@@ -100,6 +100,11 @@ class MaskedNormFunction(torch.autograd.Function):
         gx, gw, gb = general_vjp(grad_out, x, mask, weight, ctx.bias_shape, ctx.config, ctx.needs_input_grad, stats)
         return gx, None, gw, gb, None, None, None, None, None
 
+
+class MaskedNormFunctionWithJvp(MaskedNormFunction):
+    """MaskedNormFunction plus forward-mode AD; Dynamo cannot trace a custom jvp, so torch.compile
+    uses the parent class (forward-mode AD through a compiled call is not supported)."""
+
     @staticmethod
     def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
         x, mask, weight, *saved = ctx.saved_tensors

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from masknorm import _channel_path, _token_path
-from masknorm._autograd import MaskedNormFunction
+from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp
 from masknorm._contract import check_args
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -89,7 +89,8 @@ def masked_norm(
         )
         if ok:
             return out
-    out, *_stats = MaskedNormFunction.apply(
+    function = MaskedNormFunction if torch.compiler.is_compiling() else MaskedNormFunctionWithJvp
+    out, *_stats = function.apply(
         x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked
     )
     return out
