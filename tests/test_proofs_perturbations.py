@@ -1,0 +1,155 @@
+"""Every theorem has teeth: its check, run with a perturbed statement (a wrong sign, divisor, power,
+scope or pairing) through the same code path, returns a non-zero residual."""
+
+from types import SimpleNamespace
+
+import pytest
+import sympy as sp
+
+from masknorm.proofs import derivatives, inference, invariance, moments, structure
+from masknorm.proofs.invariance import SCALE
+from masknorm.proofs.theorems import THEOREMS
+from masknorm.spec import closed_forms
+from masknorm.spec.definitions import P, beta, eps, gamma, k, m, nu, p, x
+
+
+def closed_with(**replacements):
+    """The committed closed forms with some functions replaced by wrong ones."""
+    return SimpleNamespace(**{name: getattr(closed_forms, name) for name in closed_forms.__all__} | replacements)
+
+
+def jacobian_centered_wrong_sign(delta_pj, m_j, yhat_p, yhat_j, k, nu, inv_s):
+    return inv_s * (delta_pj - m_j / k + m_j * yhat_j * yhat_p / nu)
+
+
+def jacobian_rms_divisor_off_by_one(delta_pj, m_j, yhat_p, yhat_j, nu, inv_s):
+    return inv_s * (delta_pj - m_j * yhat_j * yhat_p / (nu + 1))
+
+
+def vjp_centered_k_for_nu(g_j, p_j, m_j, yhat_j, sum_p_g, sum_p_g_yhat, k, nu, inv_s):
+    return inv_s * (g_j * p_j - m_j * sum_p_g_yhat * yhat_j / k - m_j * sum_p_g / k)
+
+
+def vjp_centered_ungated(g_j, p_j, m_j, yhat_j, sum_p_g, sum_p_g_yhat, k, nu, inv_s):
+    return inv_s * (g_j - m_j * sum_p_g_yhat * yhat_j / nu - m_j * sum_p_g / k)
+
+
+def vjp_rms_wrong_sign(g_j, p_j, m_j, yhat_j, sum_p_g_yhat, nu, inv_s):
+    return inv_s * (g_j * p_j + m_j * sum_p_g_yhat * yhat_j / nu)
+
+
+def jvp_centered_mean_over_nu(xdot_p, yhat_p, sum_v_xdot, sum_v_yhat_xdot, k, nu, inv_s):
+    return inv_s * (xdot_p - sum_v_yhat_xdot * yhat_p / nu - sum_v_xdot / nu)
+
+
+def weight_grad_ungated(grad_out_j, yhat_j, p_j):
+    return grad_out_j * yhat_j
+
+
+def bias_grad_ungated(grad_out_j, p_j):
+    return grad_out_j
+
+
+def affine_jvp_wrong_sign(weight, yhat_dot, weight_dot, yhat, bias_dot):
+    return bias_dot + weight * yhat_dot - weight_dot * yhat
+
+
+def wrong_mean(norm, q):
+    return (x[q] - norm.mu) / sp.sqrt(norm.var)
+
+
+# (label, center, closed form replaced, wrong function)
+WRONG_CLOSED_FORMS = [
+    ("jacobian sign", True, "jacobian_centered", jacobian_centered_wrong_sign),
+    ("jacobian divisor", False, "jacobian_rms", jacobian_rms_divisor_off_by_one),
+    ("vjp divisor", True, "vjp_centered", vjp_centered_k_for_nu),
+    ("vjp not gated by P", True, "vjp_centered", vjp_centered_ungated),
+    ("rms vjp sign", False, "vjp_rms", vjp_rms_wrong_sign),
+    ("jvp divisor", True, "jvp_centered", jvp_centered_mean_over_nu),
+    ("weight grad not gated", True, "weight_grad", weight_grad_ungated),
+    ("bias grad not gated", True, "bias_grad", bias_grad_ungated),
+    ("affine jvp sign", True, "affine_jvp", affine_jvp_wrong_sign),
+]
+
+PERTURBATIONS = {
+    "shift_invariance": [
+        ("RMS is not shift invariant", invariance.shift_invariance, dict(center=False)),
+        ("wrong sign", invariance.shift_invariance, dict(claimed=lambda norm, q: -norm.yhat(q))),
+        ("eps dropped", invariance.shift_invariance, dict(claimed=wrong_mean)),
+    ],
+    "scale_invariance": [
+        *[(f"eps/a, center={c}", invariance.scale_invariance, dict(center=c, claimed_eps=lambda a: eps / a))
+          for c in (True, False)],
+        *[(f"a < 0, center={c}", invariance.scale_invariance, dict(center=c, scale=-SCALE)) for c in (True, False)],
+        ("eps unscaled", invariance.scale_invariance, dict(claimed_eps=lambda a: eps)),
+    ],
+    "output_moments": [
+        *[(f"divisor k for nu, center={c}", moments.output_moments,
+           dict(center=c, claimed_squares=lambda norm: k * norm.var / norm.base)) for c in (True, False)],
+        ("var - eps", moments.output_moments, dict(claimed_squares=lambda norm: nu * norm.var / (norm.var - eps))),
+        ("summed over all positions", moments.output_moments, dict(weight=lambda q: 1,
+                                                                   claimed_squares=moments._sum_of_squares)),
+    ],
+    "padding_invariance": [
+        *[(f"valid inputs moved, center={c}", invariance.padding_invariance, dict(center=c, moved=lambda q: m[q]))
+          for c in (True, False)],
+        ("every input moved", invariance.padding_invariance, dict(moved=lambda q: 1)),
+    ],
+    "closed_form_derivatives": [
+        (label, derivatives.closed_form_derivatives, dict(center=center, closed=closed_with(**{name: wrong})))
+        for label, center, name, wrong in WRONG_CLOSED_FORMS
+    ],
+    "adjointness": [
+        ("vjp divisor", derivatives.adjointness, dict(closed=closed_with(vjp_centered=vjp_centered_k_for_nu))),
+        ("vjp not gated by P", derivatives.adjointness, dict(closed=closed_with(vjp_centered=vjp_centered_ungated))),
+        ("rms vjp sign", derivatives.adjointness, dict(center=False, closed=closed_with(
+            vjp_rms=vjp_rms_wrong_sign))),
+        ("jvp divisor", derivatives.adjointness, dict(closed=closed_with(jvp_centered=jvp_centered_mean_over_nu))),
+    ],
+    "gradient_orthogonality": [
+        ("valid-ones under normalize", derivatives.gradient_orthogonality, dict(weight=lambda q: m[q])),
+        *[(f"eps > 0, center={c}", derivatives.gradient_orthogonality, dict(center=c, epsilon=eps))
+          for c in (True, False)],
+        ("vjp divisor", derivatives.gradient_orthogonality, dict(closed=closed_with(
+            vjp_centered=vjp_centered_k_for_nu))),
+    ],
+    "idempotence": [
+        *[(f"eps > 0, center={c}", moments.idempotence, dict(center=c, second_eps=eps)) for c in (True, False)],
+        ("other correction", moments.idempotence, dict(second_nu=k)),
+    ],
+    "inference_is_affine": [
+        ("intercept sign", inference.inference_is_affine,
+         dict(claimed_intercept=lambda a: beta[p] + a * inference.RUNNING_MEAN)),
+        ("slope without root", inference.inference_is_affine,
+         dict(claimed_slope=lambda: gamma[p] / (inference.RUNNING_VAR + eps))),
+    ],
+    "degenerate_passthrough": [
+        ("factor 2 dropped", moments.degenerate_passthrough, dict(claimed_spread=lambda norm: k * nu * norm.var)),
+        ("divisor k for nu", moments.degenerate_passthrough, dict(center=False,
+                                                                  claimed_spread=lambda norm: k * norm.var)),
+    ],
+    "permutation_equivariance": [
+        *[(f"mask left in place, center={c}", structure.permutation_equivariance,
+           dict(center=c, size=2, carried=(x, gamma, beta, P))) for c in (True, False)],
+        ("weight left in place", structure.permutation_equivariance, dict(size=2, carried=(x, m, beta, P))),
+    ],
+    "valid_values_alone": [
+        ("all values, masked-out ones too", structure.valid_values_alone,
+         dict(size=3, kept=lambda mask: list(range(1, len(mask) + 1)))),
+        ("valid values in the wrong order", structure.valid_values_alone,
+         dict(center=False, size=3, kept=lambda mask: structure._valid_positions(mask)[::-1])),
+    ],
+}
+
+CASES = [pytest.param(check, kwargs, id=f"{name}: {label}")
+         for name, cases in PERTURBATIONS.items() for label, check, kwargs in cases]
+
+
+def test_every_theorem_has_perturbations():
+    assert set(PERTURBATIONS) == {t.name for t in THEOREMS}
+
+
+@pytest.mark.parametrize("check, kwargs", CASES)
+def test_perturbed_statement_leaves_a_residual(check, kwargs):
+    residuals = check(**kwargs)
+    assert residuals and any(r != 0 for r in residuals)
