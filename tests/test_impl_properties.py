@@ -1,0 +1,234 @@
+"""Properties of masknorm.masked_norm that follow from the contract without computing any expected
+value: invariance to rescaling and shifting, exact pass-through of constant groups, padding that
+holds garbage, equivariance under permutations of reduced axes, a masked group as its valid
+values alone, and independence of groups.
+
+Where two computed outputs are compared up to rounding, both are within FORWARD_BOUND u*kappa of
+the same exact value (the inputs are exact in the dtype, so the exact outputs agree), hence
+within FORWARD_BOUND u (kappa_1 + kappa_2) |gamma| + 2 |beta| of each other: the bound used.
+"""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import masknorm.reference as ref
+from strategies import (
+    DTYPES,
+    Case,
+    cases,
+    degenerate,
+    hits_known_bug,
+    impl_jvp,
+    impl_vjp,
+    like,
+    passes_through,
+    zeroed,
+)
+from test_impl_accuracy import FORWARD_BOUND
+
+F32 = torch.float32
+NAN, INF = float("nan"), float("inf")
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor, case_a: Case, case_b: Case, where=None) -> float:
+    """max |a - b| / (u ((kappa_a + kappa_b) |gamma| + 2 |beta|)) over the positions `where` (all
+    when None); a, b in x's shape, gamma and beta those of case_a."""
+    where = torch.ones(a.shape, dtype=torch.bool) if where is None else where
+    shape = case_a.x.shape
+    kappa = (case_a.kappa() + case_b.kappa())[where.numpy()]
+    weight = None if case_a.weight is None else case_a.weight.expand(shape)[where]
+    bias = None if case_a.bias is None else 2 * case_a.bias.double().expand(shape)[where]
+    return ref.max_error_in_ukappa(a[where], b[where].double(), kappa, weight=weight, bias=bias)
+
+
+@st.composite
+def grid_cases(draw, dtype=F32, eps_values=(0.0,), centers=(True, False)) -> Case:
+    """A Case whose x holds integers times 2^-10 of at most 20 bits (offset up to 2^9): any product
+    with a 4-bit mantissa, or sum with such a grid value, is exact in float32."""
+    base = draw(cases(dtype, eps_values=eps_values, centers=centers))
+    n = base.x.numel()
+    offset = draw(st.sampled_from([0] + [s * 2**j for s in (-1, 1) for j in range(0, 20, 3)]))
+    ints = draw(st.lists(st.integers(-(2**10), 2**10), min_size=n, max_size=n))
+    x = (torch.tensor(ints, dtype=torch.float64) + offset).reshape(base.x.shape) * 2.0**-10
+    return replace(base, x=x.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float64], ids=["float32", "float64"])
+@given(data=st.data())
+def test_rescaling_invariance(dtype, data):
+    """With eps = 0, masked_norm(a x) = masked_norm(x) up to rounding for a = m 2^k, k in [-100, 100]
+    (1e-30 .. 1e30: squares of a x overflow or underflow float32), where x is normalized; pass-through
+    positions give a x exactly, zeroed ones 0."""
+    case = data.draw(grid_cases(dtype))
+    a = data.draw(st.integers(8, 15)) / 8 * 2.0 ** data.draw(st.integers(-100, 100))
+    scaled = replace(case, x=case.x * a)
+    assume(not hits_known_bug(case, derivatives=False) and not hits_known_bug(scaled, derivatives=False))
+    assert torch.equal(scaled.x.double(), case.x.double() * a)  # the scaling is exact
+    y, ya = case.run(), scaled.run()
+    through, zero = passes_through(case), zeroed(case)
+    assert torch.equal(ya[through], scaled.x[through]) and bool((ya[zero] == 0).all())
+    err = _agreement(ya, y, case, case, ~(through | zero))
+    assert err <= FORWARD_BOUND[dtype], f"y(a x) vs y(x): {err:.3g} u*kappa (a = {a:g})"
+
+
+@pytest.mark.parametrize("dtype", [F32, torch.float64], ids=["float32", "float64"])
+@given(data=st.data())
+def test_shift_invariance(dtype, data):
+    """For a centered norm, masked_norm(x + b) = masked_norm(x) up to rounding at normalized
+    positions (b on the same grid, |b| up to 2^9: the sum is exact); pass-through positions give x + b."""
+    case = data.draw(grid_cases(dtype, eps_values=(0.0, 1e-5, 0.5), centers=(True,)))
+    b = data.draw(st.integers(-(2**19), 2**19)) * 2.0**-10
+    shifted = replace(case, x=case.x + b)
+    assume(not hits_known_bug(case, derivatives=False) and not hits_known_bug(shifted, derivatives=False))
+    assert torch.equal(shifted.x.double(), case.x.double() + b)  # the shift is exact
+    y, yb = case.run(), shifted.run()
+    through, zero = passes_through(case), zeroed(case)
+    assert torch.equal(yb[through], shifted.x[through]) and bool((yb[zero] == 0).all())
+    err = _agreement(yb, y, shifted, case, ~(through | zero))
+    assert err <= FORWARD_BOUND[dtype], f"y(x + b) vs y(x): {err:.3g} u*kappa (b = {b:g})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@given(data=st.data())
+def test_constant_groups_pass_through_bitwise(dtype, data):
+    """With eps = 0 and every group's valid values equal (RMS: zero), every group is degenerate:
+    the output is x bit for bit (0 at masked-out positions under "zero"), weight and bias are
+    ignored, grad_x is the upstream gradient (or 0), grad_weight and grad_bias are 0, and the
+    tangent is x_dot (or 0)."""
+    case = data.draw(cases(dtype, eps_values=(0.0,)))
+    if case.center:
+        level = like(data.draw, case.x).amax(case.dims, keepdim=True)
+        x = torch.where(case.full_mask, level, case.x)
+    else:
+        x = torch.where(case.full_mask, torch.zeros((), dtype=dtype), case.x)
+    case = replace(case, x=x)
+    assume(not hits_known_bug(case))
+    assert bool(degenerate(case).all())
+    zero = zeroed(case)
+    out = case.run()
+    assert out.dtype == dtype and torch.equal(out, torch.where(zero, 0, case.x))
+    g = like(data.draw, case.x)
+    gx, gw, gb = impl_vjp(case, g)
+    assert torch.equal(gx, torch.where(zero, 0, g))
+    for grad in (gw, gb):
+        assert grad is None or torch.equal(grad, torch.zeros_like(grad))
+    x_dot = like(data.draw, case.x)
+    assert torch.equal(impl_jvp(case, x_dot), torch.where(zero, 0, x_dot))
+
+
+@st.composite
+def garbage_like(draw, t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's shape and dtype holding NaN, +-Inf and 1e30 (inf in float16)."""
+    n = t.numel()
+    return torch.tensor(draw(st.lists(st.sampled_from([NAN, INF, -INF, 1e30, -1e30]), min_size=n, max_size=n)),
+                        dtype=torch.float64).reshape(t.shape).to(t.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@given(data=st.data())
+def test_garbage_padding(dtype, data):
+    """NaN, +-Inf or 1e30 at masked-out positions leaves every valid output, and every gradient
+    and tangent at valid positions, bit for bit as with finite padding; grad_weight and grad_bias
+    are unchanged. Under "normalize" the upstream gradient at masked-out positions is 0 and grad_x
+    is then unchanged and finite everywhere; under "keep"/"zero" the upstream gradient there is
+    garbage too, and grad_x there is that garbage ("keep") or 0 ("zero"); outputs there are the
+    garbage ("keep") or 0 ("zero")."""
+    clean = data.draw(cases(dtype).filter(lambda c: c.mask is not None and not bool(c.mask.all())))
+    assume(not hits_known_bug(clean))
+    valid = clean.full_mask
+    junk = data.draw(garbage_like(clean.x))
+    dirty = replace(clean, x=torch.where(valid, clean.x, junk))
+    out_clean, out_dirty = clean.run(), dirty.run()
+    assert torch.equal(out_dirty[valid], out_clean[valid])
+    if clean.masked == "keep":
+        torch.testing.assert_close(out_dirty[~valid], junk[~valid], rtol=0, atol=0, equal_nan=True)
+    if clean.masked == "zero":
+        assert bool((out_dirty[~valid] == 0).all())
+
+    g = torch.where(valid, like(data.draw, clean.x), 0)
+    g_dirty = g if clean.masked == "normalize" else torch.where(valid, g, data.draw(garbage_like(clean.x)))
+    grads_clean, grads_dirty = impl_vjp(clean, g), impl_vjp(dirty, g_dirty)
+    assert torch.equal(grads_dirty[0][valid], grads_clean[0][valid])
+    if clean.masked == "normalize":
+        assert torch.equal(grads_dirty[0], grads_clean[0]) and bool(torch.isfinite(grads_dirty[0]).all())
+    if clean.masked == "keep":
+        torch.testing.assert_close(grads_dirty[0][~valid], g_dirty[~valid], rtol=0, atol=0, equal_nan=True)
+    if clean.masked == "zero":
+        assert bool((grads_dirty[0][~valid] == 0).all())
+    for a, b in zip(grads_dirty[1:], grads_clean[1:]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+    x_dot = like(data.draw, clean.x)
+    assert torch.equal(impl_jvp(dirty, x_dot)[valid], impl_jvp(clean, x_dot)[valid])
+
+
+@given(data=st.data())
+def test_permutation_equivariance(data):
+    """Permuting the positions along a reduced axis (x, mask, weight and bias together) permutes
+    the output the same way, up to rounding (float64, float32)."""
+    dtype = data.draw(st.sampled_from([torch.float64, F32]))
+    case = data.draw(cases(dtype))
+    axis = data.draw(st.sampled_from(case.dims))
+    perm = torch.tensor(data.draw(st.permutations(range(case.x.shape[axis]))))
+    shape = case.x.shape
+
+    def permuted(t):
+        return None if t is None else t.expand(shape).index_select(axis, perm)
+
+    moved = replace(case, x=permuted(case.x), mask=permuted(case.full_mask), weight=permuted(case.weight),
+                    bias=permuted(case.bias))
+    assume(not hits_known_bug(case, derivatives=False) and not hits_known_bug(moved, derivatives=False))
+    err = _agreement(moved.run(), case.run().index_select(axis, perm), moved, moved)
+    assert err <= FORWARD_BOUND[dtype], f"permuted output vs output permuted: {err:.3g} u*kappa"
+
+
+@given(data=st.data())
+def test_masked_group_equals_its_valid_values_alone(data):
+    """At the valid positions of a group, the output equals that of masked_norm on the group's
+    valid values alone (a 1-d tensor, no mask, their weights and biases), up to rounding."""
+    dtype = data.draw(st.sampled_from([torch.float64, F32]))
+    case = data.draw(cases(dtype).filter(lambda c: c.mask is not None))
+    assume(not hits_known_bug(case, derivatives=False))
+    n = int(np.prod([case.x.shape[d] for d in case.dims]))
+    kept = [d for d in range(case.x.dim()) if d not in case.dims]
+
+    def grouped(t):
+        return None if t is None else t.expand(case.x.shape).permute(kept + list(case.dims)).reshape(-1, n)
+
+    out, x, m, w, b = (grouped(t) for t in (case.run(), case.x, case.full_mask, case.weight, case.bias))
+    kappa = grouped(torch.from_numpy(case.kappa()))
+    for g in range(x.shape[0]):
+        valid = m[g]
+        if not valid.any():
+            continue
+        alone = replace(case, x=x[g][valid], mask=None, dim=-1,
+                        weight=None if w is None else w[g][valid], bias=None if b is None else b[g][valid])
+        assume(not hits_known_bug(alone, derivatives=False))
+        bias = None if alone.bias is None else 2 * alone.bias.double()
+        err = ref.max_error_in_ukappa(out[g][valid], alone.run().double(), 2 * kappa[g][valid].numpy(),
+                                      weight=alone.weight, bias=bias)
+        assert err <= FORWARD_BOUND[dtype], f"group {g}: {err:.3g} u*kappa"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@given(data=st.data())
+def test_groups_are_independent(dtype, data):
+    """Changing x (to other finite values) in every group but one leaves that group's output, and
+    its gradient and tangent, bit for bit unchanged."""
+    case = data.draw(cases(dtype))
+    group_shape = [1 if d in case.dims else s for d, s in enumerate(case.x.shape)]
+    n_groups = int(np.prod(group_shape))
+    chosen = data.draw(st.integers(0, n_groups - 1))
+    keep = (torch.arange(n_groups).reshape(group_shape) == chosen).expand(case.x.shape)
+    other = replace(case, x=torch.where(keep, case.x, like(data.draw, case.x, -4.0, 4.0)))
+    assume(not hits_known_bug(case) and not hits_known_bug(other))
+    assert torch.equal(other.run()[keep], case.run()[keep])
+    g = like(data.draw, case.x)
+    assert torch.equal(impl_vjp(other, g)[0][keep], impl_vjp(case, g)[0][keep])
+    x_dot = like(data.draw, case.x)
+    assert torch.equal(impl_jvp(other, x_dot)[keep], impl_jvp(case, x_dot)[keep])
