@@ -24,9 +24,9 @@ def _generators(size: int) -> list[tuple[int, ...]]:
     """The transposition (1 2) and the cycle (1 2 ... n), as 0-based images of 0..n-1: they
     generate every permutation, and equivariance under two permutations gives it under their
     composition."""
-    cycle = tuple((q + 1) % size for q in range(size))
-    swap = (1, 0) + tuple(range(2, size))
-    return [perm for perm in (swap, cycle) if size > 1]
+    if size < 2:
+        return []
+    return [(1, 0) + tuple(range(2, size)), tuple((q + 1) % size for q in range(size))]
 
 
 def permutation_equivariance(center: bool = True, size: int = PERMUTATION_SIZE,
@@ -52,6 +52,7 @@ def valid_values_alone(center: bool = True, size: int = SUBSET_SIZE,
                        kept: Callable[[tuple[int, ...]], list[int]] = _valid_positions) -> Residuals:
     """Masked group = its valid values alone: at valid positions yhat is the unmasked normalization of the valid values.
     Scope: n <= 6 by explicit expansion, every nonempty 0/1 mask, centered and RMS, any correction, any eps."""
+    unmasked = normalization(GROUP, center, VALUES.__getitem__)
     residuals = []
     for group_size in range(1, size + 1):
         for mask in nonempty_masks(group_size):
@@ -59,7 +60,6 @@ def valid_values_alone(center: bool = True, size: int = SUBSET_SIZE,
             positions = kept(mask)
             alone = {m[q]: 1 for q in range(1, len(positions) + 1)} | {VALUES[q + 1]: x[position]
                                                                       for q, position in enumerate(positions)}
-            unmasked = normalization(GROUP, center, VALUES.__getitem__)
             for rank, position in enumerate(_valid_positions(mask), start=1):
                 residuals.append(at_size(normalization(GROUP, center).yhat(position), group_size).xreplace(masked)
                                  - at_size(unmasked.yhat(rank), len(positions)).xreplace(alone))

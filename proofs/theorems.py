@@ -82,6 +82,8 @@ def prove(theorem: Theorem) -> Outcome:
     except Exception as error:  # a check that cannot run has not proved anything
         return Outcome(theorem, "failed", time.perf_counter() - start, f"{type(error).__name__}: {error}")
     seconds = time.perf_counter() - start
+    if not residuals:
+        return Outcome(theorem, "failed", seconds, "the check returned no residual")
     if vanishes(residuals):
         return Outcome(theorem, "proved", seconds)
     return Outcome(theorem, "failed", seconds, f"residual {next(r for r in residuals if r != 0)}")

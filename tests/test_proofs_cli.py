@@ -26,6 +26,12 @@ def raising():
     raise ArithmeticError("cannot decide")
 
 
+def empty():
+    """A check with nothing to reduce.
+    Scope: none."""
+    return ()
+
+
 def test_prove_all_prints_the_table_and_exits_0(capsys):
     assert cli.main([]) == 0
     out, err = capsys.readouterr()
@@ -47,7 +53,7 @@ def test_json_lists_the_selected_theorems(capsys):
         assert entry["statement"] and entry["scope"]
 
 
-@pytest.mark.parametrize("check", [wrong_intercept, raising])
+@pytest.mark.parametrize("check", [wrong_intercept, raising, empty])
 def test_a_theorem_not_proved_is_reported_failed_and_exits_1(check, monkeypatch, capsys):
     monkeypatch.setattr(theorems, "THEOREMS", (THEOREMS[0], Theorem(check)))
     assert cli.main(["--json"]) == 1
