@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 SUBCOMMANDS = {
     "verify": ("masknorm.reference.verify:main", "the main job: derive --check, then the torch layers vs the reference"),
     "derive": ("masknorm.spec.derive:main", "regenerate the symbolic derivations (--check: fail on drift)"),
+    "prove": ("masknorm.proofs.cli:main", "confirm the theorems symbolically (table, or --json)"),
     "bench": ("masknorm.bench:main", "time masked_norm against torch's native kernels (ratios, memory)"),
 }
 
