@@ -1,0 +1,113 @@
+"""Masked norms with bugs seen in real code fail the oracle, and the report names the violated
+property and gives a reproduction that, run as printed, shows the wrong result."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from masknorm.reference.error import unit_roundoff
+from masknorm.testing import FORWARD_BOUND, Semantics, check
+
+EPS = 1e-5
+EXAMPLES = 20
+
+
+def _statistics(x: torch.Tensor, mask: torch.Tensor):
+    """Zero-filled x, the valid count k and the valid mean over the last axis (NaN where k = 0)."""
+    xz = torch.where(mask, x, torch.zeros_like(x))
+    k = mask.expand(x.shape).sum(-1, keepdim=True)
+    return xz, k, xz.sum(-1, keepdim=True) / k
+
+
+def variance_counts_padding(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Valid mean, but the squared deviations of the zero-filled padding enter the variance."""
+    xz, k, mu = _statistics(x, mask)
+    var = ((xz - mu) ** 2).sum(-1, keepdim=True) / k
+    return torch.where(k > 0, (x - mu) / torch.sqrt(var + EPS), x)
+
+
+def masks_by_multiplication(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Padding removed by x * mask: NaN * 0 is NaN, and it spreads through the sums."""
+    k = mask.expand(x.shape).sum(-1, keepdim=True)
+    xm = x * mask
+    mu = xm.sum(-1, keepdim=True) / k
+    var = ((xm - mu) ** 2 * mask).sum(-1, keepdim=True) / k
+    return torch.where(k > 0, (x - mu) / torch.sqrt(var + EPS), x)
+
+
+def unbiased_variance(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Divides the squared deviations by k - 1 while claiming the biased variance (divisor k)."""
+    xz, k, mu = _statistics(x, mask)
+    var = torch.where(mask, (x - mu) ** 2, 0).sum(-1, keepdim=True) / (k - 1).clamp(min=1)
+    return torch.where(k > 0, (x - mu) / torch.sqrt(var + EPS), x)
+
+
+def eps_outside_sqrt(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(x - mu) / (sqrt(var) + eps) instead of / sqrt(var + eps)."""
+    xz, k, mu = _statistics(x, mask)
+    var = torch.where(mask, (x - mu) ** 2, 0).sum(-1, keepdim=True) / k
+    return torch.where(k > 0, (x - mu) / (torch.sqrt(var) + EPS), x)
+
+
+def where_trap(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Correct forward, but an all-masked group computes 0/0 in the branch torch.where discards, and
+    its backward multiplies that NaN by the zero gradient: NaN gradients."""
+    xz, k, mu = _statistics(x, mask)
+    var = torch.where(mask, (x - mu) ** 2, 0).sum(-1, keepdim=True) / k
+    return torch.where(k > 0, (x - mu) / torch.sqrt(var + EPS), x)
+
+
+BUGS = [
+    (variance_counts_padding, "float64", {"forward vs reference"}),
+    (masks_by_multiplication, "float64", {"padding garbage", "gradient padding garbage"}),
+    (unbiased_variance, "float32", {"forward vs reference"}),
+    (eps_outside_sqrt, "float64", {"forward vs reference"}),
+    (where_trap, "float64", {"gradient vs reference", "gradient padding garbage"}),
+]
+
+
+@pytest.fixture(scope="module", params=BUGS, ids=lambda b: b[0].__name__)
+def bug(request):
+    fn, dtype, violated = request.param
+    return fn, violated, check(fn, Semantics(-1, eps=EPS), grad=True, dtype=dtype, examples=EXAMPLES)
+
+
+def test_the_violated_property_fails_and_the_others_pass(bug):
+    _, violated, report = bug
+    assert not report.conforms
+    assert {p.name for p in report.failed} >= violated
+    assert next(p for p in report.properties if p.name == "dtype and shape").status == "pass"
+    assert f"FAIL {sorted(violated)[0]}" in str(report)
+
+
+def test_the_report_says_why(bug):
+    _, violated, report = bug
+    for p in report.failed:
+        assert p.reason and p.reproduction
+        assert p.reason.startswith(("error ", "NaN or Inf", "non-finite")), p.reason
+
+
+def test_the_reproduction_runs_and_shows_the_failure(bug):
+    fn, violated, report = bug
+    failure = next(p for p in report.failed if p.name in violated)
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        exec(failure.reproduction, namespace)  # noqa: S102 - the report's own code, as a user would paste it
+    assert printed.getvalue()
+    expected = namespace["expected"].numpy()
+    got = (namespace["x"].grad if "grad_out" in namespace else namespace["out"]).detach().double().numpy()
+    assert namespace["fn"] is fn
+    finite_mismatch = np.isfinite(got) != np.isfinite(expected)
+    with np.errstate(invalid="ignore"):
+        far = np.abs(got - expected) > FORWARD_BOUND * unit_roundoff(namespace["x"].dtype) * (1 + np.abs(expected))
+    assert (finite_mismatch | far).any()
+
+
+def test_where_trap_forward_is_right():
+    report = check(where_trap, Semantics(-1, eps=EPS), examples=EXAMPLES)
+    assert report.conforms
