@@ -1,0 +1,111 @@
+"""`masknorm check MODULE:CALLABLE` (masknorm.reference.check:main): exit 0 when the callable
+conforms, 1 when a property fails (the report names it), 2 for usage errors and callables that
+cannot be imported or called, each with its reason."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from masknorm.reference.check import main
+
+MODULE = textwrap.dedent(
+    '''
+    import torch
+    import masknorm
+
+
+    def good(x, mask):
+        return masknorm.masked_norm(x, mask, -1)
+
+
+    def rms(x):
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5)
+
+
+    def wrong_arity(x):
+        return x
+
+
+    def returns_numpy(x, mask):
+        return x.numpy()
+
+
+    def half_precision_out(x, mask):
+        return masknorm.masked_norm(x, mask, -1).float()
+
+
+    NOT_CALLABLE = 3
+    '''
+)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A current directory holding cand_norms.py, imported from there like a user's module."""
+    (tmp_path / "cand_norms.py").write_text(MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def run(capsys, *argv: str):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_conforming_callable_exits_0_and_writes_json(workdir, capsys):
+    code, out, err = run(capsys, "cand_norms:good", "--examples", "5", "--json", "report.json")
+    assert code == 0, out + err
+    assert "cand_norms:good conforms" in out and "checking forward vs reference" in err
+    data = json.loads((workdir / "report.json").read_text())
+    assert data["conforms"] is True and data["target"] == "cand_norms:good"
+    assert {p["name"]: p["status"] for p in data["properties"]}["gradient vs reference"] == "skipped"
+
+
+def test_options_reach_the_semantics(workdir, capsys):
+    code, out, _ = run(capsys, "cand_norms:rms", "--no-mask", "--rms", "--grad", "--dtype", "float32", "--examples", "5")
+    assert code == 0, out
+    assert "center=False" in out and "dtype=float32" in out and "mask=none" in out
+
+
+def test_a_wrong_claim_exits_1_naming_the_property(workdir, capsys):
+    code, out, _ = run(capsys, "cand_norms:rms", "--no-mask", "--examples", "5", "--json", "r.json")
+    assert code == 1
+    assert "FAIL forward vs reference" in out and "from cand_norms import rms as fn" in out
+    assert json.loads((workdir / "r.json").read_text())["conforms"] is False
+
+
+def test_a_dtype_change_exits_1(workdir, capsys):
+    code, out, _ = run(capsys, "cand_norms:half_precision_out", "--examples", "3")
+    assert code == 1 and "FAIL dtype and shape: returned dtype torch.float32 for x of dtype torch.float64" in out
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        (["nocolon"], "expected MODULE:CALLABLE"),
+        (["no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
+        (["cand_norms:missing"], "has no attribute 'missing'"),
+        (["cand_norms:NOT_CALLABLE"], "not callable"),
+        (["cand_norms:wrong_arity"], "fn(x, mask) on x of shape (3,) raised TypeError"),
+        (["cand_norms:returns_numpy"], "must return a torch.Tensor, got ndarray"),
+        (["cand_norms:good", "--dim", "0,0"], "names the same axis twice"),
+        (["cand_norms:good", "--eps", "-1"], "eps must be finite and >= 0"),
+        (["cand_norms:good", "--ndim", "1", "--dim", "2"], "no rank 1 fits"),
+        (["cand_norms:good", "--examples", "0"], "must be >= 1"),
+    ],
+)
+def test_usage_errors_exit_2_with_the_reason(workdir, capsys, argv, reason):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and reason in err and out == ""
+
+
+def test_argparse_errors_exit_2(workdir, capsys):
+    assert main(["cand_norms:good", "--masked", "drop"]) == 2
+    assert main(["cand_norms:good", "--no-mask", "--mask-dims", "0"]) == 2
+    assert main(["cand_norms:good", "--dim", "a"]) == 2
+    assert "--mask-dims" in capsys.readouterr().err
