@@ -25,8 +25,8 @@ class Semantics:
     def __post_init__(self) -> None:
         if isinstance(self.dim, Sequence) and not isinstance(self.dim, str):
             object.__setattr__(self, "dim", tuple(self.dim))
-        dims = (self.dim,) if isinstance(self.dim, int) else self.dim
-        rank = max([d + 1 for d in dims if isinstance(d, int) and d >= 0] + [-d for d in dims if isinstance(d, int)] + [1])
+        axes = [d for d in ((self.dim,) if isinstance(self.dim, int) else self.dim) if isinstance(d, int)]
+        rank = max([d + 1 if d >= 0 else -d for d in axes], default=1)  # the least rank dim fits
         check_args(
             (1,) * rank, None, self.dim, correction=self.correction, eps=self.eps, center=self.center, masked=self.masked
         )
