@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +112,12 @@ def test_argparse_errors_exit_2(workdir, capsys):
     assert main(["cand_norms:good", "--no-mask", "--mask-dims", "0"]) == 2
     assert main(["cand_norms:good", "--dim", "a"]) == 2
     assert "--mask-dims" in capsys.readouterr().err
+
+
+def test_the_readme_example_fails_by_name(capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    code, out, _ = run(capsys, "examples.buggy_norm:sequence_norm", "--ndim", "2", "--examples", "10")
+    assert code == 1
+    for name in ("forward vs reference", "padding garbage", "degenerate groups"):
+        assert f"FAIL {name}:" in out
+    assert "dtype and shape                  10              -      -  pass" in out
