@@ -57,6 +57,13 @@ def raised(err: BaseException) -> str:
     return f"raised {type(err).__name__}: {err}"
 
 
+def overflowing_to_inf(ref: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """The reference values, with those beyond the dtype's range as the infinity they round to
+    there: a candidate returning Inf for them has rounded correctly."""
+    rounded = torch.from_numpy(ref).to(dtype).double().numpy()
+    return np.where(np.isfinite(rounded), ref, rounded)
+
+
 def _wrong_output(out: Any, x: torch.Tensor) -> Optional[str]:
     if not isinstance(out, torch.Tensor):
         return f"returned {type(out).__name__}, not a torch.Tensor"
@@ -96,9 +103,10 @@ def measure_forward(
     if regular_only:
         where &= inverse_s(inp.x, inp.mask, inp.dims, correction=sem.correction, eps=sem.eps, center=sem.center) != 0
     got = out.detach().cpu().double().numpy()
-    err = forward_error(got, ref, position_kappa(inp, sem, ref), dtype=inp.x.dtype, where=where)
+    want = overflowing_to_inf(ref, inp.x.dtype)
+    err = forward_error(got, want, position_kappa(inp, sem, ref), dtype=inp.x.dtype, where=where)
     if math.isinf(err):
-        return Outcome(err, _finiteness(got, ref, where), ref)
+        return Outcome(err, _finiteness(got, want, where), ref)
     return Outcome(err, None, ref)
 
 
@@ -124,7 +132,8 @@ def measure_gradient(fn: Callable[..., Any], sem: Semantics, inp: MaskedInput, g
     except Exception as err:  # noqa: BLE001 - the candidate's failure is the finding
         return Outcome(math.inf, raised(err), ref_gx)
     got = np.zeros(ref_gx.shape) if gx is None else gx.detach().cpu().double().numpy()
-    err = normwise_error(got, ref_gx, _gradient_size(sem, inp, grad_out, ref_gx), 1.0, inp.dims)
+    want = overflowing_to_inf(ref_gx, inp.x.dtype)
+    err = normwise_error(got, want, _gradient_size(sem, inp, grad_out, ref_gx), 1.0, inp.dims)
     if math.isinf(err) and not np.isfinite(got).all():
         return Outcome(err, "non-finite gradient where the reference's is finite", ref_gx)
     return Outcome(err, None, ref_gx)

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import masknorm
-from masknorm.reference.oracle_properties import measure_gradient
-from masknorm.testing import GRADIENT_BOUND, MaskedInput, Semantics, assert_conforms
+from masknorm.reference.oracle_properties import measure_forward, measure_gradient
+from masknorm.testing import FORWARD_BOUND, GRADIENT_BOUND, MaskedInput, Semantics, assert_conforms
 
 EXAMPLES = 8
 
@@ -112,3 +112,16 @@ def test_masknorm_conforms_in_half_precision(dtype):
 def test_masknorm_conforms_at_overflow_and_underflow_thresholds():
     semantics = Semantics(-1, eps=0.0)
     assert_conforms(masknorm_as(semantics), semantics, dtype="float32", extreme=True, examples=EXAMPLES)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="masknorm bug: where the true output at a masked-out position overflows (under 'normalize', eps > 0, "
+    "a valid value near the float32 limit) it returns -3.4e38 instead of -inf (impl/_stats.py clamps a/s)",
+)
+def test_masknorm_overflowing_padding_output_rounds_to_inf():
+    semantics = Semantics(-1)
+    x = torch.tensor([[4.2535293329816107e37, 0.0]], dtype=torch.float32)
+    mask = torch.tensor([[True, False]])
+    outcome = measure_forward(masknorm_as(semantics), semantics, MaskedInput(x, mask, (1,)))
+    assert outcome.problem is None and outcome.error <= FORWARD_BOUND

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 
 import masknorm.reference.verify as verify
 from masknorm.reference.oracle_compare import forward_error, inverse_s, normwise_error
+from masknorm.reference.oracle_properties import measure_forward
 from masknorm.reference.oracle_report import literal, tensor_code
-from masknorm.testing import Semantics, masked_inputs, upstream_gradients
+from masknorm.testing import MaskedInput, Semantics, masked_inputs, upstream_gradients
 
 U64 = 2.0**-53
 
@@ -135,3 +136,13 @@ def test_import_masknorm_does_not_import_the_oracle_dependencies():
         "import masknorm.testing; assert {'hypothesis', 'mpmath'} <= set(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_output_beyond_the_dtype_range_is_right_as_inf():
+    x = torch.tensor([[4.0e37, 0.0]], dtype=torch.float32)  # masked-out output -4e37/sqrt(1e-5) ~ -1.3e40
+    inp = MaskedInput(x, torch.tensor([[True, False]]), (1,))
+    rounded = torch.tensor([[0.0, -math.inf]], dtype=torch.float32)
+    assert measure_forward(lambda x, m: rounded, Semantics(-1), inp).problem is None
+    saturated = torch.tensor([[0.0, -torch.finfo(torch.float32).max]], dtype=torch.float32)
+    outcome = measure_forward(lambda x, m: saturated, Semantics(-1), inp)
+    assert outcome.problem == "finite output where the reference is NaN or Inf"
