@@ -9,6 +9,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from test_oracle_conformance import layer_norm
 
 from masknorm.reference.error import unit_roundoff
 from masknorm.testing import FORWARD_BOUND, Semantics, check
@@ -111,3 +112,11 @@ def test_the_reproduction_runs_and_shows_the_failure(bug):
 def test_where_trap_forward_is_right():
     report = check(where_trap, Semantics(-1, eps=EPS), examples=EXAMPLES)
     assert report.conforms
+
+
+def test_squares_that_overflow_fail_only_with_the_extreme_switch():
+    """torch's F.layer_norm squares float32 values near 1e37, which overflow; the oracle finds it
+    once `extreme` draws such values (and masknorm, which scales first, passes them)."""
+    assert check(layer_norm, Semantics(-1, eps=EPS), mask=False, dtype="float32", examples=EXAMPLES).conforms
+    extreme = check(layer_norm, Semantics(-1, eps=EPS), mask=False, dtype="float32", extreme=True, examples=EXAMPLES)
+    assert "forward vs reference" in {p.name for p in extreme.failed}
