@@ -31,7 +31,7 @@ from .oracle_properties import (
 )
 from .oracle_report import PropertyResult, Report, reproduction
 from .oracle_semantics import Semantics
-from .strategies import DTYPES, MaskedInput, masked_inputs, ranks, upstream_gradients
+from .strategies import DTYPES, MaskedInput, mask_shape, masked_inputs, ranks, upstream_gradients
 
 Dim = Union[int, Sequence[int]]
 Measure = Callable[[MaskedInput, Optional[torch.Tensor]], Outcome]
@@ -66,13 +66,14 @@ def _target(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _smoke(fn: Callable[..., Any], sem: Semantics, ndim: Optional[int], mask_dims: Optional[Dim], mask: bool, dtype: torch.dtype) -> None:
+def _smoke(
+    fn: Callable[..., Any], sem: Semantics, ndim: Optional[int], mask_dims: Optional[Dim], mask: bool, dtype: torch.dtype
+) -> None:
     """Call fn once on a plain input (sides 3, values 1..n, all valid); CallError when that fails."""
     rank = ranks(sem.dim, ndim, mask_dims)[0]
     shape = (3,) * rank
     x = torch.arange(1, 3**rank + 1, dtype=torch.float64).reshape(shape).to(dtype)
-    varying = range(rank) if mask_dims is None else normalize_dims(mask_dims, rank)
-    m = torch.ones(tuple(3 if d in varying else 1 for d in range(rank)), dtype=torch.bool) if mask else None
+    m = torch.ones(mask_shape(shape, mask_dims), dtype=torch.bool) if mask else None
     try:
         out = call(fn, MaskedInput(x, m, normalize_dims(sem.dim, rank)))
     except Exception as err:  # noqa: BLE001 - reported as the reason fn cannot be checked
@@ -117,11 +118,13 @@ def _properties(fn: Callable[..., Any], sem: Semantics, grad: bool, mask: bool, 
             GRADIENT_BOUND,
             no_grad or no_mask,
         ),
-        _Property("dtype and shape", plain(), lambda i, _: measure_dtype_shape(fn, sem, i), None),
+        _Property("dtype and shape", plain(), lambda i, _: measure_dtype_shape(fn, i), None),
     ]
 
 
-def _run(prop: _Property, target: str, sem: Semantics, examples: int, seed: Optional[int], progress: Callable[[str], None]) -> PropertyResult:
+def _run(
+    prop: _Property, target: str, sem: Semantics, examples: int, seed: Optional[int], progress: Callable[[str], None]
+) -> PropertyResult:
     """Run one property as a hypothesis test; on failure keep the last failing example hypothesis
     replays, which is the shrunk one."""
     if prop.skipped:

@@ -158,7 +158,7 @@ def _gradient_size(sem: Semantics, inp: MaskedInput, grad_out: torch.Tensor, ref
     return u * group_k * np.max(size, axis=inp.dims, keepdims=True)
 
 
-def measure_dtype_shape(fn: Callable[..., Any], sem: Semantics, inp: MaskedInput) -> Outcome:
+def measure_dtype_shape(fn: Callable[..., Any], inp: MaskedInput) -> Outcome:
     """The output is a tensor of x's dtype and shape."""
     try:
         out = call(fn, inp)
