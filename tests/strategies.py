@@ -171,15 +171,19 @@ def draws_statistics(case: Case) -> torch.Tensor:
 
 
 class Scales:
-    """First-order error scales S of a case's derivatives (float64): relative errors of size
-    u kappa' in y_hat (kappa' = max(kappa, 1)) propagated through the closed forms, with
-    g = |gamma grad_out| and sums over the group's positions that feed the statistics (VJP) or its
+    """First-order error scales S of a case's derivatives (float64): the closed forms' terms with
+    relative errors of size u K in 1/s and u kappa' in y_hat, where K = max(1, the group's kappa)
+    and kappa' = max(1, Case.kappa()) (1/s may carry a relative error of order u kappa and still
+    meet the forward bound; a multiple of 1/s rounds with relative error u even when kappa < 1).
+    g = |gamma grad_out|; sums run over the group's positions that feed the statistics (VJP) or its
     valid positions (JVP); an error is then measured as |d - d*| / (u S):
 
-        grad_x:      S = (1/s) (g_j + sum g / k + (kappa'_j + |y_hat_j|) sum g (|y_hat| + kappa') / nu)
+        grad_x:      S = (1/s) (K (g_j + sum g / k) + (K |y_hat_j| + kappa'_j) sum g |y_hat| / nu
+                                + |y_hat_j| sum g kappa' / nu)
         grad_weight: S = sum |grad_out| (|y_hat| + kappa'),   grad_bias: S = sum |grad_out|
-        JVP:         S = |gamma_p| (1/s) (|x_dot_p| + sum |x_dot| / k + (kappa'_p + |y_hat_p|) sum |y_hat x_dot| / nu
-                         + |y_hat_p| sum kappa' |x_dot| / nu) + |weight_dot_p| (|y_hat_p| + kappa'_p) + |bias_dot_p|
+        JVP:         S = |gamma_p| (1/s) (K (|x_dot_p| + sum |x_dot| / k) + (K |y_hat_p| + kappa'_p) sum |y_hat x_dot| / nu
+                                          + |y_hat_p| sum kappa' |x_dot| / nu)
+                         + |weight_dot_p| (|y_hat_p| + kappa'_p) + |bias_dot_p|
 
     With |y_hat| = O(1) this is u kappa (1/s) |gamma grad_out| (or |x_dot|) up to a constant; it
     grows where masked-out positions lie far outside their group ("normalize")."""
@@ -188,6 +192,8 @@ class Scales:
         self.case = case
         self.y_hat = torch.from_numpy(np.abs(case.y_hat()))
         self.kappa = torch.from_numpy(case.kappa()).clamp(min=1)
+        group_kappa = ref.kappa(case.x, case.mask, case.dim, correction=case.correction, eps=case.eps, center=case.center)
+        self.group_kappa = torch.from_numpy(group_kappa).clamp(min=1)
         self.inv_s = inv_s(case)
         counts = case.full_mask.sum(case.dims, keepdim=True)
         self.k = counts.clamp(min=1)
@@ -198,12 +204,15 @@ class Scales:
         """Sum of t over each group's positions `where` (keepdim shape)."""
         return torch.where(where, t, 0).sum(self.case.dims, keepdim=True)
 
+    def _bracket(self, a: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """The shared part of the grad_x and JVP scales for the per-position magnitudes a."""
+        big_k, y_hat, kappa = self.group_kappa, self.y_hat, self.kappa
+        return (big_k * (a + self.sum(a, where) / self.k) + (big_k * y_hat + kappa) * self.sum(a * y_hat, where) / self.nu
+                + y_hat * self.sum(a * kappa, where) / self.nu)
+
     def grad_x(self, grad_out: torch.Tensor) -> torch.Tensor:
         """S of grad_x (x's shape)."""
-        g = self.gamma * grad_out.double().abs()
-        live = draws_statistics(self.case)
-        big = self.sum(g * (self.y_hat + self.kappa), live) / self.nu
-        return self.inv_s * (g + self.sum(g, live) / self.k + (self.kappa + self.y_hat) * big)
+        return self.inv_s * self._bracket(self.gamma * grad_out.double().abs(), draws_statistics(self.case))
 
     def grad_affine(self, grad_out: torch.Tensor, shape, with_y_hat: bool) -> torch.Tensor:
         """S of grad_weight (with_y_hat) or grad_bias, in the parameter's `shape`."""
@@ -212,11 +221,7 @@ class Scales:
 
     def jvp(self, x_dot: torch.Tensor, weight_dot, bias_dot) -> torch.Tensor:
         """S of the output tangent (x's shape); weight_dot/bias_dot None = 0."""
-        xd = x_dot.double().abs()
-        valid = self.case.full_mask
-        inner = (xd + self.sum(xd, valid) / self.k + (self.kappa + self.y_hat) * self.sum(xd * self.y_hat, valid) / self.nu
-                 + self.y_hat * self.sum(xd * self.kappa, valid) / self.nu)
-        scale = self.gamma * self.inv_s * inner
+        scale = self.gamma * self.inv_s * self._bracket(x_dot.double().abs(), self.case.full_mask)
         if weight_dot is not None:
             scale = scale + weight_dot.double().abs() * (self.y_hat + self.kappa)
         if bias_dot is not None:
@@ -284,22 +289,24 @@ def cases(
     policies=POLICIES,
     eps_values=EPS_VALUES,
     centers=(True, False),
-    with_affine: bool = True,
+    corrections=(0, 1),
+    dim_sets=DIM_SETS,
 ) -> Case:
-    """A Case of shape (B, T, L) (sizes 1..4) reduced over one of DIM_SETS."""
+    """A Case of shape (B, T, L) (sizes 1..4) reduced over one of `dim_sets`, the other options
+    drawn from the given choices."""
     shape = tuple(draw(st.integers(1, 4)) for _ in range(3))
-    dim = draw(st.sampled_from(DIM_SETS))
+    dim = draw(st.sampled_from(dim_sets))
     dims = tuple(d % 3 for d in ((dim,) if isinstance(dim, int) else dim))
     return Case(
         x=draw(values(shape, dims, dtype)),
         mask=draw(masks(shape)),
         dim=dim,
-        correction=draw(st.sampled_from([0, 1])),
+        correction=draw(st.sampled_from(corrections)),
         eps=draw(st.sampled_from(eps_values)),
         center=draw(st.sampled_from(centers)),
         masked=draw(st.sampled_from(policies)),
-        weight=draw(affine(shape, dtype)) if with_affine else None,
-        bias=draw(affine(shape, dtype)) if with_affine else None,
+        weight=draw(affine(shape, dtype)),
+        bias=draw(affine(shape, dtype)),
     )
 
 

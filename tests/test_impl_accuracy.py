@@ -20,12 +20,27 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import masknorm
 import masknorm.reference as ref
-from strategies import DTYPES, Case, Scales, cases, hits_known_bug, impl_jvp, impl_vjp, inv_s, like, padded_tokens
+from strategies import (
+    DIM_SETS,
+    DTYPES,
+    EPS_VALUES,
+    POLICIES,
+    Case,
+    Scales,
+    cases,
+    hits_known_bug,
+    impl_jvp,
+    impl_vjp,
+    inv_s,
+    like,
+    padded_tokens,
+    thorough,
+)
 
 # Worst measured error per dtype, in the units of the module docstring, and the bound (about twice
 # the worst, rounded up). Measured with the strategies of the tests below (cases() and
@@ -209,3 +224,53 @@ def test_vmap_of_grad_equals_loop(data):
         expected = impl_vjp(case, cs[i])[0]
         err = grad_x_error(case, cs[i], batched[i], _np(expected))
         assert err <= 2 * VJP_X_BOUND[torch.float64], f"vmap(grad) vs loop: {err:.3g}"
+
+
+@thorough
+@pytest.mark.parametrize("dim", DIM_SETS, ids=str)
+@pytest.mark.parametrize("correction", [0, 1])
+@pytest.mark.parametrize("eps", EPS_VALUES)
+@pytest.mark.parametrize("center", [True, False], ids=["center", "rms"])
+@pytest.mark.parametrize("masked", POLICIES)
+@dtypes
+@settings(max_examples=10)
+@given(data=st.data())
+def test_every_combination_within_bounds(dim, correction, eps, center, masked, dtype, data):
+    """Every combination of reduction axes, correction, eps, center and policy, in every dtype
+    (which the examples drawn by the tests above cover only at random) meets the forward, VJP and
+    JVP bounds."""
+    case = data.draw(cases(dtype, policies=(masked,), eps_values=(eps,), centers=(center,), corrections=(correction,),
+                           dim_sets=(dim,)))
+    assume(not hits_known_bug(case))
+    assert forward_error(case) <= FORWARD_BOUND[dtype]
+    ex, ew, eb = vjp_errors(case, like(data.draw, case.x))
+    assert ex <= VJP_X_BOUND[dtype] and max(ew, eb) <= VJP_AFFINE_BOUND[dtype], (ex, ew, eb)
+    assert jvp_error(case, *draw_tangents(data, case)) <= JVP_BOUND[dtype]
+
+
+SPECIAL_MASK = torch.tensor([[False] * 5, [False, False, True, False, False], [True, True, False, True, True], [True, False, True, True, True]])
+SPECIAL_X = torch.tensor([
+    [3.0, -1.0, 0.5, 2.0, 7.0],  # every position masked out
+    [1.0, 4.0, -2.5, 0.25, -3.0],  # a single valid position
+    [1.5, 1.5, 9.0, 1.5, 1.5],  # valid values all equal, a different masked-out one
+    [1000.25, 999.0, 1000.5, 999.75, 1001.0],  # kappa ~ 1e3
+], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("correction", [0, 1])
+@pytest.mark.parametrize("eps", EPS_VALUES)
+@pytest.mark.parametrize("center", [True, False], ids=["center", "rms"])
+@pytest.mark.parametrize("masked", POLICIES)
+@dtypes
+def test_special_groups_within_bounds(correction, eps, center, masked, dtype):
+    """An all-masked group, a single valid position, a constant group with a masked-out outlier and
+    a group with kappa ~ 1e3 side by side, with weight and bias, in every combination of options:
+    forward, VJP and JVP within their bounds (whatever the drawn examples above happen to cover)."""
+    gen = torch.Generator().manual_seed(3)
+    case = Case(x=SPECIAL_X.to(dtype), mask=SPECIAL_MASK, dim=-1, correction=correction, eps=eps, center=center,
+                masked=masked, weight=(1 + torch.rand(5, generator=gen)).to(dtype), bias=torch.randn(5, generator=gen).to(dtype))
+    grad_out, x_dot = (torch.randn(4, 5, generator=gen).to(dtype) for _ in range(2))
+    assert forward_error(case) <= FORWARD_BOUND[dtype]
+    ex, ew, eb = vjp_errors(case, grad_out)
+    assert ex <= VJP_X_BOUND[dtype] and max(ew, eb) <= VJP_AFFINE_BOUND[dtype], (ex, ew, eb)
+    assert jvp_error(case, x_dot, torch.ones(5, dtype=dtype), torch.ones(5, dtype=dtype)) <= JVP_BOUND[dtype]
