@@ -8,7 +8,8 @@ Statistics per channel from two masked reductions, then torch's fused inference 
               gx = dx - mask * gamma/s * (A/k + y_hat * B/nu)         (the closed-form VJP)
 
 Garbage at masked-out positions never enters a reduction (where, not multiplication); in the
-backward, NaN/Inf there is replaced by 0 so that a zero upstream gradient contributes exactly 0.
+backward, x is replaced by mu wherever the upstream gradient is 0, so such a position adds
+exactly 0 whatever it holds, and the mask term is applied with where.
 Eager mode only: a Python-level check (a host sync) sends calls whose statistics leave the
 exact range (overflow, underflow, degenerate channels) to the general path, and eps = 0 always
 goes there (its exact constant-group test needs the general path's shifted statistics).
@@ -98,19 +99,19 @@ class ChannelNormFunction(torch.autograd.Function):
         st = GroupStats(*saved)
         P, passthrough = regions(mask, st.degenerate, masked)
         g_p = g_out if mask is None or masked == "normalize" else where_or_zero(P, g_out)
-        x_fin = x if mask is None else torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
         mu, inv_s = st.shift_scaled, st.inv_s
+        # Where the upstream gradient is 0, x's value must not matter (0 * inf = NaN): use mu there.
+        x_g = x if mask is None else torch.where(g_p == 0, mu, x)
         w = None if weight is None else weight.flatten()
         dx, sum_gy, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g_p, x_fin, w, mu.flatten(), var.flatten(),
-            None, None, False, ctx.config[2], [True, True, True],
+            g_p, x_g, w, mu.flatten(), var.flatten(), None, None, False, ctx.config[2], [True, True, True],
         )
         gamma_s = inv_s if weight is None else inv_s * weight.reshape(inv_s.shape)
         sum_g, sum_gy = sum_g.reshape(mu.shape), sum_gy.reshape(mu.shape)
         beta = gamma_s * inv_s * sum_gy / st.nu
         alpha = gamma_s * sum_g / st.k - beta * mu
-        m = torch.ones((), dtype=x.dtype) if mask is None else mask.to(x.dtype)
-        gx = dx.addcmul_(torch.addcmul(alpha, x_fin, beta), m, value=-1)
+        correction = torch.addcmul(alpha, x, beta)
+        gx = dx.sub_(correction) if mask is None else torch.where(mask, dx - correction, dx)
         if mask is not None and masked != "normalize":
             gx = compose(gx, g_out, P, passthrough, masked)
         gw = sum_gy.reshape(weight.shape) if want[2] else None

@@ -4,7 +4,7 @@ For each group (keepdim shape), with a = 2^e a power of two near max_V |x| and x
 
     mu' = c0 + (1/k) sum_V (xs - c0)        c0 = xs at the group's first valid position
     var' = (1/nu) sum_V (xs - mu')^2        inv_s' = 1 / sqrt(var' + eps / a^2)
-    y_hat = (x / a - mu') * inv_s'          1/s = inv_s' / a  (1/sqrt(eps) when var' = 0)
+    y_hat = (x / a - mu') * inv_s'          1/s = inv_s' / a
 
 Scaling by an exact power of two keeps every square in range (1e30 or 1e-30 in float32 is safe);
 shifting by a valid value c0 makes a constant group give a sum of squares of exactly zero, so the
@@ -27,7 +27,7 @@ class GroupStats(NamedTuple):
 
     scale: torch.Tensor  # 1/a, an exact power of two
     shift_scaled: torch.Tensor  # mu/a
-    inv_s_scaled: torch.Tensor  # a/s, clamped to the largest finite value
+    inv_s_scaled: torch.Tensor  # a/s
     inv_s: torch.Tensor  # 1/s (inf only where the true 1/s exceeds the dtype's range)
     k: torch.Tensor  # number of valid positions
     nu: torch.Tensor  # k - correction
@@ -100,27 +100,35 @@ def group_stats(
     inv_a = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent.clamp(lo, hi))
     xs = xz * inv_a
     if center:
-        c0 = first_valid(xs.detach(), mask, dims)
+        c0_x = first_valid(xz.detach(), mask, dims)
+        c0 = c0_x * inv_a
         d = xs - c0 if mask is None else where_or_zero(mask, xs - c0)
         shift = d.sum(dims, keepdim=True) / k
         d = d - shift if mask is None else where_or_zero(mask, d - shift)
         mu_s = c0 + shift
+        mu = c0_x + shift / inv_a
     else:
         d = xs
-        mu_s = torch.zeros_like(inv_a)
+        mu_s = mu = torch.zeros_like(inv_a)
     ss = (d * d).sum(dims, keepdim=True)
+    constant = ss == 0
     degenerate = nu <= 0
     if eps == 0:
-        degenerate = degenerate | (ss == 0)
-    nu_safe = torch.where(degenerate, 1.0, nu)
-    var_s = torch.where(degenerate, 1.0, ss / nu_safe)
+        degenerate = degenerate | constant
+    var_s = torch.where(degenerate | constant, 1.0, ss / torch.where(degenerate, 1.0, nu))
     inv_s_s = torch.rsqrt(var_s + eps * inv_a * inv_a)
-    if eps > 0:
-        inv_s = torch.where(ss == 0, eps**-0.5, inv_s_s * inv_a)
-    else:
-        inv_s = inv_s_s * inv_a
-    inv_s_s = inv_s_s.clamp(max=torch.finfo(x.dtype).max)
-    return GroupStats(inv_a, mu_s, inv_s_s, inv_s, k, nu, degenerate)
+    inv_s = torch.where(constant & ~degenerate, eps**-0.5 if eps > 0 else 0.0, inv_s_s * inv_a)
+    # A constant group (eps > 0) is normalized unscaled, (x - mu) / sqrt(eps): its valid outputs are
+    # exactly 0 and a padded position's output overflows only where the true value does.
+    return GroupStats(
+        torch.where(constant, 1.0, inv_a),
+        torch.where(constant, mu, mu_s),
+        torch.where(constant, inv_s, inv_s_s),
+        inv_s,
+        k,
+        nu,
+        degenerate,
+    )
 
 
 def where_or_zero(cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

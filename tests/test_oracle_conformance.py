@@ -71,30 +71,21 @@ def masknorm_as(semantics: Semantics):
     return fn
 
 
-# The batch-norm fast path's gradient under "normalize" is NaN where padding holds a huge value
-# (pinned by the strict xfail below), so those two cases check the forward only.
-KNOWN_GRADIENT_BUG = {("batch", "normalize"), ("batch-unbiased", "normalize")}
-
-
 @pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_masknorm_conforms(family, masked):
     options, rank, mask_dims = FAMILIES[family]
     semantics = Semantics(masked=masked, **options)
     dtype = "float32" if family in ("rms", "group") else "float64"
-    grad = (family, masked) not in KNOWN_GRADIENT_BUG
     report = assert_conforms(
-        masknorm_as(semantics), semantics, ndim=rank, mask_dims=mask_dims, grad=grad, dtype=dtype, examples=EXAMPLES
+        masknorm_as(semantics), semantics, ndim=rank, mask_dims=mask_dims, grad=True, dtype=dtype, examples=EXAMPLES
     )
-    assert all(p.status == "pass" for p in report.properties if "gradient" not in p.name or grad)
+    assert all(p.status == "pass" for p in report.properties)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="masknorm bug: the batch-norm fast path (impl/_channel_path.py) returns NaN as the gradient of a "
-    "masked-out position holding 1.8e308 under 'normalize' (yhat overflows there and meets a zero upstream gradient)",
-)
 def test_masknorm_batch_path_gradient_with_huge_padding():
+    """Regression (found by this oracle): the batch-norm fast path gave a NaN gradient where padding
+    holds 1.8e308 and the upstream gradient is 0."""
     semantics = Semantics((0, 2), correction=1)
     x = torch.tensor([[[0.0, 0.1, 0.0, torch.finfo(torch.float64).max]]], dtype=torch.float64)
     mask = torch.tensor([[[True, True, True, False]]])
@@ -114,12 +105,9 @@ def test_masknorm_conforms_at_overflow_and_underflow_thresholds():
     assert_conforms(masknorm_as(semantics), semantics, dtype="float32", extreme=True, examples=EXAMPLES)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="masknorm bug: where the true output at a masked-out position overflows (under 'normalize', eps > 0, "
-    "a valid value near the float32 limit) it returns -3.4e38 instead of -inf (impl/_stats.py clamps a/s)",
-)
 def test_masknorm_overflowing_padding_output_rounds_to_inf():
+    """Regression (found by this oracle): a padded output whose true value overflows float32 must be
+    -inf (correctly rounded), not the saturated -3.4e38 an earlier clamp gave."""
     semantics = Semantics(-1)
     x = torch.tensor([[4.2535293329816107e37, 0.0]], dtype=torch.float32)
     mask = torch.tensor([[True, False]])
