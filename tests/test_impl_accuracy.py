@@ -43,18 +43,19 @@ from strategies import (
 )
 
 # Worst measured error per dtype, in the units of the module docstring, and the bound (about twice
-# the worst, rounded up). Measured with the strategies of the tests below (cases() and
-# padded_tokens()), 1000 examples per dtype and strategy, four independent random runs on
-# 2026-11-21, the cases of hits_known_bug left out:
+# the worst, rounded up). Measured on 2026-11-21 with the strategies of the tests below (cases() and
+# padded_tokens()), 1000 examples per dtype and strategy and run, the cases of hits_known_bug left
+# out: six independent random runs for the forward and for grad_weight/grad_bias, two for grad_x
+# and the JVP (whose scales were last changed then).
 #                 float64  float32  bfloat16  float16
-# forward           5.36     4.87     1.99     1.97
-# VJP grad_x        1.90     1.71     0.59     0.55
-# VJP grad_w/b      2.04     2.42     1.00     0.99
-# JVP               5.46     5.08     0.87     0.92
-FORWARD_BOUND = {torch.float64: 11.0, torch.float32: 10.0, torch.bfloat16: 4.0, torch.float16: 4.0}
-VJP_X_BOUND = {torch.float64: 4.0, torch.float32: 4.0, torch.bfloat16: 1.5, torch.float16: 1.5}
-VJP_AFFINE_BOUND = {torch.float64: 5.0, torch.float32: 5.0, torch.bfloat16: 2.5, torch.float16: 2.5}
-JVP_BOUND = {torch.float64: 11.0, torch.float32: 11.0, torch.bfloat16: 2.0, torch.float16: 2.0}
+# forward           6.66     4.87     1.99     1.97
+# VJP grad_x        3.58     3.10     0.86     0.81
+# VJP grad_w/b      2.04     2.96     1.00     1.00
+# JVP               2.92     3.49     0.90     0.91
+FORWARD_BOUND = {torch.float64: 14.0, torch.float32: 10.0, torch.bfloat16: 4.0, torch.float16: 4.0}
+VJP_X_BOUND = {torch.float64: 8.0, torch.float32: 7.0, torch.bfloat16: 2.0, torch.float16: 2.0}
+VJP_AFFINE_BOUND = {torch.float64: 5.0, torch.float32: 6.0, torch.bfloat16: 2.5, torch.float16: 2.5}
+JVP_BOUND = {torch.float64: 6.0, torch.float32: 7.0, torch.bfloat16: 2.0, torch.float16: 2.0}
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -70,7 +71,8 @@ def _range_limited(expected: np.ndarray, y: torch.Tensor, slack=1.0) -> np.ndarr
     yv = _np(y)
     tiny = torch.finfo(y.dtype).smallest_normal * torch.finfo(y.dtype).eps
     expected = np.where(np.isinf(rounded), rounded, expected)
-    return np.where(np.abs(yv - expected) <= tiny * slack, yv, expected)
+    with np.errstate(invalid="ignore"):  # inf - inf: not close, judged by the metric
+        return np.where(np.abs(yv - expected) <= tiny * slack, yv, expected)
 
 
 def _error(d: torch.Tensor, expected: np.ndarray, scale: torch.Tensor) -> float:
