@@ -360,6 +360,26 @@ def padded_tokens(draw, dtype: torch.dtype = torch.float64, policies=POLICIES) -
     )
 
 
+@st.composite
+def channels(draw, dtype: torch.dtype = torch.float64, policies=POLICIES) -> Case:
+    """The batch-norm layout: (N, C, L) or (N, C, H, W) reduced over every axis but C, a mask of any
+    broadcasting shape (or None), per-channel weight/bias of shape (C, 1[, 1]) or None, eps > 0,
+    centered: the layout an eager fast path may take."""
+    shape = tuple(draw(st.integers(1, 4)) for _ in range(draw(st.sampled_from([3, 4]))))
+    dims = tuple(d for d in range(len(shape)) if d != 1)
+    per_channel = (shape[1],) + (1,) * (len(shape) - 2)
+    return Case(
+        x=draw(values(shape, dims, dtype)),
+        mask=draw(masks(shape)),
+        dim=dims,
+        correction=draw(st.sampled_from([0, 1])),
+        eps=draw(st.sampled_from(EPS_VALUES[1:])),
+        masked=draw(st.sampled_from(policies)),
+        weight=draw(affine(per_channel, dtype, exact=True)),
+        bias=draw(affine(per_channel, dtype, exact=True)),
+    )
+
+
 def _token_layout(case: Case) -> bool:
     """A layer norm over trailing axes with one mask flag per group and weight/bias of the normalized
     shape, in float32/float64: the calls masknorm may send to torch's fused layer norm in eager mode."""

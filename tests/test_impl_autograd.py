@@ -25,7 +25,8 @@ def _mask(*rows) -> torch.Tensor:
 
 
 # Well-conditioned layouts (eps > 0 or groups of distinct values), each with masked-out positions,
-# an all-masked group (passed through) and a group with a single valid position.
+# an all-masked group (passed through) and, but for the padded tokens, a group with a single valid
+# position; between them they reach every code path (general, batch-norm channels, padded tokens).
 LAYOUTS = {
     "last-axis-full-mask": dict(
         x=_randn(2, 3, 4), dim=-1, weight=_randn(4), bias=_randn(4),
@@ -38,6 +39,10 @@ LAYOUTS = {
     "middle-axis-lower-rank-mask": dict(
         x=_randn(2, 4, 3), dim=(1,), bias=_randn(3),
         mask=_mask([1, 0, 0], [1, 0, 1], [0, 0, 1], [1, 0, 1]),
+    ),
+    "padded-tokens": dict(
+        x=_randn(2, 3, 4), dim=-1, weight=_randn(4), bias=_randn(4),
+        mask=_mask([1, 1, 0], [1, 0, 0]).reshape(2, 3, 1),
     ),
     "all-axes-BT-mask": dict(
         x=_randn(2, 3, 2), dim=(0, 1, 2), weight=_randn(3, 2), eps=0.0,
