@@ -1,12 +1,16 @@
 """Hypothesis strategies and helpers shared by the torch implementation's property suite
 (tests/test_impl_*.py).
 
-A `Case` is one call of masknorm.masked_norm: x of shape (B, T, L) reduced over one of
+A `Case` is one call of masknorm.masked_norm. cases(): x of shape (B, T, L) reduced over one of
 DIM_SETS, a mask of any shape that broadcasts to x (full, (B,1,L), (B,T,1), lower rank, ...)
-or None, weight/bias of any broadcasting shape or None, and every policy, eps and correction.
+or None, weight/bias of any broadcasting shape or None, and every policy, eps and correction;
+padded_tokens() and channels(): the layer-norm and batch-norm layouts that eager fast paths take.
 Values are offset + scale * z with z in [-1, 1]; the offset sets kappa = (|mu| + sigma)/s up to
-about 1e6, and some groups are made constant. Strategies draw the values in float64 and round
-them once to the case's dtype, so the reference sees exactly what the implementation sees.
+about 1e6 (more where the drawn z are close together), and some groups are made constant, so
+all-masked, single-valid and constant groups all occur. Strategies draw the values in float64 and
+round them once to the case's dtype, so the reference sees exactly what the implementation sees.
+Case also carries the contract's bookkeeping (degenerate groups, pass-through positions) and
+Scales the error scales of derivatives.
 
 Heavy sweeps carry `@thorough`: they are marked `thorough` and skip unless
 HYPOTHESIS_PROFILE=thorough (`HYPOTHESIS_PROFILE=thorough pytest -m thorough` runs only them).
@@ -104,14 +108,6 @@ class Case:
         if self.mask is None or self.masked != "normalize":
             return kappa
         return np.where(self.full_mask.numpy(), kappa, kappa + np.abs(self.y_hat()))
-
-    def to(self, dtype: torch.dtype) -> "Case":
-        """The same case with x, weight and bias rounded to `dtype`."""
-        return replace(self, x=self.x.to(dtype), weight=_to(self.weight, dtype), bias=_to(self.bias, dtype))
-
-
-def _to(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    return None if t is None else t.to(dtype)
 
 
 def inv_s(case: Case) -> torch.Tensor:
@@ -339,7 +335,7 @@ def impl_jvp(case: Case, x_dot: torch.Tensor, weight_dot=None, bias_dot=None) ->
 
 
 @st.composite
-def padded_tokens(draw, dtype: torch.dtype = torch.float64, policies=POLICIES) -> Case:
+def padded_tokens(draw, dtype: torch.dtype = torch.float64) -> Case:
     """Layer norm over the trailing axes of (B, T, L) (or (B, T, H, L)) with one mask flag per token,
     mask of shape (B, T, 1[, 1]) or None, weight/bias of the normalized shape: the padded-token layout."""
     shape = tuple(draw(st.integers(1, 4)) for _ in range(draw(st.sampled_from([3, 4]))))
@@ -354,14 +350,14 @@ def padded_tokens(draw, dtype: torch.dtype = torch.float64, policies=POLICIES) -
         mask=None if mask is None else torch.tensor(mask).reshape(token_shape),
         dim=dims if ndims > 1 else -1,
         eps=draw(st.sampled_from(EPS_VALUES)),
-        masked=draw(st.sampled_from(policies)),
+        masked=draw(st.sampled_from(POLICIES)),
         weight=draw(affine(normalized, dtype, exact=True)),
         bias=draw(affine(normalized, dtype, exact=True)),
     )
 
 
 @st.composite
-def channels(draw, dtype: torch.dtype = torch.float64, policies=POLICIES) -> Case:
+def channels(draw, dtype: torch.dtype = torch.float64) -> Case:
     """The batch-norm layout: (N, C, L) or (N, C, H, W) reduced over every axis but C, a mask of any
     broadcasting shape (or None), per-channel weight/bias of shape (C, 1[, 1]) or None, eps > 0,
     centered: the layout an eager fast path may take."""
@@ -374,7 +370,7 @@ def channels(draw, dtype: torch.dtype = torch.float64, policies=POLICIES) -> Cas
         dim=dims,
         correction=draw(st.sampled_from([0, 1])),
         eps=draw(st.sampled_from(EPS_VALUES[1:])),
-        masked=draw(st.sampled_from(policies)),
+        masked=draw(st.sampled_from(POLICIES)),
         weight=draw(affine(per_channel, dtype, exact=True)),
         bias=draw(affine(per_channel, dtype, exact=True)),
     )
