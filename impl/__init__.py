@@ -12,6 +12,17 @@ __version__ = "0.1.0"
 
 from masknorm import modules
 from masknorm.functional import masked_norm
-from masknorm.modules import *  # noqa: F401,F403  (the drop-in layers, listed in modules.__all__)
+from masknorm.modules import (
+    MaskedBatchNorm1d,
+    MaskedBatchNorm2d,
+    MaskedBatchNorm3d,
+    MaskedGroupNorm,
+    MaskedInstanceNorm1d,
+    MaskedInstanceNorm2d,
+    MaskedInstanceNorm3d,
+    MaskedLayerNorm,
+    MaskedNorm,
+    MaskedRMSNorm,
+)
 
 __all__ = ["masked_norm", *modules.__all__]

@@ -141,6 +141,7 @@ def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b
 
     gx_j = (1/s) [ g_j [j in P] - (m_j/k) sum_P g - (m_j y_hat_j / nu) sum_P g y_hat ] + [j passes] g_out_j
     with g = gamma * g_out; a padded position whose upstream gradient is 0 contributes nothing.
+    Evaluated with a/s, then scaled by 1/a, so 1/s itself need not be representable.
     """
     P, passthrough = regions(mask, st.degenerate, masked)
     y_hat = _normalized(xc, st)
@@ -157,9 +158,10 @@ def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b
     m = 1.0 if mask is None else mask.to(xc.dtype)
     k, nu = _safe_counts(st)
     if center:
-        core = closed_forms.vjp_centered(g, 1.0, m, y_hat, sum_g, sum_gy, k, nu, st.inv_s)
+        core = closed_forms.vjp_centered(g, 1.0, m, y_hat, sum_g, sum_gy, k, nu, st.inv_s_scaled)
     else:
-        core = closed_forms.vjp_rms(g, 1.0, m, y_hat, sum_gy, nu, st.inv_s)
+        core = closed_forms.vjp_rms(g, 1.0, m, y_hat, sum_gy, nu, st.inv_s_scaled)
+    core = core * st.scale
     gx = compose(core, g_out, P, passthrough, masked)
     return gx, (gy if want_w else None), (g_out_P if want_b else None)
 
@@ -178,9 +180,10 @@ def masked_norm_jvp(xc, x_dot, mask, w, w_dot, b_dot, st, dims, center, masked):
     k, nu = _safe_counts(st)
     if center:
         sum_x = x_dot_v.sum(dims, keepdim=True)
-        y_hat_dot = closed_forms.jvp_centered(x_dot, y_hat, sum_x, sum_yx, k, nu, st.inv_s)
+        y_hat_dot = closed_forms.jvp_centered(x_dot, y_hat, sum_x, sum_yx, k, nu, st.inv_s_scaled)
     else:
-        y_hat_dot = closed_forms.jvp_rms(x_dot, y_hat, sum_yx, nu, st.inv_s)
+        y_hat_dot = closed_forms.jvp_rms(x_dot, y_hat, sum_yx, nu, st.inv_s_scaled)
+    y_hat_dot = y_hat_dot * st.scale
     one = torch.ones((), dtype=xc.dtype, device=xc.device)
     zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
     out_dot = closed_forms.affine_jvp(one if w is None else w, y_hat_dot, zero if w_dot is None else w_dot,

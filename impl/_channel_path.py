@@ -17,7 +17,7 @@ goes there (its exact constant-group test needs the general path's shifted stati
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence
 
 import torch
 
@@ -91,7 +91,7 @@ class ChannelNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out, _g_ok):
         x, mask, weight, var, *saved = ctx.saved_tensors
-        dims, masked = ctx.config[0], ctx.config[4]
+        masked = ctx.config[4]
         want = ctx.needs_input_grad
         if torch.is_grad_enabled():
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
