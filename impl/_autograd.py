@@ -37,7 +37,7 @@ def regions(
     return normalized, mask & degenerate
 
 
-def _affine(y_hat: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+def affine(y_hat: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """gamma * y_hat + beta, each optional."""
     if weight is not None and bias is not None:
         return torch.addcmul(bias, weight, y_hat)
@@ -46,7 +46,7 @@ def _affine(y_hat: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[
     return y_hat + bias if bias is not None else y_hat
 
 
-def _normalized(xc: torch.Tensor, st: GroupStats) -> torch.Tensor:
+def normalized(xc: torch.Tensor, st: GroupStats) -> torch.Tensor:
     """y_hat = (x/a - mu/a) * (a/s): scaled by an exact power of two a, so nothing overflows."""
     return (xc * st.scale - st.shift_scaled) * st.inv_s_scaled
 
@@ -79,7 +79,7 @@ class MaskedNormFunction(torch.autograd.Function):
         xc = x.to(ct)
         st = group_stats(xc, mask, dims, correction, eps, center)
         P, passthrough = regions(mask, st.degenerate, masked)
-        out = compose(_affine(_normalized(xc, st), _cast(weight, ct), _cast(bias, ct)), xc, P, passthrough, masked)
+        out = compose(affine(normalized(xc, st), _cast(weight, ct), _cast(bias, ct)), xc, P, passthrough, masked)
         return (out.to(x.dtype), *st)
 
     @staticmethod
@@ -144,7 +144,7 @@ def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b
     Evaluated with a/s, then scaled by 1/a, so 1/s itself need not be representable.
     """
     P, passthrough = regions(mask, st.degenerate, masked)
-    y_hat = _normalized(xc, st)
+    y_hat = normalized(xc, st)
     if mask is not None and masked == "normalize":
         P_used = P & (mask | (g_out != 0))
     else:
@@ -173,7 +173,7 @@ def masked_norm_jvp(xc, x_dot, mask, w, w_dot, b_dot, st, dims, center, masked):
     out_dot = gamma y_hat_dot + gamma_dot y_hat + beta_dot on P, x_dot where x passes through.
     """
     P, passthrough = regions(mask, st.degenerate, masked)
-    y_hat = _normalized(xc, st)
+    y_hat = normalized(xc, st)
     x_dot_v = x_dot if mask is None else where_or_zero(mask, x_dot)
     yx = x_dot_v * y_hat if mask is None else where_or_zero(mask, x_dot_v * y_hat)
     sum_yx = yx.sum(dims, keepdim=True)

@@ -7,10 +7,11 @@ norm) or fully masked (degenerate: passed through). torch's fused kernels then d
     backward: dx = native_layer_norm_backward(where(P, dy, 0), where(mask, x, 0), ...);
               dx = where(P, dx, dy or 0)
 
-A padded group's garbage stays in its own row of the fused kernel and is then replaced. If some
-valid group's rstd leaves the range where the fused kernel's variance is exact (overflow or
-underflow of squares, or a constant group with eps = 0), the call is redone on the general path:
-a Python-level check (a host sync), so this path runs in eager mode only.
+A padded group's garbage stays in its own row of the fused kernel and is then replaced. Valid
+groups whose rstd leaves the range where the fused kernel is accurate (overflow or underflow of
+squares, a constant group with eps = 0, kappa beyond 1/(4u)) are redone with the general
+statistics; whether there are any is a Python-level check (a host sync), so this path runs in
+eager mode only.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from masknorm._autograd import compose, general_vjp, masked_norm_jvp, regions
-from masknorm._stats import GroupStats, where_or_zero
+from masknorm._autograd import affine, compose, general_vjp, masked_norm_jvp, masked_norm_vjp, normalized, regions
+from masknorm._stats import GroupStats, group_stats, where_or_zero
 
 # rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64.
 _SAFE_RSTD = (2.0**-40, 2.0**40)
@@ -66,32 +67,44 @@ def _forward(xc, mask, weight, bias, ndims, eps, masked) -> Tuple[torch.Tensor, 
     return compose(y, xc, P, passthrough, masked), st
 
 
-def _safe(st: GroupStats) -> bool:
-    """Every valid group is where the fused kernel is accurate (host sync): rstd in range, and
-    kappa ~ |mu| rstd <= 1/(4u) (measured: error <= 3 u*kappa up to kappa u = 0.67 in float32;
-    at kappa u ~ 1.4, sigma ~ one ulp of mu, the fused variance is lost)."""
+def _inaccurate(st: GroupStats) -> torch.Tensor:
+    """Valid groups where the fused kernel is not accurate: rstd out of range, or kappa ~ |mu| rstd
+    above 1/(4u) (measured: error <= 3 u*kappa up to kappa u = 0.67 in float32; at kappa u ~ 1.4,
+    sigma ~ one ulp of mu, the fused variance is lost)."""
     r = st.inv_s
     kappa_limit = 0.5 / torch.finfo(r.dtype).eps  # 1/(4u)
     in_range = (r >= _SAFE_RSTD[0]) & (r <= _SAFE_RSTD[1]) & (st.shift_scaled.abs() * r <= kappa_limit)
-    return not bool((~st.degenerate & ~in_range).any())
+    return ~st.degenerate & ~in_range
 
 
 class TokenLayerNormFunction(torch.autograd.Function):
-    """The fused-kernel twin of MaskedNormFunction; returns (out, ok) and ok=False when unsafe."""
+    """The fused-kernel twin of MaskedNormFunction.
+
+    Groups where the fused kernel is inaccurate are redone with the general statistics (a host
+    sync decides whether any are); every group's result depends on its own values only.
+    """
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, ndims, eps, masked):
+        dims = tuple(range(x.dim() - ndims, x.dim()))
         out, st = _forward(x, mask, weight, bias, ndims, eps, masked)
-        ok = _safe(st)
-        ctx.config = (tuple(range(x.dim() - ndims, x.dim())), 0, eps, True, masked)
+        redo = _inaccurate(st)
+        if bool(redo.any()):
+            general = group_stats(x, mask, dims, 0, eps, True)
+            st = GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
+            P, passthrough = regions(mask, st.degenerate, masked)
+            out = torch.where(redo, compose(affine(normalized(x, st), weight, bias), x, P, passthrough, masked), out)
+        else:
+            redo = None
+        ctx.config = (dims, 0, eps, True, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
-        ctx.save_for_backward(x, mask, weight, *st)
+        ctx.save_for_backward(x, mask, weight, redo, *st)
         ctx.save_for_forward(x, mask, weight, *st)
-        return out, ok
+        return out
 
     @staticmethod
-    def backward(ctx, g_out, _g_ok):
-        x, mask, weight, *saved = ctx.saved_tensors
+    def backward(ctx, g_out):
+        x, mask, weight, redo, *saved = ctx.saved_tensors
         dims, masked = ctx.config[0], ctx.config[4]
         want = ctx.needs_input_grad
         if torch.is_grad_enabled():
@@ -100,20 +113,27 @@ class TokenLayerNormFunction(torch.autograd.Function):
         st = GroupStats(*saved)
         x_clean = x if mask is None else where_or_zero(mask, x)
         P, passthrough = regions(mask, st.degenerate, masked)
+        fused = P if redo is None else P & ~redo
         nshape = list(x_clean.shape[x_clean.dim() - len(dims):])
-        g_p = where_or_zero(P, g_out)
+        g_p = where_or_zero(fused, g_out)
         gx, gw, _ = torch.ops.aten.native_layer_norm_backward(
-            g_p, x_clean, nshape, where_or_zero(P, st.shift_scaled), where_or_zero(P, st.inv_s), weight, None,
+            g_p, x_clean, nshape, where_or_zero(fused, st.shift_scaled), where_or_zero(fused, st.inv_s), weight, None,
             [True, want[2], False],
         )
         lead = list(range(g_p.dim() - len(dims)))
         gb = (g_p.sum(lead) if lead else g_p) if want[3] else None
-        gx = compose(gx, g_out, P, passthrough, masked) if want[0] else None
-        return gx, None, gw, gb, None, None, None
+        gx = compose(gx, g_out, P, passthrough, masked)
+        if redo is not None:
+            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
+                                               want[2], want[3])
+            gx = torch.where(redo, gx_r, gx)
+            gw = None if gw is None else gw + gw_r.sum_to_size(gw.shape)
+            gb = None if gb is None else gb + gb_r.sum_to_size(gb.shape)
+        return (gx if want[0] else None), None, gw, gb, None, None, None
 
     @staticmethod
     def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
         x, mask, weight, *saved = ctx.saved_tensors
         dims, _, _, _, masked = ctx.config
         st = GroupStats(*saved)
-        return masked_norm_jvp(x, x_dot, mask, weight, weight_dot, bias_dot, st, dims, True, masked), None
+        return masked_norm_jvp(x, x_dot, mask, weight, weight_dot, bias_dot, st, dims, True, masked)

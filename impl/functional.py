@@ -80,10 +80,8 @@ def masked_norm(
     if mask is not None and mask.dim() < x.dim():
         mask = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
     if _token_path.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
-        out, ok = _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.masked)
-        if ok:
-            return out
-    elif _channel_path.applies(x, weight, bias, args.dims, args.eps, args.center):
+        return _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.masked)
+    if _channel_path.applies(x, weight, bias, args.dims, args.eps, args.center):
         out, ok = _channel_path.ChannelNormFunction.apply(
             x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
         )
