@@ -56,15 +56,56 @@ def applies(
     )
 
 
+def _rows(t: torch.Tensor, ndims: int) -> torch.Tensor:
+    """t as (groups, group size): one row per group."""
+    return t.reshape(-1, math.prod(t.shape[t.dim() - ndims:]))
+
+
 def _forward(xc, mask, weight, bias, ndims, eps, masked) -> Tuple[torch.Tensor, GroupStats]:
-    """(out, stats) via torch's fused layer norm; padded groups' own NaNs stay in their rows."""
+    """(out, stats) via torch's fused layer norm; a padded group's own NaNs stay in its row, which
+    is then overwritten with x (or 0 under "zero") by row index, not by a full-size where."""
     nshape = tuple(xc.shape[xc.dim() - ndims:])
     y, mean, rstd = torch.native_layer_norm(xc, nshape, weight, bias, eps)
     valid = torch.ones_like(mean, dtype=torch.bool) if mask is None else mask.expand(mean.shape)
     k = valid.to(xc.dtype) * float(math.prod(nshape))
     st = GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k, ~valid)
-    P, passthrough = regions(mask, st.degenerate, masked)
-    return compose(y, xc, P, passthrough, masked), st
+    if mask is not None:
+        padded = (~valid).flatten().nonzero().squeeze(1)
+        if masked == "zero":
+            _rows(y, ndims).index_fill_(0, padded, 0)
+        else:
+            _rows(y, ndims).index_copy_(0, padded, _rows(xc, ndims).index_select(0, padded))
+    return y, st
+
+
+def _fused_backward(g_out, x, weight, st, ndims, masked, want):
+    """(grad x, grad weight, grad bias) when every group is valid (fused) or padded (passed through):
+    torch's fused backward on the valid rows only, gathered and scattered by row index, so
+    whatever padded rows hold never meets a multiplication."""
+    g2, x2 = _rows(g_out, ndims), _rows(x, ndims)
+    valid = ~st.degenerate.flatten()
+    rows, padded = valid.nonzero().squeeze(1), (~valid).nonzero().squeeze(1)
+    compact = padded.numel() > 0
+    gv, xv = (g2.index_select(0, rows), x2.index_select(0, rows)) if compact else (g2, x2)
+    mean, rstd = st.shift_scaled.reshape(-1, 1), st.inv_s.reshape(-1, 1)
+    if compact:
+        mean, rstd = mean.index_select(0, rows), rstd.index_select(0, rows)
+    w = None if weight is None else weight.reshape(-1)
+    gxv, gw, _ = torch.ops.aten.native_layer_norm_backward(
+        gv, xv, [x2.shape[1]], mean, rstd, w, None, [want[0], want[2], False]
+    )
+    gb = gv.sum(0) if want[3] else None
+    gx = None
+    if want[0]:
+        gx = gxv
+        if compact:
+            gx = torch.empty_like(g2).index_copy_(0, rows, gxv)
+            if masked == "zero":
+                gx.index_fill_(0, padded, 0)
+            else:
+                gx.index_copy_(0, padded, g2.index_select(0, padded))
+        gx = gx.reshape(g_out.shape)
+    return gx, (None if gw is None else gw.reshape(weight.shape)), gb
 
 
 def _inaccurate(st: GroupStats) -> torch.Tensor:
@@ -111,6 +152,9 @@ class TokenLayerNormFunction(torch.autograd.Function):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, None, None, None
         st = GroupStats(*saved)
+        if redo is None:
+            gx, gw, gb = _fused_backward(g_out, x, weight, st, len(dims), masked, want)
+            return gx, None, gw, (None if gb is None else gb.reshape(ctx.bias_shape[0])), None, None, None
         x_clean = x if mask is None else where_or_zero(mask, x)
         P, passthrough = regions(mask, st.degenerate, masked)
         fused = P if redo is None else P & ~redo
