@@ -1,11 +1,12 @@
 """Fast path: layer norm over trailing axes with one validity flag per group (padded tokens).
 
 When the mask is constant along the reduced axes, every group is either fully valid (plain layer
-norm) or fully masked (degenerate: passed through). torch's fused kernels then do the work:
+norm) or fully masked (degenerate: passed through). torch's fused kernels then do the work on
+every row, and the padded rows are fixed up by row (slices for runs of padding, else an index):
 
-    forward:  y, mu, rstd = native_layer_norm(x);  out = where(P, y, x or 0)
-    backward: dx = native_layer_norm_backward(where(P, dy, 0), where(mask, x, 0), ...);
-              dx = where(P, dx, dy or 0)
+    forward:  y, mu, rstd = native_layer_norm(x);        y[padded] = x[padded] (or 0)
+    backward: dx, dgamma = native_layer_norm_backward(dy, x; mu, rstd = 0 on padded rows)
+              dbeta = sum_valid dy;                        dx[padded] = dy[padded] (or 0)
 
 A padded group's garbage stays in its own row of the fused kernel and is then replaced. Valid
 groups whose rstd leaves the range where the fused kernel is accurate (overflow or underflow of
@@ -17,7 +18,7 @@ eager mode only.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,51 +62,113 @@ def _rows(t: torch.Tensor, ndims: int) -> torch.Tensor:
     return t.reshape(-1, math.prod(t.shape[t.dim() - ndims:]))
 
 
-def _forward(xc, mask, weight, bias, ndims, eps, masked) -> Tuple[torch.Tensor, GroupStats]:
-    """(out, stats) via torch's fused layer norm; a padded group's own NaNs stay in its row, which
-    is then overwritten with x (or 0 under "zero") by row index, not by a full-size where."""
+class PaddedRows:
+    """Which rows of the (groups, group size) view are padded: an index, and the same rows as a few
+    contiguous runs when there are at most MAX_RUNS of them (sequences padded at their ends), so
+    that copying them is a handful of slice copies rather than a gather and a scatter."""
+
+    MAX_RUNS = 64
+
+    def __init__(self, valid: torch.Tensor):
+        self.rows = valid.nonzero().squeeze(1)
+        self.index = (~valid).nonzero().squeeze(1)
+        self.runs: Optional[List[Tuple[int, int]]] = None
+        if 0 < self.index.numel():
+            breaks = (self.index.diff() != 1).nonzero().squeeze(1)
+            if breaks.numel() < self.MAX_RUNS:
+                starts = torch.cat([self.index[:1], self.index[breaks + 1]]).tolist()
+                ends = torch.cat([self.index[breaks], self.index[-1:]]).tolist()
+                self.runs = [(a, b + 1) for a, b in zip(starts, ends)]
+
+    def any(self) -> bool:
+        return self.index.numel() > 0
+
+    def copy_(self, dst2: torch.Tensor, src2: torch.Tensor) -> None:
+        """dst2[padded rows] = src2[padded rows]."""
+        if self.runs is None:
+            dst2.index_copy_(0, self.index, src2.index_select(0, self.index))
+        else:
+            for a, b in self.runs:
+                dst2[a:b].copy_(src2[a:b])
+
+    def zero_(self, dst2: torch.Tensor) -> None:
+        """dst2[padded rows] = 0."""
+        if self.runs is None:
+            dst2.index_fill_(0, self.index, 0)
+        else:
+            for a, b in self.runs:
+                dst2[a:b].zero_()
+
+
+def _forward(xc, mask, weight, bias, ndims, eps, masked) -> Tuple[torch.Tensor, GroupStats, PaddedRows]:
+    """(out, stats, padded rows) via torch's fused layer norm; a padded group's own NaNs stay in its
+    row, which is then overwritten with x (or 0 under "zero"), not by a full-size where."""
     nshape = tuple(xc.shape[xc.dim() - ndims:])
     y, mean, rstd = torch.native_layer_norm(xc, nshape, weight, bias, eps)
     valid = torch.ones_like(mean, dtype=torch.bool) if mask is None else mask.expand(mean.shape)
     k = valid.to(xc.dtype) * float(math.prod(nshape))
     st = GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k, ~valid)
-    if mask is not None:
-        padded = (~valid).flatten().nonzero().squeeze(1)
-        if masked == "zero":
-            _rows(y, ndims).index_fill_(0, padded, 0)
-        else:
-            _rows(y, ndims).index_copy_(0, padded, _rows(xc, ndims).index_select(0, padded))
-    return y, st
+    padded = PaddedRows(valid.flatten())
+    if padded.any():
+        _overwrite_padded(_rows(y, ndims), _rows(xc, ndims), padded, masked)
+    return y, st, padded
 
 
-def _fused_backward(g_out, x, weight, st, ndims, masked, want):
-    """(grad x, grad weight, grad bias) when every group is valid (fused) or padded (passed through):
-    torch's fused backward on the valid rows only, gathered and scattered by row index, so
-    whatever padded rows hold never meets a multiplication."""
+def _fused_backward(g_out, x, weight, st, padded, ndims, masked, want):
+    """(grad x, grad weight, grad bias) when every group is valid (fused) or padded (passed through).
+
+    torch's fused backward runs on all rows with a padded row's mean and rstd set to 0, so the row
+    adds dy * (x - 0) * 0 = 0 to the weight gradient; if that is not finite (a padded dy or x is
+    not), it runs again with the padded rows of dy and x zeroed, which leaves every term, and so
+    the bits, as finite padding gives them. The bias gradient sums the valid rows only
+    (embedding_bag adds them without copying); the padded rows of grad x are then overwritten.
+    """
     g2, x2 = _rows(g_out, ndims), _rows(x, ndims)
-    valid = ~st.degenerate.flatten()
-    rows, padded = valid.nonzero().squeeze(1), (~valid).nonzero().squeeze(1)
-    compact = padded.numel() > 0
-    gv, xv = (g2.index_select(0, rows), x2.index_select(0, rows)) if compact else (g2, x2)
     mean, rstd = st.shift_scaled.reshape(-1, 1), st.inv_s.reshape(-1, 1)
-    if compact:
-        mean, rstd = mean.index_select(0, rows), rstd.index_select(0, rows)
     w = None if weight is None else weight.reshape(-1)
-    gxv, gw, _ = torch.ops.aten.native_layer_norm_backward(
-        gv, xv, [x2.shape[1]], mean, rstd, w, None, [want[0], want[2], False]
-    )
-    gb = gv.sum(0) if want[3] else None
-    gx = None
-    if want[0]:
-        gx = gxv
-        if compact:
-            gx = torch.empty_like(g2).index_copy_(0, rows, gxv)
-            if masked == "zero":
-                gx.index_fill_(0, padded, 0)
-            else:
-                gx.index_copy_(0, padded, g2.index_select(0, padded))
-        gx = gx.reshape(g_out.shape)
-    return gx, (None if gw is None else gw.reshape(weight.shape)), gb
+    if not padded.any():
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(  # w stands in for the bias: only its shape is used
+            g2, x2, [x2.shape[1]], mean, rstd, w, w, [want[0], want[2], want[3] and w is not None]
+        )
+        gb = g2.sum(0) if want[3] and gb is None else gb
+    else:
+        keep = ~st.degenerate.reshape(-1, 1)
+        mean, rstd = where_or_zero(keep, mean), where_or_zero(keep, rstd)
+
+        def fused(g_rows, x_rows):
+            return torch.ops.aten.native_layer_norm_backward(
+                g_rows, x_rows, [x2.shape[1]], mean, rstd, w, None, [want[0], want[2], False]
+            )
+
+        gx, gw, _ = fused(g2, x2)
+        if gw is not None and not bool(torch.isfinite(gw).all()):
+            gx, gw, _ = fused(_zero_padded(g2, padded), _zero_padded(x2, padded))
+        gb = _sum_rows(g2, padded.rows) if want[3] else None
+        if gx is not None:
+            _overwrite_padded(gx, g2, padded, masked)
+    return (None if gx is None else gx.reshape(g_out.shape)), gw, gb
+
+
+def _zero_padded(t2: torch.Tensor, padded: PaddedRows) -> torch.Tensor:
+    """A copy of t2 with its padded rows set to 0."""
+    out = t2.clone()
+    padded.zero_(out)
+    return out
+
+
+def _sum_rows(t2: torch.Tensor, rows: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """sum over the listed rows of t2, without copying them: embedding_bag in blocks of rows."""
+    offsets = torch.arange(0, rows.numel(), block, device=rows.device)
+    return torch.nn.functional.embedding_bag(rows, t2, offsets, mode="sum").sum(0)
+
+
+def _overwrite_padded(dst2: torch.Tensor, src2: torch.Tensor, padded: PaddedRows, masked: str) -> None:
+    """A padded (passed-through) row: its source row (x forward, the upstream gradient backward),
+    or 0 under "zero"."""
+    if masked == "zero":
+        padded.zero_(dst2)
+    else:
+        padded.copy_(dst2, src2)
 
 
 def _inaccurate(st: GroupStats) -> torch.Tensor:
@@ -128,7 +191,7 @@ class TokenLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask, weight, bias, ndims, eps, masked):
         dims = tuple(range(x.dim() - ndims, x.dim()))
-        out, st = _forward(x, mask, weight, bias, ndims, eps, masked)
+        out, st, ctx.padded = _forward(x, mask, weight, bias, ndims, eps, masked)
         redo = _inaccurate(st)
         if bool(redo.any()):
             general = group_stats(x, mask, dims, 0, eps, True)
@@ -153,11 +216,12 @@ class TokenLayerNormFunction(torch.autograd.Function):
             return gx, None, gw, gb, None, None, None
         st = GroupStats(*saved)
         if redo is None:
-            gx, gw, gb = _fused_backward(g_out, x, weight, st, len(dims), masked, want)
+            gx, gw, gb = _fused_backward(g_out, x, weight, st, ctx.padded, len(dims), masked, want)
+            gw = None if gw is None else gw.reshape(weight.shape)
             return gx, None, gw, (None if gb is None else gb.reshape(ctx.bias_shape[0])), None, None, None
         x_clean = x if mask is None else where_or_zero(mask, x)
         P, passthrough = regions(mask, st.degenerate, masked)
-        fused = P if redo is None else P & ~redo
+        fused = P & ~redo
         nshape = list(x_clean.shape[x_clean.dim() - len(dims):])
         g_p = where_or_zero(fused, g_out)
         gx, gw, _ = torch.ops.aten.native_layer_norm_backward(
@@ -167,12 +231,11 @@ class TokenLayerNormFunction(torch.autograd.Function):
         lead = list(range(g_p.dim() - len(dims)))
         gb = (g_p.sum(lead) if lead else g_p) if want[3] else None
         gx = compose(gx, g_out, P, passthrough, masked)
-        if redo is not None:
-            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
-                                               want[2], want[3])
-            gx = torch.where(redo, gx_r, gx)
-            gw = None if gw is None else gw + gw_r.sum_to_size(gw.shape)
-            gb = None if gb is None else gb + gb_r.sum_to_size(gb.shape)
+        gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
+                                           want[2], want[3])
+        gx = torch.where(redo, gx_r, gx)
+        gw = None if gw is None else gw + gw_r.sum_to_size(gw.shape)
+        gb = None if gb is None else gb + gb_r.sum_to_size(gb.shape)
         return (gx if want[0] else None), None, gw, gb, None, None, None
 
     @staticmethod
