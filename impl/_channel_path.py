@@ -1,22 +1,25 @@
 """Fast path: batch norm layout (N, C, *S) reduced over every axis but C, mask varying freely.
 
-Statistics per channel from two masked reductions, then torch's fused inference kernels:
+Per channel, with m the mask as 0/1 and sums over every position of the channel:
 
-    d = where(mask, x, 0) - mu * mask,   mu = sum_V x / k,   var = |d|^2 / nu
-    forward:  out = batch_norm_eval(x; mu, var, gamma, beta, eps)       (then the policy fix-up)
-    backward: dx, B, A = batch_norm_eval_backward(g_P, x);   A = sum_P g_out, B = sum_P g_out y_hat
-              gx = dx - mask * gamma/s * (A/k + y_hat * B/nu)         (the closed-form VJP)
+    mu = sum m x / k,   var = sum m (x - mu)^2 / nu                  (two passes, by matmul)
+    forward:  out = batch_norm_eval(x; mu, var, gamma, beta, eps)   (then the policy fix-up)
+    backward: A = sum_P g_out,  B = sum_P g_out y_hat                 (batch_norm_eval_backward)
+              gx = (gamma/s) g_out - m (alpha + beta x),  beta = (gamma/s^2) B/nu,
+              alpha = (gamma/s) A/k - beta mu                           (the closed-form VJP)
 
-Garbage at masked-out positions never enters a reduction (where, not multiplication); in the
-backward, x is replaced by mu wherever the upstream gradient is 0, so such a position adds
-exactly 0 whatever it holds, and the mask term is applied with where.
-Eager mode only: a Python-level check (a host sync) sends calls whose statistics leave the
-exact range (overflow, underflow, degenerate channels) to the general path, and eps = 0 always
-goes there (its exact constant-group test needs the general path's shifted statistics).
+A mask constant along C (the usual (N, 1, L) padding mask) turns each masked sum into one
+matrix product with the mask, which reads the tensor once and writes nothing of its size.
+Multiplying by 0 is exact only for finite values: a masked-out NaN, Inf or overflowing square
+turns a sum into NaN/Inf, and then the call goes to the general path (forward), or the backward
+uses the general closed form. Whether it must is a Python-level check (a host sync), so this
+path runs in eager mode only, and eps = 0 always takes the general path (its exact
+constant-group test needs the general path's shifted statistics).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -51,24 +54,56 @@ def applies(
     )
 
 
+class _Positions:
+    """Per-channel sums over positions, weighted by columns of 0/1 weights (one per position)."""
+
+    def __init__(self, x: torch.Tensor, mask: Optional[torch.Tensor]):
+        self.dims = [d for d in range(x.dim()) if d != 1]
+        self.mf = None if mask is None else mask.to(x.dtype)
+        self.cols = None
+        if mask is not None and mask.shape[1] == 1:
+            n, s = x.shape[0], math.prod(x.shape[2:])
+            m = self.mf.expand(n, 1, *x.shape[2:]).reshape(n, 1, s)
+            # (N, S, 2) as a transposed view: BLAS reads each weight column contiguously (5x faster)
+            self.cols = torch.cat([m, 1 - m], 1).transpose(1, 2)
+
+    def sums(self, t: torch.Tensor) -> torch.Tensor:
+        """(C, 2): per channel, the sum of t over valid and over masked-out positions."""
+        if self.mf is None:
+            return torch.stack([t.sum(self.dims), torch.zeros(t.shape[1], dtype=t.dtype, device=t.device)], 1)
+        if self.cols is None:
+            return torch.stack([(t * self.mf).sum(self.dims), (t * (1 - self.mf)).sum(self.dims)], 1)
+        return torch.bmm(t.reshape(t.shape[0], t.shape[1], -1), self.cols).sum(0)
+
+
 def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction: int, eps: float):
-    """(var, stats, safe) per channel; safe is a Python bool (host sync)."""
-    k = valid_count(mask, x.shape, dims, x.dtype).to(x.device)
+    """(var, stats, spread, safe): spread >= |x - mu| at every masked-out position (inf if unknown);
+    safe is a Python bool (host sync)."""
+    keep = [1] * x.dim()
+    keep[1] = x.shape[1]
+    k = valid_count(mask, x.shape, dims, x.dtype).to(x.device).expand(keep)
     nu = k - correction
-    d = x.clone() if mask is None else where_or_zero(mask, x)
-    mu = d.sum(dims, keepdim=True) / k
-    if mask is None:
-        d.sub_(mu)
-    else:
-        d.addcmul_(mask.to(x.dtype), mu, value=-1)
-    var = torch.linalg.vector_norm(d, 2, dims, keepdim=True).square_() / nu
+    positions = _Positions(x, mask)
+    mu, squares = _moments(x, positions, k, keep)
+    spread = squares[:, 1].reshape(keep).sqrt()
+    if mask is not None and not bool(torch.isfinite(squares[:, 0]).all()):
+        # A masked-out NaN, Inf or overflowing square reached a sum (0 * inf): again from the valid
+        # values alone, which gives the very bits that finite padding gives.
+        mu, squares = _moments(where_or_zero(mask, x), positions, k, keep)
+        spread = torch.full_like(mu, math.inf)
+    var = squares[:, 0].reshape(keep) / nu
     info = torch.finfo(x.dtype)
     in_range = (var < info.max / 16) & ((var > info.tiny * 2.0**64) | (var <= eps * info.eps))
     safe = bool((torch.isfinite(mu) & in_range & (nu > 0)).all())
-    k, nu = k.expand_as(mu), nu.expand_as(mu)
     inv_s = torch.rsqrt(var + eps)
     st = GroupStats(torch.ones_like(mu), mu, inv_s, inv_s, k, nu, torch.zeros_like(mu, dtype=torch.bool))
-    return var, st, safe
+    return var, st, spread, safe
+
+
+def _moments(x: torch.Tensor, positions: _Positions, k: torch.Tensor, keep):
+    """(mu, (C, 2) sums of (x - mu)^2 over valid and masked-out positions): two passes."""
+    mu = positions.sums(x)[:, 0].reshape(keep) / k
+    return mu, positions.sums((x - mu).square_())
 
 
 class ChannelNormFunction(torch.autograd.Function):
@@ -76,7 +111,7 @@ class ChannelNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, dims, correction, eps, masked):
-        var, st, ok = _statistics(x, mask, dims, correction, eps)
+        var, st, spread, ok = _statistics(x, mask, dims, correction, eps)
         w = None if weight is None else weight.flatten()
         b = None if bias is None else bias.flatten()
         y = torch.batch_norm(x, w, b, st.shift_scaled.flatten(), var.flatten(), False, 0.0, eps, False)
@@ -84,36 +119,23 @@ class ChannelNormFunction(torch.autograd.Function):
         out = y if mask is None or masked == "normalize" else compose(y, x, P, passthrough, masked)
         ctx.config = (tuple(dims), correction, eps, True, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
-        ctx.save_for_backward(x, mask, weight, var, *st)
+        ctx.save_for_backward(x, mask, weight, var, spread, *st)
         ctx.save_for_forward(x, mask, weight, *st)
         return out, ok
 
     @staticmethod
     def backward(ctx, g_out, _g_ok):
-        x, mask, weight, var, *saved = ctx.saved_tensors
-        masked = ctx.config[4]
+        x, mask, weight, var, spread, *saved = ctx.saved_tensors
+        dims, masked = ctx.config[0], ctx.config[4]
         want = ctx.needs_input_grad
         if torch.is_grad_enabled():
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, None, None, None, None
         st = GroupStats(*saved)
-        P, passthrough = regions(mask, st.degenerate, masked)
-        g_p = g_out if mask is None or masked == "normalize" else where_or_zero(P, g_out)
-        mu, inv_s = st.shift_scaled, st.inv_s
-        # Where the upstream gradient is 0, x's value must not matter (0 * inf = NaN): use mu there.
-        x_g = x if mask is None else torch.where(g_p == 0, mu, x)
-        w = None if weight is None else weight.flatten()
-        dx, sum_gy, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g_p, x_g, w, mu.flatten(), var.flatten(), None, None, False, ctx.config[2], [True, True, True],
-        )
-        gamma_s = inv_s if weight is None else inv_s * weight.reshape(inv_s.shape)
-        sum_g, sum_gy = sum_g.reshape(mu.shape), sum_gy.reshape(mu.shape)
-        beta = gamma_s * inv_s * sum_gy / st.nu
-        alpha = gamma_s * sum_g / st.k - beta * mu
-        correction = torch.addcmul(alpha, x, beta)
-        gx = dx.sub_(correction) if mask is None else torch.where(mask, dx - correction, dx)
-        if mask is not None and masked != "normalize":
-            gx = compose(gx, g_out, P, passthrough, masked)
+        grads = _fused_vjp(g_out, x, mask, weight, var, spread, st, ctx.config, sanitize=False)
+        if grads is None:
+            grads = _fused_vjp(g_out, x, mask, weight, var, spread, st, ctx.config, sanitize=True)
+        gx, sum_gy, sum_g = grads
         gw = sum_gy.reshape(weight.shape) if want[2] else None
         gb = sum_g.reshape(ctx.bias_shape[0]) if want[3] else None
         return (gx if want[0] else None), None, gw, gb, None, None, None, None
@@ -123,3 +145,42 @@ class ChannelNormFunction(torch.autograd.Function):
         x, mask, weight, *saved = ctx.saved_tensors
         dims, masked = ctx.config[0], ctx.config[4]
         return masked_norm_jvp(x, x_dot, mask, weight, weight_dot, bias_dot, GroupStats(*saved), dims, True, masked), None
+
+
+def _fused_vjp(g_out, x, mask, weight, var, spread, st, config, sanitize: bool):
+    """(gx, sum_P g_out y_hat, sum_P g_out) from torch's fused batch-norm backward sums.
+
+    Unsanitized, masked-out positions are multiplied by 0, which is exact only for finite values:
+    None is returned when a sum is not finite or alpha + beta x could overflow there (spread
+    bounds |x - mu|). Sanitized, a masked-out position's x is replaced by mu (and its upstream
+    gradient by 0 under "keep"/"zero") before the sums, and the mask is applied with where; a
+    position that adds 0 either way, so the bits are those finite padding gives.
+    """
+    eps, masked = config[2], config[4]
+    mu, inv_s = st.shift_scaled, st.inv_s
+    mf = None if mask is None else mask.to(x.dtype)
+    g_p, x_p = g_out, x
+    if mask is not None and masked != "normalize":
+        g_p = where_or_zero(mask, g_out) if sanitize else g_out * mf
+    if mask is not None and sanitize:
+        x_p = torch.where(mask | (g_p != 0), x, mu)
+    w = None if weight is None else weight.flatten()
+    _, sum_gy, sum_g = torch.ops.aten.native_batch_norm_backward(
+        g_p, x_p, w, mu.flatten(), var.flatten(), None, None, False, eps, [False, True, True],
+    )
+    gamma_s = inv_s if weight is None else inv_s * weight.reshape(inv_s.shape)
+    beta = gamma_s * inv_s * sum_gy.reshape(mu.shape) / st.nu
+    alpha = gamma_s * sum_g.reshape(mu.shape) / st.k - beta * mu
+    if not sanitize:
+        bound = (alpha + beta * mu).abs() + beta.abs() * spread
+        finite = torch.isfinite(sum_gy).all() & torch.isfinite(sum_g).all()
+        if not bool(finite & (bound < torch.finfo(x.dtype).max / 4).all()):
+            return None
+    gx = torch.addcmul(-alpha, x_p, -beta)
+    if mask is not None:
+        gx = where_or_zero(mask, gx) if sanitize else gx.mul_(mf)
+    gx.addcmul_(g_p, gamma_s)
+    if mask is not None and masked != "normalize":
+        P, passthrough = regions(mask, st.degenerate, masked)
+        gx = compose(gx, g_out, P, passthrough, masked)
+    return gx, sum_gy, sum_g
