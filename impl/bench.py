@@ -54,20 +54,30 @@ def _cases(device: str, scale: float) -> List[Case]:
     gen = torch.Generator().manual_seed(0)
     B, T, D = 32, max(1, int(512 * scale)), 768
     x = torch.randn(B, T, D, generator=gen).to(device).requires_grad_()
-    tokens = (torch.rand(B, T, 1, generator=gen) > 0.3).to(device)
+    lengths = T - (torch.rand(B, 1, generator=gen) * 0.6 * T).long()  # ~30% padding on average
+    at_end = (torch.arange(T) < lengths).unsqueeze(-1).to(device)
+    scattered = (torch.rand(B, T, 1, generator=gen) > 0.3).to(device)
     w = torch.ones(D, device=device, requires_grad=True)
     b = torch.zeros(D, device=device, requires_grad=True)
-    layer = Case(f"layer norm B={B} T={T} D={D}, token mask ~30% padding, dim=-1", x, tokens, (-1,), w, b,
-                 "F.layer_norm", lambda t, w=w, b=b: F.layer_norm(t, (D,), w, b))
+    layer = [
+        Case(f"layer norm B={B} T={T} D={D}, dim=-1, {how}", x, tokens, (-1,), w, b,
+             "F.layer_norm", lambda t, w=w, b=b: F.layer_norm(t, (D,), w, b))
+        for how, tokens in [(f"sequences padded at the end ({_percent(at_end)} padding)", at_end),
+                            (f"padded tokens scattered at random ({_percent(scattered)} padding)", scattered)]
+    ]
     Bb, C, L = 64, 256, max(1, int(1024 * scale))
     xb = torch.randn(Bb, C, L, generator=gen).to(device).requires_grad_()
     rows = (torch.rand(Bb, 1, L, generator=gen) > 0.3).to(device)
     wb = torch.ones(C, 1, device=device, requires_grad=True)
     bb = torch.zeros(C, 1, device=device, requires_grad=True)
-    batch = Case(f"batch norm B={Bb} C={C} L={L}, (B,1,L) mask ~30% padding, dim=(0,2)", xb, rows, (0, 2), wb, bb,
+    batch = Case(f"batch norm B={Bb} C={C} L={L}, dim=(0,2), (B,1,L) mask, {_percent(rows)} padding at random", xb, rows, (0, 2), wb, bb,
                  "F.batch_norm (train)",
                  lambda t, w=wb, b=bb: F.batch_norm(t, None, None, w.flatten(), b.flatten(), training=True))
-    return [layer, batch]
+    return [*layer, batch]
+
+
+def _percent(mask: torch.Tensor) -> str:
+    return f"{100 * (1 - mask.float().mean().item()):.0f}%"
 
 
 def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
