@@ -11,9 +11,10 @@ Per channel, with m the mask as 0/1 and sums over every position of the channel:
 A mask constant along C (the usual (N, 1, L) padding mask) turns each masked sum into one
 matrix product with the mask, which reads the tensor once and writes nothing of its size.
 Multiplying by 0 is exact only for finite values: a masked-out NaN, Inf or overflowing square
-turns a sum into NaN/Inf, and then the call goes to the general path (forward), or the backward
-uses the general closed form. Whether it must is a Python-level check (a host sync), so this
-path runs in eager mode only, and eps = 0 always takes the general path (its exact
+turns a sum into NaN/Inf, and then that pass is redone with the padding replaced (the same bits
+as finite padding). Channels whose statistics overflow, underflow or have no degrees of freedom
+are redone with the general statistics. Each of these is a Python-level check (a host sync), so
+this path runs in eager mode only, and eps = 0 always takes the general path (its exact
 constant-group test needs the general path's shifted statistics).
 """
 
@@ -24,8 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from masknorm._autograd import compose, general_vjp, masked_norm_jvp, regions
-from masknorm._stats import GroupStats, valid_count, where_or_zero
+from masknorm._autograd import affine, compose, general_vjp, masked_norm_jvp, masked_norm_vjp, normalized, regions
+from masknorm._stats import GroupStats, group_stats, valid_count, where_or_zero
 
 
 def applies(
@@ -77,8 +78,9 @@ class _Positions:
 
 
 def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction: int, eps: float):
-    """(var, stats, spread, safe): spread >= |x - mu| at every masked-out position (inf if unknown);
-    safe is a Python bool (host sync)."""
+    """(var, stats, spread, redo): spread >= |x - mu| at every masked-out position (inf if unknown);
+    redo flags the channels whose statistics leave the range where the fused kernels are exact
+    (overflow, underflow, no degrees of freedom), which hold placeholder statistics here."""
     keep = [1] * x.dim()
     keep[1] = x.shape[1]
     k = valid_count(mask, x.shape, dims, x.dtype).to(x.device).expand(keep)
@@ -94,10 +96,12 @@ def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction:
     var = squares[:, 0].reshape(keep) / nu
     info = torch.finfo(x.dtype)
     in_range = (var < info.max / 16) & ((var > info.tiny * 2.0**64) | (var <= eps * info.eps))
-    safe = bool((torch.isfinite(mu) & in_range & (nu > 0)).all())
+    redo = ~(torch.isfinite(mu) & in_range & (nu > 0))
+    mu, var, spread = torch.where(redo, 0.0, mu), torch.where(redo, 1.0, var), torch.where(redo, 0.0, spread)
+    k, nu = torch.where(redo, 1.0, k), torch.where(redo, 1.0, nu)
     inv_s = torch.rsqrt(var + eps)
-    st = GroupStats(torch.ones_like(mu), mu, inv_s, inv_s, k, nu, torch.zeros_like(mu, dtype=torch.bool))
-    return var, st, spread, safe
+    st = GroupStats(torch.ones_like(mu), mu, inv_s, inv_s, k, nu, torch.zeros_like(redo))
+    return var, st, spread, redo
 
 
 def _moments(x: torch.Tensor, positions: _Positions, k: torch.Tensor, keep):
@@ -107,48 +111,67 @@ def _moments(x: torch.Tensor, positions: _Positions, k: torch.Tensor, keep):
 
 
 class ChannelNormFunction(torch.autograd.Function):
-    """The fused-kernel twin of MaskedNormFunction for the batch-norm layout; returns (out, ok)."""
+    """The fused-kernel twin of MaskedNormFunction for the batch-norm layout.
+
+    Channels the fused kernels cannot do exactly are redone with the general statistics (a host
+    sync decides whether there are any); every channel's result depends on its own values only.
+    """
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, dims, correction, eps, masked):
-        var, st, spread, ok = _statistics(x, mask, dims, correction, eps)
+        var, st, spread, redo = _statistics(x, mask, dims, correction, eps)
         w = None if weight is None else weight.flatten()
         b = None if bias is None else bias.flatten()
-        y = torch.batch_norm(x, w, b, st.shift_scaled.flatten(), var.flatten(), False, 0.0, eps, False)
-        P, passthrough = regions(mask, st.degenerate, masked)
-        out = y if mask is None or masked == "normalize" else compose(y, x, P, passthrough, masked)
+        out = torch.batch_norm(x, w, b, st.shift_scaled.flatten(), var.flatten(), False, 0.0, eps, False)
+        if mask is not None and masked != "normalize":
+            P, passthrough = regions(mask, st.degenerate, masked)
+            out = compose(out, x, P, passthrough, masked)
+        if bool(redo.any()):
+            general = group_stats(x, mask, dims, correction, eps, True)
+            st = GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
+            P, passthrough = regions(mask, st.degenerate, masked)
+            out = torch.where(redo, compose(affine(normalized(x, st), weight, bias), x, P, passthrough, masked), out)
+        else:
+            redo = None
         ctx.config = (tuple(dims), correction, eps, True, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
-        ctx.save_for_backward(x, mask, weight, var, spread, *st)
+        ctx.save_for_backward(x, mask, weight, var, spread, redo, *st)
         ctx.save_for_forward(x, mask, weight, *st)
-        return out, ok
+        return out
 
     @staticmethod
-    def backward(ctx, g_out, _g_ok):
-        x, mask, weight, var, spread, *saved = ctx.saved_tensors
+    def backward(ctx, g_out):
+        x, mask, weight, var, spread, redo, *saved = ctx.saved_tensors
         dims, masked = ctx.config[0], ctx.config[4]
         want = ctx.needs_input_grad
         if torch.is_grad_enabled():
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, None, None, None, None
         st = GroupStats(*saved)
-        grads = _fused_vjp(g_out, x, mask, weight, var, spread, st, ctx.config, sanitize=False)
+        grads = _fused_vjp(g_out, x, mask, weight, var, spread, st, redo, ctx.config, sanitize=False)
         if grads is None:
-            grads = _fused_vjp(g_out, x, mask, weight, var, spread, st, ctx.config, sanitize=True)
-        gx, sum_gy, sum_g = grads
-        gw = sum_gy.reshape(weight.shape) if want[2] else None
-        gb = sum_g.reshape(ctx.bias_shape[0]) if want[3] else None
+            grads = _fused_vjp(g_out, x, mask, weight, var, spread, st, redo, ctx.config, sanitize=True)
+        gx, gw, gb = grads
+        if redo is not None:
+            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
+                                               want[2], want[3])
+            gx = torch.where(redo, gx_r, gx)
+            gw = None if gw_r is None else torch.where(redo, gw_r.sum(dims, keepdim=True), gw)
+            gb = None if gb_r is None else torch.where(redo, gb_r.sum(dims, keepdim=True), gb)
+        gw = gw.reshape(weight.shape) if want[2] else None
+        gb = gb.reshape(ctx.bias_shape[0]) if want[3] else None
         return (gx if want[0] else None), None, gw, gb, None, None, None, None
 
     @staticmethod
     def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
         x, mask, weight, *saved = ctx.saved_tensors
         dims, masked = ctx.config[0], ctx.config[4]
-        return masked_norm_jvp(x, x_dot, mask, weight, weight_dot, bias_dot, GroupStats(*saved), dims, True, masked), None
+        return masked_norm_jvp(x, x_dot, mask, weight, weight_dot, bias_dot, GroupStats(*saved), dims, True, masked)
 
 
-def _fused_vjp(g_out, x, mask, weight, var, spread, st, config, sanitize: bool):
-    """(gx, sum_P g_out y_hat, sum_P g_out) from torch's fused batch-norm backward sums.
+def _fused_vjp(g_out, x, mask, weight, var, spread, st, redo, config, sanitize: bool):
+    """(gx, sum_P g_out y_hat, sum_P g_out) per channel (keepdim shape), from torch's fused
+    batch-norm backward sums; channels flagged in redo hold placeholders, to be replaced.
 
     Unsanitized, masked-out positions are multiplied by 0, which is exact only for finite values:
     None is returned when a sum is not finite or alpha + beta x could overflow there (spread
@@ -158,6 +181,8 @@ def _fused_vjp(g_out, x, mask, weight, var, spread, st, config, sanitize: bool):
     """
     eps, masked = config[2], config[4]
     mu, inv_s = st.shift_scaled, st.inv_s
+    if redo is not None:  # placeholders: the general statistics of these channels do not fit this form
+        mu, inv_s = torch.where(redo, 0.0, mu), torch.where(redo, 1.0, inv_s)
     mf = None if mask is None else mask.to(x.dtype)
     g_p, x_p = g_out, x
     if mask is not None and masked != "normalize":
@@ -168,13 +193,14 @@ def _fused_vjp(g_out, x, mask, weight, var, spread, st, config, sanitize: bool):
     _, sum_gy, sum_g = torch.ops.aten.native_batch_norm_backward(
         g_p, x_p, w, mu.flatten(), var.flatten(), None, None, False, eps, [False, True, True],
     )
+    sum_gy, sum_g = sum_gy.reshape(mu.shape), sum_g.reshape(mu.shape)
     gamma_s = inv_s if weight is None else inv_s * weight.reshape(inv_s.shape)
-    beta = gamma_s * inv_s * sum_gy.reshape(mu.shape) / st.nu
-    alpha = gamma_s * sum_g.reshape(mu.shape) / st.k - beta * mu
+    beta = gamma_s * inv_s * sum_gy / st.nu
+    alpha = gamma_s * sum_g / st.k - beta * mu
     if not sanitize:
-        bound = (alpha + beta * mu).abs() + beta.abs() * spread
-        finite = torch.isfinite(sum_gy).all() & torch.isfinite(sum_g).all()
-        if not bool(finite & (bound < torch.finfo(x.dtype).max / 4).all()):
+        fits = torch.isfinite(sum_gy) & torch.isfinite(sum_g)
+        fits &= (alpha + beta * mu).abs() + beta.abs() * spread < torch.finfo(x.dtype).max / 4
+        if not bool((fits if redo is None else fits | redo).all()):
             return None
     gx = torch.addcmul(-alpha, x_p, -beta)
     if mask is not None:

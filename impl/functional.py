@@ -82,11 +82,9 @@ def masked_norm(
     if _token_path.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
         return _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.masked)
     if _channel_path.applies(x, weight, bias, args.dims, args.eps, args.center):
-        out, ok = _channel_path.ChannelNormFunction.apply(
+        return _channel_path.ChannelNormFunction.apply(
             x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
         )
-        if ok:
-            return out
     function = MaskedNormFunction if torch.compiler.is_compiling() else MaskedNormFunctionWithJvp
     out, *_stats = function.apply(
         x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked

@@ -1,0 +1,85 @@
+"""The eager fast paths' own machinery: the padded-token path's padded rows (a few runs of rows are
+copied as slices, many as an index: both must touch exactly the padded rows and give the same
+bits), and the batch-norm path's per-channel redo (a channel its fused kernels cannot do exactly
+is redone alone, leaving every other channel's bits as they were)."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import masknorm.reference as ref
+from masknorm import masked_norm
+from masknorm._channel_path import _statistics
+from masknorm._token_path import PaddedRows
+
+
+def _runs(valid):
+    """The number of maximal runs of False in `valid`, counted in plain Python."""
+    return sum(1 for i, v in enumerate(valid) if not v and (i == 0 or valid[i - 1]))
+
+
+@given(valid=st.lists(st.booleans(), min_size=1, max_size=300))
+def test_padded_rows_touch_exactly_the_padded_rows(valid):
+    v = torch.tensor(valid)
+    rows = PaddedRows(v)
+    assert (rows.runs is not None) == (0 < _runs(valid) <= PaddedRows.MAX_RUNS)
+    src = torch.arange(3.0 * len(valid)).reshape(-1, 3)
+    dst = torch.full_like(src, -1.0)
+    rows.copy_(dst, src)
+    assert torch.equal(dst, torch.where(v[:, None], -1.0, src))
+    rows.zero_(dst)
+    assert torch.equal(dst, torch.where(v[:, None], -1.0, torch.zeros_like(dst)))
+    assert torch.equal(rows.rows, torch.tensor([i for i, ok in enumerate(valid) if ok], dtype=torch.long))
+
+
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+def test_slices_and_index_give_the_same_bits(masked, monkeypatch):
+    """Every other token padded (150 runs: the index) against the same call with runs allowed."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 150, 16, generator=gen, dtype=torch.float64)
+    mask = (torch.arange(150) % 2 == 0).reshape(1, 150, 1).expand(2, 150, 1)
+    weight, bias = torch.randn(16, generator=gen, dtype=torch.float64), torch.randn(16, generator=gen, dtype=torch.float64)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out = masked_norm(leaves[0], mask, -1, weight=leaves[1], bias=leaves[2], masked=masked)
+        return (out, *torch.autograd.grad(out, leaves, g))
+
+    assert PaddedRows(mask.flatten()).runs is None
+    by_index = run()
+    monkeypatch.setattr(PaddedRows, "MAX_RUNS", 10**9)
+    assert PaddedRows(mask.flatten()).runs is not None
+    for a, b in zip(run(), by_index):
+        assert torch.equal(a, b)
+
+
+def _output_and_grads(x, mask, dim, weight, bias, g, **kwargs):
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = masked_norm(leaves[0], mask, dim, weight=leaves[1], bias=leaves[2], **kwargs)
+    return (out, *torch.autograd.grad(out, leaves, g))
+
+
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+def test_a_redone_channel_leaves_the_others_bitwise(masked):
+    """Channel 1 scaled by 1e-12 in float32 (its variance, 1e-24, is below the fused kernels' exact
+    range) is redone with the general statistics: channels 0 and 2 keep their bits, in the output
+    and every gradient, and channel 1 is within the accuracy bound of the reference."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 8, generator=gen)
+    mask = torch.rand(4, 1, 8, generator=gen) > 0.3
+    weight, bias = torch.randn(3, 1, generator=gen), torch.randn(3, 1, generator=gen)
+    g = torch.randn(x.shape, generator=gen)
+    tiny = x.clone()
+    tiny[:, 1] *= 1e-12
+    assert _statistics(tiny, mask, (0, 2), 0, 1e-30)[3].flatten().tolist() == [False, True, False]
+    kwargs = dict(eps=1e-30, masked=masked)
+    plain, redone = _output_and_grads(x, mask, (0, 2), weight, bias, g, **kwargs), \
+        _output_and_grads(tiny, mask, (0, 2), weight, bias, g, **kwargs)
+    for a, b in zip(plain, redone):
+        assert torch.equal(a[..., [0, 2], :], b[..., [0, 2], :]) if a.dim() == 3 else torch.equal(a[[0, 2]], b[[0, 2]])
+    expected = ref.masked_norm(tiny.double(), mask, (0, 2), weight=weight.double(), bias=bias.double(), **kwargs)
+    kappa = ref.kappa(tiny.double(), mask, (0, 2), eps=1e-30)
+    assert ref.max_error_in_ukappa(redone[0], torch.from_numpy(expected), kappa, weight=weight.expand_as(x),
+                                   bias=bias.expand_as(x).double()) <= 4
