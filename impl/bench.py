@@ -5,8 +5,9 @@ machine load hits all alike), reports medians and ratios to torch's unmasked fus
 measures the bytes autograd saves for backward relative to the size of x.
 
 Large CPU tensors spend much of their time page-faulting fresh memory; glibc returns big
-blocks to the OS unless MALLOC_MMAP_THRESHOLD_ is raised. The benchmark re-executes itself with
-MALLOC_MMAP_THRESHOLD_ set (unless --allocator default) and prints the setting it ran with.
+blocks to the OS (munmap, or trimming the heap) unless MALLOC_MMAP_THRESHOLD_ and
+MALLOC_TRIM_THRESHOLD_ are raised. The benchmark re-executes itself with both set (unless
+--allocator default) and prints the setting it ran with.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from masknorm.functional import masked_norm
 
-_THRESHOLD = str(2**32)
+_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
 def plain_masked_norm(x, mask, dims, eps, weight, bias):
@@ -74,6 +75,10 @@ def _cases(device: str, scale: float) -> List[Case]:
                  "F.batch_norm (train)",
                  lambda t, w=wb, b=bb: F.batch_norm(t, None, None, w.flatten(), b.flatten(), training=True))
     return [*layer, batch]
+
+
+def _setting(env: dict) -> str:
+    return " ".join(f"{name}={value}" for name, value in env.items())
 
 
 def _percent(mask: torch.Tensor) -> str:
@@ -140,15 +145,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the sequence axes for a quick look")
     parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
-                        help=f"tuned: rerun with MALLOC_MMAP_THRESHOLD_={_THRESHOLD} (default); default: as is")
+                        help=f"tuned: rerun with {_setting(_ALLOCATOR)} (default); default: as is")
     args = parser.parse_args(argv)
-    if args.allocator == "tuned" and "MALLOC_MMAP_THRESHOLD_" not in os.environ and args.device == "cpu":
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=_THRESHOLD)
+    if args.allocator == "tuned" and not _ALLOCATOR.keys() <= os.environ.keys() and args.device == "cpu":
+        env = dict(os.environ, **_ALLOCATOR)
         cmd = [sys.executable, "-m", "masknorm.bench", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.call(cmd, env=env)
     print(f"masknorm bench: torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
-    print(f"allocator: MALLOC_MMAP_THRESHOLD_={os.environ.get('MALLOC_MMAP_THRESHOLD_', 'unset (glibc default)')}")
+    print(f"allocator: {_setting({name: os.environ.get(name, 'unset') for name in _ALLOCATOR})}")
     print(f"fwd+bwd, float32, median of {args.repeats} interleaved runs after {args.warmup} warm-up runs")
     for case in _cases(args.device, args.scale):
         _print_case(case, run_case(case, args.repeats, args.warmup))
