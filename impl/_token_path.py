@@ -17,6 +17,7 @@ eager mode only.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -63,25 +64,33 @@ def _rows(t: torch.Tensor, ndims: int) -> torch.Tensor:
 
 
 class PaddedRows:
-    """Which rows of the (groups, group size) view are padded: an index, and the same rows as a few
-    contiguous runs when there are at most MAX_RUNS of them (sequences padded at their ends), so
-    that copying them is a handful of slice copies rather than a gather and a scatter."""
+    """Which rows of the (groups, group size) view are padded: as contiguous runs when there are at
+    most MAX_RUNS of them (sequences padded at their ends), so that copying them is a handful of
+    slice copies rather than a gather and a scatter; else as an index."""
 
     MAX_RUNS = 64
 
     def __init__(self, valid: torch.Tensor):
-        self.rows = valid.nonzero().squeeze(1)
-        self.index = (~valid).nonzero().squeeze(1)
+        self.valid = valid
         self.runs: Optional[List[Tuple[int, int]]] = None
-        if 0 < self.index.numel():
-            breaks = (self.index.diff() != 1).nonzero().squeeze(1)
-            if breaks.numel() < self.MAX_RUNS:
-                starts = torch.cat([self.index[:1], self.index[breaks + 1]]).tolist()
-                ends = torch.cat([self.index[breaks], self.index[-1:]]).tolist()
-                self.runs = [(a, b + 1) for a, b in zip(starts, ends)]
+        edges = (valid[1:] != valid[:-1]).nonzero().squeeze(1)
+        if edges.numel() <= 2 * self.MAX_RUNS:
+            bounds = [0, *(edges + 1).tolist(), valid.numel()]
+            first = 0 if valid.numel() == 0 or not bool(valid[0]) else 1  # segments alternate from there
+            runs = list(zip(bounds[first::2], bounds[first + 1::2]))
+            self.runs = runs if len(runs) <= self.MAX_RUNS else None
+
+    @functools.cached_property
+    def index(self) -> torch.Tensor:
+        return (~self.valid).nonzero().squeeze(1)
+
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        """The valid rows."""
+        return self.valid.nonzero().squeeze(1)
 
     def any(self) -> bool:
-        return self.index.numel() > 0
+        return bool(self.runs) if self.runs is not None else self.index.numel() > 0
 
     def copy_(self, dst2: torch.Tensor, src2: torch.Tensor) -> None:
         """dst2[padded rows] = src2[padded rows]."""

@@ -23,7 +23,8 @@ def _runs(valid):
 def test_padded_rows_touch_exactly_the_padded_rows(valid):
     v = torch.tensor(valid)
     rows = PaddedRows(v)
-    assert (rows.runs is not None) == (0 < _runs(valid) <= PaddedRows.MAX_RUNS)
+    assert (rows.runs is not None) == (_runs(valid) <= PaddedRows.MAX_RUNS)
+    assert rows.any() == (not all(valid))
     src = torch.arange(3.0 * len(valid)).reshape(-1, 3)
     dst = torch.full_like(src, -1.0)
     rows.copy_(dst, src)
