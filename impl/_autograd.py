@@ -183,9 +183,10 @@ def masked_norm_jvp(xc, x_dot, mask, w, w_dot, b_dot, st, dims, center, masked):
         y_hat_dot = closed_forms.jvp_centered(x_dot, y_hat, sum_x, sum_yx, k, nu, st.inv_s_scaled)
     else:
         y_hat_dot = closed_forms.jvp_rms(x_dot, y_hat, sum_yx, nu, st.inv_s_scaled)
-    y_hat_dot = y_hat_dot * st.scale
+    # gamma before the scale 1/a: with gamma = 0 the term is 0 even where y_hat_dot overflows
+    gamma_y_hat_dot = (y_hat_dot if w is None else w * y_hat_dot) * st.scale
     one = torch.ones((), dtype=xc.dtype, device=xc.device)
     zero = torch.zeros((), dtype=xc.dtype, device=xc.device)
-    out_dot = closed_forms.affine_jvp(one if w is None else w, y_hat_dot, zero if w_dot is None else w_dot,
+    out_dot = closed_forms.affine_jvp(one, gamma_y_hat_dot, zero if w_dot is None else w_dot,
                                       y_hat, zero if b_dot is None else b_dot)
     return compose(out_dot, x_dot, P, passthrough, masked)

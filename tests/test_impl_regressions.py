@@ -1,6 +1,6 @@
 """Regressions: bugs the property suite found in the implementation, each kept as its minimal
 reproduction (bias gradient with every axis reduced; the fused layer norm at kappa u ~ 1; NaN
-gradients and tangents where 1/s overflows with eps = 0)."""
+gradients and tangents where 1/s overflows with eps = 0, also with weight 0)."""
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -41,3 +41,16 @@ def test_weight_tangent_when_one_over_s_overflows():
         weight = fwAD.make_dual(torch.ones(1), torch.ones(1))
         out = masknorm.masked_norm(torch.tensor([[1e-40]]), eps=0.0, center=False, weight=weight)
         assert torch.equal(fwAD.unpack_dual(out).tangent, torch.ones(1, 1))
+
+
+def test_tangent_with_zero_weight_when_one_over_s_overflows():
+    """With weight 0 the tangent is weight_dot * y_hat, however large y_hat_dot would be: found by
+    the property suite (bfloat16, eps = 0, a subnormal group, weight 0) as 0 * inf = NaN."""
+    x = torch.tensor([[1e-39, 0.0]])
+    with fwAD.dual_level():
+        weight = fwAD.make_dual(torch.zeros(1), torch.ones(1))
+        out = masknorm.masked_norm(fwAD.make_dual(x, torch.ones(1, 2)), eps=0.0, center=False, weight=weight)
+        tangent = fwAD.unpack_dual(out).tangent
+    expected = ref.jvp(x, torch.ones(1, 2), eps=0.0, center=False, weight=torch.zeros(1), weight_dot=torch.ones(1))
+    assert bool(torch.isfinite(tangent).all())
+    torch.testing.assert_close(tangent, torch.from_numpy(expected).float(), rtol=4 * 2.0**-24, atol=0)
