@@ -48,17 +48,20 @@ from strategies import (
 # bugs now in test_impl_regressions.py were fixed, their cases left out): six independent random
 # runs for the forward and for grad_weight/grad_bias, two for grad_x and the JVP (whose scales were
 # last changed then), one for channels(). A later thorough run (HYPOTHESIS_PROFILE=thorough) found
-# a float32 forward error of 10.9 on channels(): one 0.75 among zeros in a group of 64, so
-# |y_hat| ~ 8 while kappa ~ 1, so each relative rounding of 1/s costs ~8 u*kappa (the metric has
-# no |y_hat| term). torch's F.batch_norm measures 3.3 there (its variance accumulates in double);
-# the batch-norm fast path rounds 1/s about three times in float32 (a known accuracy gap, not a
-# wrong result). The float32 forward bound is set from that worst (10.9 -> 16).
+# a float32 forward error of 10.9 on channels() (one 0.75 among zeros in a group of 64, so
+# |y_hat| ~ 8 while kappa ~ 1: each relative error of 1/s counts ~8 times), and the bound was
+# raised to 16 for it. The batch-norm path now forms its statistics in float64 from cascaded
+# per-sample sums; re-measured on 2026-11-21 (4000 examples of channels(), 2000 of
+# padded_tokens() in float32; 2000 and 1000 in float64), the fast paths' worst are: forward
+# 4.88 (channels) / 6.10 (tokens) in float32, 4.99 / 3.98 in float64; grad_x 2.69 / 2.91 and
+# 4.36 / 3.03; grad_w/b 1.68 / 2.10 and 1.37 / 1.56; JVP 2.64 / 3.36 and 2.46 / 2.33. The float32
+# forward bound is back to 10 (the table's 10.9 is the old path's, kept for the record).
 #                 float64  float32  bfloat16  float16
 # forward           6.66    10.9      1.99     1.97
 # VJP grad_x        3.58     3.10     0.86     0.81
 # VJP grad_w/b      2.04     2.96     1.00     1.00
 # JVP               2.92     3.49     0.90     0.91
-FORWARD_BOUND = {torch.float64: 14.0, torch.float32: 16.0, torch.bfloat16: 4.0, torch.float16: 4.0}
+FORWARD_BOUND = {torch.float64: 14.0, torch.float32: 10.0, torch.bfloat16: 4.0, torch.float16: 4.0}
 VJP_X_BOUND = {torch.float64: 8.0, torch.float32: 7.0, torch.bfloat16: 2.0, torch.float16: 2.0}
 VJP_AFFINE_BOUND = {torch.float64: 5.0, torch.float32: 6.0, torch.bfloat16: 2.5, torch.float16: 2.5}
 JVP_BOUND = {torch.float64: 6.0, torch.float32: 7.0, torch.bfloat16: 2.0, torch.float16: 2.0}
