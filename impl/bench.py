@@ -51,21 +51,27 @@ class Case:
     native: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _cases(device: str, scale: float) -> List[Case]:
-    gen = torch.Generator().manual_seed(0)
-    B, T, D = 32, max(1, int(512 * scale)), 768
+def _layer_cases(gen: torch.Generator, device: str, B: int, T: int, D: int, scattered_too: bool) -> List[Case]:
+    """Layer norm over D of (B, T, D) with ~30% padded tokens: at the ends of the sequences (the
+    usual layout) and, if asked, scattered at random."""
     x = torch.randn(B, T, D, generator=gen).to(device).requires_grad_()
-    lengths = T - (torch.rand(B, 1, generator=gen) * 0.6 * T).long()  # ~30% padding on average
-    at_end = (torch.arange(T) < lengths).unsqueeze(-1).to(device)
-    scattered = (torch.rand(B, T, 1, generator=gen) > 0.3).to(device)
+    lengths = T - (torch.rand(B, 1, generator=gen) * 0.6 * T).long()
+    masks = [("sequences padded at the end", (torch.arange(T) < lengths).unsqueeze(-1))]
+    if scattered_too:
+        masks.append(("padded tokens scattered at random", torch.rand(B, T, 1, generator=gen) > 0.3))
     w = torch.ones(D, device=device, requires_grad=True)
     b = torch.zeros(D, device=device, requires_grad=True)
-    layer = [
-        Case(f"layer norm B={B} T={T} D={D}, dim=-1, {how}", x, tokens, (-1,), w, b,
-             "F.layer_norm", lambda t, w=w, b=b: F.layer_norm(t, (D,), w, b))
-        for how, tokens in [(f"sequences padded at the end ({_percent(at_end)} padding)", at_end),
-                            (f"padded tokens scattered at random ({_percent(scattered)} padding)", scattered)]
+    return [
+        Case(f"layer norm B={B} T={T} D={D}, dim=-1, {how} ({_percent(tokens)} padding)", x, tokens.to(device),
+             (-1,), w, b, "F.layer_norm", lambda t, w=w, b=b: F.layer_norm(t, (D,), w, b))
+        for how, tokens in masks
     ]
+
+
+def _cases(device: str, scale: float) -> List[Case]:
+    gen = torch.Generator().manual_seed(0)
+    layer = _layer_cases(gen, device, 32, max(1, int(512 * scale)), 768, scattered_too=True)
+    small = _layer_cases(gen, device, 8, max(1, int(128 * scale)), 256, scattered_too=False)
     Bb, C, L = 64, 256, max(1, int(1024 * scale))
     xb = torch.randn(Bb, C, L, generator=gen).to(device).requires_grad_()
     rows = (torch.rand(Bb, 1, L, generator=gen) > 0.3).to(device)
@@ -74,7 +80,7 @@ def _cases(device: str, scale: float) -> List[Case]:
     batch = Case(f"batch norm B={Bb} C={C} L={L}, dim=(0,2), (B,1,L) mask, {_percent(rows)} padding at random", xb, rows, (0, 2), wb, bb,
                  "F.batch_norm (train)",
                  lambda t, w=wb, b=bb: F.batch_norm(t, None, None, w.flatten(), b.flatten(), training=True))
-    return [*layer, batch]
+    return [*layer, batch, *small]
 
 
 def _setting(env: dict) -> str:
