@@ -89,24 +89,24 @@ def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction:
     """(var, stats, padding bound, redo): the bound is >= |x - mu| at every masked-out position (a
     Python float, inf if unknown); redo flags the channels whose statistics leave the range where
     the fused kernels are exact (overflow, underflow, no degrees of freedom), which hold
-    placeholder statistics here. Per-channel values are formed in float64, rounded once."""
+    placeholder statistics here, or is None when there are none. Per-channel values are formed in
+    float64, rounded once. One host sync, two when the padding holds non-finite values."""
     keep = [1] * x.dim()
     keep[1] = x.shape[1]
     k = valid_count(mask, x.shape, dims, torch.float64).to(x.device).expand(keep).reshape(-1)
     nu = k - correction
-    info = torch.finfo(x.dtype)
-    bound = 0.0 if mask is None else math.sqrt(info.max)  # a finite square is below info.max
+    bound = 0.0 if mask is None else math.sqrt(torch.finfo(x.dtype).max)  # a finite square is below max
     sums = _ValidSums(x, mask)
     mu, squares = _moments(x, sums, k, keep)
-    if mask is not None and not bool(torch.isfinite(squares).all()):
+    var64, redo = _out_of_range(mu, squares, nu, x.dtype, eps)
+    polluted, any_redo = torch.stack([~torch.isfinite(squares).all(), redo.any()]).tolist()
+    if mask is not None and polluted:
         # A masked-out NaN, Inf or overflowing square reached a sum (0 * inf): again from the valid
         # values alone, which gives the very bits that finite padding gives.
         mu, squares = _moments(where_or_zero(mask, x), sums, k, keep)
         bound = math.inf
-    var64 = squares / nu
-    var = var64.to(x.dtype)
-    in_range = (var < info.max / 16) & ((var > info.tiny * 2.0**64) | (var <= eps * info.eps))
-    redo = ~(torch.isfinite(mu.reshape(-1)) & in_range & (nu > 0))
+        var64, redo = _out_of_range(mu, squares, nu, x.dtype, eps)
+        any_redo = bool(redo.any())
 
     def placeholder(t: torch.Tensor, value: float) -> torch.Tensor:
         return torch.where(redo, value, t).to(x.dtype).reshape(keep)
@@ -115,7 +115,16 @@ def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction:
     mu = placeholder(mu.reshape(-1), 0.0)
     st = GroupStats(torch.ones_like(mu), mu, inv_s, inv_s, placeholder(k, 1.0), placeholder(nu, 1.0),
                     torch.zeros(keep, dtype=torch.bool, device=x.device))
-    return placeholder(var, 1.0), st, bound, redo.reshape(keep)
+    return placeholder(var64, 1.0), st, bound, (redo.reshape(keep) if any_redo else None)
+
+
+def _out_of_range(mu: torch.Tensor, squares: torch.Tensor, nu: torch.Tensor, dtype: torch.dtype, eps: float):
+    """(var in float64, the channels whose statistics the fused kernels cannot use exactly)."""
+    var64 = squares / nu
+    var = var64.to(dtype)
+    info = torch.finfo(dtype)
+    in_range = (var < info.max / 16) & ((var > info.tiny * 2.0**64) | (var <= eps * info.eps))
+    return var64, ~(torch.isfinite(mu.reshape(-1)) & in_range & (nu > 0))
 
 
 def _moments(x: torch.Tensor, sums: _ValidSums, k: torch.Tensor, keep):
@@ -141,13 +150,11 @@ class ChannelNormFunction(torch.autograd.Function):
         if mask is not None and masked != "normalize":
             P, passthrough = regions(mask, st.degenerate, masked)
             out = compose(out, x, P, passthrough, masked)
-        if bool(redo.any()):
+        if redo is not None:
             general = group_stats(x, mask, dims, correction, eps, True)
             st = GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
             P, passthrough = regions(mask, st.degenerate, masked)
             out = torch.where(redo, compose(affine(normalized(x, st), weight, bias), x, P, passthrough, masked), out)
-        else:
-            redo = None
         ctx.config = (tuple(dims), correction, eps, True, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, mask, weight, var, redo, *st)

@@ -73,12 +73,11 @@ class PaddedRows:
     def __init__(self, valid: torch.Tensor):
         self.valid = valid
         self.runs: Optional[List[Tuple[int, int]]] = None
-        edges = (valid[1:] != valid[:-1]).nonzero().squeeze(1)
-        if edges.numel() <= 2 * self.MAX_RUNS:
-            bounds = [0, *(edges + 1).tolist(), valid.numel()]
-            first = 0 if valid.numel() == 0 or not bool(valid[0]) else 1  # segments alternate from there
-            runs = list(zip(bounds[first::2], bounds[first + 1::2]))
-            self.runs = runs if len(runs) <= self.MAX_RUNS else None
+        real = torch.ones(1, dtype=torch.bool, device=valid.device)  # a valid row before and after
+        edges = (torch.cat([real, valid]) != torch.cat([valid, real])).nonzero().squeeze(1)
+        if edges.numel() <= 2 * self.MAX_RUNS:  # start, end, start, end, ... of the padded runs
+            bounds = edges.tolist()
+            self.runs = list(zip(bounds[0::2], bounds[1::2]))
 
     @functools.cached_property
     def index(self) -> torch.Tensor:
