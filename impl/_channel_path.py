@@ -86,10 +86,11 @@ class _ValidSums:
 
 
 def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction: int, eps: float):
-    """(var, stats, padding bound, redo): the bound is >= |x - mu| at every masked-out position (a
-    Python float, inf if unknown); redo flags the channels whose statistics leave the range where
-    the fused kernels are exact (overflow, underflow, no degrees of freedom), which hold
-    placeholder statistics here, or is None when there are none. Per-channel values are formed in
+    """(var, stats, padding bound, redo, moments): the bound is >= |x - mu| at every masked-out
+    position (a Python float, inf if unknown); redo flags the channels whose statistics leave the
+    range where the fused kernels are exact (overflow, underflow, no degrees of freedom), which hold
+    placeholder statistics here, or is None when there are none; moments are every channel's
+    (mean, unbiased variance, valid count) for running averages. Per-channel values are formed in
     float64, rounded once. One host sync, two when the padding holds non-finite values."""
     keep = [1] * x.dim()
     keep[1] = x.shape[1]
@@ -112,10 +113,11 @@ def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction:
         return torch.where(redo, value, t).to(x.dtype).reshape(keep)
 
     inv_s = placeholder((var64 + eps).rsqrt(), 1.0)
-    mu = placeholder(mu.reshape(-1), 0.0)
-    st = GroupStats(torch.ones_like(mu), mu, inv_s, inv_s, placeholder(k, 1.0), placeholder(nu, 1.0),
+    shift = placeholder(mu.reshape(-1), 0.0)
+    st = GroupStats(torch.ones_like(shift), shift, inv_s, inv_s, placeholder(k, 1.0), placeholder(nu, 1.0),
                     torch.zeros(keep, dtype=torch.bool, device=x.device))
-    return placeholder(var64, 1.0), st, bound, (redo.reshape(keep) if any_redo else None)
+    moments = tuple(t.to(x.dtype).reshape(keep) for t in (mu, squares / (k - 1), k))
+    return placeholder(var64, 1.0), st, bound, (redo.reshape(keep) if any_redo else None), moments
 
 
 def _out_of_range(mu: torch.Tensor, squares: torch.Tensor, nu: torch.Tensor, dtype: torch.dtype, eps: float):
@@ -135,7 +137,8 @@ def _moments(x: torch.Tensor, sums: _ValidSums, k: torch.Tensor, keep):
 
 
 class ChannelNormFunction(torch.autograd.Function):
-    """The fused-kernel twin of MaskedNormFunction for the batch-norm layout.
+    """The fused-kernel twin of MaskedNormFunction for the batch-norm layout; returns the output and
+    the batch's per-channel (mean, unbiased variance, valid count), the latter not differentiable.
 
     Channels the fused kernels cannot do exactly are redone with the general statistics (a host
     sync decides whether there are any); every channel's result depends on its own values only.
@@ -143,7 +146,7 @@ class ChannelNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, dims, correction, eps, masked):
-        var, st, ctx.padding_bound, redo = _statistics(x, mask, dims, correction, eps)
+        var, st, ctx.padding_bound, redo, moments = _statistics(x, mask, dims, correction, eps)
         w = None if weight is None else weight.flatten()
         b = None if bias is None else bias.flatten()
         out = torch.batch_norm(x, w, b, st.shift_scaled.flatten(), var.flatten(), False, 0.0, eps, False)
@@ -159,10 +162,11 @@ class ChannelNormFunction(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, mask, weight, var, redo, *st)
         ctx.save_for_forward(x, mask, weight, *st)
-        return out
+        ctx.mark_non_differentiable(*moments)
+        return (out, *moments)
 
     @staticmethod
-    def backward(ctx, g_out):
+    def backward(ctx, g_out, *_moments_grads):
         x, mask, weight, var, redo, *saved = ctx.saved_tensors
         dims, masked = ctx.config[0], ctx.config[4]
         want = ctx.needs_input_grad
@@ -189,7 +193,8 @@ class ChannelNormFunction(torch.autograd.Function):
     def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
         x, mask, weight, *saved = ctx.saved_tensors
         dims, masked = ctx.config[0], ctx.config[4]
-        return masked_norm_jvp(x, x_dot, mask, weight, weight_dot, bias_dot, GroupStats(*saved), dims, True, masked)
+        out_dot = masked_norm_jvp(x, x_dot, mask, weight, weight_dot, bias_dot, GroupStats(*saved), dims, True, masked)
+        return out_dot, None, None, None
 
 
 def _fused_vjp(g_out, x, mask, weight, var, padding_bound: float, st, redo, config, sanitize: bool):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -11,6 +11,8 @@ from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp
 from masknorm._contract import check_args
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+Moments = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, unbiased variance, valid count
 
 
 def _check_tensor(name: str, t: Optional[torch.Tensor], x: torch.Tensor, *, boolean: bool = False) -> None:
@@ -59,6 +61,28 @@ def masked_norm(
     passes x through unchanged with no affine (0 at masked-out positions under "zero").
     Values at masked-out positions never affect other positions' outputs or gradients.
     """
+    return _normalize(x, mask, dim, correction, eps, center, weight, bias, masked)[0]
+
+
+def masked_norm_with_moments(
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    dim: Union[int, Sequence[int]],
+    *,
+    eps: float,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    masked: str,
+) -> Tuple[torch.Tensor, Optional[Moments]]:
+    """masked_norm(x, mask, dim, eps=eps, weight=weight, bias=bias, masked=masked), and each group's
+    (mean, unbiased variance, valid count) of the valid values (keepdim shape, not differentiable)
+    when the batch-norm fast path computed them on its way, else None: the masked batch-norm
+    modules keep their running averages with them."""
+    return _normalize(x, mask, dim, 0, eps, True, weight, bias, masked)
+
+
+def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked) -> Tuple[torch.Tensor, Optional[Moments]]:
+    """Check the arguments (before any work), then dispatch to a fast path or the general one."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATING:
@@ -80,13 +104,15 @@ def masked_norm(
     if mask is not None and mask.dim() < x.dim():
         mask = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
     if _token_path.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
-        return _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.masked)
+        out = _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.masked)
+        return out, None
     if _channel_path.applies(x, weight, bias, args.dims, args.eps, args.center):
-        return _channel_path.ChannelNormFunction.apply(
+        out, *moments = _channel_path.ChannelNormFunction.apply(
             x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
         )
+        return out, tuple(moments)
     function = MaskedNormFunction if torch.compiler.is_compiling() else MaskedNormFunctionWithJvp
     out, *_stats = function.apply(
         x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked
     )
-    return out
+    return out, None

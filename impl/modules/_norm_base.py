@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _NormBase
 
-from masknorm.functional import masked_norm
+from masknorm.functional import Moments, masked_norm_with_moments
 from masknorm.modules._masks import apply_policy, channel_mask, channel_view, check_policy
 
 
@@ -55,10 +55,13 @@ class MaskedRunningNorm(_NormBase):
             )
         return channel_mask(x, mask)
 
-    def _normalize_batch(self, x: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[int]) -> torch.Tensor:
-        """masked_norm over `dims` with this module's eps, affine and policy."""
+    def _normalize_batch(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[int]
+    ) -> Tuple[torch.Tensor, Optional[Moments]]:
+        """masked_norm over `dims` with this module's eps, affine and policy, and the batch's
+        per-group (mean, unbiased variance, count) when the fast path computed them (else None)."""
         lead, trailing = (self.num_features,), x.dim() - 2
-        return masked_norm(
+        return masked_norm_with_moments(
             x, mask, tuple(dims), eps=self.eps, weight=channel_view(self.weight, lead, trailing),
             bias=channel_view(self.bias, lead, trailing), masked=self.masked,
         )

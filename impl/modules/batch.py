@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from masknorm.modules._norm_base import MaskedRunningNorm
-from masknorm.modules._running import masked_moments, update_running
+from masknorm.modules._running import Moments, masked_moments, update_running
 
 
 class _MaskedBatchNorm(MaskedRunningNorm):
@@ -45,10 +45,11 @@ class _MaskedBatchNorm(MaskedRunningNorm):
         if not use_batch:
             return self._normalize_running(x, mask)
         dims = (0,) + tuple(range(2, x.dim()))
+        out, moments = self._normalize_batch(x, mask, dims)
         if self.training and self.track_running_stats and self.running_mean is not None:
-            m = masked_moments(x, mask, dims)
+            m = masked_moments(x, mask, dims) if moments is None else Moments(*moments)
             update_running(self.running_mean, self.running_var, m.mean, m.var, m.count > 1, factor)
-        return self._normalize_batch(x, mask, dims)
+        return out
 
 
 class MaskedBatchNorm1d(_MaskedBatchNorm):

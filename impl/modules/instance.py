@@ -49,7 +49,7 @@ class _MaskedInstanceNorm(MaskedRunningNorm):
             m = pool_instances(masked_moments(x, mask, dims), self.num_features)
             factor = 0.0 if self.momentum is None else self.momentum
             update_running(self.running_mean, self.running_var, m.mean, m.var, m.count > 0, factor)
-        return self._normalize_batch(x, mask, dims)
+        return self._normalize_batch(x, mask, dims)[0]
 
 
 class MaskedInstanceNorm1d(_MaskedInstanceNorm):
