@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from masknorm.functional import masked_norm
+from masknorm.modules import MaskedBatchNorm1d
 
 _ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
@@ -49,6 +50,7 @@ class Case:
     bias: torch.Tensor
     native_name: str
     native: Callable[[torch.Tensor], torch.Tensor]
+    masknorm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # default: masked_norm on the case
 
 
 def _layer_cases(gen: torch.Generator, device: str, B: int, T: int, D: int, scattered_too: bool) -> List[Case]:
@@ -80,7 +82,12 @@ def _cases(device: str, scale: float) -> List[Case]:
     batch = Case(f"batch norm B={Bb} C={C} L={L}, dim=(0,2), (B,1,L) mask, {_percent(rows)} padding at random", xb, rows, (0, 2), wb, bb,
                  "F.batch_norm (train)",
                  lambda t, w=wb, b=bb: F.batch_norm(t, None, None, w.flatten(), b.flatten(), training=True))
-    return [*layer, batch, *small]
+    module = MaskedBatchNorm1d(C).to(device)
+    torch_module = torch.nn.BatchNorm1d(C).to(device)
+    modules = Case(f"MaskedBatchNorm1d({C}) training, running statistics on: as above", xb, rows, (0, 2),
+                   module.weight.reshape(C, 1), module.bias.reshape(C, 1), "nn.BatchNorm1d (train)", torch_module,
+                   lambda t: module(t, rows.squeeze(1)))
+    return [*layer, batch, modules, *small]
 
 
 def _setting(env: dict) -> str:
@@ -113,7 +120,8 @@ def run_case(case: Case, repeats: int, warmup: int) -> dict:
     """Interleaved timings (fwd+bwd) of masknorm, the native kernel and the plain masked norm."""
     grad = torch.randn_like(case.x)
     impls = {
-        "masknorm": lambda: masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias),
+        "masknorm": (lambda: masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias))
+        if case.masknorm is None else (lambda: case.masknorm(case.x)),
         case.native_name: lambda: case.native(case.x),
         "plain torch (masked)": lambda: plain_masked_norm(case.x, case.mask, case.dims, 1e-5, case.weight, case.bias),
     }
