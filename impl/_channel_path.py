@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from masknorm._autograd import affine, compose, general_vjp, masked_norm_jvp, masked_norm_vjp, normalized, regions
-from masknorm._stats import GroupStats, group_stats, valid_count, where_or_zero
+from masknorm._autograd import compose, general_vjp, masked_norm_jvp, masked_norm_vjp, redo_groups, regions
+from masknorm._stats import GroupStats, valid_count, where_or_zero
 
 
 def applies(
@@ -154,10 +154,7 @@ class ChannelNormFunction(torch.autograd.Function):
             P, passthrough = regions(mask, st.degenerate, masked)
             out = compose(out, x, P, passthrough, masked)
         if redo is not None:
-            general = group_stats(x, mask, dims, correction, eps, True)
-            st = GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
-            P, passthrough = regions(mask, st.degenerate, masked)
-            out = torch.where(redo, compose(affine(normalized(x, st), weight, bias), x, P, passthrough, masked), out)
+            out, st = redo_groups(out, st, redo, x, mask, weight, bias, dims, correction, eps, masked)
         ctx.config = (tuple(dims), correction, eps, True, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, mask, weight, var, redo, *st)

@@ -23,8 +23,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from masknorm._autograd import affine, compose, general_vjp, masked_norm_jvp, masked_norm_vjp, normalized, regions
-from masknorm._stats import GroupStats, group_stats, where_or_zero
+from masknorm._autograd import compose, general_vjp, masked_norm_jvp, masked_norm_vjp, redo_groups, regions
+from masknorm._stats import GroupStats, where_or_zero
 
 # rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64.
 _SAFE_RSTD = (2.0**-40, 2.0**40)
@@ -202,10 +202,7 @@ class TokenLayerNormFunction(torch.autograd.Function):
         out, st, ctx.padded = _forward(x, mask, weight, bias, ndims, eps, masked)
         redo = _inaccurate(st)
         if bool(redo.any()):
-            general = group_stats(x, mask, dims, 0, eps, True)
-            st = GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
-            P, passthrough = regions(mask, st.degenerate, masked)
-            out = torch.where(redo, compose(affine(normalized(x, st), weight, bias), x, P, passthrough, masked), out)
+            out, st = redo_groups(out, st, redo, x, mask, weight, bias, dims, 0, eps, masked)
         else:
             redo = None
         ctx.config = (dims, 0, eps, True, masked)
