@@ -1,14 +1,15 @@
 """Fast path: layer norm over trailing axes with one validity flag per group (padded tokens).
 
 When the mask is constant along the reduced axes, every group is either fully valid (plain layer
-norm) or fully masked (degenerate: passed through). torch's fused kernels then do the work on
-every row, and the padded rows are fixed up by row (slices for runs of padding, else an index):
+norm) or fully masked (degenerate: passed through). On CPU the fused kernel of _native does both
+in one pass each way when it could be built. Otherwise torch's fused kernels do the work on every
+row, and the padded rows are fixed up by row (slices for runs of padding, else an index):
 
     forward:  y, mu, rstd = native_layer_norm(x);        y[padded] = x[padded] (or 0)
     backward: dx, dgamma = native_layer_norm_backward(dy, x; mu, rstd = 0 on padded rows)
               dbeta = sum_valid dy;                        dx[padded] = dy[padded] (or 0)
 
-A padded group's garbage stays in its own row of the fused kernel and is then replaced. Valid
+A padded group's garbage stays in its own row of torch's kernel and is then replaced. Valid
 groups whose rstd leaves the range where the fused kernel is accurate (overflow or underflow of
 squares, a constant group with eps = 0, kappa beyond 1/(4u)) are redone with the general
 statistics; whether there are any is a Python-level check (a host sync), so this path runs in
@@ -23,6 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from masknorm import _native
 from masknorm._autograd import compose, general_vjp, masked_norm_jvp, masked_norm_vjp, redo_groups, regions
 from masknorm._stats import GroupStats, where_or_zero
 
@@ -108,22 +110,52 @@ class PaddedRows:
                 dst2[a:b].zero_()
 
 
-def _forward(xc, mask, weight, bias, ndims, eps, masked) -> Tuple[torch.Tensor, GroupStats, PaddedRows]:
-    """(out, stats, padded rows) via torch's fused layer norm; a padded group's own NaNs stay in its
-    row, which is then overwritten with x (or 0 under "zero"), not by a full-size where."""
+def _forward(xc, mask, weight, bias, ndims, eps, masked):
+    """(out, stats, padded rows or None, kernel or None).
+
+    With the fused CPU kernel, one call normalizes the valid rows and passes the padded ones through
+    (their mean and rstd are 0). Else torch's fused layer norm runs on every row; a padded group's
+    own NaNs stay in its row, which is then overwritten with x (or 0 under "zero"), not by a
+    full-size where.
+    """
     nshape = tuple(xc.shape[xc.dim() - ndims:])
-    y, mean, rstd = torch.native_layer_norm(xc, nshape, weight, bias, eps)
-    valid = torch.ones_like(mean, dtype=torch.bool) if mask is None else mask.expand(mean.shape)
+    keepdim = (*xc.shape[: xc.dim() - ndims], *[1] * ndims)
+    valid = torch.ones(keepdim, dtype=torch.bool, device=xc.device) if mask is None else mask.expand(keepdim)
+    kernel = _native.token_ops() if xc.device.type == "cpu" and xc.numel() > 0 else None
+    padded = None
+    if kernel is not None:
+        y2, mean, rstd = kernel.token_layer_norm(_rows(xc, ndims), valid.reshape(-1), _flat(weight), _flat(bias), eps,
+                                                 masked == "zero")
+        y, mean, rstd = y2.view(xc.shape), mean.view(keepdim), rstd.view(keepdim)
+    else:
+        y, mean, rstd = torch.native_layer_norm(xc, nshape, weight, bias, eps)
+        padded = PaddedRows(valid.reshape(-1))
+        if padded.any():
+            _overwrite_padded(_rows(y, ndims), _rows(xc, ndims), padded, masked)
     k = valid.to(xc.dtype) * float(math.prod(nshape))
     st = GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k, ~valid)
-    padded = PaddedRows(valid.flatten())
-    if padded.any():
-        _overwrite_padded(_rows(y, ndims), _rows(xc, ndims), padded, masked)
-    return y, st, padded
+    return y, st, padded, kernel
 
 
-def _fused_backward(g_out, x, weight, st, padded, ndims, masked, want):
-    """(grad x, grad weight, grad bias) when every group is valid (fused) or padded (passed through).
+def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.reshape(-1)
+
+
+def _kernel_backward(kernel, g_out, x, weight, st, fused, ndims, masked, want):
+    """(grad x, grad weight, grad bias) from the fused CPU kernel: rows flagged in `fused` are
+    differentiated, the others passed through (dy, or 0 under "zero") and left out of the sums;
+    None for a gradient not wanted."""
+    g2, x2 = _rows(g_out, ndims), _rows(x, ndims)
+    gx, gw, gb = kernel.token_layer_norm_backward(
+        g2, x2, fused.reshape(-1), st.shift_scaled.reshape(-1), st.inv_s.reshape(-1), _flat(weight), masked == "zero"
+    )
+    nshape = x.shape[x.dim() - ndims:]
+    return gx.view(g_out.shape), (gw.view(nshape) if want[2] else None), (gb.view(nshape) if want[3] else None)
+
+
+def _torch_backward(g_out, x, weight, st, padded, ndims, masked, want):
+    """(grad x, grad weight, grad bias) from torch's kernels when every group is valid (fused) or
+    padded (passed through).
 
     torch's fused backward runs on all rows with a padded row's mean and rstd set to 0, so the row
     adds dy * (x - 0) * 0 = 0 to the weight gradient; if that is not finite (a padded dy or x is
@@ -133,7 +165,7 @@ def _fused_backward(g_out, x, weight, st, padded, ndims, masked, want):
     """
     g2, x2 = _rows(g_out, ndims), _rows(x, ndims)
     mean, rstd = st.shift_scaled.reshape(-1, 1), st.inv_s.reshape(-1, 1)
-    w = None if weight is None else weight.reshape(-1)
+    w = _flat(weight)
     if not padded.any():
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(  # w stands in for the bias: only its shape is used
             g2, x2, [x2.shape[1]], mean, rstd, w, w, [want[0], want[2], want[3] and w is not None]
@@ -155,6 +187,23 @@ def _fused_backward(g_out, x, weight, st, padded, ndims, masked, want):
         if gx is not None:
             _overwrite_padded(gx, g2, padded, masked)
     return (None if gx is None else gx.reshape(g_out.shape)), gw, gb
+
+
+def _torch_backward_around(redo, g_out, x, mask, weight, st, dims, masked, want):
+    """(grad x, grad weight, grad bias) from torch's kernels for the groups not flagged in `redo`
+    (whose rows of grad x are left to the caller), on inputs with everything else zeroed."""
+    x_clean = x if mask is None else where_or_zero(mask, x)
+    P, passthrough = regions(mask, st.degenerate, masked)
+    fused = P & ~redo
+    nshape = list(x_clean.shape[x_clean.dim() - len(dims):])
+    g_p = where_or_zero(fused, g_out)
+    gx, gw, _ = torch.ops.aten.native_layer_norm_backward(
+        g_p, x_clean, nshape, where_or_zero(fused, st.shift_scaled), where_or_zero(fused, st.inv_s), weight, None,
+        [True, want[2], False],
+    )
+    lead = list(range(g_p.dim() - len(dims)))
+    gb = (g_p.sum(lead) if lead else g_p) if want[3] else None
+    return compose(gx, g_out, P, passthrough, masked), gw, gb
 
 
 def _zero_padded(t2: torch.Tensor, padded: PaddedRows) -> torch.Tensor:
@@ -199,7 +248,7 @@ class TokenLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask, weight, bias, ndims, eps, masked):
         dims = tuple(range(x.dim() - ndims, x.dim()))
-        out, st, ctx.padded = _forward(x, mask, weight, bias, ndims, eps, masked)
+        out, st, ctx.padded, ctx.kernel = _forward(x, mask, weight, bias, ndims, eps, masked)
         redo = _inaccurate(st)
         if bool(redo.any()):
             out, st = redo_groups(out, st, redo, x, mask, weight, bias, dims, 0, eps, masked)
@@ -220,27 +269,21 @@ class TokenLayerNormFunction(torch.autograd.Function):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, None, None, None
         st = GroupStats(*saved)
-        if redo is None:
-            gx, gw, gb = _fused_backward(g_out, x, weight, st, ctx.padded, len(dims), masked, want)
-            gw = None if gw is None else gw.reshape(weight.shape)
-            return gx, None, gw, (None if gb is None else gb.reshape(ctx.bias_shape[0])), None, None, None
-        x_clean = x if mask is None else where_or_zero(mask, x)
-        P, passthrough = regions(mask, st.degenerate, masked)
-        fused = P & ~redo
-        nshape = list(x_clean.shape[x_clean.dim() - len(dims):])
-        g_p = where_or_zero(fused, g_out)
-        gx, gw, _ = torch.ops.aten.native_layer_norm_backward(
-            g_p, x_clean, nshape, where_or_zero(fused, st.shift_scaled), where_or_zero(fused, st.inv_s), weight, None,
-            [True, want[2], False],
-        )
-        lead = list(range(g_p.dim() - len(dims)))
-        gb = (g_p.sum(lead) if lead else g_p) if want[3] else None
-        gx = compose(gx, g_out, P, passthrough, masked)
-        gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
-                                           want[2], want[3])
-        gx = torch.where(redo, gx_r, gx)
-        gw = None if gw is None else gw + gw_r.sum_to_size(gw.shape)
-        gb = None if gb is None else gb + gb_r.sum_to_size(gb.shape)
+        if ctx.kernel is not None:
+            fused = ~st.degenerate if redo is None else ~(st.degenerate | redo)
+            gx, gw, gb = _kernel_backward(ctx.kernel, g_out, x, weight, st, fused, len(dims), masked, want)
+        elif redo is None:
+            gx, gw, gb = _torch_backward(g_out, x, weight, st, ctx.padded, len(dims), masked, want)
+        else:
+            gx, gw, gb = _torch_backward_around(redo, g_out, x, mask, weight, st, dims, masked, want)
+        if redo is not None:
+            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
+                                               want[2], want[3])
+            gx = torch.where(redo, gx_r, gx)
+            gw = None if gw is None else gw + gw_r.sum_to_size(gw.shape)
+            gb = None if gb is None else gb + gb_r.sum_to_size(gb.shape)
+        gw = None if gw is None else gw.reshape(weight.shape)
+        gb = None if gb is None else gb.reshape(ctx.bias_shape[0])
         return (gx if want[0] else None), None, gw, gb, None, None, None
 
     @staticmethod

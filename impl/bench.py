@@ -25,6 +25,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from masknorm import _native
 from masknorm.functional import masked_norm
 from masknorm.modules import MaskedBatchNorm1d
 
@@ -51,6 +52,7 @@ class Case:
     native_name: str
     native: Callable[[torch.Tensor], torch.Tensor]
     masknorm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # default: masked_norm on the case
+    uses_fused_kernel: bool = False  # also time masknorm with the fused CPU kernel off
 
 
 def _layer_cases(gen: torch.Generator, device: str, B: int, T: int, D: int, scattered_too: bool) -> List[Case]:
@@ -65,7 +67,8 @@ def _layer_cases(gen: torch.Generator, device: str, B: int, T: int, D: int, scat
     b = torch.zeros(D, device=device, requires_grad=True)
     return [
         Case(f"layer norm B={B} T={T} D={D}, dim=-1, {how} ({_percent(tokens)} padding)", x, tokens.to(device),
-             (-1,), w, b, "F.layer_norm", lambda t, w=w, b=b: F.layer_norm(t, (D,), w, b))
+             (-1,), w, b, "F.layer_norm", lambda t, w=w, b=b: F.layer_norm(t, (D,), w, b),
+             uses_fused_kernel=device == "cpu")
         for how, tokens in masks
     ]
 
@@ -119,9 +122,16 @@ def _median_ms(samples: List[float]) -> float:
 def run_case(case: Case, repeats: int, warmup: int) -> dict:
     """Interleaved timings (fwd+bwd) of masknorm, the native kernel and the plain masked norm."""
     grad = torch.randn_like(case.x)
+    def ours():
+        return masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias)
+
+    def ours_on_torch_kernels():
+        with _native.kernels(False):
+            return ours()
+
     impls = {
-        "masknorm": (lambda: masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias))
-        if case.masknorm is None else (lambda: case.masknorm(case.x)),
+        "masknorm": ours if case.masknorm is None else (lambda: case.masknorm(case.x)),
+        **({"masknorm, torch kernels": ours_on_torch_kernels} if case.uses_fused_kernel else {}),
         case.native_name: lambda: case.native(case.x),
         "plain torch (masked)": lambda: plain_masked_norm(case.x, case.mask, case.dims, 1e-5, case.weight, case.bias),
     }
@@ -168,6 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"masknorm bench: torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}, python {platform.python_version()}")
     print(f"allocator: {_setting({name: os.environ.get(name, 'unset') for name in _ALLOCATOR})}")
+    print(_native.describe())
     print(f"fwd+bwd, float32, median of {args.repeats} interleaved runs after {args.warmup} warm-up runs")
     for case in _cases(args.device, args.scale):
         _print_case(case, run_case(case, args.repeats, args.warmup))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from masknorm import masked_norm
+from masknorm._native import describe
 from masknorm.reference.derivatives import vjp
 from masknorm.reference.error import kappa, unit_roundoff
 from masknorm.reference.forward import masked_norm as reference_norm
@@ -143,6 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if derive_main(["--check"]) != 0:
             print("FAIL: the committed derivations differ from the spec", flush=True)
             return 1
+    print(f"torch implementation: {describe()}", flush=True)
     rows = run(args.thorough, _progress)
     _progress("")
     print(f"\n{'family / policy / dtype / seed':<37} {'forward u*kappa':>16} {'gradient u*kappa':>17}  result")

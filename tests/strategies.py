@@ -4,7 +4,8 @@
 A `Case` is one call of masknorm.masked_norm. cases(): x of shape (B, T, L) reduced over one of
 DIM_SETS, a mask of any shape that broadcasts to x (full, (B,1,L), (B,T,1), lower rank, ...)
 or None, weight/bias of any broadcasting shape or None, and every policy, eps and correction;
-padded_tokens() and channels(): the layer-norm and batch-norm layouts that eager fast paths take.
+padded_tokens() and channels(): the layer-norm and batch-norm layouts that eager fast paths take
+(padded_tokens_on_torch_kernels(): the first with the fused CPU kernel off).
 Values are offset + scale * z with z in [-1, 1]; the offset sets kappa = (|mu| + sigma)/s up to
 about 1e6 (more where the drawn z are close together), and some groups are made constant, so
 all-masked, single-valid and constant groups all occur. Strategies draw the values in float64 and
@@ -30,6 +31,7 @@ from hypothesis import strategies as st
 
 import masknorm
 import masknorm.reference as ref
+from masknorm import _native
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 POLICIES = ("normalize", "keep", "zero")
@@ -63,6 +65,7 @@ class Case:
     masked: str = "normalize"
     weight: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
+    fused_kernel: bool = True  # False: the padded-token path runs on torch's kernels
 
     @property
     def options(self) -> dict:
@@ -89,7 +92,8 @@ class Case:
     def run(self, **changes) -> torch.Tensor:
         """masknorm.masked_norm on this case, with some fields replaced."""
         c = replace(self, **changes)
-        return masknorm.masked_norm(c.x, c.mask, c.dim, **c.kwargs)
+        with _native.kernels(c.fused_kernel):
+            return masknorm.masked_norm(c.x, c.mask, c.dim, **c.kwargs)
 
     def reference(self) -> np.ndarray:
         """The mpmath reference's output (float64)."""
@@ -335,9 +339,10 @@ def impl_jvp(case: Case, x_dot: torch.Tensor, weight_dot=None, bias_dot=None) ->
 
 
 @st.composite
-def padded_tokens(draw, dtype: torch.dtype = torch.float64) -> Case:
+def padded_tokens(draw, dtype: torch.dtype = torch.float64, fused_kernel: bool = True) -> Case:
     """Layer norm over the trailing axes of (B, T, L) (or (B, T, H, L)) with one mask flag per token,
-    mask of shape (B, T, 1[, 1]) or None, weight/bias of the normalized shape: the padded-token layout."""
+    mask of shape (B, T, 1[, 1]) or None, weight/bias of the normalized shape: the padded-token layout
+    (on CPU, run by the fused kernel unless fused_kernel is False)."""
     shape = tuple(draw(st.integers(1, 4)) for _ in range(draw(st.sampled_from([3, 4]))))
     ndims = draw(st.integers(1, len(shape) - 2))
     dims = tuple(range(len(shape) - ndims, len(shape)))
@@ -353,7 +358,13 @@ def padded_tokens(draw, dtype: torch.dtype = torch.float64) -> Case:
         masked=draw(st.sampled_from(POLICIES)),
         weight=draw(affine(normalized, dtype, exact=True)),
         bias=draw(affine(normalized, dtype, exact=True)),
+        fused_kernel=fused_kernel,
     )
+
+
+def padded_tokens_on_torch_kernels(dtype: torch.dtype = torch.float64):
+    """padded_tokens() with the fused CPU kernel off: torch's kernels and the row fix-ups do the work."""
+    return padded_tokens(dtype, fused_kernel=False)
 
 
 @st.composite

@@ -39,6 +39,7 @@ from strategies import (
     inv_s,
     like,
     padded_tokens,
+    padded_tokens_on_torch_kernels,
     thorough,
 )
 
@@ -177,7 +178,8 @@ def test_jvp_within_bound(dtype, data):
     assert err <= JVP_BOUND[dtype], f"jvp error {err:.3g} > {JVP_BOUND[dtype]}"
 
 
-@pytest.mark.parametrize("layout", [padded_tokens, channels], ids=["padded-tokens", "channels"])
+@pytest.mark.parametrize("layout", [padded_tokens, padded_tokens_on_torch_kernels, channels],
+                         ids=["padded-tokens", "padded-tokens-torch-kernels", "channels"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @given(data=st.data())
 def test_fast_path_layouts_within_bound(layout, dtype, data):
@@ -189,6 +191,21 @@ def test_fast_path_layouts_within_bound(layout, dtype, data):
     ex, ew, eb = vjp_errors(case, like(data.draw, case.x))
     assert ex <= VJP_X_BOUND[dtype] and max(ew, eb) <= VJP_AFFINE_BOUND[dtype], (ex, ew, eb)
     assert jvp_error(case, *draw_tangents(data, case)) <= JVP_BOUND[dtype]
+
+
+@pytest.mark.parametrize("fused_kernel", [True, False], ids=["fused-kernel", "torch-kernels"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_wide_token_rows_within_bound(dtype, fused_kernel):
+    """Rows of 1500 features (the fused kernel sums in blocks of 256; the strategies' rows are
+    short), offset 1e3 (kappa ~ 1e3), a third of the tokens padded: forward and VJP within bound."""
+    gen = torch.Generator().manual_seed(0)
+    x = (1e3 + torch.randn(2, 3, 1500, generator=gen, dtype=torch.float64)).to(dtype)
+    weight, bias = (torch.randn(1500, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
+    mask = torch.tensor([[True, False, True], [True, True, False]]).reshape(2, 3, 1)
+    case = Case(x, mask, -1, weight=weight, bias=bias, fused_kernel=fused_kernel)
+    assert forward_error(case) <= FORWARD_BOUND[dtype]
+    ex, ew, eb = vjp_errors(case, torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype))
+    assert ex <= VJP_X_BOUND[dtype] and max(ew, eb) <= VJP_AFFINE_BOUND[dtype], (ex, ew, eb)
 
 
 @given(data=st.data())

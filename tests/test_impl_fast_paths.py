@@ -1,7 +1,11 @@
-"""The eager fast paths' own machinery: the padded-token path's padded rows (a few runs of rows are
+"""The eager fast paths' own machinery: the fused CPU kernel of the padded-token path (it must be
+built where the suite runs, must not depend on the thread count, and must give way to torch's
+kernels when it cannot be built); on torch's kernels, the padded rows (a few runs of rows are
 copied as slices, many as an index: both must touch exactly the padded rows and give the same
-bits), and the batch-norm path's per-channel redo (a channel its fused kernels cannot do exactly
+bits); and the batch-norm path's per-channel redo (a channel its fused kernels cannot do exactly
 is redone alone, leaving every other channel's bits as they were)."""
+
+import warnings
 
 import pytest
 import torch
@@ -9,9 +13,77 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import masknorm.reference as ref
-from masknorm import masked_norm
+from masknorm import _native, masked_norm
 from masknorm._channel_path import _statistics
 from masknorm._token_path import PaddedRows
+
+
+def _output_and_grads(x, mask, dim, weight, bias, g, **kwargs):
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out = masked_norm(leaves[0], mask, dim, weight=leaves[1], bias=leaves[2], **kwargs)
+    return (out, *torch.autograd.grad(out, leaves, g))
+
+
+def _token_case(rows=700, n=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=gen)
+    mask = (torch.rand(rows, 1, generator=gen) > 0.3)
+    weight, bias, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen), torch.randn(rows, n, generator=gen)
+    return x, mask, -1, weight, bias, g
+
+
+def test_the_fused_kernel_is_built():
+    """The suite's fused-kernel cases must not silently run on torch's kernels."""
+    assert _native.token_ops() is not None, _native.describe()
+    assert _native.describe().startswith("fused CPU kernel: on")
+
+
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+def test_the_fused_kernel_does_not_depend_on_the_thread_count(masked):
+    """Weight and bias gradients are summed per block of rows, then across blocks: the same bits
+    with one thread as with four."""
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for t in (1, 4):
+            torch.set_num_threads(t)
+            runs.append(_output_and_grads(*_token_case(), masked=masked))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_build_warns_once_and_torchs_kernels_take_over(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(_native, "_build", no_compiler)
+    monkeypatch.setattr(_native._State, "tried", False)
+    monkeypatch.setattr(_native._State, "ops", None)
+    monkeypatch.delenv("MASKNORM_KERNELS", raising=False)
+    case = _token_case()
+    with pytest.warns(RuntimeWarning, match="no C.. compiler here"):
+        first = _output_and_grads(*case)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = _output_and_grads(*case)
+    with _native.kernels(False):
+        on_torch = _output_and_grads(*case)
+    for a, b, c in zip(first, again, on_torch):
+        assert torch.equal(a, c) and torch.equal(b, c)
+    assert "unavailable (RuntimeError: no C++ compiler here)" in _native.describe()
+
+
+def test_masknorm_kernels_1_makes_a_failed_build_an_error(monkeypatch):
+    def no_compiler():
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(_native, "_build", no_compiler)
+    monkeypatch.setattr(_native._State, "tried", False)
+    monkeypatch.setenv("MASKNORM_KERNELS", "1")
+    with pytest.raises(RuntimeError, match="no C.. compiler here"):
+        masked_norm(*_token_case()[:3])
 
 
 def _runs(valid):
@@ -44,9 +116,8 @@ def test_slices_and_index_give_the_same_bits(masked, monkeypatch):
     g = torch.randn(x.shape, generator=gen, dtype=torch.float64)
 
     def run():
-        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-        out = masked_norm(leaves[0], mask, -1, weight=leaves[1], bias=leaves[2], masked=masked)
-        return (out, *torch.autograd.grad(out, leaves, g))
+        with _native.kernels(False):
+            return _output_and_grads(x, mask, -1, weight, bias, g, masked=masked)
 
     assert PaddedRows(mask.flatten()).runs is None
     by_index = run()
@@ -54,12 +125,6 @@ def test_slices_and_index_give_the_same_bits(masked, monkeypatch):
     assert PaddedRows(mask.flatten()).runs is not None
     for a, b in zip(run(), by_index):
         assert torch.equal(a, b)
-
-
-def _output_and_grads(x, mask, dim, weight, bias, g, **kwargs):
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    out = masked_norm(leaves[0], mask, dim, weight=leaves[1], bias=leaves[2], **kwargs)
-    return (out, *torch.autograd.grad(out, leaves, g))
 
 
 @pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
