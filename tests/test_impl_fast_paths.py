@@ -54,6 +54,25 @@ def test_the_fused_kernel_does_not_depend_on_the_thread_count(masked):
         assert torch.equal(a, b)
 
 
+def test_strided_inputs_give_the_bits_of_contiguous_ones():
+    """A transposed x, a strided weight and a stride-0 upstream gradient (from .sum()) give the fused
+    kernel's bits for contiguous copies of the same values."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, 5, generator=gen).transpose(1, 2)
+    mask = torch.rand(6, 5, 1, generator=gen) > 0.4
+    weight, bias = torch.randn(16, generator=gen)[::2], torch.randn(8, generator=gen)
+
+    def run(x, weight):
+        leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]  # detach keeps the strides
+        out = masked_norm(leaves[0], mask, -1, weight=leaves[1], bias=leaves[2])
+        out.sum().backward()
+        return (out, *(t.grad for t in leaves))
+
+    assert not x.is_contiguous() and not weight.is_contiguous()
+    for a, b in zip(run(x, weight), run(x.contiguous(), weight.contiguous())):
+        assert torch.equal(a, b)
+
+
 def test_a_failed_build_warns_once_and_torchs_kernels_take_over(monkeypatch):
     def no_compiler():
         raise RuntimeError("no C++ compiler here")
