@@ -1,16 +1,17 @@
 """Fast path: layer norm over trailing axes with one validity flag per group (padded tokens).
 
 When the mask is constant along the reduced axes, every group is either fully valid (plain layer
-norm) or fully masked (degenerate: passed through). On CPU the fused kernel of _native does both
-in one pass each way when it could be built. Otherwise torch's fused kernels do the work on every
-row, and the padded rows are fixed up by row (slices for runs of padding, else an index):
+norm) or fully masked (degenerate: passed through). On CPU, masknorm's fused kernel (_native)
+normalizes the valid rows and copies the padded ones, one pass over memory each way. Otherwise
+(CUDA, or the kernel could not be built) torch's fused kernels do the work on every row, and the
+padded rows are fixed up by row (slices for runs of padding, else an index):
 
     forward:  y, mu, rstd = native_layer_norm(x);        y[padded] = x[padded] (or 0)
     backward: dx, dgamma = native_layer_norm_backward(dy, x; mu, rstd = 0 on padded rows)
               dbeta = sum_valid dy;                        dx[padded] = dy[padded] (or 0)
 
 A padded group's garbage stays in its own row of torch's kernel and is then replaced. Valid
-groups whose rstd leaves the range where the fused kernel is accurate (overflow or underflow of
+groups whose rstd leaves the range where the fused kernels are accurate (overflow or underflow of
 squares, a constant group with eps = 0, kappa beyond 1/(4u)) are redone with the general
 statistics; whether there are any is a Python-level check (a host sync), so this path runs in
 eager mode only.
@@ -138,6 +139,7 @@ def _forward(xc, mask, weight, bias, ndims, eps, masked):
 
 
 def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """weight or bias of the normalized shape as a vector (None stays None)."""
     return None if t is None else t.reshape(-1)
 
 
