@@ -122,6 +122,7 @@ def _median_ms(samples: List[float]) -> float:
 def run_case(case: Case, repeats: int, warmup: int) -> dict:
     """Interleaved timings (fwd+bwd) of masknorm, the native kernel and the plain masked norm."""
     grad = torch.randn_like(case.x)
+
     def ours():
         return masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias)
 

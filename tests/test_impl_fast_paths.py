@@ -73,14 +73,19 @@ def test_strided_inputs_give_the_bits_of_contiguous_ones():
         assert torch.equal(a, b)
 
 
-def test_a_failed_build_warns_once_and_torchs_kernels_take_over(monkeypatch):
-    def no_compiler():
+@pytest.fixture
+def no_compiler(monkeypatch):
+    """The fused kernel's build, not yet tried, fails as it does without a C++ compiler."""
+    def build():
         raise RuntimeError("no C++ compiler here")
 
-    monkeypatch.setattr(_native, "_build", no_compiler)
+    monkeypatch.setattr(_native, "_build", build)
     monkeypatch.setattr(_native._State, "tried", False)
     monkeypatch.setattr(_native._State, "ops", None)
     monkeypatch.delenv("MASKNORM_KERNELS", raising=False)
+
+
+def test_a_failed_build_warns_once_and_torchs_kernels_take_over(no_compiler):
     case = _token_case()
     with pytest.warns(RuntimeWarning, match="no C.. compiler here"):
         first = _output_and_grads(*case)
@@ -94,12 +99,7 @@ def test_a_failed_build_warns_once_and_torchs_kernels_take_over(monkeypatch):
     assert "unavailable (RuntimeError: no C++ compiler here)" in _native.describe()
 
 
-def test_masknorm_kernels_1_makes_a_failed_build_an_error(monkeypatch):
-    def no_compiler():
-        raise RuntimeError("no C++ compiler here")
-
-    monkeypatch.setattr(_native, "_build", no_compiler)
-    monkeypatch.setattr(_native._State, "tried", False)
+def test_masknorm_kernels_1_makes_a_failed_build_an_error(no_compiler, monkeypatch):
     monkeypatch.setenv("MASKNORM_KERNELS", "1")
     with pytest.raises(RuntimeError, match="no C.. compiler here"):
         masked_norm(*_token_case()[:3])
