@@ -45,7 +45,9 @@ def broadcasts_onto(small: Sequence[int], big: Sequence[int]) -> bool:
     """True when a tensor of shape `small` broadcasts to `big` without changing `big`."""
     if len(small) > len(big):
         return False
-    return all(s in (1, b) for s, b in zip(reversed(tuple(small)), reversed(tuple(big))))
+    # `s == 1 or s == b`, not `s in (1, b)`: under torch.compile with dynamic shapes (torch 2.13)
+    # Dynamo evaluates `8 in (1, s)` as False when the symbolic size s is 8.
+    return all(s == 1 or s == b for s, b in zip(reversed(tuple(small)), reversed(tuple(big))))
 
 
 def normalize_dims(dim: Dim, ndim: int) -> Tuple[int, ...]:
@@ -55,16 +57,18 @@ def normalize_dims(dim: Dim, ndim: int) -> Tuple[int, ...]:
     dims = (dim,) if isinstance(dim, numbers.Integral) else tuple(dim)
     if not dims:
         raise ValueError("dim must name at least one axis to reduce, got an empty sequence")
-    out = []
     for d in dims:
         if isinstance(d, bool) or not isinstance(d, numbers.Integral):
             raise TypeError(f"dim must be an int or a tuple of ints, got element {d!r} in dim={dim!r}")
         if not -ndim <= d < ndim:
             raise ValueError(f"dim={dim!r} is out of range for x with {ndim} dimensions")
-        out.append(int(d) % ndim)
-    if len(set(out)) != len(out):
+    # Each axis a named by comparison (a == d), never by d's own value: under torch.compile with
+    # dynamic shapes an int argument can arrive symbolic, and the comparison turns it into a guarded
+    # constant, so every later `a in dims` and sum over dims sees plain ints.
+    named = [sum(1 for d in dims if a == d % ndim) for a in range(ndim)]
+    if any(n > 1 for n in named):
         raise ValueError(f"dim={dim!r} names the same axis twice (x has {ndim} dimensions)")
-    return tuple(sorted(out))
+    return tuple(a for a in range(ndim) if named[a])
 
 
 def check_args(
@@ -98,7 +102,7 @@ def check_args(
         raise ValueError(f"correction must be >= 0, got {correction}")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps must be a real number >= 0, got {type(eps).__name__} {eps!r}")
-    if not (eps >= 0 and math.isfinite(eps)):
+    if not (eps >= 0 and eps < math.inf):  # not math.isfinite: Dynamo cannot trace it on a symbolic float
         raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
     if not isinstance(center, bool):
         raise TypeError(f"center must be a bool, got {type(center).__name__} {center!r}")

@@ -44,6 +44,19 @@ def _exponent_bounds(dtype: torch.dtype, eps: float) -> Tuple[int, int]:
     return lo, emax
 
 
+def _inverse_power_of_two(amax: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """1/a, a = 2^e with e = floor(log2 amax) + 1 clamped to [lo, hi]: max|x|/a lies in [1/2, 1).
+
+    Not frexp: ONNX has no frexp (torch.onnx: "No ONNX function found for prims.frexp"), and
+    inductor's vectorized clamp of frexp's int32 exponent does not compile on AVX2 CPUs
+    (torch 2.13: "no matching function for call to 'maximum(VectorizedN<int, 2>&, Vectorized<int>&)'").
+    log2 may be off by one next to a power of two, which moves max|x|/a to [1/4, 2): as safe.
+    exp2 of an integer is exact, so scaling by 1/a stays exact. amax = 0 gives e = lo; NaN, e = 0.
+    """
+    e = torch.nan_to_num(torch.floor(torch.log2(amax)) + 1, nan=0.0).clamp(lo, hi)
+    return torch.exp2(-e)
+
+
 def valid_count(mask: Optional[torch.Tensor], shape: Sequence[int], dims: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """k per group (keepdim shape, `dtype`): valid positions counted along the reduced axes."""
     if mask is None:
@@ -96,8 +109,7 @@ def group_stats(
     k = valid_count(mask, x.shape, dims, x.dtype).to(x.device)
     nu = k - correction
     lo, hi = _exponent_bounds(x.dtype, eps)
-    amax = torch.amax(xz.detach().abs(), dims, keepdim=True)
-    inv_a = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent.clamp(lo, hi))
+    inv_a = _inverse_power_of_two(torch.amax(xz.detach().abs(), dims, keepdim=True), lo, hi)
     xs = xz * inv_a
     if center:
         c0_x = first_valid(xz.detach(), mask, dims)
