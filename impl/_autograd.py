@@ -67,6 +67,18 @@ def redo_groups(out, st, redo, x, mask, weight, bias, dims, correction, eps, mas
     return torch.where(redo, compose(affine(normalized(x, st), weight, bias), x, P, passthrough, masked), out), st
 
 
+def needs_general_backward(g_out: torch.Tensor) -> bool:
+    """True when a fast path's backward must use the general closed form (differentiable, no host
+    syncs): the backward is itself differentiated (double backward), or runs under a transform
+    (torch.func), or on a batched gradient without data of its own (the vmap of
+    torch.autograd.functional.jacobian(vectorize=True) cannot batch a host sync)."""
+    return (
+        torch.is_grad_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or not torch._C._has_storage(g_out)
+    )
+
+
 def _safe_counts(st: GroupStats) -> Tuple[torch.Tensor, torch.Tensor]:
     """(k, nu) with degenerate groups set to 1: their formulas are discarded, and must not make inf/NaN
     that a second differentiation would multiply by zero."""

@@ -25,7 +25,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from masknorm._autograd import compose, general_vjp, masked_norm_jvp, masked_norm_vjp, redo_groups, regions
+from masknorm._autograd import (
+    compose, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups, regions,
+)
 from masknorm._stats import GroupStats, valid_count, where_or_zero
 
 
@@ -37,7 +39,8 @@ def applies(
     eps: float,
     center: bool,
 ) -> bool:
-    """True for a centered norm with eps > 0 over every axis but axis 1, per-channel affine, eager."""
+    """True for a centered norm with eps > 0 over every axis but axis 1, per-channel affine (the
+    caller checks that x is real data in eager mode)."""
     nd = x.dim()
     per_channel = [1] * nd
     if nd >= 2:
@@ -48,8 +51,6 @@ def applies(
         and nd >= 2
         and x.dtype in (torch.float32, torch.float64)
         and tuple(dims) == tuple(d for d in range(nd) if d != 1)
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
         and all(t is None or (t.dtype == x.dtype and t.numel() == x.shape[1]
                               and [1] * (nd - t.dim()) + list(t.shape) == per_channel) for t in (weight, bias))
     )
@@ -91,23 +92,32 @@ def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction:
     range where the fused kernels are exact (overflow, underflow, no degrees of freedom), which hold
     placeholder statistics here, or is None when there are none; moments are every channel's
     (mean, unbiased variance, valid count) for running averages. Per-channel values are formed in
-    float64, rounded once. One host sync, two when the padding holds non-finite values."""
+    float64, rounded once. One host sync, two when the padding holds non-finite values (and one more
+    for each correction of the mean on long rows with a large mean)."""
     keep = [1] * x.dim()
     keep[1] = x.shape[1]
     k = valid_count(mask, x.shape, dims, torch.float64).to(x.device).expand(keep).reshape(-1)
     nu = k - correction
     bound = 0.0 if mask is None else math.sqrt(torch.finfo(x.dtype).max)  # a finite square is below max
     sums = _ValidSums(x, mask)
-    mu, squares = _moments(x, sums, k, keep)
-    var64, redo = _out_of_range(mu, squares, nu, x.dtype, eps)
-    polluted, any_redo = torch.stack([~torch.isfinite(squares).all(), redo.any()]).tolist()
+
+    def measure(values: torch.Tensor, mu: Optional[torch.Tensor] = None):
+        mu, squares, off = _moments(values, sums, k, keep, mu)
+        var64, redo = _out_of_range(mu, squares, nu, x.dtype, eps)
+        polluted, any_redo, off = torch.stack([~torch.isfinite(squares).all(), redo.any(), off]).tolist()
+        return mu, squares, var64, redo, polluted, any_redo, off
+
+    values = x
+    mu, squares, var64, redo, polluted, any_redo, off = measure(values)
     if mask is not None and polluted:
         # A masked-out NaN, Inf or overflowing square reached a sum (0 * inf): again from the valid
         # values alone, which gives the very bits that finite padding gives.
-        mu, squares = _moments(where_or_zero(mask, x), sums, k, keep)
-        bound = math.inf
-        var64, redo = _out_of_range(mu, squares, nu, x.dtype, eps)
-        any_redo = bool(redo.any())
+        values, bound = where_or_zero(mask, x), math.inf
+        mu, squares, var64, redo, polluted, any_redo, off = measure(values)
+    for _ in range(3):  # long rows with a large mean: the first pass's mean was off, again around the corrected one
+        if not off:
+            break
+        mu, squares, var64, redo, polluted, any_redo, off = measure(values, mu)
 
     def placeholder(t: torch.Tensor, value: float) -> torch.Tensor:
         return torch.where(redo, value, t).to(x.dtype).reshape(keep)
@@ -129,11 +139,25 @@ def _out_of_range(mu: torch.Tensor, squares: torch.Tensor, nu: torch.Tensor, dty
     return var64, ~(torch.isfinite(mu.reshape(-1)) & in_range & (nu > 0))
 
 
-def _moments(x: torch.Tensor, sums: _ValidSums, k: torch.Tensor, keep):
-    """(mu in x's dtype and keepdim shape, float64 (C,) sum_valid (x - mu)^2): two passes."""
-    mu = (sums.of(x) / k).to(x.dtype).reshape(keep)
-    # mse_loss(reduction="none") is (x - mu)^2 in one pass
-    return mu, sums.of_nonnegative_(torch.nn.functional.mse_loss(x, mu.expand_as(x), reduction="none"))
+def _moments(x: torch.Tensor, sums: _ValidSums, k: torch.Tensor, keep, mu1: Optional[torch.Tensor] = None):
+    """(mu in x's dtype and keepdim shape, float64 (C,) M2 = sum_valid (x - mu)^2, off), around mu1
+    (by default the first pass's mean, sum_V x / k):
+
+        d = x - mu1,  S1 = sum_V d,  S2 = sum_V d^2;    mu = mu1 + S1/k,   M2 = S2 - S1^2/k
+
+    The first pass is a matrix product whose float32 running sums lose digits on long rows with a
+    large mean (10^7 values near 1e4: mu1 off by several sigma); the second pass sums the small
+    deviations d and corrects both statistics. `off` (a bool tensor) says that mu1 was off by more
+    than sigma/2^10 in some channel, where S1^2/k may have cancelled digits of S2: the caller then
+    measures again around mu."""
+    if mu1 is None:
+        mu1 = (sums.of(x) / k).to(x.dtype).reshape(keep)
+    d = x - mu1
+    s1 = sums.of(d)
+    shift = s1 / k
+    m2 = (sums.of_nonnegative_(d.mul_(d)) - s1 * shift).clamp(min=0)
+    off = ((shift * shift) * 2.0**20 > m2 / k).any()
+    return (mu1.reshape(-1).double() + shift).to(x.dtype).reshape(keep), m2, off
 
 
 class ChannelNormFunction(torch.autograd.Function):
@@ -167,7 +191,7 @@ class ChannelNormFunction(torch.autograd.Function):
         x, mask, weight, var, redo, *saved = ctx.saved_tensors
         dims, masked = ctx.config[0], ctx.config[4]
         want = ctx.needs_input_grad
-        if torch.is_grad_enabled():
+        if needs_general_backward(g_out):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, None, None, None, None
         st = GroupStats(*saved)

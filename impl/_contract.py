@@ -84,7 +84,7 @@ def check_args(
     bias_shape: Optional[Sequence[int]] = None,
 ) -> NormArgs:
     """Validate a masked_norm call by shapes and scalars; raise TypeError/ValueError naming the argument."""
-    shape = tuple(int(s) for s in x_shape)
+    shape = tuple(x_shape)  # not int(s): under torch.export that would specialize every symbolic size
     if len(shape) == 0:
         raise ValueError("x must have at least one dimension, got a 0-d tensor")
     dims = normalize_dims(dim, len(shape))

@@ -61,7 +61,7 @@ def valid_count(mask: Optional[torch.Tensor], shape: Sequence[int], dims: Sequen
     """k per group (keepdim shape, `dtype`): valid positions counted along the reduced axes."""
     if mask is None:
         n = _product([shape[d] for d in dims])
-        return torch.full([1] * len(shape), float(n), dtype=dtype)
+        return torch.full([1] * len(shape), n, dtype=dtype)  # n may be a symbolic size: no float(n)
     wide = [d for d in dims if mask.shape[d] != 1]
     repeat = _product([shape[d] for d in dims if mask.shape[d] == 1])
     counts = mask.sum(wide, keepdim=True, dtype=torch.int64) if wide else mask.to(torch.int64)
@@ -69,30 +69,26 @@ def valid_count(mask: Optional[torch.Tensor], shape: Sequence[int], dims: Sequen
 
 
 def first_valid(v: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[int]) -> torch.Tensor:
-    """v at each group's first valid position (row-major over the reduced axes), keepdim shape.
+    """v at each group's first valid position (row-major over the reduced axes), keepdim shape;
+    0 for a group with no valid position (such groups are degenerate).
 
-    A group with no valid position yields v at its first position; such groups are degenerate.
+    The first valid position is the least row-major index i over the valid positions, and v there
+    is sum_j [j = i] v_j, a sum with one non-zero term, so exact. No index arithmetic (div/mod of
+    symbolic sizes, which ONNX export cannot translate) and no copy of v.
     """
     ndim = v.dim()
     if mask is None:
         return v[tuple(slice(0, 1) if d in dims else slice(None) for d in range(ndim))]
-    red = list(dims)
-    sizes = [v.shape[d] for d in red]
-    spread = mask.expand([v.shape[d] if d in dims else mask.shape[d] for d in range(ndim)])
-    flat = spread.movedim(red, list(range(ndim - len(red), ndim))).reshape(*[mask.shape[d] for d in range(ndim) if d not in dims], -1)
-    idx = flat.to(torch.uint8).argmax(-1)
-    keep_shape = [1 if d in dims else mask.shape[d] for d in range(ndim)]
-    index = []
-    stride = _product(sizes)
-    for d in range(ndim):
+    index = torch.zeros((), dtype=torch.int64, device=v.device)
+    n = 1
+    for d in reversed(range(ndim)):
         if d in dims:
-            stride //= v.shape[d]
-            index.append(((idx // stride) % v.shape[d]).reshape(keep_shape))
-        else:
             shape_d = [1] * ndim
             shape_d[d] = v.shape[d]
-            index.append(torch.arange(v.shape[d], device=v.device).reshape(shape_d))
-    return v[tuple(index)]
+            index = index + torch.arange(v.shape[d], device=v.device).reshape(shape_d) * n
+            n = n * v.shape[d]
+    first = torch.where(mask, index, n).amin(list(dims), keepdim=True)
+    return where_or_zero(index == first, v).sum(list(dims), keepdim=True)
 
 
 def group_stats(

@@ -26,7 +26,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from masknorm import _native
-from masknorm._autograd import compose, general_vjp, masked_norm_jvp, masked_norm_vjp, redo_groups, regions
+from masknorm._autograd import (
+    compose, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups, regions,
+)
 from masknorm._stats import GroupStats, where_or_zero
 
 # rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64.
@@ -42,19 +44,14 @@ def applies(
     correction: int,
     center: bool,
 ) -> bool:
-    """True for a layer norm over trailing axes with one mask flag per group, in eager mode.
-
-    Under torch.compile and torch.func transforms the general path runs (its Python-level
-    safety check would be a graph break / a data-dependent branch there).
-    """
+    """True for a layer norm over trailing axes with one mask flag per group (the caller checks
+    that x is real data in eager mode: the path's safety check is a host sync)."""
     nd = x.dim()
     nshape = tuple(x.shape[nd - len(dims):])
     return (
         center
         and correction == 0
         and x.dtype in (torch.float32, torch.float64)
-        and not torch.compiler.is_compiling()
-        and not torch._C._are_functorch_transforms_active()
         and tuple(dims) == tuple(range(nd - len(dims), nd))
         and (mask is None or all(mask.shape[d] == 1 for d in dims))
         and all(t is None or (tuple(t.shape) == nshape and t.dtype == x.dtype) for t in (weight, bias))
@@ -267,7 +264,7 @@ class TokenLayerNormFunction(torch.autograd.Function):
         x, mask, weight, redo, *saved = ctx.saved_tensors
         dims, masked = ctx.config[0], ctx.config[4]
         want = ctx.needs_input_grad
-        if torch.is_grad_enabled():
+        if needs_general_backward(g_out):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, None, None, None
         st = GroupStats(*saved)

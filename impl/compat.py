@@ -143,4 +143,6 @@ class LazyAffineMaskedNorm(LazyMaskedNorm):
                 zeros_(self.bias)
 
     def forward(self, inpt: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Called as layer.forward(x) (the seed's own tests do), torch's lazy pre-forward hook does not run.
+        self.initialize_parameters(inpt, mask)
         return _affine(inpt, mask, self.weight, self.bias, self.batched)

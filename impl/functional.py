@@ -7,7 +7,9 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from masknorm import _channel_path, _token_path
-from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp
+from torch._subclasses.fake_tensor import is_fake
+
+from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
 from masknorm._contract import check_args
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -103,16 +105,37 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked) -> T
     )
     if mask is not None and mask.dim() < x.dim():
         mask = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
-    if _token_path.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
-        out = _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.masked)
-        return out, None
-    if _channel_path.applies(x, weight, bias, args.dims, args.eps, args.center):
-        out, *moments = _channel_path.ChannelNormFunction.apply(
-            x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
-        )
-        return out, tuple(moments)
+    if x.numel() == 0:  # no group has a position (or there is no group): nothing to normalize
+        return _empty(x, weight, bias), None
+    if _eager_on_data(x):
+        if _token_path.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
+            out = _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.masked)
+            return out, None
+        if _channel_path.applies(x, weight, bias, args.dims, args.eps, args.center):
+            out, *moments = _channel_path.ChannelNormFunction.apply(
+                x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
+            )
+            return out, tuple(moments)
     function = MaskedNormFunction if torch.compiler.is_compiling() else MaskedNormFunctionWithJvp
     out, *_stats = function.apply(
         x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked
     )
     return out, None
+
+
+def _eager_on_data(x: torch.Tensor) -> bool:
+    """True where the fast paths may run: eager mode (not traced by torch.compile/export, no
+    torch.func transform) on a tensor with data (not meta, not fake). Their safety checks are
+    host syncs, which tracers cannot follow and meta/fake tensors cannot answer."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or x.device.type == "meta"
+        or is_fake(x)
+    )
+
+
+def _empty(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The (empty) output of an empty x, as x passed through; weight and bias get their (zero)
+    gradients through an affine map of nothing, as torch's norms give them."""
+    return torch.where(torch.zeros_like(x, dtype=torch.bool), affine(x, weight, bias), x)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _NormBase
 
 from masknorm.functional import Moments, masked_norm_with_moments
+from masknorm.modules._frozen_stats import frozen_norm
 from masknorm.modules._masks import apply_policy, channel_mask, channel_view, check_policy
 
 
@@ -71,8 +71,8 @@ class MaskedRunningNorm(_NormBase):
 
         Under "keep"/"zero" masked-out values are replaced by 0 before the affine map, so garbage there
         reaches neither the output nor the parameter gradients; under "normalize" it reaches its own
-        output position (and, through 0 * NaN, the weight gradient of an eval-mode backward).
+        output position only (and the gradients only where its upstream gradient is not 0).
         """
         inp = x if mask is None or self.masked == "normalize" else torch.where(mask, x, 0)
-        out = F.batch_norm(inp, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        out = frozen_norm(inp, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
         return apply_policy(out, x, mask, self.masked)

@@ -8,7 +8,7 @@ no boolean indexing and no host synchronisation, so the helpers trace under torc
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -50,7 +50,7 @@ def pool_instances(m: Moments, n_channels: int) -> Moments:
 @torch.no_grad()
 def update_running(
     running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-    usable: torch.Tensor, factor: float,
+    usable: torch.Tensor, factor: Union[float, torch.Tensor],
 ) -> None:
     """r <- (1 - factor) r + factor * stat in place, on the channels where `usable` (the others keep r)."""
     shape = running_mean.shape

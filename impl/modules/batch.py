@@ -40,7 +40,7 @@ class _MaskedBatchNorm(MaskedRunningNorm):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+                factor = 1.0 / self.num_batches_tracked.double()  # a tensor: no host sync, traceable
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch:
             return self._normalize_running(x, mask)
