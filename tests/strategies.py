@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import pytest
@@ -66,6 +66,7 @@ class Case:
     weight: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
     fused_kernel: bool = True  # False: the padded-token path runs on torch's kernels
+    call: Optional[Callable] = None  # the masked_norm to run (None: masknorm.masked_norm), e.g. a compiled one
 
     @property
     def options(self) -> dict:
@@ -93,7 +94,7 @@ class Case:
         """masknorm.masked_norm on this case, with some fields replaced."""
         c = replace(self, **changes)
         with _native.kernels(c.fused_kernel):
-            return masknorm.masked_norm(c.x, c.mask, c.dim, **c.kwargs)
+            return (c.call or masknorm.masked_norm)(c.x, c.mask, c.dim, **c.kwargs)
 
     def reference(self) -> np.ndarray:
         """The mpmath reference's output (float64)."""
