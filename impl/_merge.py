@@ -7,8 +7,8 @@ r = 1..R merge into the moments of all their valid values together:
     D  = (1/k) sum_r k_r (mu_r - c),    mu = c + D
     M2 = sum_r M2_r + sum_r k_r (mu_r - c - D)^2
 
-(for two processes this is Chan et al.'s M2_a + M2_b + (mu_b - mu_a)^2 k_a k_b / k; `masknorm prove`
-proves both equal the moments of the concatenated values). Shifting by c makes equal means merge to
+(masknorm.spec.merge; for two processes it is Chan et al.'s M2_a + M2_b + (mu_b - mu_a)^2 k_a k_b / k;
+`masknorm prove` proves both equal the moments of the concatenated values). Shifting by c makes equal means merge to
 exactly that mean with M2 = sum_r M2_r, so a constant group stays exactly constant.
 
 Range: a process sends sqrt(M2) rather than M2, and every quantity is scaled by an exact power of two
@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from masknorm._stats import first_valid, valid_count, where_or_zero
+from masknorm.spec.merge import merge_shifted
 
 ACCUMULATE = torch.float64
 
@@ -74,19 +75,15 @@ def local_moments(x: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[
 
 
 def merge_moments(moments: LocalMoments) -> MergedMoments:
-    """Merge per-process moments stacked along axis 0 (module docstring); processes with k = 0
-    contribute nothing, whatever their other entries hold."""
+    """Merge per-process moments stacked along axis 0 with masknorm.spec.merge.merge_shifted (module
+    docstring); processes with k = 0 contribute nothing, whatever their other entries hold, and a
+    group with no valid value anywhere gets (0, 0, 0)."""
     k, mean, root = moments
     has = k > 0
-    big = torch.where(has, torch.maximum(mean.abs(), root), 0).amax(0)
-    inv_scale = _inverse_power_of_two(big)
+    inv_scale = _inverse_power_of_two(torch.where(has, torch.maximum(mean.abs(), root), 0).amax(0))
     ms = where_or_zero(has, mean * inv_scale)
     rs = where_or_zero(has, root * inv_scale)
-    total = k.sum(0)
-    first = has.to(torch.uint8).argmax(0, keepdim=True)
-    c = ms.gather(0, first).squeeze(0)
-    delta = where_or_zero(has, ms - c)
-    drift = (k * delta).sum(0) / total.clamp(min=1)
-    spread = where_or_zero(has, delta - drift)
-    m2_scaled = (rs * rs).sum(0) + (k * spread * spread).sum(0)
-    return MergedMoments(total, (c + drift) / inv_scale, m2_scaled, inv_scale)
+    c = ms.gather(0, has.to(torch.uint8).argmax(0, keepdim=True)).squeeze(0)
+    total, mu_s, m2_s = merge_shifted(list(k.unbind(0)), list(ms.unbind(0)), list((rs * rs).unbind(0)), c)
+    some = total > 0
+    return MergedMoments(total, where_or_zero(some, mu_s) / inv_scale, where_or_zero(some, m2_s), inv_scale)
