@@ -1,9 +1,10 @@
-"""What the processes of tests/test_sync_batch_norm.py run: one gloo process group per spawn, every
-case of a test group in it (starting processes costs seconds; a case costs milliseconds).
+"""What the processes of tests/test_sync_batch_norm.py run: one spawn of gloo processes for every
+case (starting processes costs tens of seconds on a loaded machine; a case costs milliseconds).
 
 Imports torch and masknorm only, so that spawned processes start quickly. A case is a dict with a
-"kind" (a function below) and its data; each process returns {case name: its result, or
-("error", type name, message)}.
+"kind" (a function below), its "world" (it runs on ranks 0..world-1, in a subgroup when that is
+fewer than all) and its data; each process returns {case name: its result, None where it took no
+part, or ("error", type name, message)}.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def run_module(module: torch.nn.Module, steps: List[Dict[str, Any]]) -> Dict[str
     return result
 
 
-def _module_for(case: Dict[str, Any], rank: int) -> torch.nn.Module:
-    options = dict(case["options"])
+def _module_for(case: Dict[str, Any], rank: int, group: Any) -> torch.nn.Module:
+    options = dict(case["options"], process_group=group)
     if "num_features_per_rank" in case:
         options["num_features"] = case["num_features_per_rank"][rank]
     module = MaskedSyncBatchNorm(**options)
@@ -69,9 +70,9 @@ def _module_for(case: Dict[str, Any], rank: int) -> torch.nn.Module:
     return module
 
 
-def forward_backward(rank: int, case: Dict[str, Any]) -> Dict[str, Any]:
+def forward_backward(rank: int, case: Dict[str, Any], group: Any) -> Dict[str, Any]:
     """MaskedSyncBatchNorm on this process's share of each step."""
-    module = _module_for(case, rank)
+    module = _module_for(case, rank, group)
     if "masked_per_rank" in case:
         module.masked = case["masked_per_rank"][rank]
     return run_module(module, [step[rank] for step in case["steps"]])
@@ -112,16 +113,15 @@ def train(model: torch.nn.Module, batches: List[Dict[str, Any]], totals: List[in
     return losses
 
 
-def ddp_training(rank: int, case: Dict[str, Any]) -> Dict[str, Any]:
+def ddp_training(rank: int, case: Dict[str, Any], group: Any) -> Dict[str, Any]:
     """DDP over a PaddedModel converted with MaskedSyncBatchNorm.convert_sync_batchnorm."""
     model = PaddedModel(masknorm.MaskedBatchNorm1d(4)).double()
     model.load_state_dict(case["state"])
-    model = MaskedSyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    world = dist.get_world_size()
-    losses = train(ddp, [b[rank] for b in case["batches"]], case["valid"], float(world))
+    model = MaskedSyncBatchNorm.convert_sync_batchnorm(model, group)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
+    losses = train(ddp, [b[rank] for b in case["batches"]], case["valid"], float(case["world"]))
     local = torch.tensor(losses, dtype=torch.float64)
-    dist.all_reduce(local)
+    dist.all_reduce(local, group=group)
     return {"losses": local.tolist(), "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
@@ -132,10 +132,14 @@ def _worker(rank: int, world: int, port: int, cases: Dict[str, Dict[str, Any]], 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    groups = {w: dist.new_group(list(range(w))) if w < world else dist.group.WORLD for w in range(2, world + 1)}
     results: Dict[str, Any] = {}
     for name, case in cases.items():
+        if rank >= case["world"]:
+            results[name] = None
+            continue
         try:
-            results[name] = KINDS[case["kind"]](rank, case)
+            results[name] = KINDS[case["kind"]](rank, case, groups[case["world"]])
         except Exception as error:  # reported to the test, which decides
             results[name] = ("error", type(error).__name__, str(error))
     buffer = io.BytesIO()

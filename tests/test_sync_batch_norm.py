@@ -2,9 +2,9 @@
 in one process (float64: to rounding level) and against the mpmath reference (float32: within the
 suite's u*kappa bounds of tests/test_impl_accuracy.py).
 
-Each process group is started once per world size (a module-scoped fixture runs every case of that
-world in one spawn, bounded by SPAWN_TIMEOUT_S so that a hang fails instead of blocking CI); the tests
-then check the results. Parameter gradients are summed over the processes, as DDP's all-reduce does.
+Processes are started once for the module (a module-scoped fixture runs every case in one spawn of 3
+gloo processes, the 2-process cases in a subgroup of ranks 0 and 1, bounded by SPAWN_TIMEOUT_S so that
+a hang fails instead of blocking CI); the tests then check the results. Parameter gradients are summed over the processes, as DDP's all-reduce does.
 """
 
 from __future__ import annotations
@@ -171,14 +171,28 @@ def ddp_case(world: int) -> Dict[str, Any]:
     return {"kind": "ddp_training", "state": state, "batches": split, "whole": batches, "valid": total_valid}
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def world(request):
-    """(world size, the cases, every rank's results), one spawn per world size."""
-    size = request.param
+def _cases(size: int) -> Dict[str, Dict[str, Any]]:
     cases = {name: make_case(**args) for name, args in {**FLOAT64_CASES[size], **FLOAT32_CASES[size]}.items()}
     cases.update(bad_input_cases(size))
     cases["ddp"] = ddp_case(size)
-    return size, cases, run_world(size, cases, SPAWN_TIMEOUT_S)
+    return {name: dict(case, world=size) for name, case in cases.items()}
+
+
+@pytest.fixture(scope="module")
+def spawned():
+    """Every case of both world sizes, and every rank's results, from one spawn of 3 processes."""
+    cases = {(size, name): case for size in (2, 3) for name, case in _cases(size).items()}
+    results = run_world(3, {f"{size}:{name}": case for (size, name), case in cases.items()}, SPAWN_TIMEOUT_S)
+    return cases, results
+
+
+@pytest.fixture(params=[2, 3], ids=lambda w: f"world{w}")
+def world(request, spawned):
+    """(world size, its cases by name, per rank of that world its results by case name)."""
+    size = request.param
+    cases, results = spawned
+    mine = {name: case for (s, name), case in cases.items() if s == size}
+    return size, mine, [{name: r[f"{size}:{name}"] for name in mine} for r in results[:size]]
 
 
 def _ok(results: List[Dict[str, Any]], name: str) -> List[Dict[str, Any]]:
