@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 import masknorm
 from masknorm import MaskedSyncBatchNorm
 
-COLLECTIVE_TIMEOUT_S = 20
+COLLECTIVE_TIMEOUT_S = 60  # a backstop: no case is meant to wait in a collective
 
 
 def free_port() -> int:

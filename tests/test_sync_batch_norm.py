@@ -22,7 +22,7 @@ from strategies import Case, Scales
 from sync_workers import PaddedModel, run_module, run_world, single_process_module, train
 from test_impl_accuracy import FORWARD_BOUND, VJP_AFFINE_BOUND, VJP_X_BOUND
 
-SPAWN_TIMEOUT_S = 150
+SPAWN_TIMEOUT_S = 240
 FLOAT64_TOL = 1e-12  # outputs O(1), gradients O(1/s): about 5000 u of float64
 
 
@@ -150,7 +150,10 @@ def bad_input_cases(world: int) -> Dict[str, Dict[str, Any]]:
     features = dict(base, num_features_per_rank=[3] * (world - 1) + [2])
     features["steps"] = [[dict(s, x=s["x"][:, :n]) for s, n in zip(base["steps"][0], features["num_features_per_rank"])]]
     policies = dict(base, masked_per_rank=["normalize"] * (world - 1) + ["keep"])
-    return {"bad: num_features": features, "bad: masked": policies}
+    channel_mask = dict(base, steps=[[dict(s) for s in base["steps"][0]]])
+    last = channel_mask["steps"][0][-1]
+    last["mask"] = last["mask"].unsqueeze(1).expand(-1, 3, -1)  # carries the channel axis: rejected locally
+    return {"bad: num_features": features, "bad: masked": policies, "bad: one rank's mask": channel_mask}
 
 
 def ddp_case(world: int) -> Dict[str, Any]:
@@ -181,7 +184,8 @@ def _cases(size: int) -> Dict[str, Dict[str, Any]]:
 @pytest.fixture(scope="module")
 def spawned():
     """Every case of both world sizes, and every rank's results, from one spawn of 3 processes."""
-    cases = {(size, name): case for size in (2, 3) for name, case in _cases(size).items()}
+    # 3-process cases first: rank 2 does not wait (within the collective timeout) for the 2-process ones
+    cases = {(size, name): case for size in (3, 2) for name, case in _cases(size).items()}
     results = run_world(3, {f"{size}:{name}": case for (size, name), case in cases.items()}, SPAWN_TIMEOUT_S)
     return cases, results
 
@@ -246,12 +250,17 @@ def test_float32_within_the_suite_bounds(world):
 
 
 def test_disagreeing_processes_raise_together(world):
-    """num_features or `masked` differing across processes: a ValueError naming it on every process
-    (not a hang: the spawn is bounded by SPAWN_TIMEOUT_S and later cases still ran)."""
+    """num_features or `masked` differing across processes: a ValueError naming it on every process; a mask
+    rejected on one process: its own ValueError there, one naming its rank on the others (not a hang: the
+    spawn is bounded by SPAWN_TIMEOUT_S and later cases still ran)."""
     size, _, results = world
     for name, what in (("bad: num_features", "num_features differs"), ("bad: masked", "masked differs")):
         for r in results:
             assert r[name][0] == "error" and r[name][1] == "ValueError" and what in r[name][2], r[name]
+    *others, last = [r["bad: one rank's mask"] for r in results]
+    assert last[:2] == ("error", "ValueError") and "fits no convention" in last[2], last
+    for r in others:
+        assert r[:2] == ("error", "ValueError") and f"rank(s) [{size - 1}]" in r[2], r
     assert "losses" in results[0]["ddp"]
 
 

@@ -13,6 +13,9 @@ Training, with an initialized process group of more than one process (any backen
 
 The first synchronized call of a module also all-gathers num_features once, so that processes whose
 modules differ raise a ValueError together instead of deadlocking in a collective of unequal sizes.
+A process whose input fails its checks (shape, mask convention) still takes part in the all_gather,
+with a payload marking it rejected, then raises its own error; the others raise a ValueError naming
+its rank. Processes that disagree on `masked` or on x's rank all raise too.
 
 Otherwise (eval, no initialized process group, a group of one process) it is exactly
 MaskedBatchNorm: local batch statistics, or the running ones in eval; torch's SyncBatchNorm falls
@@ -37,6 +40,7 @@ from masknorm.modules._running import update_running
 from masknorm.modules.batch import _MaskedBatchNorm
 
 _HEADER = 2  # masked policy, x.dim()
+_REJECTED = -1.0  # header of a process whose input failed its checks
 
 
 def _gather(payload: torch.Tensor, group: Any) -> torch.Tensor:
@@ -58,6 +62,12 @@ def _check_peers(values: torch.Tensor, names: Tuple[str, ...]) -> None:
             raise ValueError(f"MaskedSyncBatchNorm: {name} differs across the process group ({shown})")
 
 
+def reject_input(num_features: int, group: Any, device: torch.device) -> None:
+    """Take part in the statistics' all_gather with a payload that tells the others this process's input
+    was rejected (they raise too, instead of waiting in the collective)."""
+    _gather(torch.full((3 * num_features + _HEADER,), _REJECTED, dtype=ACCUMULATE, device=device), group)
+
+
 def global_moments(x: torch.Tensor, mask: Optional[torch.Tensor], masked: str, group: Any) -> MergedMoments:
     """Per channel, the moments of the valid values of x over every process of `group` (one all_gather)."""
     dims = [0] + list(range(2, x.dim()))
@@ -65,6 +75,10 @@ def global_moments(x: torch.Tensor, mask: Optional[torch.Tensor], masked: str, g
     header = torch.tensor([POLICIES.index(masked), x.dim()], dtype=ACCUMULATE, device=x.device)
     payload = torch.cat([torch.stack([t.reshape(-1) for t in local]).reshape(-1), header])
     gathered = _gather(payload, group)
+    rejected = (gathered[:, -1] == _REJECTED).nonzero().reshape(-1).tolist()
+    if rejected:
+        raise ValueError(f"MaskedSyncBatchNorm: the input of rank(s) {rejected} of the process group failed its "
+                         "checks (their error says why); every process of the group stops here")
     _check_peers(gathered[:, -_HEADER:], ("masked", "input dimension"))
     per_rank = gathered[:, :-_HEADER].reshape(gathered.shape[0], 3, *local.count.shape)
     return merge_moments(LocalMoments(*per_rank.unbind(1)))
@@ -172,9 +186,17 @@ class MaskedSyncBatchNorm(_MaskedBatchNorm):
         group = self._sync_group()
         if group is None:
             return super().forward(x, mask)
-        self._check_input_dim(x)
-        mask = self._prepare(x, mask)
-        self._check_group(group, x.device)
+        device = x.device if isinstance(x, torch.Tensor) else torch.device("cpu")
+        self._check_group(group, device)
+        try:
+            if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+                kind = f"dtype {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+                raise TypeError(f"x must be a floating tensor, got {kind}")
+            self._check_input_dim(x)
+            mask = self._prepare(x, mask)
+        except Exception:
+            reject_input(self.num_features, group, device)
+            raise
         moments = global_moments(x, mask, self.masked, group)
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
