@@ -9,8 +9,11 @@ part, or ("error", type name, message)}.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import importlib.util
 import io
+import pathlib
 import socket
 import time
 from typing import Any, Dict, List
@@ -125,7 +128,28 @@ def ddp_training(rank: int, case: Dict[str, Any], group: Any) -> Dict[str, Any]:
     return {"losses": local.tolist(), "state": {k: v.clone() for k, v in model.state_dict().items()}}
 
 
-KINDS = {"forward_backward": forward_backward, "ddp_training": ddp_training}
+def _example_module() -> Any:
+    """examples/ddp_sync_batch_norm.py, imported by path (examples/ is not a package)."""
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "ddp_sync_batch_norm.py"
+    spec = importlib.util.spec_from_file_location("ddp_sync_batch_norm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def collectives(rank: int, case: Dict[str, Any], group: Any) -> List[Dict[str, int]]:
+    """The collectives of the second forward + backward of a MaskedSyncBatchNorm (the first also checks
+    num_features across the group), counted with the example's counted_collectives."""
+    module = MaskedSyncBatchNorm(case["channels"], process_group=group)
+    step = case["steps"][rank]
+    sent: List[Dict[str, int]] = []
+    for counted in (False, True):
+        with _example_module().counted_collectives(sent) if counted else contextlib.nullcontext():
+            module(step["x"].requires_grad_(True), step["mask"]).backward(step["grad"])
+    return sent
+
+
+KINDS = {"forward_backward": forward_backward, "ddp_training": ddp_training, "collectives": collectives}
 
 
 def _worker(rank: int, world: int, port: int, cases: Dict[str, Dict[str, Any]], queue: Any) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import masknorm
 import masknorm.reference as ref
@@ -178,6 +179,8 @@ def _cases(size: int) -> Dict[str, Dict[str, Any]]:
     cases = {name: make_case(**args) for name, args in {**FLOAT64_CASES[size], **FLOAT32_CASES[size]}.items()}
     cases.update(bad_input_cases(size))
     cases["ddp"] = ddp_case(size)
+    base = make_case(seed=61, sizes=(2,) * size, channels=5, spatial=(4,), dtype=torch.float32, steps=1)
+    cases["collectives"] = {"kind": "collectives", "channels": 5, "steps": base["steps"][0]}
     return {name: dict(case, world=size) for name, case in cases.items()}
 
 
@@ -280,6 +283,17 @@ def test_ddp_training_matches_one_process(world):
             torch.testing.assert_close(r["state"][name], value, rtol=1e-11, atol=1e-12, msg=name)
 
 
+def test_one_all_gather_forward_one_all_reduce_backward(world):
+    """Per step (after the first, which also checks num_features): one all_gather of 3C + 2 float64 (k, mean,
+    sqrt(M2) per channel, two header entries) and one all_reduce of 2C in x's dtype (float32 here), as
+    examples/ddp_sync_batch_norm.py counts them and the README reports."""
+    _, _, results = world
+    channels = 5
+    for sent in _ok(results, "collectives"):
+        assert sent == [{"op": "all_gather", "elements": 3 * channels + 2, "bytes": 8 * (3 * channels + 2)},
+                        {"op": "all_reduce", "elements": 2 * channels, "bytes": 4 * 2 * channels}], sent
+
+
 def test_convert_keeps_parameters_buffers_and_keys():
     """convert_sync_batchnorm replaces nn.BatchNorm*d, nn.SyncBatchNorm and MaskedBatchNorm*d, sharing
     their parameters and buffers, keeping state_dict keys and the `masked` policy."""
@@ -315,3 +329,16 @@ def test_without_process_group_it_is_masked_batch_norm():
         sync(torch.randn(2, 4, 5))
     with pytest.raises(ValueError, match="masked must be one of"):
         MaskedSyncBatchNorm(3, masked="drop")
+
+
+def test_in_a_group_of_one_process_it_is_masked_batch_norm():
+    """An initialized process group of one process: no collective, exactly MaskedBatchNorm (torch's
+    SyncBatchNorm also runs its local batch norm when the world size is 1)."""
+    gen = torch.Generator().manual_seed(1)
+    x, mask = torch.randn(3, 2, 5, 4, generator=gen), torch.rand(3, 5, 4, generator=gen) < 0.6
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        sync, local = MaskedSyncBatchNorm(2, momentum=None), masknorm.MaskedBatchNorm2d(2, momentum=None)
+        assert torch.equal(sync(x, mask), local(x, mask)) and torch.equal(sync.running_mean, local.running_mean)
+    finally:
+        dist.destroy_process_group()
