@@ -165,7 +165,7 @@ class MaskedSyncBatchNorm(_MaskedBatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          masked=masked)
         self.process_group = process_group
-        self._checked_group: Any = None
+        self._checked_group: Optional[int] = None  # id() of the group checked: a module stays deep-copyable
 
     def _sync_group(self) -> Any:
         """The process group to synchronize over, or None when this call runs as MaskedBatchNorm."""
@@ -176,11 +176,11 @@ class MaskedSyncBatchNorm(_MaskedBatchNorm):
 
     def _check_group(self, group: Any, device: torch.device) -> None:
         """Once per group: every process's num_features, gathered (fixed size, so no hang)."""
-        if self._checked_group is group:
+        if self._checked_group == id(group):
             return
         mine = torch.tensor([[float(self.num_features)]], dtype=ACCUMULATE, device=device)
         _check_peers(_gather(mine, group)[:, 0], ("num_features",))
-        self._checked_group = group
+        self._checked_group = id(group)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         group = self._sync_group()
