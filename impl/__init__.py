@@ -23,6 +23,7 @@ from masknorm.modules import (
     MaskedLayerNorm,
     MaskedNorm,
     MaskedRMSNorm,
+    MaskedSyncBatchNorm,
 )
 
 __all__ = ["masked_norm", *modules.__all__]

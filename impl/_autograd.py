@@ -138,11 +138,12 @@ class MaskedNormFunctionWithJvp(MaskedNormFunction):
         return (y_dot.to(x.dtype), *(None for _ in saved))
 
 
-def general_vjp(grad_out, x, mask, weight, bias_shape, config, needs_input_grad, stats=None):
+def general_vjp(grad_out, x, mask, weight, bias_shape, config, needs_input_grad, stats=None, reduce_sums=None):
     """(grad x, grad weight, grad bias) in the inputs' dtypes and shapes.
 
     With stats=None the statistics are recomputed from x with differentiable ops, so that the
-    result can itself be differentiated (double backward, forward-over-reverse).
+    result can itself be differentiated (double backward, forward-over-reverse). reduce_sums: see
+    masked_norm_vjp.
     """
     dims, correction, eps, center, masked = config
     ct = compute_dtype(x.dtype)
@@ -150,19 +151,21 @@ def general_vjp(grad_out, x, mask, weight, bias_shape, config, needs_input_grad,
     st = group_stats(xc, mask, dims, correction, eps, center) if stats is None else stats
     w = _cast(weight, ct)
     gx, gw, gb = masked_norm_vjp(grad_out.to(ct), xc, mask, w, st, dims, center, masked,
-                                 needs_input_grad[2], bias_shape is not None and needs_input_grad[3])
+                                 needs_input_grad[2], bias_shape is not None and needs_input_grad[3], reduce_sums)
     gx = gx.to(x.dtype) if needs_input_grad[0] else None
     gw = None if gw is None else gw.sum_to_size(weight.shape).to(weight.dtype)
     gb = None if gb is None else gb.sum_to_size(bias_shape[0]).to(bias_shape[1])
     return gx, gw, gb
 
 
-def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b):
+def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b, reduce_sums=None):
     """(grad x, grad weight before summing to its shape, grad bias likewise), closed form:
 
     gx_j = (1/s) [ g_j [j in P] - (m_j/k) sum_P g - (m_j y_hat_j / nu) sum_P g y_hat ] + [j passes] g_out_j
     with g = gamma * g_out; a padded position whose upstream gradient is 0 contributes nothing.
     Evaluated with a/s, then scaled by 1/a, so 1/s itself need not be representable.
+    reduce_sums(sum_g, sum_gy) -> (sum_g, sum_gy), when given, completes the two sums over positions
+    this call does not hold (the other processes of a synchronized batch norm).
     """
     P, passthrough = regions(mask, st.degenerate, masked)
     y_hat = normalized(xc, st)
@@ -176,6 +179,8 @@ def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b
     g = g_out_P if w is None else g_out_P * w
     sum_g = g.sum(dims, keepdim=True)
     sum_gy = (gy if w is None else gy * w).sum(dims, keepdim=True)
+    if reduce_sums is not None:
+        sum_g, sum_gy = reduce_sums(sum_g, sum_gy)
     m = 1.0 if mask is None else mask.to(xc.dtype)
     k, nu = _safe_counts(st)
     if center:

@@ -16,14 +16,15 @@ from typing import Iterable
 
 import sympy as sp
 
+from masknorm.spec.canonical import Canonicalizer
 from masknorm.spec.derivation import canonicalizer
 
 Residuals = tuple[sp.Expr, ...]
 MAX_PASSES = 8
 
 
-def _canonical(expr: sp.Expr) -> sp.Expr:
-    canon = canonicalizer()
+def _canonical(expr: sp.Expr, canon: Canonicalizer | None = None) -> sp.Expr:
+    canon = canon or canonicalizer()
     for _ in range(MAX_PASSES):
         reduced = canon(expr)
         if reduced == expr:
@@ -40,10 +41,11 @@ def _factor_radicals(expr: sp.Expr) -> sp.Expr:
     return sp.expand(expr.replace(_is_radical, lambda root: sp.Pow(sp.factor(root.base), root.exp)))
 
 
-def reduce(expr: sp.Expr, rationalize: bool = True) -> sp.Expr:
+def reduce(expr: sp.Expr, rationalize: bool = True, canon: Canonicalizer | None = None) -> sp.Expr:
     """expr brought to the form in which a true identity reads 0 (module docstring); rationalize=False
-    stops at the canonical form."""
-    reduced = _canonical(sp.sympify(expr))
+    stops at the canonical form; canon replaces the definitions' canonicalizer (other indicators and
+    known sums)."""
+    reduced = _canonical(sp.sympify(expr), canon)
     for step in (_factor_radicals, _over_common_denominator) if rationalize else ():
         if reduced == 0:
             return reduced
@@ -55,9 +57,9 @@ def _over_common_denominator(expr: sp.Expr) -> sp.Expr:
     return sp.cancel(sp.together(expr))
 
 
-def reduced(*exprs: sp.Expr, rationalize: bool = True) -> Residuals:
+def reduced(*exprs: sp.Expr, rationalize: bool = True, canon: Canonicalizer | None = None) -> Residuals:
     """Each residual reduced; a theorem returns these."""
-    return tuple(reduce(e, rationalize) for e in exprs)
+    return tuple(reduce(e, rationalize, canon) for e in exprs)
 
 
 def vanishes(residuals: Iterable[sp.Expr]) -> bool:

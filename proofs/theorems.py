@@ -9,11 +9,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from masknorm.proofs import derivatives, inference, invariance, moments, structure
+from masknorm.proofs import derivatives, inference, invariance, merge, moments, structure
 from masknorm.proofs.residual import Residuals, vanishes
 
 CENTERED = ({"center": True},)
 BOTH = ({"center": True}, {"center": False})
+MERGES = ({"processes": 2, "rule": merge.shifted}, {"processes": 2, "rule": merge.pairwise},
+          {"processes": 3, "rule": merge.shifted}, {"processes": 3, "rule": merge.pairwise})
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ THEOREMS = (
     Theorem(moments.degenerate_passthrough, BOTH),
     Theorem(structure.permutation_equivariance, BOTH),
     Theorem(structure.valid_values_alone, BOTH),
+    Theorem(merge.parallel_merge, MERGES),
 )
 
 

@@ -9,5 +9,6 @@ of a candidate are measured in units of u * kappa, kappa = (|mu| + sigma)/s per 
 from .derivatives import jvp, vjp
 from .error import error_in_ukappa, kappa, max_error_in_ukappa, unit_roundoff
 from .forward import masked_norm
+from .merge import merge, moments
 
-__all__ = ["masked_norm", "vjp", "jvp", "kappa", "unit_roundoff", "error_in_ukappa", "max_error_in_ukappa"]
+__all__ = ["masked_norm", "vjp", "jvp", "merge", "moments", "kappa", "unit_roundoff", "error_in_ukappa", "max_error_in_ukappa"]

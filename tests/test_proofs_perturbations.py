@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import sympy as sp
 
-from masknorm.proofs import derivatives, inference, invariance, moments, structure
+from masknorm.proofs import derivatives, inference, invariance, merge, moments, structure
 from masknorm.proofs.invariance import SCALE
 from masknorm.proofs.theorems import THEOREMS
 from masknorm.spec import closed_forms
@@ -52,6 +52,22 @@ def bias_grad_ungated(grad_out_j, p_j):
 
 def affine_jvp_wrong_sign(weight, yhat_dot, weight_dot, yhat, bias_dot):
     return bias_dot + weight * yhat_dot - weight_dot * yhat
+
+
+def merge_unweighted(processes):
+    """Flax-style: the plain average of the per-process means, M2 from the shifted rule around it."""
+    k, _, m2 = merge.shifted(processes)
+    return k, sum(p.mean for p in processes) / len(processes), m2
+
+
+def merge_without_between_term(processes):
+    return sum(p.k for p in processes), merge.shifted(processes)[1], sum(p.m2 for p in processes)
+
+
+def merge_pair_divisor_k(processes):
+    a, b = processes
+    delta = b.mean - a.mean
+    return a.k + b.k, a.mean + delta * b.k / (a.k + b.k), a.m2 + b.m2 + delta ** 2 * a.k * b.k / (a.k + b.k - 1)
 
 
 def wrong_mean(norm, q):
@@ -132,6 +148,11 @@ PERTURBATIONS = {
         *[(f"mask left in place, center={c}", structure.permutation_equivariance,
            dict(center=c, size=2, carried=(x, gamma, beta, P))) for c in (True, False)],
         ("weight left in place", structure.permutation_equivariance, dict(size=2, carried=(x, m, beta, P))),
+    ],
+    "parallel_merge": [
+        ("unweighted mean of means", merge.parallel_merge, dict(rule=merge_unweighted)),
+        ("between-process term dropped", merge.parallel_merge, dict(processes=3, rule=merge_without_between_term)),
+        ("Chan divisor k - 1", merge.parallel_merge, dict(rule=merge_pair_divisor_k)),
     ],
     "valid_values_alone": [
         ("all values, masked-out ones too", structure.valid_values_alone,

@@ -11,7 +11,7 @@ from masknorm.proofs.theorems import THEOREMS, prove
 ISSUE_ORDER = [
     "shift_invariance", "scale_invariance", "output_moments", "padding_invariance", "closed_form_derivatives",
     "adjointness", "gradient_orthogonality", "idempotence", "inference_is_affine", "degenerate_passthrough",
-    "permutation_equivariance", "valid_values_alone",
+    "permutation_equivariance", "valid_values_alone", "parallel_merge",
 ]
 
 

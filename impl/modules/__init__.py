@@ -9,6 +9,7 @@ from masknorm.modules.einops_norm import MaskedNorm
 from masknorm.modules.group import MaskedGroupNorm
 from masknorm.modules.instance import MaskedInstanceNorm1d, MaskedInstanceNorm2d, MaskedInstanceNorm3d
 from masknorm.modules.layer import MaskedLayerNorm, MaskedRMSNorm
+from masknorm.modules.sync_batch import MaskedSyncBatchNorm
 
 __all__ = [
     "MaskedLayerNorm",
@@ -16,6 +17,7 @@ __all__ = [
     "MaskedBatchNorm1d",
     "MaskedBatchNorm2d",
     "MaskedBatchNorm3d",
+    "MaskedSyncBatchNorm",
     "MaskedGroupNorm",
     "MaskedInstanceNorm1d",
     "MaskedInstanceNorm2d",
