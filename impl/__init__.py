@@ -24,5 +24,6 @@ from masknorm.modules import (
     MaskedNorm,
     MaskedRMSNorm,
 )
+from masknorm._weight_norm import weight_norm
 
-__all__ = ["masked_norm", *modules.__all__]
+__all__ = ["masked_norm", "weight_norm", *modules.__all__]

@@ -9,7 +9,7 @@ of a candidate are measured in units of u * kappa, kappa = (|mu| + sigma)/s per 
 from .derivatives import jvp, vjp
 from .error import error_in_ukappa, kappa, max_error_in_ukappa, unit_roundoff
 from .forward import masked_norm
-from .weight_norm import weight_norm, weight_norm_jvp, weight_norm_vjp
+from .weight_norm import weight_norm, weight_norm_errors, weight_norm_jvp, weight_norm_vjp
 
 __all__ = ["masked_norm", "vjp", "jvp", "kappa", "unit_roundoff", "error_in_ukappa", "max_error_in_ukappa",
-           "weight_norm", "weight_norm_vjp", "weight_norm_jvp"]
+           "weight_norm", "weight_norm_vjp", "weight_norm_jvp", "weight_norm_errors"]

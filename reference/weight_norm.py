@@ -7,7 +7,8 @@ that take part; None = all) and one scale g:
 
 The VJP (grad_v, grad_g) and JVP are the spec's generated closed forms
 (`masknorm.spec.weight_norm_forms`) on mpf values. Masked-out entries of v and of grad_w are never
-read, so whatever they hold (NaN, Inf) changes nothing.
+read, so whatever they hold (NaN, Inf) changes nothing. `weight_norm_errors` measures a candidate
+against these in units of u.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 from masknorm.spec import weight_norm_forms as wf
 
 from .convert import bool_array, float_array, object_array, to_float64, to_mpf
+from .error import unit_roundoff
+from .oracle_compare import normwise_error
 from .problem import check_dps
 
 ZERO = mpmath.mpf(0)
@@ -156,3 +159,31 @@ def weight_norm_jvp(v: Any, g: Any, v_dot: Any, g_dot: Any = None, mask: Any = N
             out += [wf.weight_norm_jvp(vd[q], 1, u[q], total, scale, scale_dot, inv_r) if m[q] else ZERO
                     for q in range(len(u))]
         return to_float64(rows.back(object_array(out, rows.v.shape)))
+
+
+def weight_norm_errors(w: Any, grad_v: Any, grad_g: Any, v: Any, g: Any, grad_w: Any, mask: Any = None,
+                       dim: Optional[int] = 0, *, dtype: Any) -> Tuple[float, float]:
+    """(forward, gradient) errors of a candidate WeightNorm in units of u of `dtype`, worst over rows:
+
+        forward:  max|w - w*| / (u |g|)                       (||u|| = 1, so |g| bounds the row)
+        gradient: max of max|grad_v - grad_v*| / (u |g| ||gw||_2 / r) and |grad_g - grad_g*| / (u ||gw||_2)
+
+    (|g| ||gw|| / r and ||gw|| bound the closed forms' terms: grad_v* itself may be small by
+    cancellation.) Equal values (NaN with NaN, the same infinity) are no error; a NaN or infinity on
+    one side only, or an error where the scale is 0 (zero rows), is inf. Masked-out entries of grad_w
+    do not enter the scales."""
+    rows = _rows(v, g, mask, dim)
+    u = unit_roundoff(dtype)
+    w_ref = weight_norm(v, g, mask, dim)
+    gv_ref, gg_ref = weight_norm_vjp(grad_w, v, g, mask, dim)
+    gw = np.where(rows.mask, _like_v(grad_w, "grad_w", rows), 0.0)
+    gw_norm = np.sqrt((gw * gw).sum(1, keepdims=True))
+    with mpmath.workdps(check_dps(50)):
+        inv_r = [_direction(list(row), m)[0] or ZERO for row, m in zip(to_mpf(rows.v), rows.mask)]
+    v_scale = np.abs(rows.g)[:, None] * gw_norm * to_float64(object_array(inv_r, (len(inv_r), 1)))
+    forward = normwise_error(rows.to_rows(float_array(w, "w")), rows.to_rows(w_ref),
+                             np.abs(rows.g)[:, None] * np.ones(rows.v.shape), u, (1,))
+    grad_v_error = normwise_error(rows.to_rows(float_array(grad_v, "grad_v")), rows.to_rows(gv_ref),
+                                  v_scale * np.ones(rows.v.shape), u, (1,))
+    grad_g_error = normwise_error(float_array(grad_g, "grad_g").reshape(-1, 1), gg_ref.reshape(-1, 1), gw_norm, u, (1,))
+    return forward, max(grad_v_error, grad_g_error)
