@@ -138,9 +138,10 @@ def _confirm(name: str, closed: sp.Expr, derivative: sp.Expr, variant: Rewriting
 
 
 def closed_form(name: str, lhs: str, args: tuple[sp.Symbol, ...], raw: sp.Expr, variant: Rewriting,
-                designs: dict[str, sp.Expr] = a.DESIGN) -> ClosedForm:
+                designs: dict[str, sp.Expr] | None = None) -> ClosedForm:
     """The closed form of the derivative raw: named, canonical, rewritten in args, forward-checked and
-    compared with its statement in designs (when it has one)."""
+    compared with its statement in designs (default: DESIGN.md's, `arguments.DESIGN`), when it has one."""
+    designs = a.DESIGN if designs is None else designs
     derivative = canonicalizer()(variant.named(raw))
     closed = _rewrite(derivative, variant, args, name)
     _confirm(name, closed, derivative, variant)
