@@ -62,43 +62,45 @@ def _reduced_dims(ndim: int, dim: Optional[int]) -> Tuple[int, ...]:
 
 class WeightNormFunction(torch.autograd.Function):
     """w = g u (0 on zero rows); backward and jvp from spec/weight_norm_forms.py. Saves g, v and the
-    mask; the backward recomputes u from v with differentiable ops, so double backward is exact."""
+    mask only; backward and jvp recompute u from v with differentiable ops, so double backward is
+    exact. setup_context and generate_vmap_rule make it usable under torch.func."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, g: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dim: Optional[int]):
-        dims = _reduced_dims(v.dim(), dim)
-        dtype = compute_dtype(v.dtype)
-        vc, gc = v.to(dtype), g.to(dtype)
-        d = direction(vc, mask, dims)
-        w = torch.where(d.zero, 0.0, gc * d.u)
+    def forward(g: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], dim: Optional[int]) -> torch.Tensor:
+        d = direction(v.to(compute_dtype(v.dtype)), mask, _reduced_dims(v.dim(), dim))
+        return torch.where(d.zero, 0.0, g.to(d.u.dtype) * d.u).to(v.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        g, v, mask, dim = inputs
         ctx.save_for_backward(g, v, mask)
-        ctx.dim, ctx.out_dtype = dim, v.dtype
-        ctx.save_for_forward(gc, d.u, d.inv_a, d.r_scaled, d.zero, mask)
-        return w.to(v.dtype)
+        ctx.save_for_forward(g, v, mask)
+        ctx.dim = dim
 
     @staticmethod
     def backward(ctx, grad_w: torch.Tensor):
         g, v, mask = ctx.saved_tensors
         dims = _reduced_dims(v.dim(), ctx.dim)
-        dtype = compute_dtype(v.dtype)
-        gc = g.to(dtype)
-        d = direction(v.to(dtype), mask, dims)
-        gw = grad_w.to(dtype) if mask is None else where_or_zero(mask, grad_w.to(dtype))
+        d = direction(v.to(compute_dtype(v.dtype)), mask, dims)
+        gw = grad_w.to(d.u.dtype) if mask is None else where_or_zero(mask, grad_w.to(d.u.dtype))
         total = (gw * d.u).sum(dims, keepdim=True)
-        grad_v = torch.where(d.zero, 0.0, wf.weight_norm_vjp_v(gw, 1, d.u, total, gc, d.inv_r))
+        grad_v = torch.where(d.zero, 0.0, wf.weight_norm_vjp_v(gw, 1, d.u, total, g.to(d.u.dtype), d.inv_r))
         grad_g = torch.where(d.zero, 0.0, wf.weight_norm_vjp_g(total)).reshape(g.shape)
         return grad_g.to(g.dtype), grad_v.to(v.dtype), None, None
 
     @staticmethod
     def jvp(ctx, g_dot: Optional[torch.Tensor], v_dot: Optional[torch.Tensor], *_) -> torch.Tensor:
-        gc, u, inv_a, r_scaled, zero, mask = ctx.saved_tensors
-        dims = _reduced_dims(u.dim(), ctx.dim)
-        vd = torch.zeros_like(u) if v_dot is None else v_dot.to(u.dtype)
+        g, v, mask = ctx.saved_tensors
+        dims = _reduced_dims(v.dim(), ctx.dim)
+        d = direction(v.to(compute_dtype(v.dtype)), mask, dims)
+        vd = torch.zeros_like(d.u) if v_dot is None else v_dot.to(d.u.dtype)
         vd = vd if mask is None else where_or_zero(mask, vd)
-        gd = torch.zeros_like(gc) if g_dot is None else g_dot.to(u.dtype)
-        total = (u * vd).sum(dims, keepdim=True)
-        w_dot = wf.weight_norm_jvp(vd, 1, u, total, gc, gd, inv_a / r_scaled)
-        return torch.where(zero, 0.0, w_dot).to(ctx.out_dtype)
+        gd = torch.zeros_like(g, dtype=d.u.dtype) if g_dot is None else g_dot.to(d.u.dtype)
+        total = (d.u * vd).sum(dims, keepdim=True)
+        w_dot = wf.weight_norm_jvp(vd, 1, d.u, total, g.to(d.u.dtype), gd, d.inv_r)
+        return torch.where(d.zero, 0.0, w_dot).to(v.dtype)
 
 
 class MaskedWeightNorm(nn.Module):

@@ -163,3 +163,22 @@ def test_integer_weights_are_refused():
     module.weight = torch.nn.Parameter(torch.ones(2, 2, dtype=torch.int64), requires_grad=False)
     with pytest.raises(TypeError, match="weight must be a floating tensor"):
         masknorm.weight_norm(module)
+
+
+def test_torch_func_transforms_and_compile():
+    from torch.func import functional_call, grad, jacfwd, jacrev, vmap
+
+    v, g, mask, _ = inputs(9, shape=(3, 4))
+    fn = WeightNormFunction.apply
+    assert torch.allclose(jacrev(fn, argnums=(0, 1))(g, v, mask, 0)[1], jacfwd(fn, argnums=(0, 1))(g, v, mask, 0)[1])
+    batch = torch.randn(5, 3, 4, dtype=torch.float64)
+    assert torch.equal(vmap(fn, in_dims=(None, 0, None, None))(g, batch, mask, 0),
+                       torch.stack([fn(g, row, mask, 0) for row in batch]))
+    module = masknorm.weight_norm(torch.nn.Linear(4, 3).double(), mask=mask)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    grads = grad(lambda ps: functional_call(module, ps, (x,)).sum())(params)
+    module(x).sum().backward()
+    assert all(torch.allclose(grads[name], p.grad, rtol=1e-14, atol=0) for name, p in module.named_parameters())
+    compiled = torch.compile(module, backend="aot_eager")
+    assert torch.allclose(compiled(x), module(x), rtol=1e-14, atol=0)
