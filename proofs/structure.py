@@ -55,8 +55,7 @@ def valid_values_alone(center: bool = True,
                        kept: Callable[[], tuple[Callable[[sp.Expr], sp.Expr], sp.Expr, sp.FunctionClass]] = _valid_values,
                        alone_nu: sp.Expr = nu, rank: Callable[[sp.Expr], sp.Expr] = lambda r: r) -> Residuals:
     """Masked group = its valid values alone: at valid positions yhat is the unmasked normalization of the valid values.
-    Scope: generic n, any mask, centered and RMS, any correction, any eps; the k valid values in order
-    x[sigma(1)], ..., x[sigma(k)] form a group of k positions, all valid.
+    Scope: generic n, any mask, centered and RMS, any correction, any eps (alone: x[sigma(1..k)], k positions).
 
     kept() gives the alone group's values, its size and the map from rank to position; valid p is
     sigma(rho) and the alone group's output at rank(rho) is compared with the masked group's at p.
