@@ -33,7 +33,10 @@ def derive() -> render.Results:
         print(f"    {len(step.masks)} masks, {step.identities} identities", flush=True)
         expansions.append(step)
     weight_norm_forms = _timed("WeightNorm closed forms (derived, forward-checked)", weight_norm.closed_forms)
-    return render.Results(forms, checks, tuple(expansions), weight_norm_forms)
+    sizes = weight_norm.EXPANDED_SIZES
+    weight_norm_expansions = _timed(f"WeightNorm expansion n = {sizes[0]}..{sizes[-1]}",
+                                    lambda: tuple(weight_norm.expand_size(size) for size in sizes))
+    return render.Results(forms, checks, tuple(expansions), weight_norm_forms, weight_norm_expansions)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -45,8 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     print("masknorm derive:")
     results = derive()
-    print(f"  {len(results.forms) + len(results.weight_norm_forms)} closed forms, {len(results.generic_checks)} generic checks, "
-          f"{sum(e.identities for e in results.expansions)} expanded identities "
+    forms = len(results.forms) + len(results.weight_norm_forms)
+    identities = sum(e.identities for e in results.expansions + results.weight_norm_expansions)
+    print(f"  {forms} closed forms, {len(results.generic_checks)} generic checks, {identities} expanded identities "
           f"in {time.perf_counter() - start:.2f} s")
     generated = render.files(results)
     if args.check:

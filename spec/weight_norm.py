@@ -11,7 +11,9 @@ give w_p = 0 and receive no gradient.
 
 The derivatives are taken by sympy from this definition, 1/r is named inv_r, and the result is
 rewritten in the arguments (u = v inv_r, sum_m_gw_u = inv_r sum_i m_i gw_i v_i, ...) exactly as
-the masked normalization's closed forms are (`masknorm.spec.derivation.closed_form`).
+the masked normalization's closed forms are (`masknorm.spec.derivation.closed_form`), and then
+confirmed by explicit expansion for n = 1..6 (`expand_size`: the definition written out for
+concrete masks, each residual expanded to 0).
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from typing import Callable
 
 import sympy as sp
 
-from masknorm.spec.derivation import ClosedForm, canonicalizer, closed_form
-from masknorm.spec.definitions import j, l, m, n, p, r, t
+from masknorm.spec.derivation import ClosedForm, DerivationError, canonicalizer, closed_form
+from masknorm.spec.definitions import concrete_masks, j, l, m, n, p, r, t
+from masknorm.spec.expansion import Expansion
 
 v = sp.IndexedBase("v")  # the direction parameter (torch: weight_v, original1)
 vdot = sp.IndexedBase("vdot")
@@ -112,3 +115,59 @@ def closed_forms() -> tuple[ClosedForm, ...]:
          sp.diff(moving, t).xreplace({t: 0})),
     ]
     return tuple(closed_form(name, lhs, args, raw, rows, DESIGN) for name, lhs, args, raw in specs)
+
+
+EXPANDED_SIZES = tuple(range(1, 7))
+
+
+def _confirm_mask(mask: tuple[int, ...]) -> int:
+    """Every closed form against sympy's derivatives of the definition written out for one 0/1 mask
+    (plain symbols v1.., gw1.., vdot1..); each residual must expand to 0. The number checked."""
+    size = len(mask)
+    vs, gws, vdots = ([sp.Symbol(f"{name}{q}") for q in range(size)] for name in ("v", "gw", "vdot"))
+    norm = sp.sqrt(sp.Add(*[mq * vq**2 for mq, vq in zip(mask, vs)]))
+
+    def w(q: int, values=vs, gain: sp.Expr = scale) -> sp.Expr:
+        return gain * mask[q] * values[q] / norm.xreplace(dict(zip(vs, values)))
+
+    forms = {f.name: f.expr for f in closed_forms()}
+    u = [vq / norm for vq in vs]
+    common = {inv_r: 1 / norm}
+    total = sp.Add(*[mask[q] * gws[q] * u[q] for q in range(size)])
+    along = sp.Add(*[mask[q] * u[q] * vdots[q] for q in range(size)])
+    loss = sp.Add(*[gws[q] * w(q) for q in range(size)])
+    moving = [w(q, [vq + t * dq for vq, dq in zip(vs, vdots)], scale + t * scale_dot) for q in range(size)]
+    pairs = []
+    for a in range(size):
+        pairs.append((sp.diff(w(a), scale), forms["weight_norm_jacobian_g"].xreplace({m_p: mask[a], u_p: u[a]})))
+        pairs.append((sp.diff(loss, vs[a]), forms["weight_norm_vjp_v"].xreplace(
+            {**common, gw_j: gws[a], m_j: mask[a], u_j: u[a], sum_m_gw_u: total})))
+        pairs.append((sp.diff(moving[a], t).xreplace({t: 0}), forms["weight_norm_jvp"].xreplace(
+            {**common, vdot_p: vdots[a], m_p: mask[a], u_p: u[a], sum_m_u_vdot: along})))
+        pairs += [(sp.diff(w(a), vs[b]), forms["weight_norm_jacobian_v"].xreplace(
+            {**common, delta_pj: int(a == b), m_p: mask[a], m_j: mask[b], u_p: u[a], u_j: u[b]})) for b in range(size)]
+    pairs.append((sp.diff(loss, scale), forms["weight_norm_vjp_g"].xreplace({sum_m_gw_u: total})))
+    squares = norm**2
+    for number, (derived, closed) in enumerate(pairs):
+        residual = _modulo_norm(sp.expand(derived - closed), squares)
+        if residual != 0:
+            raise DerivationError(f"WeightNorm, mask {mask}, identity {number}: residual {residual}")
+    return len(pairs)
+
+
+def _modulo_norm(expr: sp.Expr, squares: sp.Expr) -> sp.Expr:
+    """expr with every power squares**(k/2) written R**k (R a new symbol), over a common denominator,
+    its numerator reduced modulo R**2 - squares: 0 means expr vanishes wherever R**2 = squares, so at
+    R = sqrt(squares). (sympy does not simplify v**2/(v**2)**(3/2) itself for real v.)"""
+    root = sp.Dummy("R", positive=True)
+    named = expr.replace(lambda e: e.is_Pow and e.base == squares and e.exp.is_Rational,
+                         lambda e: root ** (2 * e.exp))
+    numerator = sp.numer(sp.together(named))
+    return sp.rem(sp.expand(numerator), root**2 - squares, root)
+
+
+@lru_cache(maxsize=None)
+def expand_size(size: int) -> Expansion:
+    """Confirm WeightNorm's closed forms for one row length, over `concrete_masks(size)`."""
+    masks = tuple(concrete_masks(size))
+    return Expansion(size, masks, sum(_confirm_mask(mask) for mask in masks))

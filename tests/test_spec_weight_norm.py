@@ -2,6 +2,7 @@
 statements, a wrong statement or a wrong closed form is refused, and the generated plain-Python
 forms equal central differences of the definition on floats."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -66,3 +67,13 @@ def test_generated_forms_equal_central_differences(seed):
                 for p in range(5)]
     assert np.allclose(np.array(jacobian).T @ gw, closed_vjp, rtol=1e-12, atol=1e-15)
     assert np.allclose([wf.weight_norm_jacobian_g(m[p], u[p]) for p in range(5)], w_of(v, 1.0, m), rtol=1e-12)
+
+
+def test_expansion_confirms_small_rows_and_refuses_a_wrong_form(monkeypatch):
+    assert weight_norm.expand_size(2).identities == 33
+    forms = weight_norm.closed_forms()
+    wrong = tuple(dataclasses.replace(f, expr=f.expr.xreplace({weight_norm.scale_dot: 2 * weight_norm.scale_dot}))
+                  if f.name == "weight_norm_jvp" else f for f in forms)
+    monkeypatch.setattr(weight_norm, "closed_forms", lambda: wrong)
+    with pytest.raises(DerivationError, match=r"mask \(1, 0\)"):
+        weight_norm._confirm_mask((1, 0))
