@@ -25,5 +25,6 @@ from masknorm.modules import (
     MaskedRMSNorm,
     MaskedSyncBatchNorm,
 )
+from masknorm._weight_norm import weight_norm
 
-__all__ = ["masked_norm", *modules.__all__]
+__all__ = ["masked_norm", "weight_norm", *modules.__all__]

@@ -1,6 +1,7 @@
 """masknorm.testing: check your own (masked) normalization against masknorm's mpmath reference.
 
     check(fn, Semantics(dim=-1, ...)) -> Report;  assert_conforms(...) raises with the report
+    weight_norm_errors(w, grad_v, grad_g, v, g, grad_w, mask, dim, dtype=...) -> (forward, gradient) in u
 
 Re-exports masknorm.reference.oracle and masknorm.reference.strategies (needs the `verify`
 extras: mpmath, hypothesis); `import masknorm` alone never imports this module.
@@ -21,6 +22,7 @@ from masknorm.reference.strategies import (
     values,
     with_garbage,
 )
+from masknorm.reference.weight_norm import weight_norm_errors
 
 __all__ = [
     "Semantics",
@@ -41,4 +43,5 @@ __all__ = [
     "garbage_elements",
     "with_garbage",
     "upstream_gradients",
+    "weight_norm_errors",
 ]

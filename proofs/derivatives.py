@@ -33,12 +33,13 @@ def _arguments(variant: Variant, upstream: Callable[[sp.Expr], sp.Expr] = g.__ge
     return {**values, "k": k, "nu": nu}
 
 
-def _call(closed: ClosedForms, name: str, values: dict[str, sp.Expr]) -> sp.Expr:
+def call(closed: ClosedForms, name: str, values: dict[str, sp.Expr]) -> sp.Expr:
+    """The closed form called name, with each argument taken from values by its parameter name."""
     function = getattr(closed, name)
     return function(*[values[argument] for argument in inspect.signature(function).parameters])
 
 
-def _summed(expr: sp.Expr, index: sp.Symbol) -> sp.Expr:
+def summed(expr: sp.Expr, index: sp.Symbol) -> sp.Expr:
     """Sum of expr over its free position index (renamed to h, bound nowhere in the definitions)."""
     return sp.Sum(expr.xreplace({index: SUMMED}), (SUMMED, 1, n))
 
@@ -58,19 +59,19 @@ def closed_form_derivatives(center: bool = True, closed: ClosedForms = closed_fo
     values = _arguments(variant, lambda q: gamma[q] * grad_out[q])
     out = norm.out(p, GENERAL, gamma[p], beta[p])
     d_x, d_weight, d_bias = (name_scale(sp.diff(out, base[j]), norm) for base in (x, gamma, beta))
-    jacobian = P[p] * gamma[p] * _call(closed, f"jacobian_{sfx}", values) + K * (1 - P[p]) * sp.KroneckerDelta(p, j)
-    vjp = _call(closed, f"vjp_{sfx}", values) + K * (1 - P[j]) * grad_out[j]
-    yhat_dot = _call(closed, f"jvp_{sfx}", values)
-    jvp = P[p] * _call(closed, "affine_jvp", {"weight": gamma[p], "yhat_dot": yhat_dot, "weight_dot": gamma_dot[p],
+    jacobian = P[p] * gamma[p] * call(closed, f"jacobian_{sfx}", values) + K * (1 - P[p]) * sp.KroneckerDelta(p, j)
+    vjp = call(closed, f"vjp_{sfx}", values) + K * (1 - P[j]) * grad_out[j]
+    yhat_dot = call(closed, f"jvp_{sfx}", values)
+    jvp = P[p] * call(closed, "affine_jvp", {"weight": gamma[p], "yhat_dot": yhat_dot, "weight_dot": gamma_dot[p],
                                                "yhat": values["yhat_p"], "bias_dot": beta_dot[p]}) \
         + K * (1 - P[p]) * xdot[p]
     tangent = d_x * xdot[j] + d_weight * gamma_dot[j] + d_bias * beta_dot[j]
     return reduced(
         d_x - jacobian,
-        _summed(grad_out[p] * d_x, p) - vjp,
-        _summed(grad_out[p] * d_weight, p) - _call(closed, "weight_grad", values),
-        _summed(grad_out[p] * d_bias, p) - _call(closed, "bias_grad", values),
-        _summed(tangent, j) - jvp,
+        summed(grad_out[p] * d_x, p) - vjp,
+        summed(grad_out[p] * d_weight, p) - call(closed, "weight_grad", values),
+        summed(grad_out[p] * d_bias, p) - call(closed, "bias_grad", values),
+        summed(tangent, j) - jvp,
     )
 
 
@@ -82,8 +83,8 @@ def adjointness(center: bool = True, closed: ClosedForms = closed_forms) -> Resi
     """
     variant = Variant(center)
     values = _arguments(variant)
-    tangent_side = _summed(P[p] * g[p] * _call(closed, f"jvp_{variant.suffix}", values), p)
-    cotangent_side = _summed(_call(closed, f"vjp_{variant.suffix}", values) * xdot[j], j)
+    tangent_side = summed(P[p] * g[p] * call(closed, f"jvp_{variant.suffix}", values), p)
+    cotangent_side = summed(call(closed, f"vjp_{variant.suffix}", values) * xdot[j], j)
     return reduced(tangent_side - cotangent_side)
 
 
@@ -104,7 +105,7 @@ def gradient_orthogonality(center: bool = True, closed: ClosedForms = closed_for
     variant = Variant(center)
     scale = {s: sp.sqrt(variant.norm.base.xreplace({eps: epsilon}))}
     values = {name: value.xreplace(scale) for name, value in _arguments(variant).items()}
-    grad_x = _call(closed, f"vjp_{variant.suffix}", values)
-    ones = (_summed(weight(j) * grad_x, j),) if center else ()
-    within_valid = (1 - m[j]) * _call(closed, f"vjp_{variant.suffix}", _arguments(variant, normalized=m))
-    return reduced(*ones, _summed(weight(j) * values["yhat_j"] * grad_x, j), within_valid)
+    grad_x = call(closed, f"vjp_{variant.suffix}", values)
+    ones = (summed(weight(j) * grad_x, j),) if center else ()
+    within_valid = (1 - m[j]) * call(closed, f"vjp_{variant.suffix}", _arguments(variant, normalized=m))
+    return reduced(*ones, summed(weight(j) * values["yhat_j"] * grad_x, j), within_valid)

@@ -1,6 +1,7 @@
 """The theorems `masknorm prove` confirms, in the issue's order, and how one is proved: every
 residual its check returns (for each variant it is stated for) reduces to exactly 0. A check that
-raises is a failed proof, never a skipped one."""
+raises is a failed proof, never a skipped one. EXPANDED are the explicit-n confirmations of
+theorems 11 and 12 kept beside their generic proofs (`masknorm prove --expanded`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from masknorm.proofs import derivatives, inference, invariance, merge, moments, structure
+from masknorm.proofs import derivatives, inference, invariance, merge, moments, structure, weight_norm
 from masknorm.proofs.residual import Residuals, vanishes
 
 CENTERED = ({"center": True},)
@@ -59,7 +60,15 @@ THEOREMS = (
     Theorem(moments.degenerate_passthrough, BOTH),
     Theorem(structure.permutation_equivariance, BOTH),
     Theorem(structure.valid_values_alone, BOTH),
+    Theorem(weight_norm.weight_norm_closed_forms),
+    Theorem(weight_norm.weight_norm_scale_invariance),
+    Theorem(weight_norm.weight_norm_row_norm),
+    Theorem(weight_norm.weight_norm_vjp_orthogonality),
     Theorem(merge.parallel_merge, MERGES),
+)
+EXPANDED = (
+    Theorem(structure.permutation_equivariance_expanded, BOTH),
+    Theorem(structure.valid_values_alone_expanded, BOTH),
 )
 
 

@@ -8,6 +8,7 @@ the reference and prints the worst errors in units of u*kappa:
     gradient: max over groups of max|gx - gx*| / (u kappa max|gx*|)          (normwise per group)
               and for weight/bias: max|g - g*| / (u kappa_max max|g*|)
 
+Then masknorm.weight_norm's rows (`masknorm.reference.verify_weight_norm`), measured in units of u.
 Masked-out positions hold NaN/Inf garbage and a zero upstream gradient, so every case also checks
 that garbage stays out of valid outputs and gradients. A case passes when both errors are at most
 the bounds below (the worst measured over the --thorough sweep, with margin). The inputs have
@@ -30,6 +31,7 @@ from masknorm._native import describe
 from masknorm.reference.derivatives import vjp
 from masknorm.reference.error import kappa, unit_roundoff
 from masknorm.reference.forward import masked_norm as reference_norm
+from masknorm.reference import verify_weight_norm
 from masknorm.reference.oracle_compare import forward_error, normwise_error
 
 # Worst over `masknorm verify --thorough` on 2026-11-21 (torch 2.13 CPU): forward 3.4, gradient 3.9.
@@ -145,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("FAIL: the committed derivations differ from the spec", flush=True)
             return 1
     print(f"torch implementation: {describe()}", flush=True)
-    rows = run(args.thorough, _progress)
+    rows = run(args.thorough, _progress) + [Row(*case) for case in verify_weight_norm.run(args.thorough, _progress)]
     _progress("")
     print(f"\n{'family / policy / dtype / seed':<37} {'forward u*kappa':>16} {'gradient u*kappa':>17}  result")
     for row in rows:

@@ -15,6 +15,14 @@ bottom-up (every Sum after its summand) with these rules, then expands:
                     bound inside its summand), so equal sums are equal atoms.
   R6 known sums     a Sum equal (after R5) to a declared one is replaced by its value, e.g.
                     Sum(m[i], (i, 1, n)) -> k, the definition of the valid count.
+  R7 enumerations   Sum(f(e(r)), (r, 1, count)) -> Sum(w[i]*f(i), (i, 1, n)) for a declared
+                    enumeration e of the positions i in 1..n with w_i = 1 (w an indicator, or 1),
+                    count of them, when r occurs in the summand only as e(r): reindexing by the
+                    bijection e. A permutation of 1..n is (e, n, 1); the increasing enumeration
+                    of the valid positions V is (e, k, m). The result is rewritten again (R1-R6).
+                    sympy cannot do this step itself: Sum.change_index takes only affine maps
+                    i -> a*i + b, and an undefined Function has no bijection semantics; the
+                    declaration is the assumption.
 
 Sums that remain are atoms of the expanded result: an expression is identically zero under the
 rules when its canonical form is 0 (denominators are monomials in symbols such as k, nu, s).
@@ -22,19 +30,33 @@ rules when its canonical form is 0 (denominators are monomials in symbols such a
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
 
 import sympy as sp
 
 DUMMY_PREFIX = "i_"
 
 
+@dataclass(frozen=True)
+class Enumeration:
+    """function(1), ..., function(count) are the positions i in 1..length with weight(i) = 1, each
+    once (R7): Sum(f(function(r)), (r, 1, count)) = Sum(weight(i) f(i), (i, 1, length))."""
+
+    function: sp.FunctionClass
+    count: sp.Expr
+    length: sp.Expr
+    weight: Callable[[sp.Expr], sp.Expr]
+
+
 class Canonicalizer:
-    """Rewrite with R1-R6 (module docstring): `canon(e)` is expand(rules(e))."""
+    """Rewrite with R1-R7 (module docstring): `canon(e)` is expand(rules(e))."""
 
     def __init__(self, indicators: Iterable[sp.IndexedBase] = (),
-                 known_sums: Mapping[sp.Expr, sp.Expr] | None = None) -> None:
+                 known_sums: Mapping[sp.Expr, sp.Expr] | None = None,
+                 enumerations: Iterable[Enumeration] = ()) -> None:
         self.indicators = frozenset(indicators)
+        self.enumerations = tuple(enumerations)
         self.known_sums: dict[sp.Expr, sp.Expr] = {}
         for total, value in (known_sums or {}).items():
             self.known_sums[self(total)] = value
@@ -85,9 +107,26 @@ class Canonicalizer:
                     rest = sp.Mul(*(inside[:pos] + inside[pos + 1:]))
                     return coefficient * sp.expand(self._rewrite(rest.xreplace({index: other})))
         summand = sp.Mul(*inside)
+        reindexed = self._reindex(summand, index, lo, hi)
+        if reindexed is not None:
+            return coefficient * reindexed
         dummy = _fresh_dummy(summand, index)
         atom = sp.Sum(summand.xreplace({index: dummy}), (dummy, lo, hi))  # R5
         return coefficient * self.known_sums.get(atom, atom)  # R6
+
+
+    def _reindex(self, summand: sp.Expr, index: sp.Symbol, lo: sp.Expr, hi: sp.Expr) -> sp.Expr | None:
+        """R7: the sum reindexed by the first declared enumeration it matches, rewritten; else None."""
+        if lo != 1:
+            return None
+        for enum in self.enumerations:
+            image = enum.function(index)
+            if hi != enum.count or not summand.has(image):
+                continue
+            if index in summand.xreplace({image: sp.Dummy()}).free_symbols:
+                continue  # index occurs outside enum(index): not a reindexing
+            return self._sum(sp.Sum(enum.weight(index) * summand.xreplace({image: index}), (index, 1, enum.length)))
+        return None
 
 
 def _fresh_dummy(summand: sp.Expr, index: sp.Symbol) -> sp.Symbol:

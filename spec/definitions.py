@@ -48,6 +48,11 @@ beta_dot = sp.IndexedBase("betadot")
 
 INDICATORS = (m, P)
 
+# bijections that reindex sums (canonical rule R7): a permutation of the positions 1..n, and the
+# increasing enumeration sigma(1) < ... < sigma(k) of the valid positions V
+pi = sp.Function("pi", integer=True, positive=True)
+sigma = sp.Function("sigma", integer=True, positive=True)
+
 
 @dataclass(frozen=True)
 class Policy:
@@ -80,18 +85,21 @@ class Group(Protocol):
 
 @dataclass(frozen=True)
 class GenericGroup:
-    """n positions 1..n, sums kept as sympy Sums; k and nu are symbols (k = Sum(m_i))."""
+    """`size` positions 1..size (default n), sums kept as sympy Sums; k and nu are symbols (k = Sum(m_i));
+    mask(q) is the mask at position q (default m[q])."""
 
     k: sp.Expr = k
     nu: sp.Expr = nu
+    size: sp.Expr = n
+    mask: Callable[[sp.Expr], sp.Expr] = m.__getitem__
 
     def sum(self, f: Callable[[sp.Expr], sp.Expr], index: sp.Symbol) -> sp.Expr:
-        """Sum(f(index), (index, 1, n))."""
-        return sp.Sum(f(index), (index, 1, n))
+        """Sum(f(index), (index, 1, size))."""
+        return sp.Sum(f(index), (index, 1, self.size))
 
     def valid_sum(self, f: Callable[[sp.Expr], sp.Expr], index: sp.Symbol) -> sp.Expr:
-        """Sum(m[index]*f(index), (index, 1, n))."""
-        return self.sum(lambda q: m[q] * f(q), index)
+        """Sum(mask(index)*f(index), (index, 1, size))."""
+        return self.sum(lambda q: self.mask(q) * f(q), index)
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
+from typing import Callable, Protocol
 
 import sympy as sp
 
 from masknorm.spec import arguments as a
-from masknorm.spec.canonical import Canonicalizer
+from masknorm.spec.canonical import Canonicalizer, Enumeration
 from masknorm.spec.definitions import (
     INDICATORS, POLICIES, GenericGroup, K, Normalization, P, Policy, beta, beta_dot, degenerate_out, g, gamma,
-    gamma_dot, grad_out, i, j, k, l, m, name_scale, normalization, nu, p, r, s, t, x, xdot,
+    gamma_dot, grad_out, i, j, k, l, m, n, name_scale, normalization, nu, p, pi, r, s, sigma, t, x, xdot,
 )
 
 GROUP = GenericGroup()
@@ -46,8 +46,10 @@ class ClosedForm:
 
 @lru_cache(maxsize=1)
 def canonicalizer() -> Canonicalizer:
-    """The canonicalizer for the definitions: m and P are 0/1, Sum(m_i) = k."""
-    return Canonicalizer(INDICATORS, {GROUP.valid_sum(lambda q: sp.S.One, i): k})
+    """The canonicalizer for the definitions: m and P are 0/1, Sum(m_i) = k; pi permutes 1..n and
+    sigma enumerates the k valid positions."""
+    enumerations = (Enumeration(pi, n, n, lambda q: sp.S.One), Enumeration(sigma, k, n, m.__getitem__))
+    return Canonicalizer(INDICATORS, {GROUP.valid_sum(lambda q: sp.S.One, i): k}, enumerations)
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ class Variant:
     def moving(self) -> Normalization:
         """The statistics of x + t xdot (a directional derivative at t = 0 gives the JVP)."""
         return normalization(GROUP, self.center, lambda q: x[q] + t * xdot[q])
+
+    def named(self, expr: sp.Expr) -> sp.Expr:
+        """expr (a derivative of the definition) with sqrt(var + eps) named s."""
+        return name_scale(expr, self.norm)
 
     def yhat(self, q: sp.Expr) -> sp.Expr:
         """yhat_q with the scale named: (x_q - mu)/s."""
@@ -102,7 +108,18 @@ class Variant:
         }
 
 
-def _rewrite(derivative: sp.Expr, variant: Variant, args: tuple[sp.Symbol, ...], name: str) -> sp.Expr:
+class Rewriting(Protocol):
+    """What turns a derivative into a closed form: name its radical (`named`), map canonical atoms to
+    arguments (`inverse`) and arguments to their definitions (`forward`)."""
+
+    def named(self, expr: sp.Expr) -> sp.Expr: ...
+
+    def inverse(self) -> dict[sp.Expr, sp.Expr]: ...
+
+    def forward(self) -> dict[sp.Symbol, sp.Expr]: ...
+
+
+def _rewrite(derivative: sp.Expr, variant: Rewriting, args: tuple[sp.Symbol, ...], name: str) -> sp.Expr:
     """Express a canonical derivative in args (inverse map, s = 1/inv_s) and collect it."""
     rewritten = sp.expand(derivative.xreplace(variant.inverse()).xreplace({s: 1 / a.inv_s}))
     closed = sp.factor_terms(rewritten)
@@ -113,20 +130,24 @@ def _rewrite(derivative: sp.Expr, variant: Variant, args: tuple[sp.Symbol, ...],
     return closed
 
 
-def _confirm(name: str, closed: sp.Expr, derivative: sp.Expr, variant: Variant) -> None:
+def _confirm(name: str, closed: sp.Expr, derivative: sp.Expr, variant: Rewriting) -> None:
     """Forward check: closed with its arguments defined equals the derivative."""
     residual = canonicalizer()(closed.xreplace(variant.forward()) - derivative)
     if residual != 0:
         raise DerivationError(f"{name}: closed form differs from the derivative by {residual}")
 
 
-def _closed_form(name: str, lhs: str, args: tuple[sp.Symbol, ...], raw: sp.Expr, variant: Variant) -> ClosedForm:
-    derivative = canonicalizer()(name_scale(raw, variant.norm))
+def closed_form(name: str, lhs: str, args: tuple[sp.Symbol, ...], raw: sp.Expr, variant: Rewriting,
+                designs: dict[str, sp.Expr] | None = None) -> ClosedForm:
+    """The closed form of the derivative raw: named, canonical, rewritten in args, forward-checked and
+    compared with its statement in designs (default: DESIGN.md's, `arguments.DESIGN`), when it has one."""
+    designs = a.DESIGN if designs is None else designs
+    derivative = canonicalizer()(variant.named(raw))
     closed = _rewrite(derivative, variant, args, name)
     _confirm(name, closed, derivative, variant)
-    design = a.DESIGN.get(name)
+    design = designs.get(name)
     if design is not None and sp.expand(closed - design) != 0:
-        raise DerivationError(f"{name}: derived {closed} differs from DESIGN.md's {design}")
+        raise DerivationError(f"{name}: derived {closed} differs from its statement {design}")
     return ClosedForm(name, lhs, args, closed, derivative, design)
 
 
@@ -140,10 +161,10 @@ def _normalization_forms(variant: Variant) -> list[ClosedForm]:
     vjp_args = (a.g_j, a.p_j, a.m_j, a.yhat_j) + ((a.sum_p_g,) if centered else ()) + (a.sum_p_g_yhat,) \
         + ((k,) if centered else ()) + (nu, a.inv_s)
     return [
-        _closed_form(f"jacobian_{sfx}", "d yhat_p / d x_j", jacobian_args, sp.diff(norm.yhat(p), x[j]), variant),
-        _closed_form(f"jvp_{sfx}", "yhat_dot_p", jvp_args,
+        closed_form(f"jacobian_{sfx}", "d yhat_p / d x_j", jacobian_args, sp.diff(norm.yhat(p), x[j]), variant),
+        closed_form(f"jvp_{sfx}", "yhat_dot_p", jvp_args,
                      sp.diff(moving.yhat(p), t).xreplace({t: 0}), variant),
-        _closed_form(f"vjp_{sfx}", "grad x_j", vjp_args,
+        closed_form(f"vjp_{sfx}", "grad x_j", vjp_args,
                      sp.diff(GROUP.sum(lambda q: P[q] * g[q] * norm.yhat(q), r), x[j]), variant),
     ]
 
@@ -154,8 +175,8 @@ def _affine_forms() -> list[ClosedForm]:
     norm = variant.norm
     loss = GROUP.sum(lambda q: grad_out[q] * norm.out(q, GENERAL, gamma[q], beta[q]), r)
     forms = [
-        _closed_form("weight_grad", "grad weight_j", (a.grad_out_j, a.yhat_j, a.p_j), sp.diff(loss, gamma[j]), variant),
-        _closed_form("bias_grad", "grad bias_j", (a.grad_out_j, a.p_j), sp.diff(loss, beta[j]), variant),
+        closed_form("weight_grad", "grad weight_j", (a.grad_out_j, a.yhat_j, a.p_j), sp.diff(loss, gamma[j]), variant),
+        closed_form("bias_grad", "grad bias_j", (a.grad_out_j, a.p_j), sp.diff(loss, beta[j]), variant),
     ]
     curve = sp.Function("Y")(t)  # yhat along the tangent: Y(0) = yhat, Y'(0) = yhat_dot
     derivative = sp.diff((a.weight + t * a.weight_dot) * curve + sp.Symbol("bias") + t * a.bias_dot, t).subs(t, 0)

@@ -1,5 +1,6 @@
-"""`masknorm derive`: run the derivation and regenerate spec/closed_forms.py and spec/DERIVATION.md
-(`--check`: regenerate in memory, exit 1 naming each file that differs; `--out DIR`: elsewhere)."""
+"""`masknorm derive`: run the derivation and regenerate spec/closed_forms.py, spec/weight_norm_forms.py and
+spec/DERIVATION.md (`--check`: regenerate in memory, exit 1 naming each file that differs; `--out DIR`:
+elsewhere)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
 
-from masknorm.spec import derivation, expansion, render
+from masknorm.spec import derivation, expansion, render, weight_norm
 
 SPEC_DIR = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -31,7 +32,11 @@ def derive() -> render.Results:
         step = _timed(f"expansion n = {size}", lambda size=size: expansion.expand_size(size))
         print(f"    {len(step.masks)} masks, {step.identities} identities", flush=True)
         expansions.append(step)
-    return render.Results(forms, checks, tuple(expansions))
+    weight_norm_forms = _timed("WeightNorm closed forms (derived, forward-checked)", weight_norm.closed_forms)
+    sizes = weight_norm.EXPANDED_SIZES
+    weight_norm_expansions = _timed(f"WeightNorm expansion n = {sizes[0]}..{sizes[-1]}",
+                                    lambda: tuple(weight_norm.expand_size(size) for size in sizes))
+    return render.Results(forms, checks, tuple(expansions), weight_norm_forms, weight_norm_expansions)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -43,8 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     print("masknorm derive:")
     results = derive()
-    print(f"  {len(results.forms)} closed forms, {len(results.generic_checks)} generic checks, "
-          f"{sum(e.identities for e in results.expansions)} expanded identities "
+    forms = len(results.forms) + len(results.weight_norm_forms)
+    identities = sum(e.identities for e in results.expansions + results.weight_norm_expansions)
+    print(f"  {forms} closed forms, {len(results.generic_checks)} generic checks, {identities} expanded identities "
           f"in {time.perf_counter() - start:.2f} s")
     generated = render.files(results)
     if args.check:

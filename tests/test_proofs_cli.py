@@ -75,3 +75,13 @@ def test_module_runs_as_a_script_and_the_package_import_is_light():
     assert done.returncode == 0 and json.loads(done.stdout)[0]["status"] == "proved"
     code = "import sys, masknorm.proofs; assert 'sympy' not in sys.modules, 'sympy imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, check=False).returncode == 0
+
+
+def test_expanded_confirmations_run_only_when_asked(monkeypatch, capsys):
+    cheap = Theorem(inference.inference_is_affine)
+    monkeypatch.setattr(theorems, "THEOREMS", (THEOREMS[0],))
+    monkeypatch.setattr(theorems, "EXPANDED", (cheap,))
+    assert cli.main(["--json"]) == 0
+    assert [e["name"] for e in json.loads(capsys.readouterr().out)] == ["shift_invariance"]
+    assert cli.main(["--json", "--expanded"]) == 0
+    assert [e["name"] for e in json.loads(capsys.readouterr().out)] == ["shift_invariance", "inference_is_affine"]

@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 import sympy as sp
 
-from masknorm.proofs import derivatives, inference, invariance, merge, moments, structure
+from masknorm.proofs import derivatives, inference, invariance, merge, moments, structure, weight_norm
 from masknorm.proofs.invariance import SCALE
-from masknorm.proofs.theorems import THEOREMS
+from masknorm.spec import weight_norm_forms
+from masknorm.proofs.theorems import EXPANDED, THEOREMS
 from masknorm.spec import closed_forms
-from masknorm.spec.definitions import P, beta, eps, gamma, k, m, nu, p, x
+from masknorm.spec.definitions import P, beta, eps, gamma, k, m, n, nu, p, pi, sigma, x
 
 
 def closed_with(**replacements):
@@ -68,6 +69,40 @@ def merge_pair_divisor_k(processes):
     a, b = processes
     delta = b.mean - a.mean
     return a.k + b.k, a.mean + delta * b.k / (a.k + b.k), a.m2 + b.m2 + delta ** 2 * a.k * b.k / (a.k + b.k - 1)
+
+
+def weight_norm_with(**replacements):
+    """The committed WeightNorm closed forms with some functions replaced by wrong ones."""
+    return SimpleNamespace(**{name: getattr(weight_norm_forms, name) for name in weight_norm_forms.__all__}
+                           | replacements)
+
+
+def wn_jacobian_v_ungated(delta_pj, m_p, m_j, u_p, u_j, g, inv_r):
+    return g * inv_r * m_p * (delta_pj - u_j * u_p)
+
+
+def wn_jacobian_g_unmasked(m_p, u_p):
+    return u_p
+
+
+def wn_vjp_v_sign(gw_j, m_j, u_j, sum_m_gw_u, g, inv_r):
+    return g * inv_r * m_j * (gw_j + sum_m_gw_u * u_j)
+
+
+def wn_vjp_v_ungated(gw_j, m_j, u_j, sum_m_gw_u, g, inv_r):
+    return g * inv_r * (gw_j - sum_m_gw_u * u_j)
+
+
+def wn_vjp_v_squared_norm(gw_j, m_j, u_j, sum_m_gw_u, g, inv_r):
+    return g * inv_r * inv_r * m_j * (gw_j - sum_m_gw_u * u_j)
+
+
+def wn_vjp_g_scaled(sum_m_gw_u):
+    return 2 * sum_m_gw_u
+
+
+def wn_jvp_without_gdot(vdot_p, m_p, u_p, sum_m_u_vdot, g, gdot, inv_r):
+    return m_p * g * inv_r * (vdot_p - sum_m_u_vdot * u_p)
 
 
 def wrong_mean(norm, q):
@@ -146,8 +181,11 @@ PERTURBATIONS = {
     ],
     "permutation_equivariance": [
         *[(f"mask left in place, center={c}", structure.permutation_equivariance,
-           dict(center=c, size=2, carried=(x, gamma, beta, P))) for c in (True, False)],
-        ("weight left in place", structure.permutation_equivariance, dict(size=2, carried=(x, m, beta, P))),
+           dict(center=c, carried=(x, gamma, beta, P))) for c in (True, False)],
+        ("weight left in place", structure.permutation_equivariance, dict(carried=(x, m, beta, P))),
+        ("P left in place", structure.permutation_equivariance, dict(carried=(x, m, gamma, beta))),
+        ("a map not declared a bijection", structure.permutation_equivariance,
+         dict(permutation=sp.Function("f", integer=True, positive=True))),
     ],
     "parallel_merge": [
         ("unweighted mean of means", merge.parallel_merge, dict(rule=merge_unweighted)),
@@ -155,9 +193,49 @@ PERTURBATIONS = {
         ("Chan divisor k - 1", merge.parallel_merge, dict(rule=merge_pair_divisor_k)),
     ],
     "valid_values_alone": [
-        ("all values, masked-out ones too", structure.valid_values_alone,
+        *[(f"all n values, masked-out ones too, center={c}", structure.valid_values_alone,
+           dict(center=c, kept=lambda: ((lambda r: x[pi(r)]), n, pi))) for c in (True, False)],
+        ("valid values counted as n", structure.valid_values_alone,
+         dict(kept=lambda: ((lambda r: x[sigma(r)]), n, sigma))),
+        ("correction dropped alone", structure.valid_values_alone, dict(alone_nu=k)),
+        ("compared with the next valid value", structure.valid_values_alone,
+         dict(center=False, rank=lambda r: r + 1)),
+    ],
+    "weight_norm_closed_forms": [
+        (label, weight_norm.weight_norm_closed_forms, dict(closed=weight_norm_with(**{name: wrong})))
+        for label, name, wrong in [
+            ("jacobian not gated by m_j", "weight_norm_jacobian_v", wn_jacobian_v_ungated),
+            ("jacobian in g unmasked", "weight_norm_jacobian_g", wn_jacobian_g_unmasked),
+            ("vjp sign", "weight_norm_vjp_v", wn_vjp_v_sign),
+            ("vjp over 1/r^2", "weight_norm_vjp_v", wn_vjp_v_squared_norm),
+            ("vjp for g doubled", "weight_norm_vjp_g", wn_vjp_g_scaled),
+            ("jvp without gdot", "weight_norm_jvp", wn_jvp_without_gdot),
+        ]
+    ],
+    "weight_norm_scale_invariance": [
+        ("a < 0", weight_norm.weight_norm_scale_invariance, dict(factor=-weight_norm.SCALE)),
+        ("any real a", weight_norm.weight_norm_scale_invariance, dict(factor=sp.Symbol("a", real=True))),
+    ],
+    "weight_norm_row_norm": [
+        ("pruned entries in the norm", weight_norm.weight_norm_row_norm,
+         dict(definition=weight_norm.WeightNorm(lambda q: 1))),
+        ("||w|| = g, not squared", weight_norm.weight_norm_row_norm, dict(claimed=lambda g: g)),
+    ],
+    "weight_norm_vjp_orthogonality": [
+        ("vjp sign", weight_norm.weight_norm_vjp_orthogonality, dict(closed=weight_norm_with(
+            weight_norm_vjp_v=wn_vjp_v_sign))),
+        ("vjp not gated by m_j", weight_norm.weight_norm_vjp_orthogonality, dict(closed=weight_norm_with(
+            weight_norm_vjp_v=wn_vjp_v_ungated))),
+    ],
+    "permutation_equivariance_expanded": [
+        *[(f"mask left in place, center={c}", structure.permutation_equivariance_expanded,
+           dict(center=c, size=2, carried=(x, gamma, beta, P))) for c in (True, False)],
+        ("weight left in place", structure.permutation_equivariance_expanded, dict(size=2, carried=(x, m, beta, P))),
+    ],
+    "valid_values_alone_expanded": [
+        ("all values, masked-out ones too", structure.valid_values_alone_expanded,
          dict(size=3, kept=lambda mask: list(range(1, len(mask) + 1)))),
-        ("valid values in the wrong order", structure.valid_values_alone,
+        ("valid values in the wrong order", structure.valid_values_alone_expanded,
          dict(center=False, size=3, kept=lambda mask: structure._valid_positions(mask)[::-1])),
     ],
 }
@@ -167,7 +245,7 @@ CASES = [pytest.param(check, kwargs, id=f"{name}: {label}")
 
 
 def test_every_theorem_has_perturbations():
-    assert set(PERTURBATIONS) == {t.name for t in THEOREMS}
+    assert set(PERTURBATIONS) == {t.name for t in THEOREMS + EXPANDED}
 
 
 @pytest.mark.parametrize("check, kwargs", CASES)

@@ -6,12 +6,14 @@ import sympy as sp
 
 from masknorm.proofs import structure
 from masknorm.proofs.residual import reduce
-from masknorm.proofs.theorems import THEOREMS, prove
+from masknorm.proofs.theorems import EXPANDED, THEOREMS, prove
 
 ISSUE_ORDER = [
     "shift_invariance", "scale_invariance", "output_moments", "padding_invariance", "closed_form_derivatives",
     "adjointness", "gradient_orthogonality", "idempotence", "inference_is_affine", "degenerate_passthrough",
-    "permutation_equivariance", "valid_values_alone", "parallel_merge",
+    "permutation_equivariance", "valid_values_alone",
+    "weight_norm_closed_forms", "weight_norm_scale_invariance", "weight_norm_row_norm", "weight_norm_vjp_orthogonality",
+    "parallel_merge",
 ]
 
 
@@ -30,10 +32,25 @@ def test_registry_states_each_theorem_once_in_the_issues_order():
                                   or theorem.name == "inference_is_affine")
 
 
-def test_expanded_scopes_name_the_sizes_that_are_checked():
-    scopes = {t.name: t.scope for t in THEOREMS}
-    assert scopes["permutation_equivariance"].startswith(f"n <= {structure.PERMUTATION_SIZE} ")
-    assert scopes["valid_values_alone"].startswith(f"n <= {structure.SUBSET_SIZE} ")
+def test_theorems_11_and_12_are_generic_and_keep_their_expansions_beside_them():
+    scopes = {t.name: t.scope for t in THEOREMS + EXPANDED}
+    assert scopes["permutation_equivariance"].startswith("generic n")
+    assert scopes["valid_values_alone"].startswith("generic n")
+    assert scopes["permutation_equivariance_expanded"].startswith(f"n <= {structure.PERMUTATION_SIZE} ")
+    assert scopes["valid_values_alone_expanded"].startswith(f"n <= {structure.SUBSET_SIZE} ")
+
+
+@pytest.mark.parametrize("check, size", [(structure.permutation_equivariance_expanded, 4),
+                                         (structure.valid_values_alone_expanded, 3)], ids=lambda v: str(v))
+def test_expansions_hold_for_small_n(check, size):
+    residuals = [r for center in (True, False) for r in check(center=center, size=size)]
+    assert residuals and all(r == 0 for r in residuals)
+
+
+@pytest.mark.thorough
+@pytest.mark.parametrize("theorem", EXPANDED, ids=lambda t: t.name)
+def test_expansions_hold_at_their_stated_sizes(theorem):
+    assert prove(theorem).status == "proved"
 
 
 def test_prove_reports_a_proved_theorem_with_its_time():

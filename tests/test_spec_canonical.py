@@ -2,7 +2,7 @@
 
 import sympy as sp
 
-from masknorm.spec.canonical import Canonicalizer
+from masknorm.spec.canonical import Canonicalizer, Enumeration
 
 n = sp.Symbol("n", integer=True, positive=True)
 i, l, j, p = sp.symbols("i l j p", integer=True, positive=True)
@@ -88,3 +88,28 @@ def test_nonzero_differences_stay_nonzero():
     assert not canon.is_zero(S(x[i]) - S(y[i]))
     assert not canon.is_zero(S(m[i] * x[i]) - S(x[i]))
     assert canon.is_zero(S(m[i] * x[i]) - S(m[l] * x[l], l))
+
+
+pi, sigma, f = (sp.Function(name, integer=True, positive=True) for name in ("pi", "sigma", "f"))
+reindexing = Canonicalizer(indicators=[m], known_sums={sp.Sum(m[i], (i, 1, n)): k}, enumerations=[
+    Enumeration(pi, n, n, lambda q: 1), Enumeration(sigma, k, n, m.__getitem__)])
+
+
+def test_r7_a_permutation_reindexes_a_sum_whose_index_occurs_only_through_it():
+    assert reindexing(S(m[pi(i)] * x[pi(i)] ** 2) - S(m[l] * x[l] ** 2, l)) == 0
+    assert reindexing(S(m[pi(i)])) == k
+    assert reindexing(S(x[pi(i)] * S(y[pi(l)], l))) == reindexing(S(x[i]) * S(y[i]))
+
+
+def test_r7_the_valid_enumeration_turns_a_sum_over_1_to_k_into_a_masked_sum():
+    assert reindexing(S(x[sigma(i)], i, 1, k) - S(m[i] * x[i])) == 0
+    assert reindexing(S(m[sigma(i)], i, 1, k)) == k
+    assert reindexing(S(c, i, 1, k)) == c * k  # R2, not R7
+
+
+def test_r7_leaves_sums_it_cannot_reindex():
+    assert reindexing(S(m[i] * x[pi(i)])) != reindexing(S(m[i] * x[i]))  # index also bare
+    assert reindexing(S(x[sigma(i)], i, 1, n)) != reindexing(S(m[i] * x[i]))  # limit is not the count k
+    assert reindexing(S(x[sigma(i)], i, 0, k - 1)) != reindexing(S(m[i] * x[i]))  # not from 1
+    assert reindexing(S(x[f(i)])) != reindexing(S(x[i]))  # f is not declared a bijection
+    assert canon(S(x[pi(i)])) != canon(S(x[i]))  # nor is pi without the declaration

@@ -8,7 +8,7 @@ from masknorm.spec import derivation, render
 from masknorm.spec.definitions import k, nu
 from masknorm.spec.derive import SPEC_DIR, main
 
-GENERATED = ("DERIVATION.md", "closed_forms.py")
+GENERATED = ("DERIVATION.md", "closed_forms.py", "weight_norm_forms.py")
 
 
 def test_check_passes_on_the_committed_files(capsys):

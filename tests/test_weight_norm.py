@@ -1,0 +1,184 @@
+"""masknorm.weight_norm (the parametrization) against the mpmath reference, in units of u: forward
+and gradients per dtype, rows near overflow/underflow, zero rows, pruned entries holding garbage;
+gradcheck, double backward, forward AD; torch's state_dict layout; bad input."""
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parametrizations
+
+import masknorm
+from masknorm._weight_norm import WeightNormFunction
+from masknorm.reference import weight_norm as reference_w, weight_norm_errors, weight_norm_jvp
+
+NAN, INF = float("nan"), float("inf")
+# Worst measured over 30 seeds per dtype, float32 also with rows of 1e20 and 1e-25 (2026-12-02, torch 2.13 CPU,
+# 2-core x86_64): forward 1.9, gradient 3.1 u (float64 1.9 / 2.6, float32 1.7 / 3.1, bfloat16 0.8 / 0.6).
+BOUND = 8.0
+
+
+def parametrized(v, g, mask=None, dim=0):
+    """A Linear-like module whose weight is masknorm's weight norm of (g, v); returns it and (g, v)."""
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(v.clone())
+    masknorm.weight_norm(module, dim=dim, mask=mask)
+    with torch.no_grad():
+        module.parametrizations.weight.original0.copy_(g)
+        module.parametrizations.weight.original1.copy_(v)
+    return module, module.parametrizations.weight.original0, module.parametrizations.weight.original1
+
+
+def measured(v, g, mask, grad_w, dtype, dim=0):
+    module, gp, vp = parametrized(v.to(dtype), g.to(dtype), mask, dim)
+    w = module.weight
+    grad_g, grad_v = torch.autograd.grad(w, (gp, vp), grad_w.to(dtype))
+    return weight_norm_errors(w.detach(), grad_v, grad_g, vp.detach(), gp.detach(), grad_w.to(dtype), mask, dim,
+                              dtype=dtype)
+
+
+def inputs(seed, shape=(4, 7), scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    g = torch.randn((shape[0],) + (1,) * (len(shape) - 1), generator=gen, dtype=torch.float64)
+    mask = torch.rand(shape, generator=gen) > 0.25
+    grad_w = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return v, g, mask, grad_w
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", range(3))
+def test_forward_and_gradients_agree_with_the_reference(dtype, seed):
+    v, g, mask, grad_w = inputs(seed)
+    forward, gradient = measured(v, g, mask, grad_w, dtype)
+    assert forward <= BOUND and gradient <= BOUND
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25, 1e35, 1e-37])
+def test_float32_rows_whose_squares_overflow_or_underflow_are_exact(scale):
+    v, g, mask, grad_w = inputs(7, scale=scale)
+    naive = v.float().pow(2).sum(1)
+    assert ((naive == 0) | torch.isinf(naive)).all()  # sum of squares in float32: 0 or inf on every row
+    forward, gradient = measured(v.float().double(), g, mask, grad_w, torch.float32)
+    assert forward <= BOUND and gradient <= BOUND
+
+
+def test_float32_subnormal_rows_normalize_exactly():
+    v, g, mask, _ = inputs(8, scale=1e-42)  # subnormal entries; the gradient (~1e42) is beyond float32
+    module, _, _ = parametrized(v.float(), g.float(), mask)
+    expected = reference_w(v.float(), g.float(), mask)
+    error = np.abs(module.weight.detach().double().numpy() - expected) / (2.0**-24 * np.abs(g.float().double().numpy()))
+    assert error.max() <= BOUND
+
+
+@pytest.mark.parametrize("dim", [1, None, -1])
+def test_other_dims(dim):
+    v, _, mask, grad_w = inputs(3, shape=(3, 4, 5))
+    g = torch.rand(() if dim is None else (1, 1, 5) if dim == -1 else (1, 4, 1), dtype=torch.float64) + 0.5
+    forward, gradient = measured(v, g, mask, grad_w, torch.float64, dim)
+    assert forward <= BOUND and gradient <= BOUND
+
+
+def test_zero_rows_give_zero_weights_and_zero_gradients_never_nan():
+    v = torch.tensor([[0.0, 0.0, 0.0], [0.0, 3.0, 4.0], [5.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True], [True, True, True], [False, True, True]])  # row 2: 5 is pruned
+    module, g, vp = parametrized(v, torch.tensor([[2.0], [1.0], [3.0]], dtype=torch.float64), mask)
+    w = module.weight
+    assert w.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, 0.0]]
+    grad_g, grad_v = torch.autograd.grad(w.sum(), (g, vp))
+    assert grad_g[0].item() == 0.0 and grad_g[2].item() == 0.0 and (grad_v[[0, 2]] == 0).all()
+    assert torch.isfinite(grad_v).all() and torch.isfinite(grad_g).all()
+
+
+def test_garbage_in_pruned_entries_never_reaches_weights_or_gradients():
+    v, g, mask, grad_w = inputs(11)
+    clean_module, clean_g, clean_v = parametrized(v, g, mask)
+    clean = torch.autograd.grad(clean_module.weight, (clean_g, clean_v), grad_w)
+    garbage = torch.tensor([NAN, INF, -INF, 1e308], dtype=torch.float64)
+    dirty_v = torch.where(mask, v, garbage[torch.arange(v.numel()).reshape(v.shape) % 4])
+    dirty_grad = torch.where(mask, grad_w, torch.tensor(NAN, dtype=torch.float64))
+    module, gp, vp = parametrized(dirty_v, g, mask)
+    dirty = torch.autograd.grad(module.weight, (gp, vp), dirty_grad)
+    assert torch.equal(module.weight, clean_module.weight)
+    assert all(torch.equal(a, b) for a, b in zip(dirty, clean))
+
+
+def test_gradcheck_gradgradcheck_and_forward_ad():
+    v, g, mask, _ = inputs(5, shape=(3, 4))
+    g, v = g.requires_grad_(), v.requires_grad_()
+    fn = lambda g_, v_: WeightNormFunction.apply(g_, v_, mask, 0)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (g, v))
+    assert torch.autograd.gradgradcheck(fn, (g, v))
+    v_dot, g_dot = torch.randn_like(v), torch.randn_like(g)
+    with torch.autograd.forward_ad.dual_level():
+        out = fn(torch.autograd.forward_ad.make_dual(g.detach(), g_dot), torch.autograd.forward_ad.make_dual(v.detach(), v_dot))
+        tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+    expected = weight_norm_jvp(v.detach(), g.detach(), v_dot, g_dot, mask)
+    assert np.allclose(tangent.numpy(), expected, rtol=1e-14, atol=1e-300)
+
+
+def test_parameters_and_state_dict_are_torchs():
+    ours = torch.nn.Linear(5, 3)
+    theirs = torch.nn.Linear(5, 3)
+    theirs.load_state_dict(ours.state_dict())
+    masknorm.weight_norm(ours)
+    parametrizations.weight_norm(theirs)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for key, value in theirs.state_dict().items():
+        assert value.shape == ours.state_dict()[key].shape
+        assert torch.allclose(value, ours.state_dict()[key], rtol=1e-6, atol=0)
+    ours.load_state_dict(theirs.state_dict())
+    assert torch.allclose(ours.weight, theirs.weight, rtol=1e-6, atol=0)
+    whole = masknorm.weight_norm(torch.nn.Linear(5, 3), dim=None)
+    assert whole.parametrizations.weight.original0.shape == ()
+
+
+def test_right_inverse_keeps_the_weight_and_sets_g_to_the_masked_row_norm():
+    module = torch.nn.Linear(3, 2, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([[3e30, 4e30, 7.0], [1e-30, 0.0, 0.0]]))
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    masknorm.weight_norm(module, mask=mask)
+    assert module.parametrizations.weight.original0.flatten().tolist() == pytest.approx([5e30, 1e-30], rel=1e-6)
+    expected = reference_w(torch.tensor([[3e30, 4e30, 7.0], [1e-30, 0.0, 0.0]]), torch.tensor([5e30, 1e-30]), mask)
+    assert np.allclose(module.weight.detach().double().numpy(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(name="bias_missing"), ValueError, "no tensor attribute 'bias_missing'"),
+    (dict(name=3), TypeError, "name must be a str"),
+    (dict(dim=2), ValueError, r"dim must be in \[-2, 2\)"),
+    (dict(dim=1.0), TypeError, "dim must be an int or None"),
+    (dict(mask=torch.ones(3, 5)), TypeError, "mask must be a bool tensor"),
+    (dict(mask=torch.ones(4, 5, dtype=torch.bool)), ValueError, r"mask of shape \(4, 5\) does not broadcast"),
+])
+def test_bad_arguments_are_refused_before_any_change(kwargs, error, words):
+    module = torch.nn.Linear(5, 3)
+    with pytest.raises(error, match=words):
+        masknorm.weight_norm(module, **kwargs)
+    assert not hasattr(module, "parametrizations")
+
+
+def test_integer_weights_are_refused():
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.ones(2, 2, dtype=torch.int64), requires_grad=False)
+    with pytest.raises(TypeError, match="weight must be a floating tensor"):
+        masknorm.weight_norm(module)
+
+
+def test_torch_func_transforms_and_compile():
+    from torch.func import functional_call, grad, jacfwd, jacrev, vmap
+
+    v, g, mask, _ = inputs(9, shape=(3, 4))
+    fn = WeightNormFunction.apply
+    assert torch.allclose(jacrev(fn, argnums=(0, 1))(g, v, mask, 0)[1], jacfwd(fn, argnums=(0, 1))(g, v, mask, 0)[1])
+    batch = torch.randn(5, 3, 4, dtype=torch.float64)
+    assert torch.equal(vmap(fn, in_dims=(None, 0, None, None))(g, batch, mask, 0),
+                       torch.stack([fn(g, row, mask, 0) for row in batch]))
+    module = masknorm.weight_norm(torch.nn.Linear(4, 3).double(), mask=mask)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    grads = grad(lambda ps: functional_call(module, ps, (x,)).sum())(params)
+    module(x).sum().backward()
+    assert all(torch.allclose(grads[name], p.grad, rtol=1e-14, atol=0) for name, p in module.named_parameters())
+    compiled = torch.compile(module, backend="aot_eager")
+    assert torch.allclose(compiled(x), module(x), rtol=1e-14, atol=0)
