@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from masknorm._stats import first_valid, valid_count, where_or_zero
+from masknorm._stats import exponent_bounds, first_valid, inverse_power_of_two, valid_count, where_or_zero
 from masknorm.spec.merge import merge_shifted
 
 ACCUMULATE = torch.float64
@@ -47,8 +47,10 @@ class MergedMoments(NamedTuple):
 
 
 def _inverse_power_of_two(magnitude: torch.Tensor) -> torch.Tensor:
-    """1/A for the power of two A = 2^e with magnitude < A (A = 1 for magnitude 0), exact."""
-    return torch.ldexp(torch.ones_like(magnitude), -torch.frexp(magnitude).exponent)
+    """1/A for a power of two A within a factor 2 of magnitude (masknorm._stats.inverse_power_of_two;
+    A = 1 for magnitude 0), exact."""
+    inv = inverse_power_of_two(magnitude, *exponent_bounds(magnitude.dtype, 0.0))
+    return torch.where(magnitude > 0, inv, 1.0)
 
 
 @torch.no_grad()

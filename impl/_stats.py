@@ -34,7 +34,7 @@ class GroupStats(NamedTuple):
     degenerate: torch.Tensor  # bool
 
 
-def _exponent_bounds(dtype: torch.dtype, eps: float) -> Tuple[int, int]:
+def exponent_bounds(dtype: torch.dtype, eps: float) -> Tuple[int, int]:
     """Range of e for a = 2^e: 1/a and eps/a^2 stay finite in `dtype`."""
     info = torch.finfo(dtype)
     emax = int(math.log2(info.max)) + 1  # frexp exponent of the largest finite value
@@ -44,7 +44,7 @@ def _exponent_bounds(dtype: torch.dtype, eps: float) -> Tuple[int, int]:
     return lo, emax
 
 
-def _inverse_power_of_two(amax: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+def inverse_power_of_two(amax: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """1/a, a = 2^e with e = floor(log2 amax) + 1 clamped to [lo, hi]: max|x|/a lies in [1/2, 1).
 
     Not frexp: ONNX has no frexp (torch.onnx: "No ONNX function found for prims.frexp"), and
@@ -104,8 +104,8 @@ def group_stats(
     xz = x if mask is None else where_or_zero(mask, x)
     k = valid_count(mask, x.shape, dims, x.dtype).to(x.device)
     nu = k - correction
-    lo, hi = _exponent_bounds(x.dtype, eps)
-    inv_a = _inverse_power_of_two(torch.amax(xz.detach().abs(), dims, keepdim=True), lo, hi)
+    lo, hi = exponent_bounds(x.dtype, eps)
+    inv_a = inverse_power_of_two(torch.amax(xz.detach().abs(), dims, keepdim=True), lo, hi)
     xs = xz * inv_a
     if center:
         c0_x = first_valid(xz.detach(), mask, dims)

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from masknorm._autograd import compute_dtype
-from masknorm._stats import _exponent_bounds, where_or_zero
+from masknorm._stats import exponent_bounds, inverse_power_of_two, where_or_zero
 from masknorm.spec import weight_norm_forms as wf
 
 
@@ -46,9 +46,7 @@ def direction(v: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[int]
     """u = m v / ||m v|| over dims (keepdim), computed on v / a; differentiable in v (a is detached,
     its derivative cancels exactly)."""
     vm = v if mask is None else where_or_zero(mask, v)
-    lo, hi = _exponent_bounds(v.dtype, 0.0)
-    amax = torch.amax(vm.detach().abs(), dims, keepdim=True)
-    inv_a = torch.ldexp(torch.ones_like(amax), -torch.frexp(amax).exponent.clamp(lo, hi))
+    inv_a = inverse_power_of_two(torch.amax(vm.detach().abs(), dims, keepdim=True), *exponent_bounds(v.dtype, 0.0))
     scaled = vm * inv_a
     squares = (scaled * scaled).sum(dims, keepdim=True)
     zero = squares == 0

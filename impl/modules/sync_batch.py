@@ -33,7 +33,7 @@ from torch.autograd.function import once_differentiable
 from masknorm._autograd import GroupStats, affine, compose, compute_dtype, general_vjp, normalized, regions
 from masknorm._contract import POLICIES
 from masknorm._merge import ACCUMULATE, LocalMoments, MergedMoments, local_moments, merge_moments
-from masknorm._stats import _exponent_bounds
+from masknorm._stats import exponent_bounds
 from masknorm.modules._masks import channel_view
 from masknorm.modules._norm_base import bias_kwarg
 from masknorm.modules._running import update_running
@@ -87,9 +87,8 @@ def global_moments(x: torch.Tensor, mask: Optional[torch.Tensor], masked: str, g
 def group_stats_from(m: MergedMoments, dtype: torch.dtype, eps: float) -> GroupStats:
     """masknorm's GroupStats (degenerate and constant groups as in masknorm._stats.group_stats) from
     merged moments, in `dtype`: biased variance M2/k, scale a = 1/inv_scale kept within dtype's range."""
-    lo, hi = _exponent_bounds(dtype, eps)
-    exponent = -torch.frexp(m.inv_scale).exponent + 1
-    inv_a = torch.ldexp(torch.ones_like(m.inv_scale), -exponent.clamp(lo, hi))
+    lo, hi = exponent_bounds(dtype, eps)
+    inv_a = torch.exp2(-torch.round(-torch.log2(m.inv_scale)).clamp(lo, hi))  # 1/inv_scale's exponent, clamped
     ratio = inv_a / m.inv_scale
     k = m.count
     constant = m.m2_scaled == 0
