@@ -1,4 +1,4 @@
-"""`masknorm check MODULE:CALLABLE` (masknorm.reference.check:main): exit 0 when the callable
+"""`masknorm check MODULE:CALLABLE` (masknorm.reference.oracle.cli:main): exit 0 when the callable
 conforms, 1 when a property fails (the report names it), 2 for usage errors and callables that
 cannot be imported or called, each with its reason."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from masknorm.reference.check import main
+from masknorm.reference.oracle.cli import main
 
 MODULE = textwrap.dedent(
     '''

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import masknorm
-from masknorm.reference.oracle_properties import measure_forward, measure_gradient
+from masknorm.reference.oracle.properties import measure_forward, measure_gradient
 from masknorm.testing import FORWARD_BOUND, GRADIENT_BOUND, MaskedInput, Semantics, assert_conforms
 
 EXAMPLES = 8

@@ -14,9 +14,9 @@ from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 import masknorm.reference.verify as verify
-from masknorm.reference.oracle_compare import forward_error, inverse_s, normwise_error
-from masknorm.reference.oracle_properties import measure_forward
-from masknorm.reference.oracle_report import literal, tensor_code
+from masknorm.reference.oracle.compare import forward_error, inverse_s, normwise_error
+from masknorm.reference.oracle.properties import measure_forward
+from masknorm.reference.oracle.report import literal, tensor_code
 from masknorm.testing import MaskedInput, Semantics, masked_inputs, upstream_gradients
 
 U64 = 2.0**-53

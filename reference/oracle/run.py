@@ -4,7 +4,7 @@ Each property is a hypothesis test (max_examples=examples, no database, derandom
 body calls fn on one drawn example and measures it against the mpmath reference; hypothesis shrinks a
 failure to a minimal example, which the Report gives back as runnable code.
 
-    pass  <=>  error <= bound (u*kappa, see masknorm.reference.oracle_properties) and no exception, NaN or dtype change
+    pass  <=>  error <= bound (u*kappa, see masknorm.reference.oracle.properties) and no exception, NaN or dtype change
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from masknorm._contract import normalize_dims
 
-from .oracle_properties import (
+from .properties import (
     FORWARD_BOUND,
     GRADIENT_BOUND,
     Outcome,
@@ -29,8 +29,8 @@ from .oracle_properties import (
     measure_gradient,
     raised,
 )
-from .oracle_report import PropertyResult, Report, reproduction
-from .oracle_semantics import Semantics
+from .report import PropertyResult, Report, reproduction
+from .semantics import Semantics
 from .strategies import DTYPES, MaskedInput, mask_shape, masked_inputs, ranks, upstream_gradients
 
 Dim = Union[int, Sequence[int]]

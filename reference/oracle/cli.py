@@ -15,8 +15,8 @@ import os
 import sys
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
-from .oracle import CallError, check
-from .oracle_semantics import Semantics
+from .run import CallError, check
+from .semantics import Semantics
 from .strategies import DTYPES
 
 

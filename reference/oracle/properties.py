@@ -25,11 +25,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .derivatives import vjp
-from .error import kappa, unit_roundoff
-from .forward import masked_norm as reference_norm
-from .oracle_compare import forward_error, inverse_s, normwise_error
-from .oracle_semantics import Semantics
+from ..derivatives import vjp
+from ..error import kappa, unit_roundoff
+from ..forward import masked_norm as reference_norm
+from .compare import forward_error, inverse_s, normwise_error
+from .semantics import Semantics
 from .strategies import MaskedInput
 
 FORWARD_BOUND = 64.0

@@ -10,9 +10,9 @@ from typing import Any, Optional, Sequence
 import mpmath
 import numpy as np
 
-from .error import error_in_ukappa
-from .forward import all_stats
-from .problem import prepare
+from ..error import error_in_ukappa
+from ..forward import all_stats
+from ..problem import prepare
 
 
 def forward_error(
