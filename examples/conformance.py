@@ -1,6 +1,6 @@
 """The oracle on every peer installed, each with its documented semantics: the conformance table.
 
-    python examples/conformance.py [--examples N] [--only SUBSTRING] [--output FILE]
+    python examples/conformance.py [--examples N] [--only SUBSTRING ...] [--output FILE]
 
 Each peer is called on its own arrays (torch, JAX, Keras tensors): what is written here is only
 which layer, with which documented options (no affine, the given eps), and the semantics its
@@ -285,21 +285,20 @@ def counterexamples(rows: List[Dict[str, Any]]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=100, help="hypothesis examples per property (default 100)")
-    p.add_argument("--only", help="check only the peers whose name contains this")
+    p.add_argument("--only", action="append", help="check only the peers whose name contains this (repeatable)")
     p.add_argument("--output", help="write the table and the counterexamples (markdown) to this file")
     args = p.parse_args(argv)
     rows = []
     for peer in PEERS:
-        if args.only and args.only not in peer.name:
+        if args.only and not any(part in peer.name for part in args.only):
             continue
         print(f"checking {peer.name} ...", file=sys.stderr, flush=True)
         rows.append(run(peer, args.examples))
         print(f"  {rows[-1]['verdict'][:200]} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    text = table(rows)
-    print(text)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(f"{text}\n\n## Counterexamples (shrunk)\n\n{counterexamples(rows)}")
+        if args.output:  # after every peer, so that a long run leaves what it has done
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(f"{table(rows)}\n\n## Counterexamples (shrunk)\n\n{counterexamples(rows)}")
+    print(table(rows))
     return 0
 
 
