@@ -163,7 +163,7 @@ def test_controlled_keeps_local_constants_out_of_generation(tmp_path, monkeypatc
         draw()
         assert magic in drawn
         drawn.clear()
-        with controlled(shrink_seconds=1.0):
+        with controlled(shrinks=5):
             draw()
         assert magic not in drawn and len(drawn) == 300
     finally:

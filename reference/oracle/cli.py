@@ -16,7 +16,7 @@ import sys
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 from .frameworks import NAMES
-from .run import EXAMPLES, SHRINK_SECONDS, CallError, check
+from .run import EXAMPLES, SHRINKS, CallError, check
 from .semantics import DEGENERATE, Semantics
 from .strategies import DTYPES
 
@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--extreme", action="store_true", help="draw values at the dtype's overflow/underflow thresholds")
     p.add_argument("--min-group-size", type=int, default=1, help="smallest group fn accepts (default 1)")
     p.add_argument(
-        "--shrink-seconds", type=float, default=SHRINK_SECONDS,
-        help=f"time to shrink each counterexample (default {SHRINK_SECONDS:g})",
+        "--shrinks", type=int, default=SHRINKS,
+        help=f"successful shrinks of each counterexample (default {SHRINKS})",
     )
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     return p
@@ -161,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fn, semantics, ndim=args.ndim, mask_dims=args.mask_dims, mask=not args.no_mask, grad=args.grad,
             dtype=args.dtype, examples=args.examples, seed=args.seed, extreme=args.extreme,
             min_group_size=args.min_group_size, sides=args.sides, squeeze_mask=args.squeeze_mask,
-            framework_name=args.framework, shrink_seconds=args.shrink_seconds, name=args.target, progress=progress,
+            framework_name=args.framework, shrinks=args.shrinks, name=args.target, progress=progress,
         )
     except (CallError, TypeError, ValueError) as err:
         progress.done()

@@ -40,7 +40,7 @@ from .strategies import DTYPES, MaskedInput, Sides, mask_shape, masked_inputs, r
 
 Dim = Union[int, Sequence[int]]
 EXAMPLES = 100  # per property, the default
-SHRINK_SECONDS = 5.0  # per failing property, the default
+SHRINKS = 100  # successful shrinks per failing property, the default (deterministic, unlike a time limit)
 Measure = Callable[[MaskedInput, Optional[torch.Tensor]], Outcome]
 
 
@@ -174,7 +174,7 @@ def _severity(outcome: Outcome) -> float:
 
 def _run(
     prop: _Property, target: str, sem: Semantics, caller: Caller, examples: int, seed: Optional[int], clock: _Clock,
-    shrink_seconds: float,
+    shrinks: int,
 ) -> PropertyResult:
     """Run one property as a hypothesis test; on failure keep the last failing example hypothesis
     replays, which is the shrunk one, and the worst example seen."""
@@ -210,7 +210,7 @@ def _run(
     if seed is not None:
         test = hypothesis_seed(seed)(test)
     try:
-        with controlled(shrink_seconds):
+        with controlled(shrinks):
             test()
     except Exception:
         if seen["failure"] is None:
@@ -257,7 +257,7 @@ def check(
     min_group_size: int = 1,
     sides: Sides = None,
     framework_name: Optional[str] = None,
-    shrink_seconds: float = SHRINK_SECONDS,
+    shrinks: int = SHRINKS,
     name: Optional[str] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> Report:
@@ -270,7 +270,7 @@ def check(
     magnitudes at the dtype's overflow/underflow thresholds; `min_group_size` is the smallest group
     fn accepts (torch's batch_norm and group_norm refuse groups of one value). `framework_name`:
     "torch", "numpy", "jax" or "keras" (None: detected from what fn returns). Shrinking a
-    counterexample stops after `shrink_seconds` per property. CallError when fn cannot be called on
+    counterexample stops after `shrinks` successful shrinks per property. CallError when fn cannot be called on
     a plain input."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     dtype_name = str(torch_dtype).removeprefix("torch.")
@@ -302,7 +302,7 @@ def check(
     report = Report(target, setup)
     clock = _Clock(examples * sum(p.skipped is None for p in props), progress or (lambda _: None))
     for prop in props:
-        report.properties.append(_run(prop, target, semantics, caller, examples, seed, clock, shrink_seconds))
+        report.properties.append(_run(prop, target, semantics, caller, examples, seed, clock, shrinks))
     return report
 
 
