@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "verify": ("masknorm.reference.verify:main", "the main job: derive --check, then the torch layers vs the reference"),
     "derive": ("masknorm.spec.derive:main", "regenerate the symbolic derivations (--check: fail on drift)"),
     "prove": ("masknorm.proofs.cli:main", "confirm the theorems symbolically (table, or --json)"),
-    "check": ("masknorm.reference.check:main", "check your own normalization against the reference (exit 0/1/2)"),
+    "check": ("masknorm.reference.oracle.cli:main", "check your own normalization against the reference (exit 0/1/2)"),
     "bench": ("masknorm.bench:main", "time masked_norm against torch's native kernels (ratios, memory)"),
 }
 

@@ -3,15 +3,22 @@
     check(fn, Semantics(dim=-1, ...)) -> Report;  assert_conforms(...) raises with the report
     weight_norm_errors(w, grad_v, grad_g, v, g, grad_w, mask, dim, dtype=...) -> (forward, gradient) in u
 
-Re-exports masknorm.reference.oracle and masknorm.reference.strategies (needs the `verify`
+Re-exports masknorm.reference.oracle and its strategies (needs the `verify`
 extras: mpmath, hypothesis); `import masknorm` alone never imports this module.
 """
 
-from masknorm.reference.oracle import CallError, ConformanceError, assert_conforms, check
-from masknorm.reference.oracle_properties import FORWARD_BOUND, GRADIENT_BOUND
-from masknorm.reference.oracle_report import PropertyResult, Report
-from masknorm.reference.oracle_semantics import Semantics
-from masknorm.reference.strategies import (
+from masknorm.reference.oracle import (
+    FORWARD_BOUND,
+    GRADIENT_BOUND,
+    CallError,
+    ConformanceError,
+    PropertyResult,
+    Report,
+    Semantics,
+    assert_conforms,
+    check,
+)
+from masknorm.reference.oracle.strategies import (
     MaskedInput,
     garbage_elements,
     mask_shape,

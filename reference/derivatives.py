@@ -1,11 +1,15 @@
 """VJP and JVP of masked normalization: the spec's generated closed forms evaluated on mpf values.
 
     gx_j = (1/s)[g_j p_j - m_j/k sum_P g - m_j yhat_j/nu sum_P g yhat],  yd_p = (1/s)[xd_p - sum_V xd/k - yhat_p/nu sum_V yhat xd]
+
+With eps outside the square root (s = sigma + eps) the same forms hold with nu replaced by
+nu sigma/s: d sigma/d x_j = m_j yhat_j s/(nu sigma). At sigma = 0 every m_j yhat_j is 0 and the
+term vanishes (the derivative exists there: yhat = (x - mu)/eps + O(|dx|^2)).
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import mpmath
 import numpy as np
@@ -13,7 +17,7 @@ import numpy as np
 from masknorm.spec import closed_forms as cf
 
 from .convert import object_array, to_float64
-from .forward import all_stats, normalized_positions, passed_through, yhat_row
+from .forward import GroupStats, all_stats, normalized_positions, passed_through, yhat_row
 from .groups import sum_to_shape
 from .problem import Problem, prepare
 
@@ -21,9 +25,20 @@ ZERO = mpmath.mpf(0)
 ONE = mpmath.mpf(1)
 
 
-def vjp_mp(problem: Problem, grad_out: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
+def divisor(problem: Problem, stats: GroupStats) -> Any:
+    """The nu of the closed forms: nu, or nu sigma/s with eps outside the square root (nu where
+    sigma = 0, since the term it divides is 0 there)."""
+    if problem.eps_outside and stats.sigma != 0:
+        return stats.nu * stats.sigma / stats.s
+    return stats.nu
+
+
+def vjp_mp(
+    problem: Problem, grad_out: np.ndarray, per_group: Optional[List[GroupStats]] = None
+) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """(grad_x in x's shape, grad_weight in weight's shape, grad_bias in bias's shape) as mpf
-    arrays at the current precision (None for an absent weight / bias); `grad_out` is grouped.
+    arrays at the current precision (None for an absent weight / bias); `grad_out` is grouped;
+    `per_group`: all_stats(problem) when already computed.
 
     Positions off P are passed through (keep: identity, zero: 0) and left out of every sum; the
     closed forms are called with p_j = 1 on P. A term whose upstream gradient is exactly 0 is
@@ -35,7 +50,7 @@ def vjp_mp(problem: Problem, grad_out: np.ndarray) -> Tuple[np.ndarray, Optional
     gx = np.empty(shape, dtype=object)
     gw = object_array([ZERO] * grad_out.size, shape)
     gb = object_array([ZERO] * grad_out.size, shape)
-    for g, stats in enumerate(all_stats(problem)):
+    for g, stats in enumerate(all_stats(problem) if per_group is None else per_group):
         go, m, p = grad_out[g], problem.mask[g], in_p[g]
         if stats.degenerate:
             gx[g] = [passed_through(go[j], m[j], a.masked) for j in range(len(go))]
@@ -47,6 +62,7 @@ def vjp_mp(problem: Problem, grad_out: np.ndarray) -> Tuple[np.ndarray, Optional
         sum_p_g = mpmath.fsum(gvec[j] for j in range(len(go)) if live[j])
         sum_p_g_yhat = mpmath.fsum(gvec[j] * yhat[j] for j in range(len(go)) if live[j])
         inv_s = 1 / stats.s
+        nu = divisor(problem, stats)
         for j in range(len(go)):
             if live[j]:
                 gw[g, j] = cf.weight_grad(go[j], yhat[j], ONE)
@@ -56,9 +72,9 @@ def vjp_mp(problem: Problem, grad_out: np.ndarray) -> Tuple[np.ndarray, Optional
                 continue
             m_j, y_j = (ONE, yhat[j]) if m[j] else (ZERO, ZERO)
             if a.center:
-                gx[g, j] = cf.vjp_centered(gvec[j], ONE, m_j, y_j, sum_p_g, sum_p_g_yhat, stats.k, stats.nu, inv_s)
+                gx[g, j] = cf.vjp_centered(gvec[j], ONE, m_j, y_j, sum_p_g, sum_p_g_yhat, stats.k, nu, inv_s)
             else:
-                gx[g, j] = cf.vjp_rms(gvec[j], ONE, m_j, y_j, sum_p_g_yhat, stats.nu, inv_s)
+                gx[g, j] = cf.vjp_rms(gvec[j], ONE, m_j, y_j, sum_p_g_yhat, nu, inv_s)
     layout = problem.layout
 
     def reduced(per_position: np.ndarray, shape: Optional[Tuple[int, ...]]) -> Optional[np.ndarray]:
@@ -86,14 +102,15 @@ def jvp_mp(
         sum_v_xdot = mpmath.fsum(xd[j] for j in valid)
         sum_v_yhat_xdot = mpmath.fsum(yhat[j] * xd[j] for j in valid)
         inv_s = 1 / stats.s
+        nu = divisor(problem, stats)
         for j in range(n):
             if not p[j]:
                 out[g, j] = passed_through(xd[j], m[j], a.masked)
                 continue
             if a.center:
-                yd = cf.jvp_centered(xd[j], yhat[j], sum_v_xdot, sum_v_yhat_xdot, stats.k, stats.nu, inv_s)
+                yd = cf.jvp_centered(xd[j], yhat[j], sum_v_xdot, sum_v_yhat_xdot, stats.k, nu, inv_s)
             else:
-                yd = cf.jvp_rms(xd[j], yhat[j], sum_v_yhat_xdot, stats.nu, inv_s)
+                yd = cf.jvp_rms(xd[j], yhat[j], sum_v_yhat_xdot, nu, inv_s)
             out[g, j] = cf.affine_jvp(
                 ONE if problem.weight is None else problem.weight[g, j],
                 yd,
@@ -117,13 +134,14 @@ def vjp(
     bias: Any = None,
     masked: str = "normalize",
     dps: int = 50,
+    eps_outside: bool = False,
 ) -> Tuple[np.ndarray, Optional[np.ndarray], Optional[np.ndarray]]:
     """(grad_x, grad_weight, grad_bias) = grad_out^T d out/d(x, weight, bias), each rounded once to
     float64; grad_weight = sum_P grad_out * yhat and grad_bias = sum_P grad_out, in weight's / bias's
-    shape (None when weight / bias is None)."""
+    shape (None when weight / bias is None); `eps_outside`: s = sigma + eps."""
     problem, extra, _, _ = prepare(
         x, mask, dim, correction=correction, eps=eps, center=center, weight=weight, bias=bias, masked=masked,
-        dps=dps, like_x={"grad_out": grad_out},
+        dps=dps, eps_outside=eps_outside, like_x={"grad_out": grad_out},
     )
     with mpmath.workdps(dps):
         grads = vjp_mp(problem, extra["grad_out"])
@@ -146,12 +164,14 @@ def jvp(
     bias: Any = None,
     masked: str = "normalize",
     dps: int = 50,
+    eps_outside: bool = False,
 ) -> np.ndarray:
     """y_dot = d out/d(x, weight, bias) . (x_dot, weight_dot, bias_dot), rounded once to float64
-    (weight_dot / bias_dot None = 0; degenerate groups: y_dot = x_dot, 0 where "zero" applies)."""
+    (weight_dot / bias_dot None = 0; degenerate groups: y_dot = x_dot, 0 where "zero" applies;
+    `eps_outside`: s = sigma + eps)."""
     problem, extra, wd, bd = prepare(
         x, mask, dim, correction=correction, eps=eps, center=center, weight=weight, bias=bias, masked=masked,
-        dps=dps, like_x={"x_dot": x_dot}, like_weight=weight_dot, like_bias=bias_dot,
+        dps=dps, eps_outside=eps_outside, like_x={"x_dot": x_dot}, like_weight=weight_dot, like_bias=bias_dot,
     )
     with mpmath.workdps(dps):
         out = jvp_mp(problem, extra["x_dot"], wd, bd)

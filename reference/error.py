@@ -46,13 +46,15 @@ def kappa(
     eps: float = 1e-5,
     center: bool = True,
     dps: int = 50,
+    eps_outside: bool = False,
 ) -> np.ndarray:
     """kappa = (|mu| + sigma)/s of each position's group, in x's shape, float64 (RMS: mu = 0).
 
     A degenerate group gets kappa = 1: its output must equal x (or 0) exactly, so any error there is
     reported on the scale of u itself."""
     problem, _, _, _ = prepare(
-        x, mask, dim, correction=correction, eps=eps, center=center, weight=None, bias=None, masked="normalize", dps=dps
+        x, mask, dim, correction=correction, eps=eps, center=center, weight=None, bias=None, masked="normalize", dps=dps,
+        eps_outside=eps_outside,
     )
     with mpmath.workdps(dps):
         values = []

@@ -1,6 +1,7 @@
 """The definition of masked normalization evaluated directly in mpmath, group by group.
 
     mu = (1/k) sum_V x (RMS: 0),  s = sqrt((1/nu) sum_V (x - mu)^2 + eps),  out = gamma (x - mu)/s + beta
+    (eps_outside: s = sigma + eps, sigma = sqrt((1/nu) sum_V (x - mu)^2))
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ class GroupStats:
         return self.s is None
 
 
-def group_stats(x: Sequence[Any], valid: Sequence[bool], correction: int, eps: mpmath.mpf, center: bool) -> GroupStats:
+def group_stats(
+    x: Sequence[Any], valid: Sequence[bool], correction: int, eps: mpmath.mpf, center: bool, eps_outside: bool = False
+) -> GroupStats:
     """mu and s of one group from its valid values only, at the current mpmath precision; the
-    degenerate test compares the exact values (never a rounded variance)."""
+    degenerate test compares the exact values (never a rounded variance). s = sqrt(sigma^2 + eps),
+    or sigma + eps with `eps_outside`."""
     values = [v for v, m in zip(x, valid) if m]
     k = len(values)
     nu = k - correction
@@ -44,13 +48,17 @@ def group_stats(x: Sequence[Any], valid: Sequence[bool], correction: int, eps: m
         return GroupStats(k, nu)
     mu = mpmath.fsum(values) / k if center else mpmath.mpf(0)
     variance = mpmath.fsum((v - mu) ** 2 for v in values) / nu
-    return GroupStats(k, nu, mu, mpmath.sqrt(variance), mpmath.sqrt(variance + eps))
+    sigma = mpmath.sqrt(variance)
+    return GroupStats(k, nu, mu, sigma, sigma + eps if eps_outside else mpmath.sqrt(variance + eps))
 
 
 def all_stats(problem: Problem) -> List[GroupStats]:
     """group_stats of every row of the problem."""
     a = problem.args
-    return [group_stats(xr, mr, a.correction, problem.eps, a.center) for xr, mr in zip(problem.x, problem.mask)]
+    return [
+        group_stats(xr, mr, a.correction, problem.eps, a.center, problem.eps_outside)
+        for xr, mr in zip(problem.x, problem.mask)
+    ]
 
 
 def normalized_positions(problem: Problem) -> np.ndarray:
@@ -71,12 +79,13 @@ def yhat_row(x: Sequence[Any], in_p: Sequence[bool], stats: GroupStats) -> List[
     return [(v - stats.mu) / stats.s if p else None for v, p in zip(x, in_p)]
 
 
-def normalize_mp(problem: Problem) -> np.ndarray:
-    """The outputs in x's shape, an object array of mpf at the current precision (not rounded)."""
+def normalize_mp(problem: Problem, per_group: Optional[List[GroupStats]] = None) -> np.ndarray:
+    """The outputs in x's shape, an object array of mpf at the current precision (not rounded);
+    `per_group`: all_stats(problem) when already computed."""
     masked = problem.args.masked
     in_p = normalized_positions(problem)
     rows = []
-    for g, stats in enumerate(all_stats(problem)):
+    for g, stats in enumerate(all_stats(problem) if per_group is None else per_group):
         x, m = problem.x[g], problem.mask[g]
         if stats.degenerate:
             rows.append([passed_through(x[j], m[j], masked) for j in range(len(x))])
@@ -108,11 +117,14 @@ def masked_norm(
     bias: Any = None,
     masked: str = "normalize",
     dps: int = 50,
+    eps_outside: bool = False,
 ) -> np.ndarray:
     """masked_norm evaluated at `dps` digits on the exact input values, rounded once to float64:
-    out = gamma (x - mu)/s + beta on P, x (keep) or 0 (zero) off P, x on degenerate groups."""
+    out = gamma (x - mu)/s + beta on P, x (keep) or 0 (zero) off P, x on degenerate groups
+    (`eps_outside`: s = sigma + eps)."""
     problem, _, _, _ = prepare(
-        x, mask, dim, correction=correction, eps=eps, center=center, weight=weight, bias=bias, masked=masked, dps=dps
+        x, mask, dim, correction=correction, eps=eps, center=center, weight=weight, bias=bias, masked=masked, dps=dps,
+        eps_outside=eps_outside,
     )
     with mpmath.workdps(dps):
         out = normalize_mp(problem)

@@ -25,7 +25,8 @@ MIN_DPS = 20  # >= 64 bits: every float64 and long double input converts exactly
 class Problem:
     """A call in group layout: rows of `x`, `mask`, `weight`, `bias` are the groups (mpf objects,
     bool for mask; weight/bias None when absent, else broadcast from `weight_shape`/`bias_shape`).
-    `eps` is the exact value of the float eps."""
+    `eps` is the exact value of the float eps; `eps_outside`: s = sigma + eps instead of
+    sqrt(sigma^2 + eps) (a variant some implementations use, see masknorm.reference.oracle.semantics)."""
 
     args: NormArgs
     layout: Layout
@@ -36,6 +37,7 @@ class Problem:
     eps: mpmath.mpf
     weight_shape: Optional[Tuple[int, ...]] = None
     bias_shape: Optional[Tuple[int, ...]] = None
+    eps_outside: bool = False
 
 
 def check_dps(dps: Any) -> int:
@@ -67,6 +69,7 @@ def prepare(
     like_x: Optional[Dict[str, Any]] = None,
     like_weight: Any = None,
     like_bias: Any = None,
+    eps_outside: bool = False,
 ) -> Tuple[Problem, Dict[str, np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
     """Validate every argument (types, then shapes and scalars via check_args), then convert.
 
@@ -115,5 +118,6 @@ def prepare(
             mpmath.mpf(args.eps),
             None if wa is None else wa.shape,
             None if ba is None else ba.shape,
+            bool(eps_outside),
         )
         return problem, {n: grouped(a) for n, a in extra.items()}, grouped(wd), grouped(bd)

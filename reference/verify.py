@@ -32,7 +32,7 @@ from masknorm.reference.derivatives import vjp
 from masknorm.reference.error import kappa, unit_roundoff
 from masknorm.reference.forward import masked_norm as reference_norm
 from masknorm.reference import verify_weight_norm
-from masknorm.reference.oracle_compare import forward_error, normwise_error
+from masknorm.reference.oracle.compare import forward_error, normwise_error
 
 # Worst over `masknorm verify --thorough` on 2026-11-21 (torch 2.13 CPU): forward 3.4, gradient 3.9.
 FORWARD_BOUND = 6.0

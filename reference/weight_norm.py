@@ -23,7 +23,7 @@ from masknorm.spec import weight_norm_forms as wf
 
 from .convert import bool_array, float_array, object_array, to_float64, to_mpf
 from .error import unit_roundoff
-from .oracle_compare import normwise_error
+from .oracle.compare import normwise_error
 from .problem import check_dps
 
 ZERO = mpmath.mpf(0)

@@ -1,16 +1,17 @@
-"""`masknorm check MODULE:CALLABLE` (masknorm.reference.check:main): exit 0 when the callable
+"""`masknorm check MODULE:CALLABLE` (masknorm.reference.oracle.cli:main): exit 0 when the callable
 conforms, 1 when a property fails (the report names it), 2 for usage errors and callables that
 cannot be imported or called, each with its reason."""
 
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from masknorm.reference.check import main
+from masknorm.reference.oracle.cli import main
 
 MODULE = textwrap.dedent(
     '''
@@ -84,7 +85,7 @@ def test_a_wrong_claim_exits_1_naming_the_property(workdir, capsys):
 
 def test_a_dtype_change_exits_1(workdir, capsys):
     code, out, _ = run(capsys, "cand_norms:half_precision_out", "--examples", "3")
-    assert code == 1 and "FAIL dtype and shape: returned dtype torch.float32 for x of dtype torch.float64" in out
+    assert code == 1 and "FAIL dtype and shape: returned dtype float32 for x of dtype float64" in out
 
 
 @pytest.mark.parametrize(
@@ -94,8 +95,8 @@ def test_a_dtype_change_exits_1(workdir, capsys):
         (["no_such_module_xyz:f"], "cannot import 'no_such_module_xyz'"),
         (["cand_norms:missing"], "has no attribute 'missing'"),
         (["cand_norms:NOT_CALLABLE"], "not callable"),
-        (["cand_norms:wrong_arity"], "fn(x, mask) on x of shape (3,) raised TypeError"),
-        (["cand_norms:returns_numpy"], "must return a torch.Tensor, got ndarray"),
+        (["cand_norms:wrong_arity"], "fn(x, mask) on torch x of shape (3,) raised TypeError"),
+        (["cand_norms:returns_numpy"], "must return a torch.Tensor: it returned ndarray"),
         (["cand_norms:good", "--dim", "0,0"], "names the same axis twice"),
         (["cand_norms:good", "--eps", "-1"], "eps must be finite and >= 0"),
         (["cand_norms:good", "--ndim", "1", "--dim", "2"], "no rank 1 fits"),
@@ -120,4 +121,4 @@ def test_the_readme_example_fails_by_name(capsys, monkeypatch):
     assert code == 1
     for name in ("forward vs reference", "padding garbage", "degenerate groups"):
         assert f"FAIL {name}:" in out
-    assert "dtype and shape                  10              -      -  pass" in out
+    assert re.search(r"dtype and shape +10 +- +- +[0-9.]+  pass", out)

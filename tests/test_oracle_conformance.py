@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import masknorm
-from masknorm.reference.oracle_properties import measure_forward, measure_gradient
+from masknorm.reference.oracle.frameworks import Framework
+from masknorm.reference.oracle.properties import Caller, measure_forward, measure_gradient
 from masknorm.testing import FORWARD_BOUND, GRADIENT_BOUND, MaskedInput, Semantics, assert_conforms
 
 EXAMPLES = 8
@@ -90,7 +91,7 @@ def test_masknorm_batch_path_gradient_with_huge_padding():
     x = torch.tensor([[[0.0, 0.1, 0.0, torch.finfo(torch.float64).max]]], dtype=torch.float64)
     mask = torch.tensor([[[True, True, True, False]]])
     grad_out = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
-    outcome = measure_gradient(masknorm_as(semantics), semantics, MaskedInput(x, mask, (0, 2)), grad_out)
+    outcome = measure_gradient(Caller(masknorm_as(semantics), Framework()), semantics, MaskedInput(x, mask, (0, 2)), grad_out)
     assert outcome.problem is None and outcome.error <= GRADIENT_BOUND
 
 
@@ -111,5 +112,5 @@ def test_masknorm_overflowing_padding_output_rounds_to_inf():
     semantics = Semantics(-1)
     x = torch.tensor([[4.2535293329816107e37, 0.0]], dtype=torch.float32)
     mask = torch.tensor([[True, False]])
-    outcome = measure_forward(masknorm_as(semantics), semantics, MaskedInput(x, mask, (1,)))
+    outcome = measure_forward(Caller(masknorm_as(semantics), Framework()), semantics, MaskedInput(x, mask, (1,)))
     assert outcome.problem is None and outcome.error <= FORWARD_BOUND

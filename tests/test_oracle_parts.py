@@ -14,9 +14,10 @@ from hypothesis import find, given, settings
 from hypothesis import strategies as st
 
 import masknorm.reference.verify as verify
-from masknorm.reference.oracle_compare import forward_error, inverse_s, normwise_error
-from masknorm.reference.oracle_properties import measure_forward
-from masknorm.reference.oracle_report import literal, tensor_code
+from masknorm.reference.oracle.compare import forward_error, inverse_s, normwise_error
+from masknorm.reference.oracle.frameworks import Framework
+from masknorm.reference.oracle.properties import Caller, measure_forward
+from masknorm.reference.oracle.report import comment, literal
 from masknorm.testing import MaskedInput, Semantics, masked_inputs, upstream_gradients
 
 U64 = 2.0**-53
@@ -59,7 +60,7 @@ def test_inverse_s_is_zero_exactly_on_degenerate_groups():
 def test_literals_rebuild_tensors_exactly():
     x = torch.tensor([[0.1, -3.0e38, float("nan")], [float("inf"), -float("inf"), 1.4e-45]], dtype=torch.float32)
     namespace = {"torch": torch}
-    exec(tensor_code("y", x, grad=True), namespace)  # noqa: S102
+    exec(Framework().code("y", literal(x.double()), "float32", grad=True), namespace)  # noqa: S102
     y = namespace["y"]
     assert y.dtype == torch.float32 and y.requires_grad
     torch.testing.assert_close(y.detach(), x, rtol=0, atol=0, equal_nan=True)
@@ -142,7 +143,13 @@ def test_an_output_beyond_the_dtype_range_is_right_as_inf():
     x = torch.tensor([[4.0e37, 0.0]], dtype=torch.float32)  # masked-out output -4e37/sqrt(1e-5) ~ -1.3e40
     inp = MaskedInput(x, torch.tensor([[True, False]]), (1,))
     rounded = torch.tensor([[0.0, -math.inf]], dtype=torch.float32)
-    assert measure_forward(lambda x, m: rounded, Semantics(-1), inp).problem is None
+    assert measure_forward(Caller(lambda x, m: rounded, Framework()), Semantics(-1), inp).problem is None
     saturated = torch.tensor([[0.0, -torch.finfo(torch.float32).max]], dtype=torch.float32)
-    outcome = measure_forward(lambda x, m: saturated, Semantics(-1), inp)
+    outcome = measure_forward(Caller(lambda x, m: saturated, Framework()), Semantics(-1), inp)
     assert outcome.problem == "finite output where the reference is NaN or Inf"
+
+
+def test_a_multi_line_message_is_commented_on_every_line():
+    """Defect found on Keras: its exception messages span lines and carry terminal colours."""
+    lines = comment("IndexError: tuple index out of range\n\x1b[1mArguments received by\x1b[0m:\n  inputs=x")
+    assert lines == ["# IndexError: tuple index out of range", "# Arguments received by:", "#   inputs=x"]

@@ -6,18 +6,25 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, List, Optional
 
 import numpy as np
 import torch
 
+from .frameworks import Framework
+
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
 
 @dataclass
 class PropertyResult:
     """One property's verdict: status "pass", "fail" or "skipped"; `calls` counts the examples fn
     was called on (shrinking included), `worst` is the largest error seen (u*kappa), `reason` says
-    why it failed or was skipped, `reproduction` is code for the shrunk counterexample."""
+    why it failed or was skipped, `reproduction` is code for the shrunk counterexample and
+    `worst_reproduction` for the worst example seen, when that is another one (a shrunk example
+    sits just past the bound; the worst shows how bad it gets), `seconds` the time it took."""
 
     name: str
     status: str
@@ -26,6 +33,9 @@ class PropertyResult:
     bound: Optional[float] = None
     reason: Optional[str] = None
     reproduction: Optional[str] = None
+    worst_reproduction: Optional[str] = None
+    worst_reason: Optional[str] = None
+    seconds: float = 0.0
 
 
 @dataclass
@@ -53,17 +63,20 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"masknorm check {self.target}", f"  {self.setup}", ""]
-        lines.append(f"{'property':<26} {'calls':>8} {'worst u*kappa':>14} {'bound':>6}  result")
+        lines.append(f"{'property':<26} {'calls':>8} {'worst u*kappa':>14} {'bound':>6} {'seconds':>8}  result")
         for p in self.properties:
             worst = "-" if p.worst is None else f"{p.worst:.3g}"
             bound = "-" if p.bound is None else f"{p.bound:g}"
             result = p.status.upper() if p.status == "fail" else p.status
             if p.status == "skipped":
                 result += f" ({p.reason})"
-            lines.append(f"{p.name:<26} {p.calls:>8} {worst:>14} {bound:>6}  {result}")
+            lines.append(f"{p.name:<26} {p.calls:>8} {worst:>14} {bound:>6} {p.seconds:>8.1f}  {result}")
         for p in self.failed:
             lines += ["", f"FAIL {p.name}: {p.reason}", "shrunk counterexample:"]
             lines += ["    " + line for line in (p.reproduction or "").splitlines()]
+            if p.worst_reproduction:
+                lines += [f"worst example seen ({p.worst_reason}):"]
+                lines += ["    " + line for line in p.worst_reproduction.splitlines()]
         verdict = "conforms" if self.conforms else f"does NOT conform ({len(self.failed)} failed)"
         lines += ["", f"{self.target} {verdict}"]
         return "\n".join(lines)
@@ -88,21 +101,19 @@ def literal(values: Any) -> str:
     return _number(float(items))
 
 
-def tensor_code(name: str, t: torch.Tensor, *, grad: bool = False) -> str:
-    """`name = torch.tensor(<exact literal>, dtype=...)`: a line that rebuilds t exactly."""
-    values = t.detach().cpu()
-    if t.dtype == torch.bool:
-        return f"{name} = torch.tensor({literal(values)})"
-    extra = ", requires_grad=True" if grad else ""
-    return f"{name} = torch.tensor({literal(values.double())}, dtype={t.dtype}{extra})"
-
-
 def import_code(target: str) -> str:
     """The line that binds the callable under test to `fn`, from "module:qualname"."""
     module, _, name = target.partition(":")
     if not name or "<" in name or "." in name:
         return f"fn = ...  # the callable under test: {target}"
     return f"from {module} import {name} as fn"
+
+
+def comment(text: str) -> List[str]:
+    """`text` as Python comment lines: every line commented, terminal escape sequences removed
+    (a multi-line exception message must not break the code it annotates)."""
+    plain = _ESCAPES.sub("", text)
+    return ["# " + line if line.strip() else "#" for line in plain.splitlines() or [""]]
 
 
 def reproduction(
@@ -113,20 +124,25 @@ def reproduction(
     *,
     grad_out: Optional[torch.Tensor] = None,
     note: str,
+    framework: Optional[Framework] = None,
 ) -> str:
-    """Code that rebuilds a counterexample, calls fn and prints the result beside `expected` (the
-    reference's output, or its gradient when `grad_out` is given; None when not a value check)."""
+    """Code that rebuilds a counterexample in fn's framework (torch by default), calls fn and
+    prints the result beside `expected` (the reference's output, or its gradient when `grad_out`
+    is given; None when not a value check). `mask` is the mask as fn receives it."""
+    fw = framework or Framework()
+    dtype = str(x.dtype).removeprefix("torch.")
     args = "x" if mask is None else "x, mask"
-    lines = ["import torch", import_code(target), "", tensor_code("x", x, grad=grad_out is not None)]
+    lines = [*fw.preamble(dtype), import_code(target), ""]
+    lines.append(fw.code("x", literal(x.detach().cpu().double()), dtype, grad=grad_out is not None))
     if mask is not None:
-        lines.append(tensor_code("mask", mask))
+        lines.append(fw.code("mask", literal(mask.cpu()), None))
     if grad_out is None:
         lines += [f"out = fn({args})", "print(out)"]
     else:
-        lines += [tensor_code("grad_out", grad_out), f"fn({args}).backward(grad_out)", "print(x.grad)"]
+        lines += [fw.code("grad_out", literal(grad_out.cpu().double()), dtype), *fw.gradient_code(f"fn({args})")]
     if expected is not None:
         what = "gradient (reference VJP)" if grad_out is not None else "output"
         lines.append(f"# expected {what}, masknorm.reference at 50 digits rounded once to float64:")
-        lines.append(f"expected = torch.tensor({literal(expected)}, dtype=torch.float64)")
-    lines.append(f"# {note}")
+        lines.append(f"expected = {literal(expected)}")
+    lines += comment(note)
     return "\n".join(lines)

@@ -1,0 +1,315 @@
+"""masknorm's test oracle for other implementations: check(fn, Semantics(...)) -> Report.
+
+Each property is a hypothesis test (max_examples=examples, no database, derandomized or seeded) whose
+body calls fn on one drawn example and measures it against the mpmath reference; hypothesis shrinks a
+failure to a minimal example, which the Report gives back as runnable code.
+
+    pass  <=>  error <= bound (u*kappa, see masknorm.reference.oracle.properties) and no exception, NaN or dtype change
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, Phase, Verbosity, given, settings
+from hypothesis import seed as hypothesis_seed
+from hypothesis import strategies as st
+
+from masknorm._contract import normalize_dims
+
+from .engine import controlled
+from .frameworks import Framework, detect, framework
+from .properties import (
+    FORWARD_BOUND,
+    GRADIENT_BOUND,
+    Caller,
+    Outcome,
+    WrongOutput,
+    measure_dtype_shape,
+    measure_forward,
+    measure_gradient,
+    raised,
+)
+from .report import PropertyResult, Report, reproduction
+from .semantics import Semantics
+from .strategies import DTYPES, MaskedInput, Sides, mask_shape, masked_inputs, ranks, side_ranges, upstream_gradients
+
+Dim = Union[int, Sequence[int]]
+EXAMPLES = 100  # per property, the default
+SHRINKS = 100  # successful shrinks per failing property, the default (deterministic, unlike a time limit)
+Measure = Callable[[MaskedInput, Optional[torch.Tensor]], Outcome]
+
+
+class CallError(Exception):
+    """fn cannot be called at all: it raised, or returned something other than an array, on a plain input."""
+
+
+class ConformanceError(AssertionError):
+    """Raised by assert_conforms; `report` holds the Report."""
+
+    def __init__(self, report: Report) -> None:
+        super().__init__(str(report))
+        self.report = report
+
+
+class _Violation(Exception):
+    """Raised inside a property's hypothesis test when an example fails."""
+
+
+@dataclass(frozen=True)
+class _Property:
+    name: str
+    cases: st.SearchStrategy
+    measure: Measure
+    bound: Optional[float]
+    skipped: Optional[str] = None
+
+
+@dataclass
+class _Clock:
+    """Progress over the whole check: examples done of those planned, and an estimate of the rest."""
+
+    planned: int
+    progress: Callable[[str], None]
+    done: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def tick(self, line: str) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / self.done * max(self.planned - self.done, 0)
+        self.progress(f"{line} ({elapsed:.0f} s, about {left:.0f} s left)")
+
+
+def _target(fn: Callable[..., Any]) -> str:
+    return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
+
+
+def _plain_input(sem: Semantics, rank: int, sides: Sides, mask_dims: Optional[Dim], mask: bool, dtype: torch.dtype) -> MaskedInput:
+    """Sides at their smallest allowed value >= 3, values 1..n, all valid."""
+    shape = tuple(min(max(3, low), high) for low, high in side_ranges(rank, sides))
+    count = int(np.prod(shape))
+    x = torch.arange(1, count + 1, dtype=torch.float64).reshape(shape).to(dtype)
+    m = torch.ones(mask_shape(shape, mask_dims), dtype=torch.bool) if mask else None
+    return MaskedInput(x, m, normalize_dims(sem.dim, rank))
+
+
+def _smoke(caller: Caller, inp: MaskedInput) -> None:
+    """Call fn once on a plain input; CallError when that fails."""
+    try:
+        caller.forward(inp)
+    except WrongOutput as err:
+        raise CallError(f"fn must return a {caller.framework.array_type}: it {err}") from err
+    except Exception as err:  # noqa: BLE001 - reported as the reason fn cannot be checked
+        call = "fn(x)" if inp.mask is None else "fn(x, mask)"
+        raise CallError(f"{call} on {caller.framework.name} x of shape {tuple(inp.x.shape)} {raised(err)}") from err
+
+
+def _detect(fn: Callable[..., Any], inp: MaskedInput, mask_arg: Callable[[MaskedInput], Any]) -> str:
+    """fn's framework: torch when it maps torch input to a torch tensor, else what it returns for
+    numpy input (numpy, or jax for JAX functions, which take numpy arrays); torch when neither, so
+    that the smoke call says what went wrong."""
+    for name, accepted in (("torch", ("torch",)), ("numpy", ("numpy", "jax"))):
+        fw = framework(name)
+        m = mask_arg(inp)
+        try:
+            out = fn(fw.to_native(inp.x)) if m is None else fn(fw.to_native(inp.x), fw.to_native(m))
+        except Exception:  # noqa: BLE001 - try the next framework
+            continue
+        if detect(out) in accepted:
+            return detect(out)
+    return "torch"
+
+
+def _properties(caller: Caller, sem: Semantics, grad: bool, mask: bool, **draw: Any) -> List[_Property]:
+    def plain(**edges: bool) -> st.SearchStrategy:
+        return masked_inputs(sem.dim, mask=mask, **draw, **edges).map(lambda inp: (inp, None))
+
+    def with_grad(zero_padding: bool, **edges: bool) -> st.SearchStrategy:
+        inputs = masked_inputs(sem.dim, mask=mask, **draw, **edges)
+        return inputs.flatmap(lambda inp: upstream_gradients(inp, zero_padding=zero_padding).map(lambda g: (inp, g)))
+
+    no_mask = None if mask else "no mask"
+    no_grad = None if grad else "grad=False"
+    if grad and caller.framework.vjp is None:
+        no_grad = f"{caller.framework.name} has no autodiff"
+    return [
+        _Property("forward vs reference", plain(), lambda i, _: measure_forward(caller, sem, i, regular_only=True), FORWARD_BOUND),
+        _Property(
+            "padding garbage",
+            plain(garbage=True, degenerate=True),
+            lambda i, _: measure_forward(caller, sem, i, valid_only=True),
+            FORWARD_BOUND,
+            no_mask,
+        ),
+        _Property(
+            "degenerate groups", plain(degenerate=True), lambda i, _: measure_forward(caller, sem, i), FORWARD_BOUND
+        ),
+        _Property(
+            "gradient vs reference",
+            with_grad(False, degenerate=True),
+            lambda i, g: measure_gradient(caller, sem, i, g),
+            GRADIENT_BOUND,
+            no_grad,
+        ),
+        _Property(
+            "gradient padding garbage",
+            with_grad(True, garbage=True, degenerate=True),
+            lambda i, g: measure_gradient(caller, sem, i, g),
+            GRADIENT_BOUND,
+            no_grad or no_mask,
+        ),
+        _Property("dtype and shape", plain(), lambda i, _: measure_dtype_shape(caller, i), None),
+    ]
+
+
+def _severity(outcome: Outcome) -> float:
+    """How bad an outcome is, for keeping the worst example: a problem (exception, NaN) counts as inf."""
+    return float("inf") if outcome.problem is not None else outcome.error
+
+
+def _run(
+    prop: _Property, target: str, sem: Semantics, caller: Caller, examples: int, seed: Optional[int], clock: _Clock,
+    shrinks: int,
+) -> PropertyResult:
+    """Run one property as a hypothesis test; on failure keep the last failing example hypothesis
+    replays, which is the shrunk one, and the worst example seen."""
+    if prop.skipped:
+        return PropertyResult(prop.name, "skipped", reason=prop.skipped)
+    seen: dict = {"calls": 0, "worst": 0.0, "failure": None, "worst_case": None}
+    started = time.perf_counter()
+
+    def body(case):
+        inp, grad_out = case
+        outcome = prop.measure(inp, grad_out)
+        seen["calls"] += 1
+        seen["worst"] = max(seen["worst"], outcome.error)
+        stage = "shrinking the counterexample" if seen["failure"] else f"example {seen['calls']}/{examples}"
+        clock.tick(f"{prop.name}: {stage}")
+        if outcome.problem is not None or (prop.bound is not None and outcome.error > prop.bound):
+            seen["failure"] = (inp, grad_out, outcome)
+            if seen["worst_case"] is None or _severity(outcome) > _severity(seen["worst_case"][2]):
+                seen["worst_case"] = (inp, grad_out, outcome)
+            raise _Violation
+
+    test = settings(
+        max_examples=examples,
+        derandomize=seed is None,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        report_multiple_bugs=False,
+        phases=(Phase.explicit, Phase.generate, Phase.shrink),
+        verbosity=Verbosity.quiet,
+        print_blob=False,
+    )(given(prop.cases)(body))
+    if seed is not None:
+        test = hypothesis_seed(seed)(test)
+    try:
+        with controlled(shrinks):
+            test()
+    except Exception:
+        if seen["failure"] is None:
+            raise
+    seconds = time.perf_counter() - started
+    worst = seen["worst"] if prop.bound is not None else None
+    result = PropertyResult(prop.name, "pass", seen["calls"], worst, prop.bound, seconds=seconds)
+    if seen["failure"] is None:
+        return result
+    result.status = "fail"
+    result.reason = _reason(prop, seen["failure"][2])
+    result.reproduction = _reproduction(target, sem, caller, prop, seen["failure"], result.reason)
+    if seen["worst_case"] is not None and seen["worst_case"][0] is not seen["failure"][0]:
+        result.worst_reason = _reason(prop, seen["worst_case"][2])
+        result.worst_reproduction = _reproduction(target, sem, caller, prop, seen["worst_case"], result.worst_reason)
+    return result
+
+
+def _reason(prop: _Property, outcome: Outcome) -> str:
+    return outcome.problem or f"error {outcome.error:.3g} u*kappa > bound {prop.bound:g}"
+
+
+def _reproduction(target: str, sem: Semantics, caller: Caller, prop: _Property, case: Tuple, reason: str) -> str:
+    inp, grad_out, outcome = case
+    note = f"{prop.name}: {reason} (claimed: {sem.describe()})"
+    return reproduction(
+        target, inp.x, caller.mask_arg(inp), outcome.expected, grad_out=grad_out, note=note, framework=caller.framework
+    )
+
+
+def check(
+    fn: Callable[..., Any],
+    semantics: Semantics = Semantics(),
+    *,
+    ndim: Optional[int] = None,
+    mask_dims: Optional[Dim] = None,
+    mask: bool = True,
+    squeeze_mask: bool = False,
+    grad: bool = False,
+    dtype: Union[str, torch.dtype] = "float64",
+    examples: int = EXAMPLES,
+    seed: Optional[int] = None,
+    extreme: bool = False,
+    min_group_size: int = 1,
+    sides: Sides = None,
+    framework_name: Optional[str] = None,
+    shrinks: int = SHRINKS,
+    name: Optional[str] = None,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Report:
+    """Check fn(x, mask) (fn(x) when mask=False) against the reference for `semantics`: forward,
+    garbage padding, degenerate groups, dtype and shape, and with grad=True its gradients by its
+    framework's autodiff; `examples` hypothesis examples per property, the same every run unless
+    `seed` is given. x has rank `ndim` (None: any that fits) and sides within `sides` (per axis: an
+    int, a (low, high) range or None); the bool mask has x's rank and size 1 off `mask_dims` (None:
+    it varies along every axis), or only the `mask_dims` axes with `squeeze_mask`. `extreme` draws
+    magnitudes at the dtype's overflow/underflow thresholds; `min_group_size` is the smallest group
+    fn accepts (torch's batch_norm and group_norm refuse groups of one value). `framework_name`:
+    "torch", "numpy", "jax" or "keras" (None: detected from what fn returns). Shrinking a
+    counterexample stops after `shrinks` successful shrinks per property. CallError when fn cannot be called on
+    a plain input."""
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    dtype_name = str(torch_dtype).removeprefix("torch.")
+    if squeeze_mask and mask_dims is None:
+        raise ValueError("squeeze_mask needs mask_dims (the axes the mask keeps)")
+    if examples < 1:
+        raise ValueError(f"examples must be >= 1, got {examples}")
+    target = name or _target(fn)
+    rank = ranks(semantics.dim, ndim if sides is None else len(sides), mask_dims)[0]
+    plain = _plain_input(semantics, rank, sides, mask_dims, mask, torch_dtype)
+    probe = Caller(fn, Framework(), semantics.padding_mask, squeeze_mask, mask_dims)
+    fw = framework(framework_name or _detect(fn, plain, probe.mask_arg))
+    if dtype_name not in fw.dtypes:
+        raise ValueError(f"dtype {dtype_name} is not available in {fw.name} (it has {', '.join(fw.dtypes)})")
+    if hasattr(fw, "enable"):
+        fw.enable(dtype_name)
+    caller = Caller(fn, fw, semantics.padding_mask, squeeze_mask, mask_dims)
+    _smoke(caller, plain)
+    props = _properties(
+        caller, semantics, grad, mask,
+        ndim=ndim, mask_dims=mask_dims, dtype=torch_dtype, min_group_size=min_group_size, extreme=extreme, sides=sides,
+    )
+    mask_text = "none" if not mask else "varies along " + ("every axis" if mask_dims is None else f"axes {mask_dims}")
+    setup = (
+        f"semantics: {semantics.describe()}; framework={fw.name}, dtype={dtype_name}, ndim={ndim}, sides={sides}, "
+        f"mask={mask_text}{' (squeezed)' if squeeze_mask else ''}, grad={grad}, extreme={extreme}, "
+        f"examples={examples}, seed={seed}"
+    )
+    report = Report(target, setup)
+    clock = _Clock(examples * sum(p.skipped is None for p in props), progress or (lambda _: None))
+    for prop in props:
+        report.properties.append(_run(prop, target, semantics, caller, examples, seed, clock, shrinks))
+    return report
+
+
+def assert_conforms(fn: Callable[..., Any], semantics: Semantics = Semantics(), **options: Any) -> Report:
+    """check(fn, semantics, **options); raise ConformanceError (an AssertionError holding the report)
+    when a property fails, else return the report."""
+    report = check(fn, semantics, **options)
+    if not report.conforms:
+        raise ConformanceError(report)
+    return report
