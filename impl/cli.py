@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "prove": ("masknorm.proofs.cli:main", "confirm the theorems symbolically (table, or --json)"),
     "check": ("masknorm.reference.check:main", "check your own normalization against the reference (exit 0/1/2)"),
     "bench": ("masknorm.bench:main", "time masked_norm against torch's native kernels (ratios, memory)"),
+    "build": ("masknorm._native:main", "build the fused CPU kernel now (once per machine; for container images)"),
 }
 
 
