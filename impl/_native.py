@@ -68,9 +68,8 @@ def _say(line: str) -> None:
 
 
 def _announce() -> None:
-    _say(f"masknorm: building masknorm's CPU kernel, once, about {BUILD_S} s "
-         f"({BUILD_CPU_S} s of CPU; 
-         f"into {_kernel_cache.library().parent}; `masknorm build` does it ahead of time)")
+    _say(f"masknorm: building masknorm's CPU kernel, once, about {BUILD_S} s ({BUILD_CPU_S} s of CPU; into "
+         f"{_kernel_cache.library().parent}; `masknorm build` does it ahead of time)")
 
 
 def _build() -> object:
