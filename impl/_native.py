@@ -14,7 +14,6 @@ MASKNORM_KERNELS: unset/auto (build if possible), 0/false/off/no (torch's kernel
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import re
@@ -28,6 +27,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from masknorm import _kernel_cache
+from masknorm_cli import parsers
 
 BUILD_S, BUILD_CPU_S = 75, 30  # the first build on a 2-core AVX2 machine, wall and CPU (README, "Setting up")
 _OFF, _ON = {"0", "false", "off", "no"}, {"1", "true", "on", "yes"}
@@ -152,9 +152,7 @@ def _cpu_s() -> float:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """`masknorm build`: build the fused CPU kernel now (for a container image), or say why it cannot be."""
-    parser = argparse.ArgumentParser(prog="masknorm build", description=main.__doc__)
-    parser.add_argument("--where", action="store_true", help="print where the build is (or will be) kept and exit")
-    args = parser.parse_args(argv)
+    args = parsers.build().parse_args(argv)
     target = _kernel_cache.library()
     if args.where:
         print(target)

@@ -10,6 +10,7 @@ import time
 from typing import Optional, Sequence
 
 from masknorm.proofs import theorems
+from masknorm_cli import parsers
 from masknorm.proofs.theorems import Outcome
 
 DETAIL_CHARS = 300
@@ -26,10 +27,7 @@ def _table(outcomes: Sequence[Outcome]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry of `masknorm prove`; 0 when every selected theorem is proved, 1 otherwise."""
     known = [t.name for t in theorems.THEOREMS]
-    parser = argparse.ArgumentParser(prog="masknorm prove", description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="THEOREM",
-                        help=f"prove only these (default: all): {', '.join(known)}")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
+    parser = parsers.prove()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     unknown = sorted(set(args.names) - set(known))
     if unknown:

@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
+from masknorm_cli import parsers
+
 from .oracle import CallError, check
 from .oracle_semantics import Semantics
 from .strategies import DTYPES
@@ -22,37 +24,6 @@ from .strategies import DTYPES
 
 class _UsageError(Exception):
     """A problem with the command line or the target, reported with exit status 2."""
-
-
-def _axes(text: str) -> Union[int, Tuple[int, ...]]:
-    """"-1" -> -1, "0,2" -> (0, 2)."""
-    try:
-        axes = tuple(int(part) for part in text.split(","))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from err
-    return axes[0] if len(axes) == 1 else axes
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="masknorm check", description=__doc__.split("\n\n")[0])
-    p.add_argument("target", metavar="MODULE:CALLABLE", help="the normalization to check, e.g. mypkg.norms:layer_norm")
-    p.add_argument("--ndim", type=int, help="rank of x (default: any rank that fits --dim, up to 3)")
-    p.add_argument("--dim", type=_axes, default=-1, help="reduced axes, e.g. -1 or 0,2 (default -1)")
-    masks = p.add_mutually_exclusive_group()
-    masks.add_argument("--mask-dims", type=_axes, help="axes the mask varies along; size 1 elsewhere (default: all)")
-    masks.add_argument("--no-mask", action="store_true", help="call fn(x): a plain (unmasked) normalization")
-    p.add_argument("--correction", type=int, default=0, help="variance divisor k - C (default 0: biased)")
-    p.add_argument("--eps", type=float, default=1e-5, help="added to the variance (default 1e-5)")
-    p.add_argument("--rms", action="store_true", help="no mean subtraction (RMS norm)")
-    p.add_argument("--masked", choices=("normalize", "keep", "zero"), default="normalize", help="output at masked-out positions")
-    p.add_argument("--grad", action="store_true", help="also check torch autograd gradients")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float64")
-    p.add_argument("--examples", type=int, default=100, help="hypothesis examples per property (default 100)")
-    p.add_argument("--seed", type=int, help="hypothesis seed (default: derandomized, the same examples every run)")
-    p.add_argument("--extreme", action="store_true", help="draw values at the dtype's overflow/underflow thresholds")
-    p.add_argument("--min-group-size", type=int, default=1, help="smallest group fn accepts (default 1)")
-    p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
-    return p
 
 
 def load(target: str) -> Callable[..., Any]:
@@ -100,7 +71,7 @@ class _Progress:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run `masknorm check` on argv; return the exit status (0 conforms, 1 fails, 2 usage)."""
     try:
-        args = _parser().parse_args(argv)
+        args = parsers.check().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
