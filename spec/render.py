@@ -112,7 +112,7 @@ def derivation_md(results: Results) -> str:
         "   (only + - * /) into `closed_forms.py`. `affine_jvp` is d/dt [(weight + t weight_dot) Y(t) + bias",
         "   + t bias_dot] at t = 0, with Y(t) yhat along the tangent (Y(0) = yhat, Y'(0) = yhat_dot).",
         "3. **Forward check.** The closed form with its arguments replaced by their definitions minus the",
-        "   derivative has canonical form 0; and the closed form equals DESIGN.md's statement.",
+        "   derivative has canonical form 0; and the closed form equals CONTRACT.md's statement.",
         "4. **Policies.** For each policy and variant, the full output's Jacobian, VJP (x, weight, bias of",
         "   sum_q gout_q out_q) and JVP (out along x + t xdot, gamma + t gammadot, beta + t betadot) are",
         "   differentiated from the definition and equal the closed forms combined (generic n).",
@@ -130,9 +130,9 @@ def derivation_md(results: Results) -> str:
     for f in results.forms:
         lines += ["", f"### `{f.name}({', '.join(map(str, f.args))})`", "", f"{f.lhs} = `{arithmetic(f.expr)}`", ""]
         if f.design is None:
-            lines.append("Not stated in DESIGN.md.")
+            lines.append("Not stated in CONTRACT.md.")
         else:
-            lines.append("Equals DESIGN.md's statement.")
+            lines.append("Equals CONTRACT.md's statement.")
         lines += ["", "The derivative it was rewritten from:", ""]
         lines += _code(f.derivative)
     lines += ["", "## Generic checks (symbolic n, canonical residual 0)", ""]
