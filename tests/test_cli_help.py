@@ -48,3 +48,12 @@ def test_bench_warns_when_runs_are_too_noisy(worst, warns, capsys):
     out = capsys.readouterr().out
     assert f"{100 * worst:.0f}%" in out
     assert ("WARNING: too noisy" in out) == warns
+
+
+def test_the_readme_example_is_importable_from_the_installed_package(tmp_path, monkeypatch):
+    """`masknorm check masknorm.examples.buggy_norm:sequence_norm` needs no checkout in the current directory."""
+    from masknorm.reference.check import load
+
+    monkeypatch.chdir(tmp_path)
+    fn = load("masknorm.examples.buggy_norm:sequence_norm")
+    assert fn.__name__ == "sequence_norm" and fn.__module__ == "masknorm.examples.buggy_norm"

@@ -145,6 +145,7 @@ print(f"done in {time.perf_counter() - start:.1f} s", kc.library().is_file())
 """
 
 
+@pytest.mark.slow  # two subprocesses, one importing torch
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM])
 def test_a_build_killed_while_holding_the_lock_does_not_block_the_next(how, tmp_path, monkeypatch):
     """The killed builder leaves its lock behind; the next process removes it and builds, within seconds."""
@@ -202,6 +203,7 @@ def test_a_lock_whose_builder_finished_yields_the_built_library(tmp_path, monkey
     assert lock.exists()  # still the other process's
 
 
+@pytest.mark.slow  # the real build (about 75 s when the cache is cold) and a subprocess
 def test_a_kernel_built_into_a_read_only_cache_is_used(tmp_path):
     """The build is loaded as it is: no lock, no write, no rebuild (the cache here is made read-only)."""
     assert _native.token_ops() is not None, _native.describe()
