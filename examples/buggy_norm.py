@@ -1,6 +1,7 @@
 """A masked normalization over time steps with a classic bug, to try `masknorm check` on:
 
-    masknorm check examples.buggy_norm:sequence_norm --ndim 2 --grad
+    masknorm check examples.buggy_norm:sequence_norm --ndim 2 --grad            (in a checkout)
+    masknorm check masknorm.examples.buggy_norm:sequence_norm --ndim 2 --grad   (installed)
 
 x is (batch, time) with padded time steps (mask False). The padding is zero-filled, then the mean
 and variance are taken over the whole time axis, so every padded step counts as a zero.

@@ -1,31 +1,36 @@
-"""The fused CPU kernel of padded-token layer norm (kernels/token_layer_norm.cpp), built on first use.
+"""The fused CPU kernels (kernels/*.cpp, one library), built on first use or by `masknorm build`.
 
-torch's own kernels need extra passes for padding (see _token_path); this one normalizes a valid
-row, copies a padded one and sums the weight and bias gradients over valid rows, in one pass over
-memory each way. torch.utils.cpp_extension compiles it the first time a CPU layer norm needs it
-(about 10 s, with a C++ compiler, ninja and setuptools: the `fast` extra) and caches the build,
-one per instruction set (torch's CPU capability). If it cannot be built, masknorm warns once and
-uses torch's kernels.
+torch's own kernels need extra passes for padding (see _token_path); the token layer-norm kernel
+normalizes a valid row, copies a padded one and sums the weight and bias gradients over valid rows,
+in one pass over memory each way. torch.utils.cpp_extension compiles every kernels/*.cpp into one
+library the first time a CPU layer norm needs it (with a C++ compiler, ninja and setuptools: the
+`fast` extra), announcing it on stderr; `masknorm build` does it ahead of time (a container image's
+build step). _kernel_cache says where the build is kept and how a killed build is recovered from.
+If it cannot be built, masknorm warns once, naming the cause, and uses torch's kernels.
 
-MASKNORM_KERNELS=0 turns the kernel off; MASKNORM_KERNELS=1 makes a failed build an error.
+MASKNORM_KERNELS: unset/auto (build if possible), 0/false/off/no (torch's kernels only),
+1/true/on/yes (a failed build is an error, on every call). Anything else is a ValueError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 import threading
+import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
-_SOURCE = Path(__file__).parent / "kernels" / "token_layer_norm.cpp"
-_ISA_FLAGS = {  # by torch.backends.cpu.get_cpu_capability(): what the compiler may assume
-    "AVX2": ["-mavx2", "-mfma"],
-    "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"],
-}
+from masknorm import _kernel_cache
+from masknorm_cli import parsers
+
+BUILD_S, BUILD_CPU_S = 75, 30  # the first build on a 2-core AVX2 machine, wall and CPU (README, "Setting up")
+_OFF, _ON = {"0", "false", "off", "no"}, {"1", "true", "on", "yes"}
 
 
 class _State:
@@ -33,26 +38,75 @@ class _State:
     ops: Optional[object] = None
     tried = False
     why_not = ""
-    enabled = os.environ.get("MASKNORM_KERNELS", "auto") != "0"
+    error: Optional[BaseException] = None
+    enabled: Optional[bool] = None  # None: as MASKNORM_KERNELS says; kernels() overrides it
+
+
+def mode() -> str:
+    """MASKNORM_KERNELS read as "off", "auto" or "required"."""
+    raw = os.environ.get("MASKNORM_KERNELS", "")
+    value = raw.strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in _OFF:
+        return "off"
+    if value in _ON:
+        return "required"
+    raise ValueError(f"MASKNORM_KERNELS must be auto, one of {sorted(_ON)} (a failed build is an error) or one of "
+                     f"{sorted(_OFF)} (torch's kernels only); got {raw!r}")
+
+
+def _wanted() -> str:
+    """mode(), unless kernels() overrides it."""
+    if _State.enabled is None:
+        return mode()
+    return "auto" if _State.enabled else "off"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _announce() -> None:
+    _say(f"masknorm: building masknorm's CPU kernel, once, about {BUILD_S} s ({BUILD_CPU_S} s of CPU; into "
+         f"{_kernel_cache.library().parent}; `masknorm build` does it ahead of time)")
 
 
 def _build() -> object:
-    from torch.utils.cpp_extension import load
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    load(
-        name=f"masknorm_kernels_{capability.lower()}",
-        sources=[str(_SOURCE)],
-        extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-    )
+    _kernel_cache.obtain(_announce, _say)
     return torch.ops.masknorm
+
+
+def cause(error: BaseException) -> str:
+    """One line naming why a build failed: the compiler's error line, not the ninja command's first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for pattern in (r"\berror\b:", r"not found|No such file|Permission denied|cannot|ninja"):
+        found = next((line for line in lines if re.search(pattern, line, re.IGNORECASE)), None)
+        if found:
+            return f"{type(error).__name__}: {found}"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel for the first caller outside masknorm and torch: the user's call."""
+    skip = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _required_error() -> RuntimeError:
+    error = RuntimeError(f"masknorm: the fused CPU kernel could not be built ({_State.why_not}) and "
+                         "MASKNORM_KERNELS requires it")
+    error.__cause__ = _State.error
+    return error
 
 
 def token_ops() -> Optional[object]:
     """torch.ops.masknorm (token_layer_norm and its backward) when the kernel is on and built, else None."""
-    if not _State.enabled:
+    wanted = _wanted()
+    if wanted == "off":
         return None
     if not _State.tried:
         with _State.lock:
@@ -60,12 +114,13 @@ def token_ops() -> Optional[object]:
                 try:
                     _State.ops = _build()
                 except Exception as error:  # no compiler, no ninja, a failed build: torch's kernels do the work
-                    if os.environ.get("MASKNORM_KERNELS") == "1":
-                        raise
-                    _State.why_not = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-                    warnings.warn(f"masknorm: the fused CPU layer-norm kernel could not be built ({_State.why_not}); "
-                                  "using torch's kernels", RuntimeWarning, stacklevel=3)
+                    _State.why_not, _State.error = cause(error), error
+                    if wanted != "required":
+                        warnings.warn(f"masknorm: the fused CPU kernel could not be built ({_State.why_not}); "
+                                      "using torch's kernels", RuntimeWarning, stacklevel=_user_stacklevel())
                 _State.tried = True
+    if _State.ops is None and wanted == "required":
+        raise _required_error()
     return _State.ops
 
 
@@ -82,8 +137,32 @@ def kernels(enabled: bool) -> Iterator[None]:
 
 def describe() -> str:
     """One line for command-line headers: whether the fused kernel is in use."""
-    if not _State.enabled:
-        return "fused CPU kernel: off (MASKNORM_KERNELS=0), torch's kernels"
+    if _wanted() == "off":
+        return "fused CPU kernel: off (MASKNORM_KERNELS), torch's kernels"
     if token_ops() is None:
         return f"fused CPU kernel: unavailable ({_State.why_not}), torch's kernels"
     return f"fused CPU kernel: on ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process and of its finished children (ninja, the compiler)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`masknorm build`: build the fused CPU kernel now (for a container image), or say why it cannot be."""
+    args = parsers.build().parse_args(argv)
+    target = _kernel_cache.library()
+    if args.where:
+        print(target)
+        return 0
+    start, cpu = time.perf_counter(), _cpu_s()
+    try:
+        _kernel_cache.obtain(_announce, _say)
+    except Exception as error:
+        print(f"masknorm build: failed ({cause(error)})", file=sys.stderr)
+        return 1
+    print(f"masknorm build: {target} ({time.perf_counter() - start:.1f} s wall, {_cpu_s() - cpu:.1f} s CPU "
+          "with the compiler's)")
+    return 0

@@ -26,10 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from masknorm import _native
+from masknorm_cli import parsers
 from masknorm.functional import masked_norm
 from masknorm.modules import MaskedBatchNorm1d
 
-_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+_ALLOCATOR = parsers.BENCH_ALLOCATOR
+NOISY = 0.2  # spread above which the ratios are not worth reading
 
 
 def plain_masked_norm(x, mask, dims, eps, weight, bias):
@@ -119,6 +121,14 @@ def _median_ms(samples: List[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
+def spread(samples: List[float]) -> float:
+    """Interquartile range over median: how much the runs of one implementation disagree (0 for one run)."""
+    if len(samples) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return (q3 - q1) / statistics.median(samples)
+
+
 def run_case(case: Case, repeats: int, warmup: int) -> dict:
     """Interleaved timings (fwd+bwd) of masknorm, the native kernel and the plain masked norm."""
     grad = torch.randn_like(case.x)
@@ -150,6 +160,7 @@ def run_case(case: Case, repeats: int, warmup: int) -> dict:
     x_bytes = case.x.numel() * case.x.element_size()
     return {
         "median_ms": {name: _median_ms(s) for name, s in samples.items()},
+        "spread": {name: spread(s) for name, s in samples.items()},
         "saved_over_x": {name: _saved_bytes(fn) / x_bytes for name, fn in impls.items()},
         "native": case.native_name,
     }
@@ -158,20 +169,19 @@ def run_case(case: Case, repeats: int, warmup: int) -> dict:
 def _print_case(case: Case, result: dict) -> None:
     native = result["median_ms"][result["native"]]
     print(f"\n{case.name}")
-    print(f"  {'implementation':<24} {'median ms':>10} {'vs native':>10} {'saved/x':>8}")
+    print(f"  {'implementation':<24} {'median ms':>10} {'spread':>7} {'vs native':>10} {'saved/x':>8}")
     for name, ms in result["median_ms"].items():
-        print(f"  {name:<24} {ms:>10.2f} {ms / native:>9.2f}x {result['saved_over_x'][name]:>7.2f}x")
+        print(f"  {name:<24} {ms:>10.2f} {100 * result['spread'][name]:>6.0f}% {ms / native:>9.2f}x "
+              f"{result['saved_over_x'][name]:>7.2f}x")
+    noisy = max(result["spread"].values())
+    if noisy > NOISY:
+        print(f"  WARNING: too noisy to compare: runs of one implementation differ by up to {100 * noisy:.0f}% "
+              f"(interquartile range over median; limit {100 * NOISY:.0f}%); the machine is busy: rerun when "
+              "it is idle, or with more --repeats")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="masknorm bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=15, help="timed runs per implementation (default 15)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--scale", type=float, default=1.0, help="shrink the sequence axes for a quick look")
-    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
-                        help=f"tuned: rerun with {_setting(_ALLOCATOR)} (default); default: as is")
-    args = parser.parse_args(argv)
+    args = parsers.bench().parse_args(argv)
     if args.allocator == "tuned" and not _ALLOCATOR.keys() <= os.environ.keys() and args.device == "cpu":
         env = dict(os.environ, **_ALLOCATOR)
         cmd = [sys.executable, "-m", "masknorm.bench", *(sys.argv[1:] if argv is None else argv)]

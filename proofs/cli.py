@@ -4,13 +4,13 @@ theorem, scope, status and seconds (or, with --json, a JSON list), exit 1 if any
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from typing import Optional, Sequence
 
 from masknorm.proofs import theorems
+from masknorm_cli import parsers
 from masknorm.proofs.theorems import Outcome
 
 DETAIL_CHARS = 300
@@ -28,12 +28,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry of `masknorm prove`; 0 when every selected theorem is proved, 1 otherwise."""
     everything = theorems.THEOREMS + theorems.EXPANDED
     known = [t.name for t in everything]
-    parser = argparse.ArgumentParser(prog="masknorm prove", description=__doc__)
-    parser.add_argument("names", nargs="*", metavar="THEOREM",
-                        help=f"prove only these (default: all but the expanded ones): {', '.join(known)}")
-    parser.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
-    parser.add_argument("--expanded", action="store_true",
-                        help="also confirm theorems 11 and 12 by explicit expansion for small n (slow)")
+    parser = parsers.prove()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     unknown = sorted(set(args.names) - set(known))
     if unknown:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from masknorm import masked_norm
+from masknorm_cli import parsers
 from masknorm._native import describe
 from masknorm.reference.derivatives import vjp
 from masknorm.reference.error import kappa, unit_roundoff
@@ -133,19 +134,32 @@ def _progress(line: str) -> None:
     sys.stderr.flush()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="masknorm verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--thorough", action="store_true", help="five seeds per case instead of one")
-    parser.add_argument("--skip-derive", action="store_true", help="do not run `masknorm derive --check` first")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    if not args.skip_derive:
-        from masknorm.spec.derive import main as derive_main
+def _spec_is_current(rederive: bool) -> bool:
+    """The generated spec files are what the derivation writes: by the recorded fingerprint when it
+    still holds (milliseconds), else (or with --rederive) by re-deriving with sympy (`derive --check`)."""
+    from masknorm.spec import fingerprint
 
-        print("masknorm derive --check", flush=True)
-        if derive_main(["--check"]) != 0:
-            print("FAIL: the committed derivations differ from the spec", flush=True)
-            return 1
+    reasons = ["--rederive"] if rederive else fingerprint.stale()
+    if not reasons:
+        record = fingerprint.recorded()
+        print(f"spec: {', '.join(fingerprint.GENERATED)} match the recorded derivation (sources "
+              f"{record['sources'][:12]}, sympy {record['sympy']}); not re-derived (`--rederive` forces it)",
+              flush=True)
+        return True
+    from masknorm.spec.derive import main as derive_main
+
+    print(f"spec: re-deriving ({'; '.join(reasons)}): masknorm derive --check", flush=True)
+    if derive_main(["--check"]) != 0:
+        print("FAIL: the committed derivations differ from the spec", flush=True)
+        return False
+    return True
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parsers.verify().parse_args(argv)
+    start = time.perf_counter()
+    if not args.skip_derive and not _spec_is_current(args.rederive):
+        return 1
     print(f"torch implementation: {describe()}", flush=True)
     rows = run(args.thorough, _progress) + [Row(*case) for case in verify_weight_norm.run(args.thorough, _progress)]
     _progress("")

@@ -1,5 +1,5 @@
 """The argument symbols of the closed forms (the names in `masknorm.spec.closed_forms`) and
-DESIGN.md's statement of each closed form in them.
+CONTRACT.md's statement of each closed form in them.
 
 Per non-degenerate group: k valid count, nu = k - c, inv_s = 1/s, yhat normalized values,
 p_j = [j in P], m_j = [j in V], g = weight * grad_out, sum_v_* sums over V, sum_p_* over P.
@@ -19,8 +19,8 @@ grad_out_j = sp.Symbol("grad_out_j")
 weight, weight_dot, bias_dot, yhat_dot = sp.symbols("weight weight_dot bias_dot yhat_dot")
 mu = sp.Symbol("mu")  # the mean, used only while rewriting a derivative in the arguments
 
-# DESIGN.md, "Closed forms", transcribed
-DESIGN = {
+# CONTRACT.md, "Closed forms", transcribed
+CONTRACT = {
     "jacobian_centered": inv_s * (delta_pj - m_j / k - yhat_p * yhat_j * m_j / nu),
     "jacobian_rms": inv_s * (delta_pj - yhat_p * yhat_j * m_j / nu),
     "vjp_centered": inv_s * (g_j * p_j - (m_j / k) * sum_p_g - (m_j * yhat_j / nu) * sum_p_g_yhat),

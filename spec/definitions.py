@@ -1,4 +1,4 @@
-"""The definition of masked normalization (DESIGN.md) in sympy, for a generic group size n and
+"""The definition of masked normalization (CONTRACT.md) in sympy, for a generic group size n and
 for concrete groups, with the symbols every derivation and proof shares.
 
 One group of n positions, mask m_i in {0, 1}, k = sum_i m_i, nu = k - c:

@@ -1,11 +1,11 @@
-"""Derive the closed forms of DESIGN.md from the definition, for a generic group size n.
+"""Derive the closed forms of CONTRACT.md from the definition, for a generic group size n.
 
 Each derivative is taken by sympy from `definitions` (sums kept as Sums over 1..n), sqrt(var + eps)
 is named s, and the result is brought to canonical form (`canonical`). It is then rewritten in the
 closed form's arguments by inverting their definitions (x_p = mu + s yhat_p, Sum(m x) = k mu,
 Sum(P g x) = s sum_p_g_yhat + mu sum_p_g, ...) and collected. Each closed form is checked
 forward: its arguments replaced by their definitions, it equals the derivative (canonical residual
-0); and it equals DESIGN.md's statement. `policy_checks` then confirms, per policy, the full
+0); and it equals CONTRACT.md's statement. `policy_checks` then confirms, per policy, the full
 output's Jacobian, VJP (x, weight, bias) and JVP as combinations of the closed forms.
 """
 
@@ -140,8 +140,8 @@ def _confirm(name: str, closed: sp.Expr, derivative: sp.Expr, variant: Rewriting
 def closed_form(name: str, lhs: str, args: tuple[sp.Symbol, ...], raw: sp.Expr, variant: Rewriting,
                 designs: dict[str, sp.Expr] | None = None) -> ClosedForm:
     """The closed form of the derivative raw: named, canonical, rewritten in args, forward-checked and
-    compared with its statement in designs (default: DESIGN.md's, `arguments.DESIGN`), when it has one."""
-    designs = a.DESIGN if designs is None else designs
+    compared with its statement in designs (default: CONTRACT.md's, `arguments.CONTRACT`), when it has one."""
+    designs = a.CONTRACT if designs is None else designs
     derivative = canonicalizer()(variant.named(raw))
     closed = _rewrite(derivative, variant, args, name)
     _confirm(name, closed, derivative, variant)
@@ -182,9 +182,9 @@ def _affine_forms() -> list[ClosedForm]:
     derivative = sp.diff((a.weight + t * a.weight_dot) * curve + sp.Symbol("bias") + t * a.bias_dot, t).subs(t, 0)
     closed = derivative.subs({sp.Subs(sp.Derivative(curve, t), t, 0): a.yhat_dot, curve.subs(t, 0): a.yhat})
     args = (a.weight, a.yhat_dot, a.weight_dot, a.yhat, a.bias_dot)
-    if closed.free_symbols - set(args) or sp.expand(closed - a.DESIGN["affine_jvp"]) != 0:
-        raise DerivationError(f"affine_jvp: derived {closed} differs from {a.DESIGN['affine_jvp']}")
-    forms.append(ClosedForm("affine_jvp", "out_dot", args, closed, derivative, a.DESIGN["affine_jvp"]))
+    if closed.free_symbols - set(args) or sp.expand(closed - a.CONTRACT["affine_jvp"]) != 0:
+        raise DerivationError(f"affine_jvp: derived {closed} differs from {a.CONTRACT['affine_jvp']}")
+    forms.append(ClosedForm("affine_jvp", "out_dot", args, closed, derivative, a.CONTRACT["affine_jvp"]))
     return forms
 
 

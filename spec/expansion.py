@@ -16,7 +16,7 @@ x_q - mu = d_q: residuals stay short, and one is 0 in (M, d) exactly when it is 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from typing import Callable, Optional
 
 import sympy as sp
 
@@ -118,18 +118,39 @@ def _centering(group: ConcreteGroup, x: dict[int, sp.Symbol]) -> dict[sp.Expr, s
     return change
 
 
-def confirm(mask: tuple[int, ...], center: bool) -> int:
-    """Check every identity of one concrete group; the number checked (raises DerivationError)."""
+STEPS_PER_GROUP = 1 + len(POLICIES)  # the Jacobian, then each policy
+
+
+def confirm(mask: tuple[int, ...], center: bool, step: Callable[[], None] = lambda: None) -> int:
+    """Check every identity of one concrete group; the number checked (raises DerivationError).
+
+    step() is called after each of its STEPS_PER_GROUP steps."""
     check = _ConcreteCheck(mask, center)
     check.jacobian()
+    step()
     for policy in POLICIES:
         check.policy(policy)
+        step()
     return check.count
 
 
-@lru_cache(maxsize=None)
-def expand_size(size: int) -> Expansion:
-    """Confirm all closed forms for one group size, over its masks, centered and RMS."""
-    masks = tuple(concrete_masks(size))
-    identities = sum(confirm(mask, center) for mask in masks for center in (True, False))
-    return Expansion(size, masks, identities)
+_DONE: dict[int, Expansion] = {}
+
+
+def expand_size(size: int, progress: Optional[Callable[[int, int], None]] = None) -> Expansion:
+    """Confirm all closed forms for one group size, over its masks, centered and RMS (once per process).
+
+    progress(done, total) is called after each step of each group (confirm)."""
+    if size not in _DONE:
+        masks = tuple(concrete_masks(size))
+        total, done = 2 * len(masks) * STEPS_PER_GROUP, 0
+
+        def step() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+        identities = sum(confirm(mask, center, step) for mask in masks for center in (True, False))
+        _DONE[size] = Expansion(size, masks, identities)
+    return _DONE[size]

@@ -127,7 +127,7 @@ def derivation_md(results: Results) -> str:
         "   (only + - * /) into `closed_forms.py`. `affine_jvp` is d/dt [(weight + t weight_dot) Y(t) + bias",
         "   + t bias_dot] at t = 0, with Y(t) yhat along the tangent (Y(0) = yhat, Y'(0) = yhat_dot).",
         "3. **Forward check.** The closed form with its arguments replaced by their definitions minus the",
-        "   derivative has canonical form 0; and the closed form equals DESIGN.md's statement.",
+        "   derivative has canonical form 0; and the closed form equals CONTRACT.md's statement.",
         "4. **Policies.** For each policy and variant, the full output's Jacobian, VJP (x, weight, bias of",
         "   sum_q gout_q out_q) and JVP (out along x + t xdot, gamma + t gammadot, beta + t betadot) are",
         "   differentiated from the definition and equal the closed forms combined (generic n).",
@@ -142,7 +142,7 @@ def derivation_md(results: Results) -> str:
         "Arguments: k valid count, nu = k - c, inv_s = 1/s, yhat normalized values, delta_pj = [p = j],",
         "m_j = [j in V], p_j = [j in P], g = gamma * gout, sum_v_* over V, sum_p_* over P.",
     ]
-    lines += _form_sections(results.forms, "DESIGN.md's statement")
+    lines += _form_sections(results.forms, "CONTRACT.md")
     lines += ["", "## Generic checks (symbolic n, canonical residual 0)", ""]
     lines += [f"- {label}" for label in results.generic_checks]
     lines += [
@@ -165,11 +165,11 @@ def derivation_md(results: Results) -> str:
     return "\n".join(lines)
 
 
-def _form_sections(forms: tuple[ClosedForm, ...], statement: str) -> list[str]:
+def _form_sections(forms: tuple[ClosedForm, ...], source: str) -> list[str]:
     lines = []
     for f in forms:
         lines += ["", f"### `{f.name}({', '.join(map(str, f.args))})`", "", f"{f.lhs} = `{arithmetic(f.expr)}`", ""]
-        lines.append("Not stated in DESIGN.md." if f.design is None else f"Equals {statement}.")
+        lines.append(f"Not stated in {source}." if f.design is None else f"Equals {source}'s statement.")
         lines += ["", "The derivative it was rewritten from:", ""]
         lines += _code(f.derivative)
     return lines
@@ -193,7 +193,7 @@ def _weight_norm_section(forms: tuple[ClosedForm, ...], expansions: tuple[Expans
         "d/d g of sum_q gw_q w_q; JVP: d/dt w_p(v + t vdot, g + t gdot) at t = 0), 1/r is named inv_r, the",
         "canonical form is rewritten in the arguments (v = u/inv_r, sum_i m_i gw_i v_i = sum_m_gw_u/inv_r,",
         "sum_i m_i v_i vdot_i = sum_m_u_vdot/inv_r), printed into `weight_norm_forms.py`, checked forward,",
-        "and compared with issue 16's statements. Then, for each row length below and mask, the definition is",
+        "and compared with the statements in `masknorm.spec.weight_norm.STATEMENTS`. Then, for each row length below and mask, the definition is",
         "written out over symbols v1..vn and every closed form (Jacobians for all p, j; VJP; JVP) is compared",
         "with sympy's derivative; each residual, with (sum m v^2)^(k/2) written R^k, has a numerator that",
         "vanishes modulo R^2 - sum m v^2.",
@@ -203,7 +203,7 @@ def _weight_norm_section(forms: tuple[ClosedForm, ...], expansions: tuple[Expans
     ]
     for e in expansions:
         lines.append(f"| {e.size} | {', '.join(''.join(map(str, mask)) for mask in e.masks)} | {e.identities} |")
-    return lines + _form_sections(forms, "issue 16's statement")
+    return lines + _form_sections(forms, "`masknorm.spec.weight_norm.STATEMENTS`")
 
 
 def files(results: Results) -> dict[str, str]:

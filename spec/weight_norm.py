@@ -39,8 +39,8 @@ delta_pj, m_p, m_j, u_p, u_j, gw_j, vdot_p = sp.symbols("delta_pj m_p m_j u_p u_
 inv_r = sp.Symbol("inv_r", positive=True)
 sum_m_gw_u, sum_m_u_vdot = sp.symbols("sum_m_gw_u sum_m_u_vdot")
 
-# the statements of issue 16, transcribed
-DESIGN = {
+# the closed forms as stated (w = g m v / ||m v||: Jacobians, VJP and JVP), which the derivation must reproduce
+STATEMENTS = {
     "weight_norm_jacobian_v": scale * inv_r * m_p * (delta_pj - m_j * u_p * u_j),
     "weight_norm_jacobian_g": m_p * u_p,
     "weight_norm_vjp_v": scale * inv_r * m_j * (gw_j - u_j * sum_m_gw_u),
@@ -114,7 +114,7 @@ def closed_forms() -> tuple[ClosedForm, ...]:
         ("weight_norm_jvp", "w_dot_p", (vdot_p, m_p, u_p, sum_m_u_vdot, scale, scale_dot, inv_r),
          sp.diff(moving, t).xreplace({t: 0})),
     ]
-    return tuple(closed_form(name, lhs, args, raw, rows, DESIGN) for name, lhs, args, raw in specs)
+    return tuple(closed_form(name, lhs, args, raw, rows, STATEMENTS) for name, lhs, args, raw in specs)
 
 
 EXPANDED_SIZES = tuple(range(1, 7))

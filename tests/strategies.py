@@ -13,14 +13,13 @@ round them once to the case's dtype, so the reference sees exactly what the impl
 Case also carries the contract's bookkeeping (degenerate groups, pass-through positions) and
 Scales the error scales of derivatives.
 
-Heavy sweeps carry `@thorough`: they are marked `thorough` and skip unless
-HYPOTHESIS_PROFILE=thorough (`HYPOTHESIS_PROFILE=thorough pytest -m thorough` runs only them).
+Heavy sweeps carry `@thorough`: they are marked `thorough` and deselected unless `-m` names thorough
+(`HYPOTHESIS_PROFILE=thorough python -m pytest -m thorough` runs only them, with many examples).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Tuple, Union
 
@@ -45,11 +44,8 @@ _SCALE_EXP = {torch.float64: (-8, 8), torch.float32: (-8, 8), torch.bfloat16: (-
 
 
 def thorough(test):
-    """Mark a heavy sweep: selected by `-m thorough`, and skipped unless HYPOTHESIS_PROFILE=thorough."""
-    skip = pytest.mark.skipif(
-        os.environ.get("HYPOTHESIS_PROFILE") != "thorough", reason="heavy sweep: set HYPOTHESIS_PROFILE=thorough"
-    )
-    return pytest.mark.thorough(skip(test))
+    """Mark a heavy sweep: deselected unless `-m` names thorough (tests/conftest.py)."""
+    return pytest.mark.thorough(test)
 
 
 @dataclass(frozen=True)

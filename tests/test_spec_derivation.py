@@ -1,4 +1,4 @@
-"""The generic derivation: closed forms derived from the definition, equal to DESIGN.md, and
+"""The generic derivation: closed forms derived from the definition, equal to CONTRACT.md, and
 wrong closed forms rejected (non-zero canonical residual, DerivationError)."""
 
 import dataclasses
@@ -65,9 +65,9 @@ def test_names_and_argument_orders_are_the_contract():
         assert forms[name] == signature
 
 
-@pytest.mark.parametrize("name", sorted(a.DESIGN))
+@pytest.mark.parametrize("name", sorted(a.CONTRACT))
 def test_derived_closed_form_equals_design(name):
-    assert sp.expand(form(name).expr - a.DESIGN[name]) == 0
+    assert sp.expand(form(name).expr - a.CONTRACT[name]) == 0
 
 
 @pytest.mark.parametrize("name", sorted(WRONG))
@@ -88,8 +88,8 @@ def test_wrong_closed_form_is_rejected(name, wrong):
 
 
 def test_a_wrong_design_statement_is_reported(monkeypatch):
-    wrong = dict(a.DESIGN, jacobian_rms=WRONG["jacobian_rms"][1])
-    monkeypatch.setattr(a, "DESIGN", wrong)
+    wrong = dict(a.CONTRACT, jacobian_rms=WRONG["jacobian_rms"][1])
+    monkeypatch.setattr(a, "CONTRACT", wrong)
     with pytest.raises(DerivationError, match="jacobian_rms"):
         derivation._normalization_forms(Variant(False))
 

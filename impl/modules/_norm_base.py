@@ -11,11 +11,19 @@ from torch.nn.modules.batchnorm import _NormBase
 from masknorm.functional import Moments, masked_norm_with_moments
 from masknorm.modules._frozen_stats import frozen_norm
 from masknorm.modules._masks import apply_policy, channel_mask, channel_view, check_policy
+from masknorm.modules._validate import check_affine, check_eps, check_momentum, check_positive_int
 
 
 def bias_kwarg(bias: bool) -> dict:
     """torch's `bias` keyword, passed only when it differs from the default (older torch lacks it)."""
     return {} if bias else {"bias": False}
+
+
+def check_settings(owner: str, num_features: int, eps: float, momentum: Optional[float]) -> None:
+    """The batch and instance norms' constructor arguments (masknorm.modules._validate)."""
+    check_positive_int(owner, "num_features", num_features)
+    check_eps(owner, eps)
+    check_momentum(owner, momentum)
 
 
 class MaskedRunningNorm(_NormBase):
@@ -36,6 +44,7 @@ class MaskedRunningNorm(_NormBase):
         bias: bool = True,
         masked: str = "normalize",
     ) -> None:
+        check_settings(type(self).__name__, num_features, eps, momentum)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **bias_kwarg(bias))
         self.masked = check_policy(masked)
 
@@ -53,6 +62,7 @@ class MaskedRunningNorm(_NormBase):
             raise ValueError(
                 f"x of shape {tuple(x.shape)} has {x.shape[1]} channels at dim 1, expected num_features={self.num_features}"
             )
+        check_affine(type(self).__name__, self.weight, self.bias, (self.num_features,), "num_features")
         return channel_mask(x, mask)
 
     def _normalize_batch(

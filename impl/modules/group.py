@@ -10,6 +10,7 @@ from torch import nn
 from masknorm.functional import masked_norm
 from masknorm.modules._masks import channel_mask, channel_view, check_policy
 from masknorm.modules._norm_base import bias_kwarg
+from masknorm.modules._validate import check_affine, check_eps, check_groups
 
 
 class MaskedGroupNorm(nn.GroupNorm):
@@ -24,12 +25,15 @@ class MaskedGroupNorm(nn.GroupNorm):
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, *, bias: bool = True,
                  masked: str = "normalize") -> None:
+        check_groups(type(self).__name__, num_groups, num_channels)
+        check_eps(type(self).__name__, eps)
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, **bias_kwarg(bias))
         self.masked = check_policy(masked)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"x of shape {tuple(x.shape)} is not (B, C={self.num_channels}, *spatial)")
+        check_affine(type(self).__name__, self.weight, self.bias, (self.num_channels,), "num_channels")
         mask = channel_mask(x, mask)
         g = self.num_groups
         lead, trailing = (g, self.num_channels // g), x.dim() - 2

@@ -9,6 +9,7 @@ from torch import nn
 
 from masknorm.functional import masked_norm
 from masknorm.modules._masks import check_policy, token_mask
+from masknorm.modules._validate import check_affine, check_eps, check_normalized_shape
 
 _Shape = Union[int, List[int], torch.Size]
 
@@ -40,10 +41,13 @@ class MaskedLayerNorm(nn.LayerNorm):
     def __init__(self, normalized_shape: _Shape, eps: float = 1e-5, elementwise_affine: bool = True,
                  bias: bool = True, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, *,
                  masked: str = "normalize") -> None:
+        check_normalized_shape(type(self).__name__, normalized_shape)
+        check_eps(type(self).__name__, eps)
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.masked = check_policy(masked)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_affine(type(self).__name__, self.weight, self.bias, self.normalized_shape, "normalized_shape")
         return last_axes_norm(x, mask, self.normalized_shape, eps=self.eps, center=True,
                               weight=self.weight, bias=self.bias, masked=self.masked)
 
@@ -58,10 +62,13 @@ class MaskedRMSNorm(nn.RMSNorm):
     def __init__(self, normalized_shape: _Shape, eps: Optional[float] = None, elementwise_affine: bool = True,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None, *,
                  masked: str = "normalize") -> None:
+        check_normalized_shape(type(self).__name__, normalized_shape)
+        check_eps(type(self).__name__, eps, allow_none=True)
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.masked = check_policy(masked)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        check_affine(type(self).__name__, self.weight, None, self.normalized_shape, "normalized_shape")
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         return last_axes_norm(x, mask, self.normalized_shape, eps=eps, center=False,
                               weight=self.weight, bias=None, masked=self.masked)

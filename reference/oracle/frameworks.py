@@ -15,8 +15,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
-
-NAMES = ("torch", "numpy", "jax", "keras")
+from masknorm_cli.parsers import CHECK_FRAMEWORKS as NAMES  # one definition, torch-free for --help
 
 
 class Framework:

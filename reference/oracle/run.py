@@ -20,6 +20,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 from masknorm._contract import normalize_dims
+from masknorm_cli.parsers import CHECK_EXAMPLES, CHECK_SHRINKS
 
 from .engine import controlled
 from .frameworks import Framework, detect, framework
@@ -39,8 +40,7 @@ from .semantics import Semantics
 from .strategies import DTYPES, MaskedInput, Sides, mask_shape, masked_inputs, ranks, side_ranges, upstream_gradients
 
 Dim = Union[int, Sequence[int]]
-EXAMPLES = 100  # per property, the default
-SHRINKS = 100  # successful shrinks per failing property, the default (deterministic, unlike a time limit)
+EXAMPLES, SHRINKS = CHECK_EXAMPLES, CHECK_SHRINKS  # defined with the command line, torch-free
 Measure = Callable[[MaskedInput, Optional[torch.Tensor]], Outcome]
 
 

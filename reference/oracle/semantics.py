@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
 
 from masknorm._contract import check_args
+from masknorm_cli.parsers import CHECK_DEGENERATE
 
-DEGENERATE = ("passthrough", "zero", "nan", "unchecked")
+DEGENERATE = CHECK_DEGENERATE  # defined with the command line, torch-free
 
 
 @dataclass(frozen=True)

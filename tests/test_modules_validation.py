@@ -1,0 +1,82 @@
+"""Modules reject bad settings at construction, naming the argument, and a weight or bias of the wrong
+shape (assigned after construction) with masknorm's message instead of torch's reshape error."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import masknorm
+
+RUNNING = [masknorm.MaskedBatchNorm1d, masknorm.MaskedBatchNorm2d, masknorm.MaskedInstanceNorm1d,
+           masknorm.MaskedInstanceNorm3d]
+
+
+@pytest.mark.parametrize("eps", [-1e-5, math.inf, math.nan])
+@pytest.mark.parametrize("make", [lambda eps: masknorm.MaskedLayerNorm(8, eps=eps),
+                                  lambda eps: masknorm.MaskedRMSNorm(8, eps=eps),
+                                  lambda eps: masknorm.MaskedGroupNorm(2, 8, eps=eps),
+                                  *[lambda eps, cls=cls: cls(8, eps=eps) for cls in RUNNING]])
+def test_eps_must_be_finite_and_non_negative(make, eps):
+    with pytest.raises(ValueError, match="eps must be finite and >= 0"):
+        make(eps)
+
+
+def test_eps_must_be_a_number_and_rms_allows_none():
+    with pytest.raises(TypeError, match="MaskedLayerNorm: eps must be a real number, got str"):
+        masknorm.MaskedLayerNorm(8, eps="1e-5")
+    assert masknorm.MaskedRMSNorm(8, eps=None).eps is None
+    assert masknorm.MaskedLayerNorm(8, eps=0.0).eps == 0.0
+
+
+@pytest.mark.parametrize("cls", RUNNING)
+@pytest.mark.parametrize("momentum, error", [(-0.1, ValueError), (1.5, ValueError), (math.nan, ValueError),
+                                             ("0.1", TypeError)])
+def test_momentum_must_be_in_the_unit_interval(cls, momentum, error):
+    with pytest.raises(error, match=f"{cls.__name__}: momentum must be"):
+        cls(4, momentum=momentum)
+
+
+@pytest.mark.parametrize("cls", RUNNING)
+def test_momentum_bounds_and_none_are_accepted(cls):
+    for momentum in (0.0, 1.0, None):
+        assert cls(4, momentum=momentum).momentum == momentum
+
+
+@pytest.mark.parametrize("cls", RUNNING)
+@pytest.mark.parametrize("num_features, error", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)])
+def test_num_features_must_be_a_positive_int(cls, num_features, error):
+    with pytest.raises(error, match="num_features must be a positive int"):
+        cls(num_features)
+
+
+@pytest.mark.parametrize("cls", [masknorm.MaskedLayerNorm, masknorm.MaskedRMSNorm])
+@pytest.mark.parametrize("shape", [0, -2, [], [4, 0], (4, 2.5), "8"])
+def test_normalized_shape_must_be_positive_ints(cls, shape):
+    with pytest.raises(ValueError, match="normalized_shape must be a positive int"):
+        cls(shape)
+
+
+@pytest.mark.parametrize("num_groups, num_channels, message", [
+    (3, 8, "num_groups=3 must divide num_channels=8"), (0, 8, "num_groups must be a positive int, got 0"),
+    (2, 0, "num_channels must be a positive int, got 0"), (2.0, 8, "num_groups must be a positive int, got float")])
+def test_group_norm_groups(num_groups, num_channels, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        masknorm.MaskedGroupNorm(num_groups, num_channels)
+
+
+@pytest.mark.parametrize("module, x, name", [
+    (masknorm.MaskedLayerNorm(8), torch.randn(2, 8), "weight"),
+    (masknorm.MaskedLayerNorm(8), torch.randn(2, 8), "bias"),
+    (masknorm.MaskedRMSNorm(8), torch.randn(2, 8), "weight"),
+    (masknorm.MaskedGroupNorm(4, 16), torch.randn(2, 16, 5), "weight"),
+    (masknorm.MaskedBatchNorm1d(16), torch.randn(2, 16, 5), "bias"),
+    (masknorm.MaskedInstanceNorm1d(16, affine=True), torch.randn(2, 16, 5), "weight"),
+])
+def test_a_wrong_shaped_parameter_is_named_with_the_shapes(module, x, name):
+    setattr(module, name, nn.Parameter(torch.ones(7)))
+    for training in (True, False):
+        module.train(training)
+        with pytest.raises(ValueError, match=rf"{type(module).__name__}: {name} has shape \(7,\), expected"):
+            module(x)
