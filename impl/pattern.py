@@ -149,7 +149,7 @@ def _split_group(group: Tuple[str, ...], size: int, dim: int, sizes: Mapping[str
 
 def resolve(pattern: Pattern, shape: Sequence[int], sizes: Optional[Mapping[str, int]] = None) -> Layout:
     """Match x's shape to the pattern: the split layout, with sizes checked and composites inferred."""
-    shape, sizes = tuple([int(s) for s in shape]), dict(sizes or {})
+    shape, sizes = tuple(shape), dict(sizes or {})  # not int(s): under torch.export that specializes sizes
     n_fixed = len(pattern.groups) - pattern.has_ellipsis
     if (len(shape) < n_fixed) if pattern.has_ellipsis else (len(shape) != n_fixed):
         need = f"at least {n_fixed}" if pattern.has_ellipsis else str(n_fixed)

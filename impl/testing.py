@@ -7,6 +7,7 @@ Re-exports masknorm.reference.oracle and its strategies (needs the `verify`
 extras: mpmath, hypothesis); `import masknorm` alone never imports this module.
 """
 
+from masknorm.reference import oracle
 from masknorm.reference.oracle import (
     FORWARD_BOUND,
     GRADIENT_BOUND,
@@ -32,23 +33,7 @@ from masknorm.reference.oracle.strategies import (
 from masknorm.reference.weight_norm import weight_norm_errors
 
 __all__ = [
-    "Semantics",
-    "check",
-    "assert_conforms",
-    "Report",
-    "PropertyResult",
-    "CallError",
-    "ConformanceError",
-    "FORWARD_BOUND",
-    "GRADIENT_BOUND",
-    "MaskedInput",
-    "masked_inputs",
-    "mask_shape",
-    "values",
-    "masks",
-    "shapes",
-    "garbage_elements",
-    "with_garbage",
-    "upstream_gradients",
-    "weight_norm_errors",
+    *oracle.__all__,
+    "MaskedInput", "masked_inputs", "mask_shape", "values", "masks", "shapes", "garbage_elements", "with_garbage",
+    "upstream_gradients", "weight_norm_errors",
 ]

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import masknorm
+from module_cases import MODULES, inputs
 from strategies import cases, channels, like, padded_tokens
 from test_impl_accuracy import FORWARD_BOUND, VJP_AFFINE_BOUND, VJP_X_BOUND, forward_error, vjp_errors
 
@@ -82,17 +83,6 @@ def test_mark_dynamic_within_bounds(layout, data):
     assert ex <= VJP_X_BOUND[torch.float32] and max(ew, eb) <= VJP_AFFINE_BOUND[torch.float32], (ex, ew, eb)
 
 
-# (module, layout): "BTC" is x (B, T, 8) with mask (B, T), "BCT" is x (B, 8, T) with mask (B, T)
-MODULES = {
-    "layer": (lambda: masknorm.MaskedLayerNorm(8), "BTC"),
-    "rms-zero": (lambda: masknorm.MaskedRMSNorm(8, masked="zero"), "BTC"),
-    "group-keep": (lambda: masknorm.MaskedGroupNorm(2, 8, masked="keep"), "BCT"),
-    "batch": (lambda: masknorm.MaskedBatchNorm1d(8), "BCT"),
-    "instance": (lambda: masknorm.MaskedInstanceNorm1d(8, affine=True, track_running_stats=True), "BCT"),
-    "einops-heads": (lambda: masknorm.MaskedNorm("b t (h d)", reduce="d", features="h d", h=2, d=4), "BTC"),
-}
-
-
 @pytest.mark.parametrize("name", list(MODULES))
 def test_modules_compiled_dynamic_equal_eager_across_lengths(name):
     """Each module compiled with dynamic=True gives eager's outputs, gradients and running statistics
@@ -106,8 +96,7 @@ def test_modules_compiled_dynamic_equal_eager_across_lengths(name):
     for training, (b, t) in ((True, (4, 6)), (True, (5, 9)), (False, (4, 6)), (False, (7, 11))):
         eager.train(training)
         compiled_module.train(training)
-        x = torch.randn((b, t, 8) if layout == "BTC" else (b, 8, t), generator=gen)
-        mask = torch.rand(b, t, generator=gen) > 0.3
+        x, mask = inputs(layout, b, t, gen)
         results = []
         for module in (compiled, eager):
             xr = x.clone().requires_grad_()

@@ -9,16 +9,7 @@ import pytest
 import torch
 from torch.export import Dim
 
-import masknorm
-
-# (module, layout): "BTC" is x (B, T, 8) with mask (B, T), "BCT" is x (B, 8, T) with mask (B, T)
-MODULES = {
-    "layer": (lambda: masknorm.MaskedLayerNorm(8), "BTC"),
-    "rms": (lambda: masknorm.MaskedRMSNorm(8, masked="zero"), "BTC"),
-    "group": (lambda: masknorm.MaskedGroupNorm(2, 8, masked="keep"), "BCT"),
-    "batch": (lambda: masknorm.MaskedBatchNorm1d(8), "BCT"),
-    "instance": (lambda: masknorm.MaskedInstanceNorm1d(8, affine=True, track_running_stats=True), "BCT"),
-}
+from module_cases import MODULES, inputs
 
 
 class _WithMask(torch.nn.Module):
@@ -31,9 +22,7 @@ class _WithMask(torch.nn.Module):
 
 
 def _inputs(layout, b, t, seed):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn((b, t, 8) if layout == "BTC" else (b, 8, t), generator=gen)
-    return x, torch.rand(b, t, generator=gen) > 0.3
+    return inputs(layout, b, t, torch.Generator().manual_seed(seed))
 
 
 def _dynamic_shapes(layout):
