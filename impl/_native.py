@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import torch
 
-_SOURCE = Path(__file__).parent / "kernels" / "token_layer_norm.cpp"
+_SOURCES = sorted((Path(__file__).parent / "kernels").glob("*.cpp"))  # one extension of every kernel
 _ISA_FLAGS = {  # by torch.backends.cpu.get_cpu_capability(): what the compiler may assume
     "AVX2": ["-mavx2", "-mfma"],
     "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl"],
@@ -42,7 +42,7 @@ def _build() -> object:
     capability = torch.backends.cpu.get_cpu_capability()
     load(
         name=f"masknorm_kernels_{capability.lower()}",
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _SOURCES],
         extra_cflags=["-O3", "-fopenmp", *_ISA_FLAGS.get(capability, [])],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,

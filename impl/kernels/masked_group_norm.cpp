@@ -1,0 +1,327 @@
+// Masked group norm on CPU: groups x positions with one validity flag per (sample, position).
+//
+// x is a contiguous (B, G, Cg, L) tensor: group (b, g) holds Cg channels of L positions, and
+// position l of sample b is valid where mask[b, l]. With k = Cg * |{l : mask[b, l]}|, nu = k - c:
+//
+//   mu = (1/k) sum_V x  (0 when !center),   rstd = 1 / sqrt((1/nu) sum_V (x - mu)^2 + eps)
+//   y = ((x - mu) rstd) w_ch + b_ch   on P: every position ("normalize") or the valid ones;
+//   elsewhere y = x ("keep") or 0 ("zero").
+//
+//   backward (xh = (x - mu) rstd, P_used = P minus the masked-out positions whose dy is 0):
+//       A_ch = sum_{P_used} dy,   B_ch = sum_{P_used} dy xh        (per channel: dbias, dweight)
+//       dx = rstd (dy w_ch - [valid] (sum_ch w A)/k - [valid] xh (sum_ch w B)/nu)   on P
+//       dx = dy ("keep") or 0 ("zero") elsewhere
+//
+// Group states: 0 fused; 1 degenerate (nu <= 0): passed through, out = x (0 at masked-out
+// positions under "zero"), adds nothing to dw/db; 2 redo: statistics outside the range where this
+// kernel is exact (a zero sum of squares, rstd outside [2^-40, 2^40], kappa ~ |mu| rstd above
+// 1/(4u)); the caller recomputes those groups with the general path, so their output here is x.
+//
+// Valid positions are visited as runs [start, end) of each sample's mask row, so a masked-out value
+// is never read by an arithmetic operation under "keep" and "zero" (and under "normalize" only by
+// its own output and, where its dy is nonzero, the sums). Sums run in double, in blocks of kBlock
+// terms; each group is done by one thread and dw/db are added over samples in a fixed order, so
+// the bits do not depend on the number of threads.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 256;
+enum Policy : int64_t { kNormalize = 0, kKeep = 1, kZero = 2 };
+enum State : int8_t { kFused = 0, kDegenerate = 1, kRedo = 2 };
+
+using Runs = std::vector<std::pair<int64_t, int64_t>>;
+
+// The runs of valid positions of each mask row, and each row's count of valid positions.
+std::vector<Runs> valid_runs(const bool* mask, int64_t B, int64_t L, std::vector<int64_t>& counts) {
+  std::vector<Runs> runs(B);
+  counts.assign(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const bool* m = mask + b * L;
+    for (int64_t l = 0; l < L;) {
+      if (!m[l]) { ++l; continue; }
+      const int64_t s = l;
+      while (l < L && m[l]) ++l;
+      runs[b].emplace_back(s, l);
+      counts[b] += l - s;
+    }
+  }
+  return runs;
+}
+
+// sum_{j in [s, e)} term(j) in double, in blocks of kBlock terms.
+template <typename Term>
+double blocked_sum(int64_t s, int64_t e, Term term) {
+  double total = 0;
+  for (int64_t a = s; a < e; a += kBlock) {
+    const int64_t z = std::min(e, a + kBlock);
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = a; j < z; ++j) acc += term(j);
+    total += acc;
+  }
+  return total;
+}
+
+// fn(start, end, valid) over the runs of a row and the gaps between them, in order.
+template <typename Fn>
+void segments(const Runs& runs, int64_t L, Fn fn) {
+  int64_t at = 0;
+  for (const auto& run : runs) {
+    if (run.first > at) fn(at, run.first, false);
+    fn(run.first, run.second, true);
+    at = run.second;
+  }
+  if (at < L) fn(at, L, false);
+}
+
+// A passed-through row: src everywhere, except 0 at masked-out positions under "zero".
+template <typename T>
+void pass_row(const T* src, T* dst, const Runs& runs, int64_t L, bool zero) {
+  if (!zero) {
+    std::copy(src, src + L, dst);
+    return;
+  }
+  segments(runs, L, [&](int64_t s, int64_t e, bool valid) {
+    if (valid) std::copy(src + s, src + e, dst + s); else std::fill(dst + s, dst + e, T(0));
+  });
+}
+
+template <typename T>
+void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, const at::opmath_type<T>* bias, T* y,
+                    at::opmath_type<T>* mean, at::opmath_type<T>* rstd, int8_t* state, int64_t B, int64_t G,
+                    int64_t Cg, int64_t L, int64_t correction, double eps, bool center, int64_t policy) {
+  using acc_t = at::opmath_type<T>;
+  std::vector<int64_t> counts;
+  const auto runs = valid_runs(mask, B, L, counts);
+  const double kappa_limit = 0.5 / std::numeric_limits<acc_t>::epsilon();
+  at::parallel_for(0, B * G, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Cg * L)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / G, g = i % G;
+      const Runs& R = runs[b];
+      const T* xg = x + i * Cg * L;
+      T* yg = y + i * Cg * L;
+      const double k = double(counts[b] * Cg), nu = k - double(correction);
+      double mu = 0, ss = 0;
+      if (nu > 0) {
+        if (center) {
+          for (int64_t c = 0; c < Cg; ++c)
+            for (const auto& r : R) mu += blocked_sum(r.first, r.second, [xr = xg + c * L](int64_t j) { return double(xr[j]); });
+          mu /= k;
+        }
+        for (int64_t c = 0; c < Cg; ++c)
+          for (const auto& r : R)
+            ss += blocked_sum(r.first, r.second, [xr = xg + c * L, mu](int64_t j) {
+              const double d = double(xr[j]) - mu;
+              return d * d;
+            });
+      }
+      const double rs = 1.0 / std::sqrt(ss / nu + eps);
+      const bool exact = ss > 0 && rs >= 0x1p-40 && rs <= 0x1p40 && std::abs(mu) * rs <= kappa_limit;
+      state[i] = nu <= 0 ? kDegenerate : (exact ? kFused : kRedo);
+      if (state[i] != kFused) {
+        mean[i] = acc_t(0);
+        rstd[i] = acc_t(0);
+        for (int64_t c = 0; c < Cg; ++c) pass_row(xg + c * L, yg + c * L, R, L, policy == kZero);
+        continue;
+      }
+      const acc_t m = acc_t(mu), r = acc_t(rs);
+      mean[i] = m;
+      rstd[i] = r;
+      for (int64_t c = 0; c < Cg; ++c) {
+        const T* xr = xg + c * L;
+        T* yr = yg + c * L;
+        const acc_t wc = w[g * Cg + c], bc = bias[g * Cg + c];
+        auto normalize = [&](int64_t s, int64_t e) {
+#pragma omp simd
+          for (int64_t j = s; j < e; ++j) yr[j] = T((acc_t(xr[j]) - m) * r * wc + bc);
+        };
+        if (policy == kNormalize) {
+          normalize(0, L);
+          continue;
+        }
+        segments(R, L, [&](int64_t s, int64_t e, bool valid) {
+          if (valid) normalize(s, e);
+          else if (policy == kKeep) std::copy(xr + s, xr + e, yr + s);
+          else std::fill(yr + s, yr + e, T(0));
+        });
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath_type<T>* mean,
+                     const at::opmath_type<T>* rstd, const int8_t* state, const at::opmath_type<T>* w, T* dx,
+                     double* slots, int64_t B, int64_t G, int64_t Cg, int64_t L, int64_t correction, bool center,
+                     int64_t policy) {
+  using acc_t = at::opmath_type<T>;
+  std::vector<int64_t> counts;
+  const auto runs = valid_runs(mask, B, L, counts);
+  at::parallel_for(0, B * G, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Cg * L)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / G, g = i % G;
+      const Runs& R = runs[b];
+      const T* dyg = dy + i * Cg * L;
+      const T* xg = x + i * Cg * L;
+      T* dxg = dx + i * Cg * L;
+      double* slot = slots + i * Cg * 2;  // (A_ch, B_ch) per channel of the group
+      if (state[i] != kFused) {
+        std::fill(slot, slot + Cg * 2, 0.0);
+        for (int64_t c = 0; c < Cg; ++c) pass_row(dyg + c * L, dxg + c * L, R, L, policy == kZero);
+        continue;
+      }
+      const acc_t m = mean[i], r = rstd[i];
+      double sg = 0, sgy = 0;
+      for (int64_t c = 0; c < Cg; ++c) {
+        const T* dyr = dyg + c * L;
+        const T* xr = xg + c * L;
+        double a = 0, bsum = 0;
+        segments(R, L, [&](int64_t s, int64_t e, bool valid) {
+          if (valid) {
+            a += blocked_sum(s, e, [dyr](int64_t j) { return double(dyr[j]); });
+            bsum += blocked_sum(s, e, [dyr, xr, m, r](int64_t j) { return double(dyr[j]) * double((acc_t(xr[j]) - m) * r); });
+          } else if (policy == kNormalize) {  // masked-out positions count where their dy is nonzero
+            for (int64_t j = s; j < e; ++j) {
+              if (dyr[j] == T(0)) continue;
+              a += double(dyr[j]);
+              bsum += double(dyr[j]) * double((acc_t(xr[j]) - m) * r);
+            }
+          }
+        });
+        slot[2 * c] = a;
+        slot[2 * c + 1] = bsum;
+        sg += double(w[g * Cg + c]) * a;
+        sgy += double(w[g * Cg + c]) * bsum;
+      }
+      const double k = double(counts[b] * Cg), nu = k - double(correction);
+      const acc_t ma = center ? acc_t(sg / k) : acc_t(0), mb = acc_t(sgy / nu);
+      for (int64_t c = 0; c < Cg; ++c) {
+        const T* dyr = dyg + c * L;
+        const T* xr = xg + c * L;
+        T* dxr = dxg + c * L;
+        const acc_t wc = w[g * Cg + c];
+        segments(R, L, [&](int64_t s, int64_t e, bool valid) {
+          if (valid) {
+#pragma omp simd
+            for (int64_t j = s; j < e; ++j) {
+              const acc_t xh = (acc_t(xr[j]) - m) * r;
+              dxr[j] = T(r * (acc_t(dyr[j]) * wc - ma - xh * mb));
+            }
+          } else if (policy == kNormalize) {
+#pragma omp simd
+            for (int64_t j = s; j < e; ++j) dxr[j] = T(r * (acc_t(dyr[j]) * wc));
+          } else if (policy == kKeep) {
+            std::copy(dyr + s, dyr + e, dxr + s);
+          } else {
+            std::fill(dxr + s, dxr + e, T(0));
+          }
+        });
+      }
+    }
+  });
+}
+
+void check_layout(const at::Tensor& x, const at::Tensor& mask, int64_t policy) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "x must be a 4-d CPU tensor (B, G, Cg, L), got ", x.sizes());
+  TORCH_CHECK(mask.dtype() == at::kBool && mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == x.size(3),
+              "mask must be a bool (B, L) tensor for x of shape ", x.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK(policy >= kNormalize && policy <= kZero, "policy must be 0 (normalize), 1 (keep) or 2 (zero)");
+}
+
+// A per-channel parameter as G * Cg contiguous values of the accumulation dtype; `fill` when absent.
+at::Tensor channels(const c10::optional<at::Tensor>& t, const at::Tensor& x, at::ScalarType acc, double fill,
+                    const char* name) {
+  const int64_t n = x.size(1) * x.size(2);
+  if (!t) return at::full({n}, fill, x.options().dtype(acc));
+  TORCH_CHECK(t->numel() == n, name, " must have G * Cg = ", n, " elements, got ", t->sizes());
+  return t->reshape({n}).to(acc).contiguous();
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return at::toOpMathType(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_group_norm(const at::Tensor& x_,
+    const at::Tensor& mask_, const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
+    int64_t correction, double eps, bool center, int64_t policy) {
+  check_layout(x_, mask_, policy);
+  const auto x = x_.contiguous(), mask = mask_.contiguous();
+  const auto acc = acc_type(x);
+  const auto weight = channels(weight_, x, acc, 1.0, "weight"), bias = channels(bias_, x, acc, 0.0, "bias");
+  const int64_t B = x.size(0), G = x.size(1), Cg = x.size(2), L = x.size(3);
+  auto y = at::empty_like(x);
+  auto mean = at::empty({B, G}, x.options().dtype(acc));
+  auto rstd = at::empty({B, G}, x.options().dtype(acc));
+  auto state = at::empty({B, G}, x.options().dtype(at::kChar));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_group_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_groups<scalar_t>(x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), weight.const_data_ptr<acc_t>(),
+                             bias.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+                             rstd.mutable_data_ptr<acc_t>(), state.mutable_data_ptr<int8_t>(), B, G, Cg, L, correction,
+                             eps, center, policy);
+  });
+  return {y, mean, rstd, state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_group_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
+    const at::Tensor& mask_, const at::Tensor& mean_, const at::Tensor& rstd_, const at::Tensor& state_,
+    const c10::optional<at::Tensor>& weight_, int64_t correction, bool center, int64_t policy) {
+  check_layout(x_, mask_, policy);
+  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.dtype() == x_.dtype(), "dy must match x, got ", dy_.sizes());
+  const int64_t B = x_.size(0), G = x_.size(1), Cg = x_.size(2), L = x_.size(3);
+  const auto acc = acc_type(x_);
+  TORCH_CHECK(mean_.numel() == B * G && rstd_.numel() == B * G && state_.numel() == B * G &&
+                  mean_.scalar_type() == acc && rstd_.scalar_type() == acc && state_.scalar_type() == at::kChar,
+              "mean, rstd and state need one value per group, as masked_group_norm returns them");
+  const auto dy = dy_.contiguous(), x = x_.contiguous(), mask = mask_.contiguous();
+  const auto mean = mean_.contiguous(), rstd = rstd_.contiguous(), state = state_.contiguous();
+  const auto weight = channels(weight_, x, acc, 1.0, "weight");
+  auto dx = at::empty_like(x);
+  auto slots = at::empty({B, G * Cg, 2}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_group_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_groups<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
+                              mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+                              state.const_data_ptr<int8_t>(), weight.const_data_ptr<acc_t>(),
+                              dx.mutable_data_ptr<scalar_t>(), slots.mutable_data_ptr<double>(), B, G, Cg, L,
+                              correction, center, policy);
+  });
+  // dweight, dbias per channel: the samples' slots added in order (no dependence on threads).
+  auto sums = at::zeros({2, G * Cg}, x.options().dtype(at::kDouble));
+  const double* s = slots.const_data_ptr<double>();
+  double* db = sums.mutable_data_ptr<double>();
+  double* dw = db + G * Cg;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t ch = 0; ch < G * Cg; ++ch) {
+      db[ch] += s[(b * G * Cg + ch) * 2];
+      dw[ch] += s[(b * G * Cg + ch) * 2 + 1];
+    }
+  const auto out = sums.to(acc);
+  return {dx, out[1], out[0]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(masknorm, m) {
+  m.def("masked_group_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
+        " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("masked_group_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor rstd, Tensor state,"
+        " Tensor? weight, int correction, bool center, int policy) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
+  m.impl("masked_group_norm", &masked_group_norm);
+  m.impl("masked_group_norm_backward", &masked_group_norm_backward);
+}
