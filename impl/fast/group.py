@@ -109,37 +109,45 @@ def layout(
     return Layout(s, r, q, x.shape)
 
 
+def _group_stats(lay: Layout, m2, mean, rstd, state, correction: int, dtype: torch.dtype) -> GroupStats:
+    """The kernel's statistics as the general path's GroupStats (keepdim shape, `dtype`)."""
+    B, G, Cg, _ = lay.sizes()
+    keep = lay.keepdim()
+    k = (m2.sum(1, dtype=dtype) * Cg).unsqueeze(1).expand(B, G).reshape(keep)
+    mean, rstd = mean.reshape(keep), rstd.reshape(keep)
+    return GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k - correction, (state == _DEGENERATE).reshape(keep))
+
+
 class GroupNormFunction(torch.autograd.Function):
-    """masked_norm on the fused group kernel; see masknorm.masked_norm for the contract."""
+    """masked_norm on the fused group kernel; see masknorm.masked_norm for the contract.
+
+    Saved: x, the mask, the weight and the kernel's per-group (mean, rstd, state); the general
+    path's GroupStats are formed only where needed (redone groups, forward AD)."""
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, lay, dims, correction, eps, center, masked):
-        B, G, Cg, L = lay.sizes()
-        keep, ct = lay.keepdim(), compute_dtype(x.dtype)
         m2 = lay.mask2(mask)
         y, mean, rstd, state = _native.token_ops().masked_group_norm(
-            x.reshape(B, G, Cg, L), m2, lay.channels(weight), lay.channels(bias), correction, eps, center, _POLICY[masked])
-        k = (m2.sum(1, dtype=ct) * Cg).unsqueeze(1).expand(B, G).reshape(keep)
-        st = GroupStats(torch.ones_like(mean).reshape(keep), mean.reshape(keep), rstd.reshape(keep),
-                        rstd.reshape(keep), k, k - correction, (state == _DEGENERATE).reshape(keep))
-        out = y.view(x.shape)
-        redo = (state == _REDO).reshape(keep)
-        if bool(redo.any()):
+            x.reshape(lay.sizes()), m2, lay.channels(weight), lay.channels(bias), correction, eps, center,
+            _POLICY[masked])
+        out, redone = y.view(x.shape), ()
+        if int(state.max()) == _REDO:  # the one host sync
+            ct = compute_dtype(x.dtype)
+            st = _group_stats(lay, m2, mean, rstd, state, correction, ct)
+            redo = (state == _REDO).reshape(lay.keepdim())
             out, st = redo_groups(out.to(ct), st, redo, x.to(ct), mask, _cast(weight, ct), _cast(bias, ct), dims,
                                   correction, eps, masked, center)
-            out = out.to(x.dtype)
-        else:
-            redo = None
+            out, redone = out.to(x.dtype), (redo, *st)
         ctx.lay = lay
         ctx.config = (dims, correction, eps, center, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
-        ctx.save_for_backward(x, mask, weight, m2, mean, rstd, state, redo, *st)
-        ctx.save_for_forward(x, mask, weight, *st)
+        ctx.save_for_backward(x, mask, weight, m2, mean, rstd, state, *redone)
+        ctx.save_for_forward(x, mask, weight, m2, mean, rstd, state, *redone)
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        x, mask, weight, m2, mean, rstd, state, redo, *saved = ctx.saved_tensors
+        x, mask, weight, m2, mean, rstd, state, *redone = ctx.saved_tensors
         dims, correction, _, center, masked = ctx.config
         want = ctx.needs_input_grad
         nones = (None,) * 6
@@ -151,10 +159,11 @@ class GroupNormFunction(torch.autograd.Function):
             g_out.reshape(sizes), x.reshape(sizes), m2, mean, rstd, state, ctx.lay.channels(weight), correction, center,
             _POLICY[masked])
         gx, gw_r, gb_r = gx.view(x.shape), None, None
-        if redo is not None:  # the redone groups' terms, from the general statistics
+        if redone:  # the redone groups' terms, from the general statistics
+            redo, *st = redone
             ct = compute_dtype(x.dtype)
             gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out.to(ct)), x.to(ct), mask, _cast(weight, ct),
-                                               GroupStats(*saved), dims, center, masked, want[2], want[3])
+                                               GroupStats(*st), dims, center, masked, want[2], want[3])
             gx = torch.where(redo, gx_r, gx).to(x.dtype)
         gw = ctx.lay.parameter_grad(gw, gw_r, weight.shape, weight.dtype) if want[2] else None
         gb = ctx.lay.parameter_grad(gb, gb_r, *ctx.bias_shape) if want[3] else None
@@ -162,9 +171,10 @@ class GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
-        x, mask, weight, *saved = ctx.saved_tensors
-        dims, _, _, center, masked = ctx.config
+        x, mask, weight, m2, mean, rstd, state, *redone = ctx.saved_tensors
+        dims, correction, _, center, masked = ctx.config
         ct = compute_dtype(x.dtype)
+        st = GroupStats(*redone[1:]) if redone else _group_stats(ctx.lay, m2, mean, rstd, state, correction, ct)
         y_dot = masked_norm_jvp(x.to(ct), x_dot.to(ct), mask, _cast(weight, ct), _cast(weight_dot, ct),
-                                _cast(bias_dot, ct), GroupStats(*saved), dims, center, masked)
+                                _cast(bias_dot, ct), st, dims, center, masked)
         return y_dot.to(x.dtype)

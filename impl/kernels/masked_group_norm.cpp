@@ -74,6 +74,22 @@ double blocked_sum(int64_t s, int64_t e, Term term) {
   return total;
 }
 
+// Two such sums in one pass: (sum t1(j), sum t2(j)) added to (*s1, *s2).
+template <typename T1, typename T2>
+void blocked_sums(int64_t s, int64_t e, T1 t1, T2 t2, double* s1, double* s2) {
+  for (int64_t a = s; a < e; a += kBlock) {
+    const int64_t z = std::min(e, a + kBlock);
+    double acc1 = 0, acc2 = 0;
+#pragma omp simd reduction(+ : acc1, acc2)
+    for (int64_t j = a; j < z; ++j) {
+      acc1 += t1(j);
+      acc2 += t2(j);
+    }
+    *s1 += acc1;
+    *s2 += acc2;
+  }
+}
+
 // fn(start, end, valid) over the runs of a row and the gaps between them, in order.
 template <typename Fn>
 void segments(const Runs& runs, int64_t L, Fn fn) {
@@ -86,16 +102,86 @@ void segments(const Runs& runs, int64_t L, Fn fn) {
   if (at < L) fn(at, L, false);
 }
 
-// A passed-through row: src everywhere, except 0 at masked-out positions under "zero".
-template <typename T>
-void pass_row(const T* src, T* dst, const Runs& runs, int64_t L, bool zero) {
-  if (!zero) {
-    std::copy(src, src + L, dst);
+// One sample's mask row: visited as runs of valid positions, or, when its valid runs are short
+// (scattered padding), whole, with each masked-out input replaced by a select before any
+// arithmetic (`dense`).
+struct Row {
+  const Runs* runs;
+  const bool* m;
+  int64_t L;
+  bool dense;
+};
+
+// sum over the row's valid positions j of term(j, true); dense rows add term(j, m[j]) where
+// m[j] (term must then read its inputs through the flag: a select, not arithmetic).
+template <typename Term>
+double valid_sum(const Row& row, Term term) {
+  if (row.dense) {
+    return blocked_sum(0, row.L, [term, m = row.m](int64_t j) {
+      const bool v = m[j];
+      return v ? term(j, v) : 0.0;
+    });
+  }
+  double total = 0;
+  for (const auto& r : *row.runs) total += blocked_sum(r.first, r.second, [term](int64_t j) { return term(j, true); });
+  return total;
+}
+
+// (sum t1(j), sum t2(j)) over the row's masked-out positions j, added to (*s1, *s2).
+template <typename T1, typename T2>
+void gap_sums(const Row& row, T1 t1, T2 t2, double* s1, double* s2) {
+  if (row.dense) {
+    const bool* m = row.m;
+    blocked_sums(0, row.L, [t1, m](int64_t j) { return m[j] ? 0.0 : t1(j); },
+                 [t2, m](int64_t j) { return m[j] ? 0.0 : t2(j); }, s1, s2);
     return;
   }
-  segments(runs, L, [&](int64_t s, int64_t e, bool valid) {
-    if (valid) std::copy(src + s, src + e, dst + s); else std::fill(dst + s, dst + e, T(0));
+  segments(*row.runs, row.L, [&](int64_t s, int64_t e, bool valid) {
+    if (!valid) blocked_sums(s, e, t1, t2, s1, s2);
   });
+}
+
+// out[j] = valid(j, true) at valid positions, other(j) at masked-out ones (valid reads its inputs
+// through the flag, as in valid_sum).
+template <typename T, typename Valid, typename Other>
+void write_row(const Row& row, T* out, Valid valid, Other other) {
+  if (row.dense) {
+    const bool* m = row.m;
+#pragma omp simd
+    for (int64_t j = 0; j < row.L; ++j) {
+      const bool v = m[j];
+      out[j] = v ? valid(j, v) : other(j);
+    }
+    return;
+  }
+  segments(*row.runs, row.L, [&](int64_t s, int64_t e, bool is_valid) {
+    if (is_valid) {
+#pragma omp simd
+      for (int64_t j = s; j < e; ++j) out[j] = valid(j, true);
+    } else {
+#pragma omp simd
+      for (int64_t j = s; j < e; ++j) out[j] = other(j);
+    }
+  });
+}
+
+// The mask rows: dense when the valid runs average fewer than kDenseRun positions.
+constexpr int64_t kDenseRun = 16;
+std::vector<Row> rows_of(const bool* mask, const std::vector<Runs>& runs, int64_t L) {
+  std::vector<Row> rows;
+  for (size_t b = 0; b < runs.size(); ++b)
+    rows.push_back({&runs[b], mask + b * L, L, int64_t(runs[b].size()) * kDenseRun > L});
+  return rows;
+}
+
+// A passed-through row: src everywhere, except 0 at masked-out positions under "zero".
+template <typename T>
+void pass_row(const T* src, T* dst, const Row& row, bool zero) {
+  if (!zero) {
+    std::copy(src, src + row.L, dst);
+    return;
+  }
+  write_row(row, dst, [src](int64_t j, bool v) { return v ? src[j] : T(0); }, [](int64_t) { return T(0); });
 }
 
 template <typename T>
@@ -105,11 +191,12 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
   using acc_t = at::opmath_type<T>;
   std::vector<int64_t> counts;
   const auto runs = valid_runs(mask, B, L, counts);
+  const auto rows = rows_of(mask, runs, L);
   const double kappa_limit = 0.5 / std::numeric_limits<acc_t>::epsilon();
   at::parallel_for(0, B * G, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Cg * L)), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t b = i / G, g = i % G;
-      const Runs& R = runs[b];
+      const Row& row = rows[b];
       const T* xg = x + i * Cg * L;
       T* yg = y + i * Cg * L;
       const double k = double(counts[b] * Cg), nu = k - double(correction);
@@ -117,15 +204,14 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
       if (nu > 0) {
         if (center) {
           for (int64_t c = 0; c < Cg; ++c)
-            for (const auto& r : R) mu += blocked_sum(r.first, r.second, [xr = xg + c * L](int64_t j) { return double(xr[j]); });
+            mu += valid_sum(row, [xr = xg + c * L](int64_t j, bool v) { return double(v ? xr[j] : T(0)); });
           mu /= k;
         }
         for (int64_t c = 0; c < Cg; ++c)
-          for (const auto& r : R)
-            ss += blocked_sum(r.first, r.second, [xr = xg + c * L, mu](int64_t j) {
-              const double d = double(xr[j]) - mu;
-              return d * d;
-            });
+          ss += valid_sum(row, [xr = xg + c * L, mu](int64_t j, bool v) {
+            const double d = (v ? double(xr[j]) : mu) - mu;
+            return d * d;
+          });
       }
       const double rs = 1.0 / std::sqrt(ss / nu + eps);
       const bool exact = ss > 0 && rs >= 0x1p-40 && rs <= 0x1p40 && std::abs(mu) * rs <= kappa_limit;
@@ -133,7 +219,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
       if (state[i] != kFused) {
         mean[i] = acc_t(0);
         rstd[i] = acc_t(0);
-        for (int64_t c = 0; c < Cg; ++c) pass_row(xg + c * L, yg + c * L, R, L, policy == kZero);
+        for (int64_t c = 0; c < Cg; ++c) pass_row(xg + c * L, yg + c * L, row, policy == kZero);
         continue;
       }
       const acc_t m = acc_t(mu), r = acc_t(rs);
@@ -143,19 +229,15 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         const T* xr = xg + c * L;
         T* yr = yg + c * L;
         const acc_t wc = w[g * Cg + c], bc = bias[g * Cg + c];
-        auto normalize = [&](int64_t s, int64_t e) {
-#pragma omp simd
-          for (int64_t j = s; j < e; ++j) yr[j] = T((acc_t(xr[j]) - m) * r * wc + bc);
-        };
+        auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T(((v ? acc_t(xr[j]) : m) - m) * r * wc + bc); };
         if (policy == kNormalize) {
-          normalize(0, L);
-          continue;
+#pragma omp simd
+          for (int64_t j = 0; j < L; ++j) yr[j] = normalized(j, true);
+        } else if (policy == kKeep) {
+          write_row(row, yr, normalized, [xr](int64_t j) { return xr[j]; });
+        } else {
+          write_row(row, yr, normalized, [](int64_t) { return T(0); });
         }
-        segments(R, L, [&](int64_t s, int64_t e, bool valid) {
-          if (valid) normalize(s, e);
-          else if (policy == kKeep) std::copy(xr + s, xr + e, yr + s);
-          else std::fill(yr + s, yr + e, T(0));
-        });
       }
     }
   });
@@ -169,17 +251,18 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
   using acc_t = at::opmath_type<T>;
   std::vector<int64_t> counts;
   const auto runs = valid_runs(mask, B, L, counts);
+  const auto rows = rows_of(mask, runs, L);
   at::parallel_for(0, B * G, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Cg * L)), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t b = i / G, g = i % G;
-      const Runs& R = runs[b];
+      const Row& row = rows[b];
       const T* dyg = dy + i * Cg * L;
       const T* xg = x + i * Cg * L;
       T* dxg = dx + i * Cg * L;
       double* slot = slots + i * Cg * 2;  // (A_ch, B_ch) per channel of the group
       if (state[i] != kFused) {
         std::fill(slot, slot + Cg * 2, 0.0);
-        for (int64_t c = 0; c < Cg; ++c) pass_row(dyg + c * L, dxg + c * L, R, L, policy == kZero);
+        for (int64_t c = 0; c < Cg; ++c) pass_row(dyg + c * L, dxg + c * L, row, policy == kZero);
         continue;
       }
       const acc_t m = mean[i], r = rstd[i];
@@ -188,18 +271,26 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
         const T* dyr = dyg + c * L;
         const T* xr = xg + c * L;
         double a = 0, bsum = 0;
-        segments(R, L, [&](int64_t s, int64_t e, bool valid) {
-          if (valid) {
-            a += blocked_sum(s, e, [dyr](int64_t j) { return double(dyr[j]); });
-            bsum += blocked_sum(s, e, [dyr, xr, m, r](int64_t j) { return double(dyr[j]) * double((acc_t(xr[j]) - m) * r); });
-          } else if (policy == kNormalize) {  // masked-out positions count where their dy is nonzero
-            for (int64_t j = s; j < e; ++j) {
-              if (dyr[j] == T(0)) continue;
-              a += double(dyr[j]);
-              bsum += double(dyr[j]) * double((acc_t(xr[j]) - m) * r);
-            }
-          }
-        });
+        auto dyv = [dyr](int64_t j, bool v) { return double(v ? dyr[j] : T(0)); };
+        auto dyxh = [dyr, xr, m, r](int64_t j, bool v) {
+          return double(v ? dyr[j] : T(0)) * double(((v ? acc_t(xr[j]) : m) - m) * r);
+        };
+        if (row.dense) {
+          const bool* mr = row.m;
+          blocked_sums(0, L, [dyv, mr](int64_t j) { return dyv(j, mr[j]); }, [dyxh, mr](int64_t j) { return dyxh(j, mr[j]); },
+                       &a, &bsum);
+        } else {
+          for (const auto& run : *row.runs)
+            blocked_sums(run.first, run.second, [dyv](int64_t j) { return dyv(j, true); },
+                         [dyxh](int64_t j) { return dyxh(j, true); }, &a, &bsum);
+        }
+        if (policy == kNormalize) {  // masked-out positions count where their dy is nonzero
+          gap_sums(row, [dyr](int64_t j) { return dyr[j] != T(0) ? double(dyr[j]) : 0.0; },
+                   [dyr, xr, m, r](int64_t j) {
+                     const bool use = dyr[j] != T(0);
+                     return double(use ? dyr[j] : T(0)) * double(((use ? acc_t(xr[j]) : m) - m) * r);
+                   }, &a, &bsum);
+        }
         slot[2 * c] = a;
         slot[2 * c + 1] = bsum;
         sg += double(w[g * Cg + c]) * a;
@@ -210,24 +301,19 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
       for (int64_t c = 0; c < Cg; ++c) {
         const T* dyr = dyg + c * L;
         const T* xr = xg + c * L;
-        T* dxr = dxg + c * L;
         const acc_t wc = w[g * Cg + c];
-        segments(R, L, [&](int64_t s, int64_t e, bool valid) {
-          if (valid) {
-#pragma omp simd
-            for (int64_t j = s; j < e; ++j) {
-              const acc_t xh = (acc_t(xr[j]) - m) * r;
-              dxr[j] = T(r * (acc_t(dyr[j]) * wc - ma - xh * mb));
-            }
-          } else if (policy == kNormalize) {
-#pragma omp simd
-            for (int64_t j = s; j < e; ++j) dxr[j] = T(r * (acc_t(dyr[j]) * wc));
-          } else if (policy == kKeep) {
-            std::copy(dyr + s, dyr + e, dxr + s);
-          } else {
-            std::fill(dxr + s, dxr + e, T(0));
-          }
-        });
+        auto valid = [dyr, xr, m, r, wc, ma, mb](int64_t j, bool v) {
+          const acc_t xh = ((v ? acc_t(xr[j]) : m) - m) * r;
+          return T(r * (acc_t(v ? dyr[j] : T(0)) * wc - ma - xh * mb));
+        };
+        T* dxr = dxg + c * L;
+        if (policy == kNormalize) {
+          write_row(row, dxr, valid, [dyr, r, wc](int64_t j) { return T(r * (acc_t(dyr[j]) * wc)); });
+        } else if (policy == kKeep) {
+          write_row(row, dxr, valid, [dyr](int64_t j) { return dyr[j]; });
+        } else {
+          write_row(row, dxr, valid, [](int64_t) { return T(0); });
+        }
       }
     }
   });
