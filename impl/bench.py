@@ -56,6 +56,7 @@ class Case:
     masknorm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # default: masked_norm on the case
     uses_fused_kernel: bool = False  # also time masknorm with the fused CPU kernel off
     plain: bool = True  # also time the plain masked norm on the case's dims, weight and bias
+    compiled_too: bool = False  # with --compiled: also time both sides under torch.compile
 
 
 def _layer_cases(gen: torch.Generator, device: str, B: int, T: int, D: int, scattered_too: bool,
@@ -73,7 +74,7 @@ def _layer_cases(gen: torch.Generator, device: str, B: int, T: int, D: int, scat
     return [
         Case(f"layer norm B={B} T={T} D={D}{name}, dim=-1, {how} ({_percent(tokens)} padding)", x, tokens.to(device),
              (-1,), w, b, "F.layer_norm", lambda t, w=w, b=b: F.layer_norm(t, (D,), w, b),
-             uses_fused_kernel=device == "cpu")
+             uses_fused_kernel=device == "cpu" and dtype == torch.float32)
         for how, tokens in masks
     ]
 
@@ -94,7 +95,7 @@ def _cases(device: str, scale: float) -> List[Case]:
     torch_module = torch.nn.BatchNorm1d(C).to(device)
     modules = Case(f"MaskedBatchNorm1d({C}) training, running statistics on: as above", xb, rows, (0, 2),
                    module.weight.reshape(C, 1), module.bias.reshape(C, 1), "nn.BatchNorm1d (train)", torch_module,
-                   lambda t: module(t, rows.squeeze(1)))
+                   lambda t: module(t, rows.squeeze(1)), compiled_too=True)
     return [*layer, batch, modules, *small, *_time_cases(gen, device, scale), _rms_case(gen, device, scale),
             _layer_cases(gen, device, 8, max(1, int(128 * scale)), 256, scattered_too=False, dtype=torch.bfloat16)[0],
             _conformer_case(gen, device, scale)]
@@ -123,7 +124,8 @@ def _time_cases(gen: torch.Generator, device: str, scale: float) -> List[Case]:
             ours, theirs = ours.to(device, dtype), theirs.to(device, dtype)
             out.append(Case(f"{label} B={B} C={C} L={L} {name}, lengths mask ({_percent(mask)} padding)", x,
                             mask.unsqueeze(1), (2,), ours.weight.reshape(C, 1), ours.bias.reshape(C, 1),
-                            type(theirs).__name__, theirs, lambda t, m=ours: m(t, mask), plain=dtype == torch.float32))
+                            type(theirs).__name__, theirs, lambda t, m=ours: m(t, mask), uses_fused_kernel=True,
+                            plain=dtype == torch.float32, compiled_too=dtype == torch.float32))
     return out
 
 
@@ -149,14 +151,14 @@ def _conformer_case(gen: torch.Generator, device: str, scale: float) -> Case:
     theirs.load_state_dict(ours.state_dict())
     return Case(f"conformer block B={B} T={T} d={d} (attention, conv module with batch norm, feed-forward)", x,
                 mask, (-1,), None, None, "conformer, torch norms", lambda t: theirs(t, mask),
-                lambda t: ours(t, mask), plain=False)
+                lambda t: ours(t, mask), uses_fused_kernel=True, plain=False, compiled_too=True)
 
 
 def _compiled(cases: List[Case]) -> List[Case]:
-    """The cases with a module on both sides again, each side under torch.compile."""
+    """The cases marked compiled_too again, each side under torch.compile."""
     out = []
     for case in cases:
-        if case.masknorm is None:
+        if not case.compiled_too:
             continue
         out.append(Case(f"torch.compile: {case.name}", case.x, case.mask, case.dims, case.weight, case.bias,
                         f"compiled {case.native_name}", torch.compile(case.native), torch.compile(case.masknorm),
@@ -205,13 +207,15 @@ def run_case(case: Case, repeats: int, warmup: int) -> dict:
     def ours():
         return masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias)
 
-    def ours_on_torch_kernels():
+    masknorm = ours if case.masknorm is None else (lambda: case.masknorm(case.x))
+
+    def ours_without_kernels():
         with _native.kernels(False):
-            return ours()
+            return masknorm()
 
     impls = {
-        "masknorm": ours if case.masknorm is None else (lambda: case.masknorm(case.x)),
-        **({"masknorm, torch kernels": ours_on_torch_kernels} if case.uses_fused_kernel else {}),
+        "masknorm": masknorm,
+        **({"masknorm, kernels off": ours_without_kernels} if case.uses_fused_kernel else {}),
         case.native_name: lambda: case.native(case.x),
         **({"plain torch (masked)": lambda: plain_masked_norm(case.x, case.mask, case.dims, 1e-5, case.weight,
                                                               case.bias)} if case.plain else {}),
@@ -270,7 +274,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"allocator: {_setting({name: os.environ.get(name, 'unset') for name in _ALLOCATOR})}")
     print(_native.describe())
     print(f"fwd+bwd (float32 unless named), median of {args.repeats} interleaved runs after {args.warmup} warm-up "
-          "runs; spread: interquartile range / median; saved/x: bytes kept for backward / bytes of x")
+          "runs; spread: interquartile range / median; saved/x: bytes kept for backward / bytes of x;\n"
+          "masknorm, kernels off: the fused CPU kernels disabled (padded-token layer norm on torch's kernels; "
+          "group and instance norm on the general path, as before the group kernel)")
     cases = _cases(args.device, args.scale)
     for case in cases + (_compiled(cases) if args.compiled else []):
         _print_case(case, run_case(case, args.repeats, args.warmup))

@@ -6,9 +6,10 @@ Cg (the channels of a group), the rest L. This covers
 
     group norm     (B, G, C/G, *S) over (C/G, *S), mask (B, 1, 1, *S)   -> (B, G, C/G, prod S)
     instance norm  (B, C, *S) over S, mask (B, 1, *S)                   -> (B, C, 1, prod S)
-    token masks    (B, T, D) over D, mask (B, T, 1)  (RMS, bfloat16)     -> (B*T, 1, D, 1)
 
-with weight and bias per channel (constant along B and L). One call of the fused kernel
+with weight and bias per channel (constant along B and L). Token masks ((B, T, D) over D with a
+(B, T, 1) mask: L = 1, one position per channel row) are left to the other paths: the kernel
+walks each channel's row of L positions, and rows of one position would cost a loop each. One call of the fused kernel
 (kernels/masked_group_norm.cpp) computes each group's statistics in double, normalizes and
 applies the policy; its backward is the closed-form VJP of DESIGN.md with sum_P g and
 sum_P g y_hat per group. Groups the kernel cannot do exactly (a zero sum of squares, rstd outside
@@ -104,7 +105,7 @@ def layout(
         q = next((j for j in range(r, nd) if mask.shape[j] != 1), nd)
         if first < s or last >= q:
             return None
-    if _native.token_ops() is None:
+    if math.prod(x.shape[q:]) == 1 < math.prod(x.shape[r:q]) or _native.token_ops() is None:
         return None
     return Layout(s, r, q, x.shape)
 

@@ -20,8 +20,8 @@
 // Valid positions are visited as runs [start, end) of each sample's mask row, so a masked-out value
 // is never read by an arithmetic operation under "keep" and "zero" (and under "normalize" only by
 // its own output and, where its dy is nonzero, the sums). Sums run in double, in blocks of kBlock
-// terms; each group is done by one thread and dw/db are added over samples in a fixed order, so
-// the bits do not depend on the number of threads.
+// terms; each group is done by one thread and dw/db are added over samples in a fixed order (per
+// block of kSamples samples, then across blocks), so the bits do not depend on the number of threads.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -38,6 +38,7 @@
 namespace {
 
 constexpr int64_t kBlock = 256;
+constexpr int64_t kSamples = 64;  // samples per weight/bias-gradient slot
 enum Policy : int64_t { kNormalize = 0, kKeep = 1, kZero = 2 };
 enum State : int8_t { kFused = 0, kDegenerate = 1, kRedo = 2 };
 
@@ -252,16 +253,19 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
   std::vector<int64_t> counts;
   const auto runs = valid_runs(mask, B, L, counts);
   const auto rows = rows_of(mask, runs, L);
-  at::parallel_for(0, B * G, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Cg * L)), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) {
-      const int64_t b = i / G, g = i % G;
+  // One task per (block of kSamples samples, group index g): it adds its samples' (A_ch, B_ch) into
+  // its own slot, in order.
+  const int64_t blocks = (B + kSamples - 1) / kSamples;
+  at::parallel_for(0, blocks * G, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task)
+    for (int64_t b = (task / G) * kSamples; b < std::min(B, (task / G + 1) * kSamples); ++b) {
+      const int64_t g = task % G, i = b * G + g;
       const Row& row = rows[b];
       const T* dyg = dy + i * Cg * L;
       const T* xg = x + i * Cg * L;
       T* dxg = dx + i * Cg * L;
-      double* slot = slots + i * Cg * 2;  // (A_ch, B_ch) per channel of the group
+      double* slot = slots + task * Cg * 2;  // (A_ch, B_ch) per channel of the group
       if (state[i] != kFused) {
-        std::fill(slot, slot + Cg * 2, 0.0);
         for (int64_t c = 0; c < Cg; ++c) pass_row(dyg + c * L, dxg + c * L, row, policy == kZero);
         continue;
       }
@@ -291,8 +295,8 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
                      return double(use ? dyr[j] : T(0)) * double(((use ? acc_t(xr[j]) : m) - m) * r);
                    }, &a, &bsum);
         }
-        slot[2 * c] = a;
-        slot[2 * c + 1] = bsum;
+        slot[2 * c] += a;
+        slot[2 * c + 1] += bsum;
         sg += double(w[g * Cg + c]) * a;
         sgy += double(w[g * Cg + c]) * bsum;
       }
@@ -375,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_group_norm_backward(const 
   const auto mean = mean_.contiguous(), rstd = rstd_.contiguous(), state = state_.contiguous();
   const auto weight = channels(weight_, x, acc, 1.0, "weight");
   auto dx = at::empty_like(x);
-  auto slots = at::empty({B, G * Cg, 2}, x.options().dtype(at::kDouble));
+  auto slots = at::zeros({(B + kSamples - 1) / kSamples, G * Cg, 2}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_group_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_groups<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
@@ -384,15 +388,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_group_norm_backward(const 
                               dx.mutable_data_ptr<scalar_t>(), slots.mutable_data_ptr<double>(), B, G, Cg, L,
                               correction, center, policy);
   });
-  // dweight, dbias per channel: the samples' slots added in order (no dependence on threads).
+  // dweight, dbias per channel: the blocks' slots added in order (no dependence on threads).
   auto sums = at::zeros({2, G * Cg}, x.options().dtype(at::kDouble));
   const double* s = slots.const_data_ptr<double>();
   double* db = sums.mutable_data_ptr<double>();
   double* dw = db + G * Cg;
-  for (int64_t b = 0; b < B; ++b)
+  for (int64_t blk = 0; blk < slots.size(0); ++blk)
     for (int64_t ch = 0; ch < G * Cg; ++ch) {
-      db[ch] += s[(b * G * Cg + ch) * 2];
-      dw[ch] += s[(b * G * Cg + ch) * 2 + 1];
+      db[ch] += s[(blk * G * Cg + ch) * 2];
+      dw[ch] += s[(blk * G * Cg + ch) * 2 + 1];
     }
   const auto out = sums.to(acc);
   return {dx, out[1], out[0]};
