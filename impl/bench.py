@@ -200,7 +200,7 @@ def _median_ms(samples: List[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def run_case(case: Case, repeats: int, warmup: int) -> dict:
+def run_case(case: Case, repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Interleaved timings (fwd+bwd) of masknorm, the native kernel and the plain masked norm."""
     grad = torch.randn_like(case.x)
 
@@ -226,11 +226,11 @@ def run_case(case: Case, repeats: int, warmup: int) -> dict:
         for name, fn in impls.items():
             case.x.grad = None
             sync()
-            start = time.perf_counter()
+            start = clock()
             fn().backward(grad)
             sync()
             if i >= warmup:
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append(clock() - start)
     x_bytes = case.x.numel() * case.x.element_size()
     return {
         "median_ms": {name: _median_ms(s) for name, s in samples.items()},
@@ -262,6 +262,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--compiled", action="store_true",
                         help="also time torch.compile of each masknorm module against torch.compile of torch's")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: as is)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: the process's CPU time (with --threads 1: the work, without the time other "
+                             "processes take the core on a loaded machine)")
+    parser.add_argument("--only", default="", help="run only the cases whose name contains this text")
     args = parser.parse_args(argv)
     if args.allocator == "tuned" and not _ALLOCATOR.keys() <= os.environ.keys() and args.device == "cpu":
         env = dict(os.environ, **_ALLOCATOR)
@@ -278,8 +282,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           "masknorm, kernels off: the fused CPU kernels disabled (padded-token layer norm on torch's kernels; "
           "group and instance norm on the general path, as before the group kernel)")
     cases = _cases(args.device, args.scale)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"clock: {args.clock}")
     for case in cases + (_compiled(cases) if args.compiled else []):
-        _print_case(case, run_case(case, args.repeats, args.warmup))
+        if args.only in case.name:
+            _print_case(case, run_case(case, args.repeats, args.warmup, clock))
     return 0
 
 
