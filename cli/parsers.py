@@ -136,6 +136,13 @@ def bench() -> argparse.ArgumentParser:
     setting = " ".join(f"{name}={value}" for name, value in BENCH_ALLOCATOR.items())
     p.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
                    help=f"tuned: rerun with {setting} (default); default: as is")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time torch.compile of each masknorm module against torch.compile of torch's")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: as is)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: the process's CPU time (with --threads 1: the work, without the time other "
+                        "processes take the core on a loaded machine)")
+    p.add_argument("--only", default="", help="run only the cases whose name contains this text")
     return p
 
 

@@ -58,10 +58,10 @@ def compose(norm_out: torch.Tensor, xc: torch.Tensor, P: torch.Tensor, passthrou
     return torch.where(P, norm_out, xc)
 
 
-def redo_groups(out, st, redo, x, mask, weight, bias, dims, correction, eps, masked):
-    """(out, stats) with the groups flagged in `redo` recomputed from the general (centered)
-    statistics: the fast paths' way out for groups their fused kernels cannot do exactly."""
-    general = group_stats(x, mask, dims, correction, eps, True)
+def redo_groups(out, st, redo, x, mask, weight, bias, dims, correction, eps, masked, center=True):
+    """(out, stats) with the groups flagged in `redo` recomputed from the general statistics: the
+    fast paths' way out for groups their fused kernels cannot do exactly."""
+    general = group_stats(x, mask, dims, correction, eps, center)
     st = GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
     P, passthrough = regions(mask, st.degenerate, masked)
     return torch.where(redo, compose(affine(normalized(x, st), weight, bias), x, P, passthrough, masked), out), st

@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
 from masknorm._contract import check_args
+from masknorm.fast import group as fast_group
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -116,6 +117,9 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked) -> T
                 x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
             )
             return out, tuple(moments)
+        if (lay := fast_group.layout(x, mask, weight, bias, args.dims)) is not None:
+            return fast_group.GroupNormFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
+                                                      args.center, args.masked), None
     function = MaskedNormFunction if torch.compiler.is_compiling() else MaskedNormFunctionWithJvp
     out, *_stats = function.apply(
         x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked

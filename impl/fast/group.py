@@ -1,0 +1,181 @@
+"""Fast path: groups x positions with one validity flag per (sample, position), on CPU.
+
+x is viewed as (B, G, Cg, L) and the mask as (B, L): the leading axes along which the mask varies
+form B, the other kept axes G, the reduced axes before the first one along which the mask varies
+Cg (the channels of a group), the rest L. This covers
+
+    group norm     (B, G, C/G, *S) over (C/G, *S), mask (B, 1, 1, *S)   -> (B, G, C/G, prod S)
+    instance norm  (B, C, *S) over S, mask (B, 1, *S)                   -> (B, C, 1, prod S)
+
+with weight and bias per channel (constant along B and L). Token masks ((B, T, D) over D with a
+(B, T, 1) mask: L = 1, one position per channel row) are left to the other paths: the kernel
+walks each channel's row of L positions, and rows of one position would cost a loop each. One call of the fused kernel
+(kernels/masked_group_norm.cpp) computes each group's statistics in double, normalizes and
+applies the policy; its backward is the closed-form VJP of DESIGN.md with sum_P g and
+sum_P g y_hat per group. Groups the kernel cannot do exactly (a zero sum of squares, rstd outside
+[2^-40, 2^40], kappa above 1/(4u)) are redone with the general statistics; whether there are any
+is a host sync, so this path runs in eager mode only. Double backward and forward AD use the
+general formulas (general_vjp, masked_norm_jvp).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from masknorm import _native
+from masknorm._autograd import _cast, compute_dtype, general_vjp, masked_norm_jvp, masked_norm_vjp, redo_groups
+from masknorm._stats import GroupStats, where_or_zero
+
+_POLICY = {"normalize": 0, "keep": 1, "zero": 2}
+_DEGENERATE, _REDO = 1, 2  # the kernel's group states (0: fused)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """x as (B, G, Cg, L): B = prod(shape[:s]), G = prod(shape[s:r]), Cg = prod(shape[r:q]), L = prod(shape[q:])."""
+
+    s: int
+    r: int
+    q: int
+    shape: torch.Size
+
+    def sizes(self) -> tuple:
+        shape = self.shape
+        return (math.prod(shape[: self.s]), math.prod(shape[self.s: self.r]), math.prod(shape[self.r: self.q]),
+                math.prod(shape[self.q:]))
+
+    def keepdim(self) -> tuple:
+        return (*self.shape[: self.r], *[1] * (len(self.shape) - self.r))
+
+    def channels(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A weight or bias as the G * Cg values of the kernel's channels."""
+        if t is None:
+            return None
+        nd = len(self.shape)
+        return t.expand(*[1] * self.s, *self.shape[self.s: self.q], *[1] * (nd - self.q)).reshape(-1)
+
+    def parameter_grad(self, per_channel: torch.Tensor, redone: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
+        """The kernel's per-channel gradient (plus the redone groups' terms, x's shape) summed to a
+        parameter of `shape` and `dtype`."""
+        nd = len(self.shape)
+        grad = per_channel.reshape(*[1] * self.s, *self.shape[self.s: self.q], *[1] * (nd - self.q))
+        if redone is not None:
+            grad = grad + redone.sum_to_size(grad.shape)
+        return grad.sum_to_size(shape).to(dtype)
+
+    def mask2(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The mask as (B, L)."""
+        B, _, _, L = self.sizes()
+        if mask is None:
+            return torch.ones(B, L, dtype=torch.bool)
+        return mask.expand(*self.shape[: self.s], *[1] * (self.q - self.s), *self.shape[self.q:]).reshape(B, L)
+
+
+def layout(
+    x: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    dims: Sequence[int],
+) -> Optional[Layout]:
+    """The (B, G, Cg, L) view when the fused kernel applies: a CPU tensor reduced over trailing
+    axes, a mask (of x's rank) per (sample, position), weight/bias of x's dtype constant along B
+    and L, eager mode, and the kernel built; else None.
+
+    With a mask, B and L are as small as the mask allows (the mask is copied as (B, L)); without
+    one, as large as the weight and bias allow (they are copied as (G * Cg) values)."""
+    nd = x.dim()
+    r = nd - len(dims)
+    if (x.device.type != "cpu" or x.numel() == 0 or tuple(dims) != tuple(range(r, nd))
+            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+        return None
+    params = [(1,) * (nd - t.dim()) + tuple(t.shape) for t in (weight, bias) if t is not None]
+    if any(t.dtype != x.dtype for t in (weight, bias) if t is not None):
+        return None
+    varying = [d for d in range(nd) if any(ps[d] != 1 for ps in params)]
+    first, last = (varying[0], varying[-1]) if varying else (nd, -1)
+    if mask is None:
+        s, q = min(r, first), max(r, last + 1)
+    else:
+        s = max((i + 1 for i in range(r) if mask.shape[i] != 1), default=0)
+        q = next((j for j in range(r, nd) if mask.shape[j] != 1), nd)
+        if first < s or last >= q:
+            return None
+    if math.prod(x.shape[q:]) == 1 < math.prod(x.shape[r:q]) or _native.token_ops() is None:
+        return None
+    return Layout(s, r, q, x.shape)
+
+
+def _group_stats(lay: Layout, m2, mean, rstd, state, correction: int, dtype: torch.dtype) -> GroupStats:
+    """The kernel's statistics as the general path's GroupStats (keepdim shape, `dtype`)."""
+    B, G, Cg, _ = lay.sizes()
+    keep = lay.keepdim()
+    k = (m2.sum(1, dtype=dtype) * Cg).unsqueeze(1).expand(B, G).reshape(keep)
+    mean, rstd = mean.reshape(keep), rstd.reshape(keep)
+    return GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k - correction, (state == _DEGENERATE).reshape(keep))
+
+
+class GroupNormFunction(torch.autograd.Function):
+    """masked_norm on the fused group kernel; see masknorm.masked_norm for the contract.
+
+    Saved: x, the mask, the weight and the kernel's per-group (mean, rstd, state); the general
+    path's GroupStats are formed only where needed (redone groups, forward AD)."""
+
+    @staticmethod
+    def forward(ctx, x, mask, weight, bias, lay, dims, correction, eps, center, masked):
+        m2 = lay.mask2(mask)
+        y, mean, rstd, state = _native.token_ops().masked_group_norm(
+            x.reshape(lay.sizes()), m2, lay.channels(weight), lay.channels(bias), correction, eps, center,
+            _POLICY[masked])
+        out, redone = y.view(x.shape), ()
+        if int(state.max()) == _REDO:  # the one host sync
+            ct = compute_dtype(x.dtype)
+            st = _group_stats(lay, m2, mean, rstd, state, correction, ct)
+            redo = (state == _REDO).reshape(lay.keepdim())
+            out, st = redo_groups(out.to(ct), st, redo, x.to(ct), mask, _cast(weight, ct), _cast(bias, ct), dims,
+                                  correction, eps, masked, center)
+            out, redone = out.to(x.dtype), (redo, *st)
+        ctx.lay = lay
+        ctx.config = (dims, correction, eps, center, masked)
+        ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
+        ctx.save_for_backward(x, mask, weight, m2, mean, rstd, state, *redone)
+        ctx.save_for_forward(x, mask, weight, m2, mean, rstd, state, *redone)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x, mask, weight, m2, mean, rstd, state, *redone = ctx.saved_tensors
+        dims, correction, _, center, masked = ctx.config
+        want = ctx.needs_input_grad
+        nones = (None,) * 6
+        if torch.is_grad_enabled():
+            gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
+            return gx, None, gw, gb, *nones
+        sizes = ctx.lay.sizes()
+        gx, gw, gb = _native.token_ops().masked_group_norm_backward(
+            g_out.reshape(sizes), x.reshape(sizes), m2, mean, rstd, state, ctx.lay.channels(weight), correction, center,
+            _POLICY[masked])
+        gx, gw_r, gb_r = gx.view(x.shape), None, None
+        if redone:  # the redone groups' terms, from the general statistics
+            redo, *st = redone
+            ct = compute_dtype(x.dtype)
+            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out.to(ct)), x.to(ct), mask, _cast(weight, ct),
+                                               GroupStats(*st), dims, center, masked, want[2], want[3])
+            gx = torch.where(redo, gx_r, gx).to(x.dtype)
+        gw = ctx.lay.parameter_grad(gw, gw_r, weight.shape, weight.dtype) if want[2] else None
+        gb = ctx.lay.parameter_grad(gb, gb_r, *ctx.bias_shape) if want[3] else None
+        return (gx if want[0] else None), None, gw, gb, *nones
+
+    @staticmethod
+    def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
+        x, mask, weight, m2, mean, rstd, state, *redone = ctx.saved_tensors
+        dims, correction, _, center, masked = ctx.config
+        ct = compute_dtype(x.dtype)
+        st = GroupStats(*redone[1:]) if redone else _group_stats(ctx.lay, m2, mean, rstd, state, correction, ct)
+        y_dot = masked_norm_jvp(x.to(ct), x_dot.to(ct), mask, _cast(weight, ct), _cast(weight_dot, ct),
+                                _cast(bias_dot, ct), st, dims, center, masked)
+        return y_dot.to(x.dtype)

@@ -1,0 +1,417 @@
+// Masked group norm on CPU: groups x positions with one validity flag per (sample, position).
+//
+// x is a contiguous (B, G, Cg, L) tensor: group (b, g) holds Cg channels of L positions, and
+// position l of sample b is valid where mask[b, l]. With k = Cg * |{l : mask[b, l]}|, nu = k - c:
+//
+//   mu = (1/k) sum_V x  (0 when !center),   rstd = 1 / sqrt((1/nu) sum_V (x - mu)^2 + eps)
+//   y = ((x - mu) rstd) w_ch + b_ch   on P: every position ("normalize") or the valid ones;
+//   elsewhere y = x ("keep") or 0 ("zero").
+//
+//   backward (xh = (x - mu) rstd, P_used = P minus the masked-out positions whose dy is 0):
+//       A_ch = sum_{P_used} dy,   B_ch = sum_{P_used} dy xh        (per channel: dbias, dweight)
+//       dx = rstd (dy w_ch - [valid] (sum_ch w A)/k - [valid] xh (sum_ch w B)/nu)   on P
+//       dx = dy ("keep") or 0 ("zero") elsewhere
+//
+// Group states: 0 fused; 1 degenerate (nu <= 0): passed through, out = x (0 at masked-out
+// positions under "zero"), adds nothing to dw/db; 2 redo: statistics outside the range where this
+// kernel is exact (a zero sum of squares, rstd outside [2^-40, 2^40], kappa ~ |mu| rstd above
+// 1/(4u)); the caller recomputes those groups with the general path, so their output here is x.
+//
+// Valid positions are visited as runs [start, end) of each sample's mask row, so a masked-out value
+// is never read by an arithmetic operation under "keep" and "zero" (and under "normalize" only by
+// its own output and, where its dy is nonzero, the sums). Sums run in double, in blocks of kBlock
+// terms; each group is done by one thread and dw/db are added over samples in a fixed order (per
+// block of kSamples samples, then across blocks), so the bits do not depend on the number of threads.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 256;
+constexpr int64_t kSamples = 64;  // samples per weight/bias-gradient slot
+enum Policy : int64_t { kNormalize = 0, kKeep = 1, kZero = 2 };
+enum State : int8_t { kFused = 0, kDegenerate = 1, kRedo = 2 };
+
+using Runs = std::vector<std::pair<int64_t, int64_t>>;
+
+// The runs of valid positions of each mask row, and each row's count of valid positions.
+std::vector<Runs> valid_runs(const bool* mask, int64_t B, int64_t L, std::vector<int64_t>& counts) {
+  std::vector<Runs> runs(B);
+  counts.assign(B, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const bool* m = mask + b * L;
+    for (int64_t l = 0; l < L;) {
+      if (!m[l]) { ++l; continue; }
+      const int64_t s = l;
+      while (l < L && m[l]) ++l;
+      runs[b].emplace_back(s, l);
+      counts[b] += l - s;
+    }
+  }
+  return runs;
+}
+
+// sum_{j in [s, e)} term(j) in double, in blocks of kBlock terms.
+template <typename Term>
+double blocked_sum(int64_t s, int64_t e, Term term) {
+  double total = 0;
+  for (int64_t a = s; a < e; a += kBlock) {
+    const int64_t z = std::min(e, a + kBlock);
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = a; j < z; ++j) acc += term(j);
+    total += acc;
+  }
+  return total;
+}
+
+// Two such sums in one pass: (sum t1(j), sum t2(j)) added to (*s1, *s2).
+template <typename T1, typename T2>
+void blocked_sums(int64_t s, int64_t e, T1 t1, T2 t2, double* s1, double* s2) {
+  for (int64_t a = s; a < e; a += kBlock) {
+    const int64_t z = std::min(e, a + kBlock);
+    double acc1 = 0, acc2 = 0;
+#pragma omp simd reduction(+ : acc1, acc2)
+    for (int64_t j = a; j < z; ++j) {
+      acc1 += t1(j);
+      acc2 += t2(j);
+    }
+    *s1 += acc1;
+    *s2 += acc2;
+  }
+}
+
+// fn(start, end, valid) over the runs of a row and the gaps between them, in order.
+template <typename Fn>
+void segments(const Runs& runs, int64_t L, Fn fn) {
+  int64_t at = 0;
+  for (const auto& run : runs) {
+    if (run.first > at) fn(at, run.first, false);
+    fn(run.first, run.second, true);
+    at = run.second;
+  }
+  if (at < L) fn(at, L, false);
+}
+
+// One sample's mask row: visited as runs of valid positions, or, when its valid runs are short
+// (scattered padding), whole, with each masked-out input replaced by a select before any
+// arithmetic (`dense`).
+struct Row {
+  const Runs* runs;
+  const bool* m;
+  int64_t L;
+  bool dense;
+};
+
+// sum over the row's valid positions j of term(j, true); dense rows add term(j, m[j]) where
+// m[j] (term must then read its inputs through the flag: a select, not arithmetic).
+template <typename Term>
+double valid_sum(const Row& row, Term term) {
+  if (row.dense) {
+    return blocked_sum(0, row.L, [term, m = row.m](int64_t j) {
+      const bool v = m[j];
+      return v ? term(j, v) : 0.0;
+    });
+  }
+  double total = 0;
+  for (const auto& r : *row.runs) total += blocked_sum(r.first, r.second, [term](int64_t j) { return term(j, true); });
+  return total;
+}
+
+// (sum t1(j), sum t2(j)) over the row's masked-out positions j, added to (*s1, *s2).
+template <typename T1, typename T2>
+void gap_sums(const Row& row, T1 t1, T2 t2, double* s1, double* s2) {
+  if (row.dense) {
+    const bool* m = row.m;
+    blocked_sums(0, row.L, [t1, m](int64_t j) { return m[j] ? 0.0 : t1(j); },
+                 [t2, m](int64_t j) { return m[j] ? 0.0 : t2(j); }, s1, s2);
+    return;
+  }
+  segments(*row.runs, row.L, [&](int64_t s, int64_t e, bool valid) {
+    if (!valid) blocked_sums(s, e, t1, t2, s1, s2);
+  });
+}
+
+// out[j] = valid(j, true) at valid positions, other(j) at masked-out ones (valid reads its inputs
+// through the flag, as in valid_sum).
+template <typename T, typename Valid, typename Other>
+void write_row(const Row& row, T* out, Valid valid, Other other) {
+  if (row.dense) {
+    const bool* m = row.m;
+#pragma omp simd
+    for (int64_t j = 0; j < row.L; ++j) {
+      const bool v = m[j];
+      out[j] = v ? valid(j, v) : other(j);
+    }
+    return;
+  }
+  segments(*row.runs, row.L, [&](int64_t s, int64_t e, bool is_valid) {
+    if (is_valid) {
+#pragma omp simd
+      for (int64_t j = s; j < e; ++j) out[j] = valid(j, true);
+    } else {
+#pragma omp simd
+      for (int64_t j = s; j < e; ++j) out[j] = other(j);
+    }
+  });
+}
+
+// The mask rows: dense when the valid runs average fewer than kDenseRun positions.
+constexpr int64_t kDenseRun = 16;
+std::vector<Row> rows_of(const bool* mask, const std::vector<Runs>& runs, int64_t L) {
+  std::vector<Row> rows;
+  for (size_t b = 0; b < runs.size(); ++b)
+    rows.push_back({&runs[b], mask + b * L, L, int64_t(runs[b].size()) * kDenseRun > L});
+  return rows;
+}
+
+// A passed-through row: src everywhere, except 0 at masked-out positions under "zero".
+template <typename T>
+void pass_row(const T* src, T* dst, const Row& row, bool zero) {
+  if (!zero) {
+    std::copy(src, src + row.L, dst);
+    return;
+  }
+  write_row(row, dst, [src](int64_t j, bool v) { return v ? src[j] : T(0); }, [](int64_t) { return T(0); });
+}
+
+template <typename T>
+void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, const at::opmath_type<T>* bias, T* y,
+                    at::opmath_type<T>* mean, at::opmath_type<T>* rstd, int8_t* state, int64_t B, int64_t G,
+                    int64_t Cg, int64_t L, int64_t correction, double eps, bool center, int64_t policy) {
+  using acc_t = at::opmath_type<T>;
+  std::vector<int64_t> counts;
+  const auto runs = valid_runs(mask, B, L, counts);
+  const auto rows = rows_of(mask, runs, L);
+  const double kappa_limit = 0.5 / std::numeric_limits<acc_t>::epsilon();
+  at::parallel_for(0, B * G, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, Cg * L)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t b = i / G, g = i % G;
+      const Row& row = rows[b];
+      const T* xg = x + i * Cg * L;
+      T* yg = y + i * Cg * L;
+      const double k = double(counts[b] * Cg), nu = k - double(correction);
+      double mu = 0, ss = 0;
+      if (nu > 0) {
+        if (center) {
+          for (int64_t c = 0; c < Cg; ++c)
+            mu += valid_sum(row, [xr = xg + c * L](int64_t j, bool v) { return double(v ? xr[j] : T(0)); });
+          mu /= k;
+        }
+        for (int64_t c = 0; c < Cg; ++c)
+          ss += valid_sum(row, [xr = xg + c * L, mu](int64_t j, bool v) {
+            const double d = (v ? double(xr[j]) : mu) - mu;
+            return d * d;
+          });
+      }
+      const double rs = 1.0 / std::sqrt(ss / nu + eps);
+      const bool exact = ss > 0 && rs >= 0x1p-40 && rs <= 0x1p40 && std::abs(mu) * rs <= kappa_limit;
+      state[i] = nu <= 0 ? kDegenerate : (exact ? kFused : kRedo);
+      if (state[i] != kFused) {
+        mean[i] = acc_t(0);
+        rstd[i] = acc_t(0);
+        for (int64_t c = 0; c < Cg; ++c) pass_row(xg + c * L, yg + c * L, row, policy == kZero);
+        continue;
+      }
+      const acc_t m = acc_t(mu), r = acc_t(rs);
+      mean[i] = m;
+      rstd[i] = r;
+      for (int64_t c = 0; c < Cg; ++c) {
+        const T* xr = xg + c * L;
+        T* yr = yg + c * L;
+        const acc_t wc = w[g * Cg + c], bc = bias[g * Cg + c];
+        auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T(((v ? acc_t(xr[j]) : m) - m) * r * wc + bc); };
+        if (policy == kNormalize) {
+#pragma omp simd
+          for (int64_t j = 0; j < L; ++j) yr[j] = normalized(j, true);
+        } else if (policy == kKeep) {
+          write_row(row, yr, normalized, [xr](int64_t j) { return xr[j]; });
+        } else {
+          write_row(row, yr, normalized, [](int64_t) { return T(0); });
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath_type<T>* mean,
+                     const at::opmath_type<T>* rstd, const int8_t* state, const at::opmath_type<T>* w, T* dx,
+                     double* slots, int64_t B, int64_t G, int64_t Cg, int64_t L, int64_t correction, bool center,
+                     int64_t policy) {
+  using acc_t = at::opmath_type<T>;
+  std::vector<int64_t> counts;
+  const auto runs = valid_runs(mask, B, L, counts);
+  const auto rows = rows_of(mask, runs, L);
+  // One task per (block of kSamples samples, group index g): it adds its samples' (A_ch, B_ch) into
+  // its own slot, in order.
+  const int64_t blocks = (B + kSamples - 1) / kSamples;
+  at::parallel_for(0, blocks * G, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t task = lo; task < hi; ++task)
+    for (int64_t b = (task / G) * kSamples; b < std::min(B, (task / G + 1) * kSamples); ++b) {
+      const int64_t g = task % G, i = b * G + g;
+      const Row& row = rows[b];
+      const T* dyg = dy + i * Cg * L;
+      const T* xg = x + i * Cg * L;
+      T* dxg = dx + i * Cg * L;
+      double* slot = slots + task * Cg * 2;  // (A_ch, B_ch) per channel of the group
+      if (state[i] != kFused) {
+        for (int64_t c = 0; c < Cg; ++c) pass_row(dyg + c * L, dxg + c * L, row, policy == kZero);
+        continue;
+      }
+      const acc_t m = mean[i], r = rstd[i];
+      double sg = 0, sgy = 0;
+      for (int64_t c = 0; c < Cg; ++c) {
+        const T* dyr = dyg + c * L;
+        const T* xr = xg + c * L;
+        double a = 0, bsum = 0;
+        auto dyv = [dyr](int64_t j, bool v) { return double(v ? dyr[j] : T(0)); };
+        auto dyxh = [dyr, xr, m, r](int64_t j, bool v) {
+          return double(v ? dyr[j] : T(0)) * double(((v ? acc_t(xr[j]) : m) - m) * r);
+        };
+        if (row.dense) {
+          const bool* mr = row.m;
+          blocked_sums(0, L, [dyv, mr](int64_t j) { return dyv(j, mr[j]); }, [dyxh, mr](int64_t j) { return dyxh(j, mr[j]); },
+                       &a, &bsum);
+        } else {
+          for (const auto& run : *row.runs)
+            blocked_sums(run.first, run.second, [dyv](int64_t j) { return dyv(j, true); },
+                         [dyxh](int64_t j) { return dyxh(j, true); }, &a, &bsum);
+        }
+        if (policy == kNormalize) {  // masked-out positions count where their dy is nonzero
+          gap_sums(row, [dyr](int64_t j) { return dyr[j] != T(0) ? double(dyr[j]) : 0.0; },
+                   [dyr, xr, m, r](int64_t j) {
+                     const bool use = dyr[j] != T(0);
+                     return double(use ? dyr[j] : T(0)) * double(((use ? acc_t(xr[j]) : m) - m) * r);
+                   }, &a, &bsum);
+        }
+        slot[2 * c] += a;
+        slot[2 * c + 1] += bsum;
+        sg += double(w[g * Cg + c]) * a;
+        sgy += double(w[g * Cg + c]) * bsum;
+      }
+      const double k = double(counts[b] * Cg), nu = k - double(correction);
+      const acc_t ma = center ? acc_t(sg / k) : acc_t(0), mb = acc_t(sgy / nu);
+      for (int64_t c = 0; c < Cg; ++c) {
+        const T* dyr = dyg + c * L;
+        const T* xr = xg + c * L;
+        const acc_t wc = w[g * Cg + c];
+        auto valid = [dyr, xr, m, r, wc, ma, mb](int64_t j, bool v) {
+          const acc_t xh = ((v ? acc_t(xr[j]) : m) - m) * r;
+          return T(r * (acc_t(v ? dyr[j] : T(0)) * wc - ma - xh * mb));
+        };
+        T* dxr = dxg + c * L;
+        if (policy == kNormalize) {
+          write_row(row, dxr, valid, [dyr, r, wc](int64_t j) { return T(r * (acc_t(dyr[j]) * wc)); });
+        } else if (policy == kKeep) {
+          write_row(row, dxr, valid, [dyr](int64_t j) { return dyr[j]; });
+        } else {
+          write_row(row, dxr, valid, [](int64_t) { return T(0); });
+        }
+      }
+    }
+  });
+}
+
+void check_layout(const at::Tensor& x, const at::Tensor& mask, int64_t policy) {
+  TORCH_CHECK(x.dim() == 4 && x.device().is_cpu(), "x must be a 4-d CPU tensor (B, G, Cg, L), got ", x.sizes());
+  TORCH_CHECK(mask.dtype() == at::kBool && mask.dim() == 2 && mask.size(0) == x.size(0) && mask.size(1) == x.size(3),
+              "mask must be a bool (B, L) tensor for x of shape ", x.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK(policy >= kNormalize && policy <= kZero, "policy must be 0 (normalize), 1 (keep) or 2 (zero)");
+}
+
+// A per-channel parameter as G * Cg contiguous values of the accumulation dtype; `fill` when absent.
+at::Tensor channels(const c10::optional<at::Tensor>& t, const at::Tensor& x, at::ScalarType acc, double fill,
+                    const char* name) {
+  const int64_t n = x.size(1) * x.size(2);
+  if (!t) return at::full({n}, fill, x.options().dtype(acc));
+  TORCH_CHECK(t->numel() == n, name, " must have G * Cg = ", n, " elements, got ", t->sizes());
+  return t->reshape({n}).to(acc).contiguous();
+}
+
+at::ScalarType acc_type(const at::Tensor& x) {
+  return at::toOpMathType(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_group_norm(const at::Tensor& x_,
+    const at::Tensor& mask_, const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
+    int64_t correction, double eps, bool center, int64_t policy) {
+  check_layout(x_, mask_, policy);
+  const auto x = x_.contiguous(), mask = mask_.contiguous();
+  const auto acc = acc_type(x);
+  const auto weight = channels(weight_, x, acc, 1.0, "weight"), bias = channels(bias_, x, acc, 0.0, "bias");
+  const int64_t B = x.size(0), G = x.size(1), Cg = x.size(2), L = x.size(3);
+  auto y = at::empty_like(x);
+  auto mean = at::empty({B, G}, x.options().dtype(acc));
+  auto rstd = at::empty({B, G}, x.options().dtype(acc));
+  auto state = at::empty({B, G}, x.options().dtype(at::kChar));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_group_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_groups<scalar_t>(x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), weight.const_data_ptr<acc_t>(),
+                             bias.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+                             rstd.mutable_data_ptr<acc_t>(), state.mutable_data_ptr<int8_t>(), B, G, Cg, L, correction,
+                             eps, center, policy);
+  });
+  return {y, mean, rstd, state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_group_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
+    const at::Tensor& mask_, const at::Tensor& mean_, const at::Tensor& rstd_, const at::Tensor& state_,
+    const c10::optional<at::Tensor>& weight_, int64_t correction, bool center, int64_t policy) {
+  check_layout(x_, mask_, policy);
+  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.dtype() == x_.dtype(), "dy must match x, got ", dy_.sizes());
+  const int64_t B = x_.size(0), G = x_.size(1), Cg = x_.size(2), L = x_.size(3);
+  const auto acc = acc_type(x_);
+  TORCH_CHECK(mean_.numel() == B * G && rstd_.numel() == B * G && state_.numel() == B * G &&
+                  mean_.scalar_type() == acc && rstd_.scalar_type() == acc && state_.scalar_type() == at::kChar,
+              "mean, rstd and state need one value per group, as masked_group_norm returns them");
+  const auto dy = dy_.contiguous(), x = x_.contiguous(), mask = mask_.contiguous();
+  const auto mean = mean_.contiguous(), rstd = rstd_.contiguous(), state = state_.contiguous();
+  const auto weight = channels(weight_, x, acc, 1.0, "weight");
+  auto dx = at::empty_like(x);
+  auto slots = at::zeros({(B + kSamples - 1) / kSamples, G * Cg, 2}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_group_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_groups<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
+                              mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
+                              state.const_data_ptr<int8_t>(), weight.const_data_ptr<acc_t>(),
+                              dx.mutable_data_ptr<scalar_t>(), slots.mutable_data_ptr<double>(), B, G, Cg, L,
+                              correction, center, policy);
+  });
+  // dweight, dbias per channel: the blocks' slots added in order (no dependence on threads).
+  auto sums = at::zeros({2, G * Cg}, x.options().dtype(at::kDouble));
+  const double* s = slots.const_data_ptr<double>();
+  double* db = sums.mutable_data_ptr<double>();
+  double* dw = db + G * Cg;
+  for (int64_t blk = 0; blk < slots.size(0); ++blk)
+    for (int64_t ch = 0; ch < G * Cg; ++ch) {
+      db[ch] += s[(blk * G * Cg + ch) * 2];
+      dw[ch] += s[(blk * G * Cg + ch) * 2 + 1];
+    }
+  const auto out = sums.to(acc);
+  return {dx, out[1], out[0]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(masknorm, m) {
+  m.def("masked_group_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
+        " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("masked_group_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor rstd, Tensor state,"
+        " Tensor? weight, int correction, bool center, int policy) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
+  m.impl("masked_group_norm", &masked_group_norm);
+  m.impl("masked_group_norm_backward", &masked_group_norm_backward);
+}
