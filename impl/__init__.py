@@ -11,6 +11,7 @@ Importing masknorm imports torch only; the verification side (masknorm.spec, .re
 __version__ = "0.1.0"
 
 from masknorm import modules
+from masknorm.models import convert
 from masknorm.functional import masked_norm
 from masknorm.modules import (
     MaskedBatchNorm1d,
@@ -24,5 +25,6 @@ from masknorm.modules import (
     MaskedNorm,
     MaskedRMSNorm,
 )
+from masknorm._padding import checkpoint_context, padding
 
-__all__ = ["masked_norm", *modules.__all__]
+__all__ = ["masked_norm", "convert", "padding", "checkpoint_context", *modules.__all__]

@@ -10,6 +10,7 @@ from torch import nn
 from masknorm.functional import masked_norm
 from masknorm.modules._masks import channel_mask, channel_view, check_policy
 from masknorm.modules._norm_base import bias_kwarg
+from masknorm._padding import channel_block_mask
 
 
 class MaskedGroupNorm(nn.GroupNorm):
@@ -30,7 +31,7 @@ class MaskedGroupNorm(nn.GroupNorm):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"x of shape {tuple(x.shape)} is not (B, C={self.num_channels}, *spatial)")
-        mask = channel_mask(x, mask)
+        mask = channel_mask(x, channel_block_mask(self, x, mask))
         g = self.num_groups
         lead, trailing = (g, self.num_channels // g), x.dim() - 2
         grouped = x.reshape(x.shape[0], *lead, *x.shape[2:])
