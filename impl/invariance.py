@@ -54,11 +54,13 @@ def first_tensor(out: Any) -> torch.Tensor:
     raise TypeError(f"the model's output ({type(out).__name__}) holds no tensor")
 
 
-def valid_rows(y: torch.Tensor, frame: Frame) -> Optional[List[torch.Tensor]]:
-    """Per sample, the values of y at its valid positions (flattened), or None if y's batch/time axes are unclear."""
+def valid_rows(y: torch.Tensor, frame: Frame, axes: Optional[Sequence[int]] = None) -> Optional[List[torch.Tensor]]:
+    """Per sample, the values of y at its valid positions (flattened), or None if y's batch/time axes are unclear.
+
+    The time axis is the one axis among `axes` (default: all after the batch) whose size the frame knows."""
     if y.dim() == 0 or y.shape[0] != frame.batch or not y.is_floating_point():
         return None
-    axis, why = time_axis(frame, y.shape, range(1, y.dim()))
+    axis, why = time_axis(frame, y.shape, range(1, y.dim()) if axes is None else axes)
     if why or (axis is None and y.dim() > 2):
         return None
     if axis is None:
@@ -135,8 +137,9 @@ class InvarianceReport:
 
 class _Runner:
     def __init__(self, model: nn.Module, forward: Forward, output: Callable[[Any], torch.Tensor], axis: int,
-                 seed: int) -> None:
+                 output_axis: int, seed: int) -> None:
         self.model, self.forward, self.output, self.axis, self.seed = model, forward, output, axis, seed
+        self.output_axis = output_axis
         self.weights: Dict[int, torch.Tensor] = {}
         self.names = {id(m): name or "model" for name, m in model.named_modules()}
         self.labels = {id(m): f"{name or 'model'} ({type(m).__name__})" for name, m in model.named_modules()}
@@ -155,20 +158,20 @@ class _Runner:
             if rows is not None:
                 records.append((self.labels[id(module)], [r.detach() for r in rows]))
 
-        handles = [m.register_forward_hook(hook) for m in self.model.modules()]
         torch.manual_seed(self.seed)
-        try:
-            with _lengths.tracked(self.model), padding(mask=mask):
+        with _lengths.tracked(self.model), padding(mask=mask):
+            handles = [m.register_forward_hook(hook) for m in self.model.modules()]
+            try:
                 y = self.output(self.forward(self.model, x, mask))
-                rows = valid_rows(y, current())
+                rows = valid_rows(y, current(), [self.output_axis % y.dim()])
                 records.append(("output", [] if rows is None else [r.detach() for r in rows]))
-        finally:
-            for h in handles:
-                h.remove()
+            finally:
+                for h in handles:
+                    h.remove()
         if rows is None:
             raise ValueError(f"cannot tell the valid positions of the model's output of shape {tuple(y.shape)}: "
-                             "its axis 0 must be the batch and one axis must have the length of the input's "
-                             "time axis, or one the convolutions/pooling derive from it")
+                             f"its axis 0 must be the batch and its axis {self.output_axis} must have the length "
+                             "of the input's time axis, or one the convolutions/pooling derive from it")
         loss = y.new_zeros(())
         for key, row in zip(keys, rows):
             if key is None:
@@ -241,12 +244,14 @@ def _check_inputs(x: object, lengths: object, axis: int) -> Tuple[torch.Tensor, 
 
 def check_padding_invariance(
     model: nn.Module, x: torch.Tensor, lengths: torch.Tensor, *, forward: Forward = default_forward,
-    output: Callable[[Any], torch.Tensor] = first_tensor, time_axis: int = 1, modes: Sequence[str] = ("train", "eval"),
+    output: Callable[[Any], torch.Tensor] = first_tensor, time_axis: int = 1, output_axis: Optional[int] = None,
+    modes: Sequence[str] = ("train", "eval"),
     extra: Optional[int] = None, garbage: float = 1e3, rtol: Optional[float] = None,
     dtype: torch.dtype = torch.float64, seed: int = 0, name: Optional[str] = None,
 ) -> InvarianceReport:
     """Run a copy of `model` (in `dtype`) on x (B, ..., T, ...) padded along `time_axis` beyond `lengths`,
-    in the scenarios of the module docstring; forward(model, x, mask) calls it ((B, T) bool mask, True = valid)."""
+    in the scenarios of the module docstring; forward(model, x, mask) calls it ((B, T) bool mask, True = valid),
+    output(result) picks the tensor to compare, whose time axis is output_axis (default time_axis)."""
     x, lengths = _check_inputs(x, lengths, time_axis)
     if any(m not in ("train", "eval") for m in modes):
         raise ValueError(f"modes must be a subset of ('train', 'eval'), got {tuple(modes)}")
@@ -267,7 +272,7 @@ def check_padding_invariance(
     further = torch.cat([x0, x0.new_zeros(pad)], time_axis)
     longer_row = torch.randn(further[:1].shape, generator=gen, dtype=dtype).to(x.device) * x0.std()
     longer = torch.cat([further, longer_row], 0)
-    runner = _Runner(model, forward, output, time_axis, seed)
+    runner = _Runner(model, forward, output, time_axis, time_axis if output_axis is None else output_axis, seed)
     report = InvarianceReport(name or type(model).__name__, rtol)
     keys = list(range(B))
     for mode in modes:
