@@ -87,11 +87,14 @@ def before(layer: nn.Module, args: tuple) -> object:
     if unsupported:
         raise ValueError(f"masknorm.padding: {module_name(layer)}: {unsupported}; it cannot be made padding-invariant")
     out_size = (x.shape[axis] + total - d * (k - 1) - 1) // s + 1
-    lengths = None if res.lengths is None else \
-        torch.clamp(torch.div(res.lengths + (total - d * (k - 1) - 1), s, rounding_mode="floor") + 1, 0, out_size)
-    if total - d * (k - 1) == 0 and s == 1:
-        lengths = res.lengths
-    frame.pending[id(layer)] = (axis, out_size, lengths)
+    offset = total - d * (k - 1) - 1
+    if offset == -1 and s == 1:
+        lengths, key = res.lengths, res.key
+    else:
+        lengths = None if res.lengths is None else \
+            torch.clamp(torch.div(res.lengths + offset, s, rounding_mode="floor") + 1, 0, out_size)
+        key = (res.key, offset, s)
+    frame.pending[id(layer)] = (axis, out_size, lengths, key)
     if not (getattr(layer, "_masknorm_zero", False) and reads_neighbours):
         return None
     if res.mask is None:
@@ -110,9 +113,9 @@ def after(layer: nn.Module, args: tuple, out: object) -> None:
     note = frame.pending.pop(id(layer), None)
     if note is None or not isinstance(out, torch.Tensor):
         return
-    axis, size, lengths = note
+    axis, size, lengths, key = note
     if out.dim() > axis and out.shape[axis] == size:
-        frame.record(size, lengths, module_name(layer))
+        frame.record(size, lengths, key, module_name(layer))
 
 
 def track(layer: nn.Module, zero: bool) -> None:

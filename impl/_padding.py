@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -37,14 +37,16 @@ MaskFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
 class Resolution:
     """The padding at one time resolution: lengths (B,) when the valid frames are a prefix, and the (B, T) mask.
 
+    `key` names the derivation (equal keys give equal lengths, also when a checkpoint recomputes them);
     `lengths is None` means the mask is not a prefix mask, so nothing can be derived from it;
     `mask is None` means two derivations disagreed on this size (`why` says which).
     """
 
-    __slots__ = ("lengths", "mask", "why")
+    __slots__ = ("lengths", "mask", "why", "key")
 
-    def __init__(self, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], why: str) -> None:
-        self.lengths, self.mask, self.why = lengths, mask, why
+    def __init__(self, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], why: str,
+                 key: Hashable = None) -> None:
+        self.lengths, self.mask, self.why, self.key = lengths, mask, why, key if key is not None else why
 
 
 def prefix_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -57,19 +59,19 @@ class Frame:
 
     def __init__(self, batch: int, resolutions: Dict[int, Resolution], rules: Dict[int, MaskFn]) -> None:
         self.batch, self.resolutions, self.rules = batch, dict(resolutions), rules
-        self.pending: Dict[int, Tuple[int, int, Optional[torch.Tensor]]] = {}
+        self.pending: Dict[int, Tuple[int, int, Optional[torch.Tensor], Hashable]] = {}
 
-    def record(self, size: int, lengths: Optional[torch.Tensor], source: str) -> None:
+    def record(self, size: int, lengths: Optional[torch.Tensor], key: Hashable, source: str) -> None:
         """Learn the resolution `size` from a derivation; a second, different derivation makes it ambiguous."""
         known = self.resolutions.get(size)
-        if known is not None and (known.lengths is lengths or known.mask is None):
+        if known is not None and (known.key == key or known.mask is None):
             return
         if known is not None:
-            self.resolutions[size] = Resolution(None, None, f"{known.why} and {source} both give length {size}")
+            self.resolutions[size] = Resolution(None, None, f"{known.why} and {source} both give length {size}", key)
         elif lengths is None:
-            self.resolutions[size] = Resolution(None, None, f"{source} derives it from a mask that is not a prefix")
+            self.resolutions[size] = Resolution(None, None, f"{source} derives it from a mask that is not a prefix", key)
         else:
-            self.resolutions[size] = Resolution(lengths, prefix_mask(lengths, size), source)
+            self.resolutions[size] = Resolution(lengths, prefix_mask(lengths, size), source, key)
 
 
 def current() -> Optional[Frame]:
@@ -157,7 +159,7 @@ class Padding:
     def add(self, *, lengths: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
             size: Optional[int] = None) -> "Padding":
         """State the padding at another time resolution (lengths with its padded size, or a (B, T) mask)."""
-        batch, t, res = _resolution(lengths, mask, size, "a resolution stated by add()")
+        batch, t, res = _resolution(lengths, mask, size, f"a resolution stated by add() ({id(self)})")
         if batch != self.batch:
             raise ValueError(f"add(): batch {batch} differs from the block's batch {self.batch}")
         self.resolutions[t] = res

@@ -10,10 +10,10 @@ loss over them, do not depend on what lies beyond each sequence's length:
             "alone" vs "batched" is batch invariance, which train mode does not promise)
 
 The loss is sum(w * y) over valid outputs, w fixed per sequence, so in eval the batched gradient must
-equal the sum of the alone gradients. Differences are relative to the reference's largest magnitude
-(`rtol`, default 1e4 u of the dtype: about 2e-12 in float64); gradients relative to the largest
-reference gradient of any parameter (a parameter whose true gradient is 0, a bias before a norm, has
-no scale of its own). Forward hooks record every module's
+equal the sum of the alone gradients. Differences are relative to the largest magnitude in the reference
+(`rtol`, default 1e4 u of the dtype: about 2e-12 in float64): outputs to the largest valid output of
+any sequence, gradients to the largest gradient of any parameter (a sequence whose outputs are all 0,
+a bias before a norm whose true gradient is 0, has no scale of its own). Forward hooks record every module's
 output; the report names the first module (in completion order, so the innermost) whose valid
 outputs change. Valid positions of internal outputs come from a masknorm.padding block around each
 run with the lengths tracked through convolutions and pooling (masknorm/_lengths.py); outputs whose
@@ -98,14 +98,13 @@ class Difference:
     ok: bool = True
 
 
-def rel(a: torch.Tensor, b: torch.Tensor, scale: Optional[float] = None) -> float:
-    """max |a - b| / scale (default max |b|, at least tiny); inf when shapes differ or anything is not finite."""
+def rel(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    """max |a - b| / scale (at least tiny); inf when shapes differ or anything is not finite."""
     if a.shape != b.shape:
         return float("inf")
     if a.numel() == 0:
         return 0.0
     d = (a - b).abs().max()
-    scale = float(b.abs().max()) if scale is None else scale
     value = float(d) / max(scale, torch.finfo(b.dtype).tiny)
     return value if value == value else float("inf")
 
@@ -192,15 +191,21 @@ class _Runner:
 
 
 
+def _scale(tensors: Any) -> float:
+    """The largest magnitude in any of the tensors (0 if none)."""
+    return max((float(t.abs().max()) for t in tensors if t.numel()), default=0.0)
+
+
 Pair = Tuple[Tuple[Run, int], Tuple[Run, int]]
 
 
 def _compare(pairs: Sequence[Pair], ref_grads: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor],
              scenario: str, mode: str, rtol: float) -> Difference:
     """Row i of a reference run against row b of a variant run, for each pair; gradients by parameter."""
-    out = max((rel(run.outputs[b], ref.outputs[i]) for (ref, i), (run, b) in pairs), default=0.0)
+    scale = _scale(ref.outputs[i] for (ref, i), _ in pairs)
+    out = max((rel(run.outputs[b], ref.outputs[i], scale) for (ref, i), (run, b) in pairs), default=0.0)
     diff = Difference(scenario, mode, out, 0.0)
-    scale = max((float(g.abs().max()) for g in ref_grads.values() if g.numel()), default=0.0)
+    scale = _scale(ref_grads.values())
     for name, g in grads.items():
         d = rel(g, ref_grads[name], scale)
         diff.gradient = max(diff.gradient, d)
@@ -216,11 +221,10 @@ def _first_module(pairs: Sequence[Pair], rtol: float) -> Tuple[Optional[str], fl
     """The first module (in completion order) whose valid outputs differ between the runs of some pair."""
     (ref0, _), _ = pairs[0]
     for k, (name, _) in enumerate(ref0.modules):
-        worst = 0.0
-        for (ref, i), (run, b) in pairs:
-            if k < len(ref.modules) and k < len(run.modules) and ref.modules[k][0] == run.modules[k][0] == name \
-                    and ref.modules[k][1] and run.modules[k][1]:
-                worst = max(worst, rel(run.modules[k][1][b], ref.modules[k][1][i]))
+        both = [(ref.modules[k][1][i], run.modules[k][1][b]) for (ref, i), (run, b) in pairs
+                if k < len(ref.modules) and k < len(run.modules) and ref.modules[k][0] == run.modules[k][0] == name]
+        scale = _scale(r for r, _ in both)
+        worst = max((rel(v, r, scale) for r, v in both), default=0.0)
         if worst > rtol:
             return name, worst
     return None, 0.0
