@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "prove": ("masknorm.proofs.cli:main", "confirm the theorems symbolically (table, or --json)"),
     "check": ("masknorm.reference.check:main", "check your own normalization against the reference (exit 0/1/2)"),
     "bench": ("masknorm.bench:main", "time masked_norm against torch's native kernels (ratios, memory)"),
+    "invariance": ("masknorm.invariance_cli:main", "is a whole model padding-invariant? (exit 0/1/2)"),
 }
 
 
