@@ -213,7 +213,30 @@ def test_compiled_model_in_a_block_has_no_graph_break_and_equals_eager():
     counters.clear()
     model = masknorm.convert(toy()).eval()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    for lengths in (LENGTHS, torch.tensor([20, 23, 5])):
-        with masknorm.padding(lengths=lengths):
+    for lengths in (LENGTHS, torch.tensor([20, 23, 5]), torch.tensor([1, 2, 3])):
+        with masknorm.padding(lengths=lengths, size=23):
             torch.testing.assert_close(compiled(X), model(X))
     assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1  # a new padding of the same size is no recompile
+
+
+class WithPadding(nn.Module):
+    """What torch.export needs: the lengths as an input, the block inside forward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        with masknorm.padding(lengths=lengths, size=x.shape[-1]):
+            return self.inner(x)
+
+
+def test_export_with_the_block_inside_forward():
+    model = masknorm.convert(toy()).eval()
+    exported = torch.export.export(WithPadding(model), (X, LENGTHS))
+    assert not exported.constants
+    for lengths in (LENGTHS, torch.tensor([5, 9, 13])):
+        with masknorm.padding(lengths=lengths, size=23):
+            expected = model(X)
+        torch.testing.assert_close(exported.module()(X, lengths), expected)
