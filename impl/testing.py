@@ -1,11 +1,14 @@
 """masknorm.testing: check your own (masked) normalization against masknorm's mpmath reference.
 
     check(fn, Semantics(dim=-1, ...)) -> Report;  assert_conforms(...) raises with the report
+    check_padding_invariance(model, x, lengths, ...) -> InvarianceReport   (a whole model; torch only,
+    also importable as masknorm.invariance without the extras)
 
 Re-exports masknorm.reference.oracle and masknorm.reference.strategies (needs the `verify`
 extras: mpmath, hypothesis); `import masknorm` alone never imports this module.
 """
 
+from masknorm.invariance import InvarianceReport, check_padding_invariance
 from masknorm.reference.oracle import CallError, ConformanceError, assert_conforms, check
 from masknorm.reference.oracle_properties import FORWARD_BOUND, GRADIENT_BOUND
 from masknorm.reference.oracle_report import PropertyResult, Report
@@ -26,6 +29,8 @@ __all__ = [
     "Semantics",
     "check",
     "assert_conforms",
+    "check_padding_invariance",
+    "InvarianceReport",
     "Report",
     "PropertyResult",
     "CallError",
