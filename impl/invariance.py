@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from masknorm import _lengths
-from masknorm._padding import Frame, current, padding, prefix_mask, time_axis
+from masknorm._padding import Frame, current, label, padding, prefix_mask, time_axis
 
 Forward = Callable[[nn.Module, torch.Tensor, torch.Tensor], Any]
 
@@ -140,8 +140,7 @@ class _Runner:
         self.model, self.forward, self.output, self.axis, self.seed = model, forward, output, axis, seed
         self.output_axis = output_axis
         self.weights: Dict[int, torch.Tensor] = {}
-        self.names = {id(m): name or "model" for name, m in model.named_modules()}
-        self.labels = {id(m): f"{name or 'model'} ({type(m).__name__})" for name, m in model.named_modules()}
+        self.labels = {id(m): label(name, m) for name, m in model.named_modules()}
 
     def run(self, x: torch.Tensor, lengths: torch.Tensor, keys: Sequence[Optional[int]]) -> Run:
         """Forward+backward of x (padded along self.axis) with loss sum_b w[key_b] * valid(y_b) (key None: w = 0)."""

@@ -57,9 +57,8 @@ def convert(model: nn.Module, *, convolutions: bool = True) -> nn.Module:
         if twin is not None:
             module.__class__ = twin
             module.masked = "normalize"
-        if twin is not None or isinstance(module, tuple(TWINS.values())):
+        if isinstance(module, (*TWINS.values(), *_lengths.TRACKED)):
             module._masknorm_name = label(name, module)
-        elif isinstance(module, _lengths.TRACKED):
-            module._masknorm_name = label(name, module)
+        if isinstance(module, _lengths.TRACKED):
             _lengths.track(module, convolutions)
     return model
