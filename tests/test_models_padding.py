@@ -240,3 +240,19 @@ def test_export_with_the_block_inside_forward():
         with masknorm.padding(lengths=lengths, size=23):
             expected = model(X)
         torch.testing.assert_close(exported.module()(X, lengths), expected)
+
+
+def toy_case():
+    """A target for `masknorm invariance test_models_padding:toy_case`."""
+    return dict(model=toy(), x=X, lengths=LENGTHS, time_axis=2, name="toy")
+
+
+def test_command_line_exit_status_and_report(capsys):
+    from masknorm.cli import main
+
+    assert main(["invariance", "test_models_padding:toy_case", "--modes", "eval"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+    assert main(["invariance", "test_models_padding:toy_case", "--convert"]) == 0
+    assert "toy after masknorm.convert: PASS" in capsys.readouterr().out
+    assert main(["invariance", "test_models_padding:nothing"]) == 2
+    assert main(["invariance", "test_models_padding:toy_case", "--modes", "test"]) == 2
