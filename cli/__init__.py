@@ -21,13 +21,14 @@ SUBCOMMANDS = {
     "check": "masknorm.reference.oracle.cli:main",
     "bench": "masknorm.bench:main",
     "build": "masknorm._native:main",
+    "invariance": "masknorm.invariance_cli:main",
 }
 VERIFY_EXTRAS = {"sympy", "mpmath", "hypothesis", "numpy"}
 
 
 def _usage() -> str:
     lines = ["usage: masknorm <command> [options]", "", "commands:"]
-    lines += [f"  {name:<8} {parsers.SUMMARIES[name]}" for name in SUBCOMMANDS]
+    lines += [f"  {name:<10} {parsers.SUMMARIES[name]}" for name in SUBCOMMANDS]
     lines.append("\n'masknorm <command> --help' describes each command's options.")
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ SUMMARIES = {
     "check": "check your own normalization against the reference (exit 0/1/2)",
     "bench": "time masked_norm against torch's native kernels (ratios, spread, memory)",
     "build": "build the fused CPU kernel now (once per machine; for container images)",
+    "invariance": "is a whole model padding-invariant? (exit 0/1/2)",
 }
 BENCH_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 CHECK_DTYPES = ("float64", "float32", "bfloat16", "float16")
@@ -149,4 +150,14 @@ def bench() -> argparse.ArgumentParser:
 def build() -> argparse.ArgumentParser:
     p = _new("build")
     p.add_argument("--where", action="store_true", help="print where the build is (or will be) kept and exit")
+    return p
+
+
+def invariance() -> argparse.ArgumentParser:
+    p = _new("invariance")
+    p.add_argument("target", help="MODULE:FUNCTION returning dict(model=..., x=..., lengths=..., [forward=...])")
+    p.add_argument("--convert", action="store_true", help="masknorm.convert(model) before the check")
+    p.add_argument("--modes", default="train,eval", help="comma-separated subset of train,eval (default both)")
+    p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default 1e4 u of the dtype)")
+    p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     return p

@@ -11,7 +11,10 @@ Importing masknorm imports torch only; the verification side (masknorm.spec, .re
 __version__ = "0.1.0"
 
 from masknorm import modules
+from masknorm._padding import checkpoint_context, padding
+from masknorm._weight_norm import weight_norm
 from masknorm.functional import masked_norm
+from masknorm.models import convert
 from masknorm.modules import (
     MaskedBatchNorm1d,
     MaskedBatchNorm2d,
@@ -25,6 +28,5 @@ from masknorm.modules import (
     MaskedRMSNorm,
     MaskedSyncBatchNorm,
 )
-from masknorm._weight_norm import weight_norm
 
-__all__ = ["masked_norm", "weight_norm", *modules.__all__]
+__all__ = ["masked_norm", "weight_norm", "convert", "padding", "checkpoint_context", *modules.__all__]

@@ -29,7 +29,7 @@ def test_every_command_has_a_parser_and_a_summary():
 
 
 def test_the_check_dtypes_are_the_reference_strategies_dtypes():
-    from masknorm.reference.strategies import DTYPES
+    from masknorm.reference.oracle.strategies import DTYPES
 
     assert parsers.CHECK_DTYPES == tuple(DTYPES)
 
@@ -52,8 +52,16 @@ def test_bench_warns_when_runs_are_too_noisy(worst, warns, capsys):
 
 def test_the_readme_example_is_importable_from_the_installed_package(tmp_path, monkeypatch):
     """`masknorm check masknorm.examples.buggy_norm:sequence_norm` needs no checkout in the current directory."""
-    from masknorm.reference.check import load
+    from masknorm.reference.oracle.cli import load
 
     monkeypatch.chdir(tmp_path)
     fn = load("masknorm.examples.buggy_norm:sequence_norm")
     assert fn.__name__ == "sequence_norm" and fn.__module__ == "masknorm.examples.buggy_norm"
+
+
+def test_the_oracles_choices_are_the_command_lines():
+    from masknorm.reference.oracle import frameworks, run, semantics
+
+    assert frameworks.NAMES == parsers.CHECK_FRAMEWORKS
+    assert semantics.DEGENERATE == parsers.CHECK_DEGENERATE
+    assert (run.EXAMPLES, run.SHRINKS) == (parsers.CHECK_EXAMPLES, parsers.CHECK_SHRINKS)

@@ -11,6 +11,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from masknorm.functional import Moments, masked_norm_with_moments
 from masknorm.modules._frozen_stats import frozen_norm
 from masknorm.modules._masks import apply_policy, channel_mask, channel_view, check_policy
+from masknorm._padding import channel_block_mask
 from masknorm.modules._validate import check_affine, check_eps, check_momentum, check_positive_int
 
 
@@ -57,13 +58,13 @@ class MaskedRunningNorm(_NormBase):
             raise ValueError(f"expected {expected} input (got {x.dim()}D input of shape {tuple(x.shape)})")
 
     def _prepare(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """Check x (B, C, *spatial) against num_features; the mask as (B, 1, *spatial)."""
+        """Check x (B, C, *spatial) against num_features; the mask (given, else a padding block's) as (B, 1, *spatial)."""
         if x.shape[1] != self.num_features:
             raise ValueError(
                 f"x of shape {tuple(x.shape)} has {x.shape[1]} channels at dim 1, expected num_features={self.num_features}"
             )
         check_affine(type(self).__name__, self.weight, self.bias, (self.num_features,), "num_features")
-        return channel_mask(x, mask)
+        return channel_mask(x, channel_block_mask(self, x, mask))
 
     def _normalize_batch(
         self, x: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[int]

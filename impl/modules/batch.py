@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from masknorm.modules._norm_base import MaskedRunningNorm
 from masknorm.modules._running import Moments, masked_moments, update_running
 
 
-class _MaskedBatchNorm(MaskedRunningNorm):
+class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
     """y = gamma (x - mu_c)/sqrt(var_c + eps) + beta, mu_c/var_c over the valid positions of channel c.
 
     x is (B, C, *spatial) (BatchNorm1d also (B, C)); mask is (B, *spatial) or (B, 1, *spatial)
@@ -52,19 +54,19 @@ class _MaskedBatchNorm(MaskedRunningNorm):
         return out
 
 
-class MaskedBatchNorm1d(_MaskedBatchNorm):
+class MaskedBatchNorm1d(_MaskedBatchNorm, nn.BatchNorm1d):
     __doc__ = "Masked nn.BatchNorm1d: x (B, C) with mask (B,), or x (B, C, L) with mask (B, L).\n\n" + _MaskedBatchNorm.__doc__
 
     _input_dims = (2, 3)
 
 
-class MaskedBatchNorm2d(_MaskedBatchNorm):
+class MaskedBatchNorm2d(_MaskedBatchNorm, nn.BatchNorm2d):
     __doc__ = "Masked nn.BatchNorm2d: x (B, C, H, W) with mask (B, H, W).\n\n" + _MaskedBatchNorm.__doc__
 
     _input_dims = (4,)
 
 
-class MaskedBatchNorm3d(_MaskedBatchNorm):
+class MaskedBatchNorm3d(_MaskedBatchNorm, nn.BatchNorm3d):
     __doc__ = "Masked nn.BatchNorm3d: x (B, C, D, H, W) with mask (B, D, H, W).\n\n" + _MaskedBatchNorm.__doc__
 
     _input_dims = (5,)

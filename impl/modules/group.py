@@ -10,6 +10,7 @@ from torch import nn
 from masknorm.functional import masked_norm
 from masknorm.modules._masks import channel_mask, channel_view, check_policy
 from masknorm.modules._norm_base import bias_kwarg
+from masknorm._padding import channel_block_mask
 from masknorm.modules._validate import check_affine, check_eps, check_groups
 
 
@@ -34,7 +35,7 @@ class MaskedGroupNorm(nn.GroupNorm):
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"x of shape {tuple(x.shape)} is not (B, C={self.num_channels}, *spatial)")
         check_affine(type(self).__name__, self.weight, self.bias, (self.num_channels,), "num_channels")
-        mask = channel_mask(x, mask)
+        mask = channel_mask(x, channel_block_mask(self, x, mask))
         g = self.num_groups
         lead, trailing = (g, self.num_channels // g), x.dim() - 2
         grouped = x.reshape(x.shape[0], *lead, *x.shape[2:])

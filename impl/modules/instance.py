@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch import nn
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from masknorm.modules._masks import check_mask_tensor
 from masknorm.modules._norm_base import MaskedRunningNorm
 from masknorm.modules._running import masked_moments, pool_instances, update_running
 
 
-class _MaskedInstanceNorm(MaskedRunningNorm):
+class _MaskedInstanceNorm(MaskedRunningNorm, _InstanceNorm):
     """y = gamma (x - mu_bc)/sqrt(var_bc + eps) + beta, mu_bc/var_bc over the valid positions of sample b, channel c.
 
     x is (B, C, *spatial) or unbatched (C, *spatial); mask is (B, *spatial) or (B, 1, *spatial)
@@ -52,21 +54,21 @@ class _MaskedInstanceNorm(MaskedRunningNorm):
         return self._normalize_batch(x, mask, dims)[0]
 
 
-class MaskedInstanceNorm1d(_MaskedInstanceNorm):
+class MaskedInstanceNorm1d(_MaskedInstanceNorm, nn.InstanceNorm1d):
     __doc__ = "Masked nn.InstanceNorm1d: x (B, C, L) with mask (B, L).\n\n" + _MaskedInstanceNorm.__doc__
 
     _input_dims = (2, 3)
     _no_batch_dim = 2
 
 
-class MaskedInstanceNorm2d(_MaskedInstanceNorm):
+class MaskedInstanceNorm2d(_MaskedInstanceNorm, nn.InstanceNorm2d):
     __doc__ = "Masked nn.InstanceNorm2d: x (B, C, H, W) with mask (B, H, W).\n\n" + _MaskedInstanceNorm.__doc__
 
     _input_dims = (3, 4)
     _no_batch_dim = 3
 
 
-class MaskedInstanceNorm3d(_MaskedInstanceNorm):
+class MaskedInstanceNorm3d(_MaskedInstanceNorm, nn.InstanceNorm3d):
     __doc__ = "Masked nn.InstanceNorm3d: x (B, C, D, H, W) with mask (B, D, H, W).\n\n" + _MaskedInstanceNorm.__doc__
 
     _input_dims = (4, 5)

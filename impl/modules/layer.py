@@ -9,12 +9,13 @@ from torch import nn
 
 from masknorm.functional import masked_norm
 from masknorm.modules._masks import check_policy, token_mask
+from masknorm._padding import token_block_mask
 from masknorm.modules._validate import check_affine, check_eps, check_normalized_shape
 
 _Shape = Union[int, List[int], torch.Size]
 
 _MASK_DOC = """
-    Mask: one flag per token, x.shape[:-len(normalized_shape)] (the normalized axes are inserted), or
+    Mask: given, else (mask=None inside `with masknorm.padding(...)`) the block's; one flag per token, x.shape[:-len(normalized_shape)] (the normalized axes are inserted), or
     any bool mask of x's rank that broadcasts to x; None = all valid, and the module equals torch's.
     A token whose flags are all False has no valid value: it passes through unchanged under
     "normalize" and "keep", and is 0 under "zero". With an elementwise mask, masked-out positions
@@ -48,6 +49,7 @@ class MaskedLayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_affine(type(self).__name__, self.weight, self.bias, self.normalized_shape, "normalized_shape")
+        mask = token_block_mask(self, x, mask, len(self.normalized_shape))
         return last_axes_norm(x, mask, self.normalized_shape, eps=self.eps, center=True,
                               weight=self.weight, bias=self.bias, masked=self.masked)
 
@@ -70,6 +72,7 @@ class MaskedRMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_affine(type(self).__name__, self.weight, None, self.normalized_shape, "normalized_shape")
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        mask = token_block_mask(self, x, mask, len(self.normalized_shape))
         return last_axes_norm(x, mask, self.normalized_shape, eps=eps, center=False,
                               weight=self.weight, bias=None, masked=self.masked)
 
