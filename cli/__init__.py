@@ -28,7 +28,7 @@ VERIFY_EXTRAS = {"sympy", "mpmath", "hypothesis", "numpy"}
 
 def _usage() -> str:
     lines = ["usage: masknorm <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {parsers.SUMMARIES[name]}" for name in SUBCOMMANDS]
+    lines += [f"  {name:<11} {parsers.SUMMARIES[name]}" for name in SUBCOMMANDS]
     lines.append("\n'masknorm <command> --help' describes each command's options.")
     return "\n".join(lines)
 
