@@ -102,10 +102,10 @@ def test_the_seeds_own_cases_that_failed_here():
     """From algmarques/masked_norm's test suite: the empty tensor, and a lazy module's parameters
     read after calling layer.forward directly (torch's lazy pre-forward hook does not run then)."""
     empty = torch.tensor([])
-    assert compat.masked_norm(empty).shape == empty.shape
+    assert masked_norm(empty).shape == empty.shape
     x = torch.tensor([[1.0, 2.0], [3.0, 5.0], [4.0, 7.0]])
     for mask, shape in ((None, (2,)), (torch.tensor([True, False]), (2,))):
-        layer = compat.LazyAffineMaskedNorm()
+        layer = LazyAffineMaskedNorm()
         layer.forward(x, mask)
         assert layer.weight.shape == shape and layer.bias.shape == shape
         torch.testing.assert_close(layer.weight, torch.ones(shape))
