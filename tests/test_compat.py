@@ -103,7 +103,7 @@ def test_the_seeds_own_cases_that_failed_here():
     read after calling layer.forward directly (torch's lazy pre-forward hook does not run then)."""
     empty = torch.tensor([])
     assert masked_norm(empty).shape == empty.shape
-    x = torch.tensor([[1.0, 2.0], [3.0, 5.0], [4.0, 7.0]])
+    x = torch.tensor([[1.0, 2.0, 4.0], [3.0, 5.0, 7.0]])  # two rows: weight and bias have one entry per row
     for mask, shape in ((None, (2,)), (torch.tensor([True, False]), (2,))):
         layer = LazyAffineMaskedNorm()
         layer.forward(x, mask)
