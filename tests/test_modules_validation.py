@@ -52,10 +52,15 @@ def test_num_features_must_be_a_positive_int(cls, num_features, error):
 
 
 @pytest.mark.parametrize("cls", [masknorm.MaskedLayerNorm, masknorm.MaskedRMSNorm])
-@pytest.mark.parametrize("shape", [0, -2, [], [4, 0], (4, 2.5), "8"])
-def test_normalized_shape_must_be_positive_ints(cls, shape):
-    with pytest.raises(ValueError, match="normalized_shape must be a positive int"):
+@pytest.mark.parametrize("shape", [-2, [], [4, -1], (4, 2.5), "8"])
+def test_normalized_shape_must_be_ints_of_at_least_zero(cls, shape):
+    with pytest.raises(ValueError, match="normalized_shape must be an int >= 0"):
         cls(shape)
+
+
+@pytest.mark.parametrize("cls", [masknorm.MaskedLayerNorm, masknorm.MaskedRMSNorm])
+def test_an_empty_feature_axis_is_accepted_as_torch_accepts_it(cls):
+    assert cls(0)(torch.randn(3, 0)).shape == (3, 0)
 
 
 @pytest.mark.parametrize("num_groups, num_channels, message", [

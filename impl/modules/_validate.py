@@ -44,10 +44,11 @@ def check_positive_int(owner: str, name: str, value: object) -> None:
 
 
 def check_normalized_shape(owner: str, shape: Union[int, Sequence[int], torch.Size]) -> None:
-    """normalized_shape is a positive int or a non-empty sequence of positive ints."""
+    """normalized_shape is an int >= 0 or a non-empty sequence of them (0 as torch allows it: an empty
+    feature axis, whose output is empty)."""
     sizes = (shape,) if isinstance(shape, int) else tuple(shape) if isinstance(shape, (Sequence, torch.Size)) else None
-    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
-        raise ValueError(f"{owner}: normalized_shape must be a positive int or a non-empty sequence of positive ints, "
+    if not sizes or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
+        raise ValueError(f"{owner}: normalized_shape must be an int >= 0 or a non-empty sequence of ints >= 0, "
                          f"got {shape!r}")
 
 
