@@ -47,7 +47,7 @@ def _check_long_channels(length: int, mean: float):
 
 @pytest.mark.parametrize("mean", [1e3, 1e4])
 def test_ten_million_valid_values_per_channel_with_a_large_mean(mean):
-    """The issue's case: 4 * 10^6 values near 1000 gave valid outputs of mean 0.88 and std 0.47."""
+    """Once, 4 * 10^6 values near 1000 gave valid outputs of mean 0.88 and std 0.47 (float32 matrix-product sums)."""
     _check_long_channels(10_000_000, mean)
 
 

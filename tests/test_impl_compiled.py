@@ -125,7 +125,7 @@ def test_a_graph_break_before_the_call_keeps_dim_exact():
 def test_inductor_compiles_rms_with_zero_policy_on_any_cpu(tmp_path, monkeypatch):
     """Inductor's C++ build of the power-of-two scale: frexp's int32 exponent clamp did not compile
     on AVX2 CPUs (torch 2.13, 'no matching function for call to maximum(VectorizedN<int, 2>&, ...)');
-    the issue's reproducer, with symbolic sizes too."""
+    the reproducer that failed, with symbolic sizes too."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(4, 3, 10, dtype=torch.float64, generator=gen)

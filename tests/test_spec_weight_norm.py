@@ -1,5 +1,5 @@
-"""WeightNorm's derivation (masknorm.spec.weight_norm): the derived closed forms are issue 16's
-statements, a wrong statement or a wrong closed form is refused, and the generated plain-Python
+"""WeightNorm's derivation (masknorm.spec.weight_norm): the derived closed forms are the stated
+ones (STATEMENTS), a wrong statement or a wrong closed form is refused, and the generated plain-Python
 forms equal central differences of the definition on floats."""
 
 import dataclasses
@@ -14,17 +14,17 @@ from masknorm.spec import weight_norm_forms as wf
 from masknorm.spec.derivation import DerivationError, canonicalizer
 
 
-def test_derived_forms_are_the_issues_statements_with_their_signatures():
+def test_derived_forms_are_the_stated_forms_with_their_signatures():
     forms = {f.name: f for f in weight_norm.closed_forms()}
-    assert set(forms) == set(weight_norm.DESIGN) == set(wf.__all__)
+    assert set(forms) == set(weight_norm.STATEMENTS) == set(wf.__all__)
     for name, f in forms.items():
-        assert sp.expand(f.expr - weight_norm.DESIGN[name]) == 0
+        assert sp.expand(f.expr - weight_norm.STATEMENTS[name]) == 0
         assert list(map(str, f.args)) == list(getattr(wf, name).__code__.co_varnames[:len(f.args)])
 
 
 def test_a_wrong_statement_is_reported(monkeypatch):
-    wrong = dict(weight_norm.DESIGN, weight_norm_vjp_v=weight_norm.DESIGN["weight_norm_vjp_v"] * 2)
-    monkeypatch.setattr(weight_norm, "DESIGN", wrong)
+    wrong = dict(weight_norm.STATEMENTS, weight_norm_vjp_v=weight_norm.STATEMENTS["weight_norm_vjp_v"] * 2)
+    monkeypatch.setattr(weight_norm, "STATEMENTS", wrong)
     with pytest.raises(DerivationError, match="weight_norm_vjp_v"):
         weight_norm.closed_forms.__wrapped__()
 

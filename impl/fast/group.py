@@ -11,7 +11,7 @@ with weight and bias per channel (constant along B and L). Token masks ((B, T, D
 (B, T, 1) mask: L = 1, one position per channel row) are left to the other paths: the kernel
 walks each channel's row of L positions, and rows of one position would cost a loop each. One call of the fused kernel
 (kernels/masked_group_norm.cpp) computes each group's statistics in double, normalizes and
-applies the policy; its backward is the closed-form VJP of DESIGN.md with sum_P g and
+applies the policy; its backward is the closed-form VJP of spec/CONTRACT.md with sum_P g and
 sum_P g y_hat per group. Groups the kernel cannot do exactly (a zero sum of squares, rstd outside
 [2^-40, 2^40], kappa above 1/(4u)) are redone with the general statistics; whether there are any
 is a host sync, so this path runs in eager mode only. Double backward and forward AD use the

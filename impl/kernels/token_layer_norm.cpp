@@ -1,7 +1,7 @@
 // Padded-token layer norm on CPU: the rows of a contiguous (rows, n) tensor, one validity flag per row.
 //
 //   valid row:   mu = (1/n) sum x,  rstd = 1 / sqrt((1/n) sum (x - mu)^2 + eps),  y = (x - mu) rstd w + b
-//   padded row:  y = x (or 0 when `zero`),  mu = rstd = 0  (passed through; DESIGN.md's degenerate rule)
+//   padded row:  y = x (or 0 when `zero`),  mu = rstd = 0  (passed through; spec/CONTRACT.md's degenerate rule)
 //
 //   backward, valid row (xh = (x - mu) rstd, g = dy w):
 //       dx = rstd (g - mean(g) - xh mean(g xh)),   dw += dy xh,   db += dy
