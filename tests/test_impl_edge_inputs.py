@@ -94,8 +94,8 @@ def test_frozen_norm_derivatives():
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
-@pytest.mark.parametrize("mask_shape, dim", [((2, 1, 4), (0, 2)), ((2, 4, 1), -1), ((2, 3, 4), 1)],
-                         ids=["batch-norm-layout", "padded-tokens", "general"])
+@pytest.mark.parametrize("mask_shape, dim", [((2, 1, 4), (0, 2)), ((2, 4, 1), -1), ((2, 1, 4), (1, 2)), ((2, 3, 4), 1)],
+                         ids=["batch-norm-layout", "padded-tokens", "group-norm-layout", "general"])
 def test_jacobian_vectorized_equals_the_loop(mask_shape, dim):
     """jacobian(vectorize=True) vmaps the backward; the fast paths' host syncs cannot be batched
     ('Batching rule not implemented for aten::is_nonzero'), so they hand it to the general one."""

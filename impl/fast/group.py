@@ -27,7 +27,9 @@ from typing import Optional, Sequence
 import torch
 
 from masknorm import _native
-from masknorm._autograd import _cast, compute_dtype, general_vjp, masked_norm_jvp, masked_norm_vjp, redo_groups
+from masknorm._autograd import (
+    _cast, compute_dtype, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups,
+)
 from masknorm._stats import GroupStats, where_or_zero
 
 _POLICY = {"normalize": 0, "keep": 1, "zero": 2}
@@ -84,14 +86,13 @@ def layout(
 ) -> Optional[Layout]:
     """The (B, G, Cg, L) view when the fused kernel applies: a CPU tensor reduced over trailing
     axes, a mask (of x's rank) per (sample, position), weight/bias of x's dtype constant along B
-    and L, eager mode, and the kernel built; else None.
+    and L, and the kernel built; else None (the caller checks eager mode on real, non-empty data).
 
     With a mask, B and L are as small as the mask allows (the mask is copied as (B, L)); without
     one, as large as the weight and bias allow (they are copied as (G * Cg) values)."""
     nd = x.dim()
     r = nd - len(dims)
-    if (x.device.type != "cpu" or x.numel() == 0 or tuple(dims) != tuple(range(r, nd))
-            or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+    if x.device.type != "cpu" or tuple(dims) != tuple(range(r, nd)):
         return None
     params = [(1,) * (nd - t.dim()) + tuple(t.shape) for t in (weight, bias) if t is not None]
     if any(t.dtype != x.dtype for t in (weight, bias) if t is not None):
@@ -152,7 +153,7 @@ class GroupNormFunction(torch.autograd.Function):
         dims, correction, _, center, masked = ctx.config
         want = ctx.needs_input_grad
         nones = (None,) * 6
-        if torch.is_grad_enabled():
+        if needs_general_backward(g_out):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, *nones
         sizes = ctx.lay.sizes()
