@@ -4,8 +4,8 @@ thorough (many examples, no deadline). Pick one with HYPOTHESIS_PROFILE; CI=true
 Markers: `thorough` sweeps are deselected (not collected-and-skipped) unless `-m` names thorough;
 `slow` marks what the quick development subset leaves out (`python -m pytest -m "not slow"`):
 the files and test functions in SLOW (the longest in a timed run of the whole suite on 2 cores:
-a full sympy re-derivation, expansion at n >= 5, the oracle's hypothesis runs, inductor compiles,
-benchmark runs) and tests marked slow where they are defined."""
+a full sympy re-derivation, expansion at n >= 5, the oracle's hypothesis runs, compiles and exports,
+10^7-value channels, multi-process runs, transformers models, benchmark runs) and tests marked slow where they are defined."""
 
 import os
 from pathlib import Path
@@ -22,7 +22,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 SLOW = {
     "test_spec_derive.py", "test_check_cli.py", "test_proofs_cli.py", "test_bench_cli.py", "test_oracle_bugs.py",
-    "test_oracle_conformance.py", "test_modules_compile.py",
+    "test_oracle_conformance.py", "test_modules_compile.py", "test_impl_compiled.py", "test_impl_deployed.py",
+    "test_impl_at_scale.py", "test_sync_batch_norm.py", "test_models_transformers.py",
     "test_oracle_parts.py::test_strategies_reach_the_edge_cases",
     "test_spec_expansion.py::test_generic_closed_forms_equal_the_expansion",
     "test_impl_autograd.py::test_compile_fullgraph_equals_eager",
