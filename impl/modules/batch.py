@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -35,14 +35,19 @@ class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
                  dtype: Optional[torch.dtype] = None, *, bias: bool = True, masked: str = "normalize") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, masked=masked)
 
+    def _count_batch(self) -> Union[float, torch.Tensor]:
+        """Count a training batch (num_batches_tracked += 1, when tracked) and return the running
+        averages' factor: momentum, or 1/num_batches_tracked when momentum is None (a tensor: no
+        host sync, traceable)."""
+        if not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
+            return 0.0 if self.momentum is None else self.momentum
+        self.num_batches_tracked.add_(1)
+        return 1.0 / self.num_batches_tracked.double() if self.momentum is None else self.momentum
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input_dim(x)
         mask = self._prepare(x, mask)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / self.num_batches_tracked.double()  # a tensor: no host sync, traceable
+        factor = self._count_batch()
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch:
             return self._normalize_running(x, mask)

@@ -198,8 +198,7 @@ class MaskedSyncBatchNorm(_MaskedBatchNorm):
             raise
         moments = global_moments(x, mask, self.masked, group)
         if self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            factor = self._count_batch()
             ratio = 1.0 / moments.inv_scale
             var = moments.m2_scaled / (moments.count - 1).clamp(min=1) * ratio * ratio
             update_running(self.running_mean, self.running_var, moments.mean, var, moments.count > 1, factor)
