@@ -1,10 +1,12 @@
-"""Fast path: layer norm over trailing axes with one validity flag per group (padded tokens).
+"""Fast path: layer or RMS norm over trailing axes with one validity flag per group (padded tokens).
 
 When the mask is constant along the reduced axes, every group is either fully valid (plain layer
 norm) or fully masked (degenerate: passed through). On CPU, masknorm's fused kernel (_native)
-normalizes the valid rows and copies the padded ones, one pass over memory each way. Otherwise
-(CUDA, or the kernel could not be built) torch's fused kernels do the work on every row, and the
-padded rows are fixed up by row (slices for runs of padding, else an index):
+normalizes the valid rows and copies the padded ones, one pass over memory each way: layer and RMS
+norm, float64/float32, and float16/bfloat16 computed in float32. Otherwise (CUDA, or the kernel
+could not be built) layer norm in float32/float64 runs on torch's fused kernels, every row, and the
+padded rows are fixed up by row (slices for runs of padding, else an index); the other cases take
+the general path:
 
     forward:  y, mu, rstd = native_layer_norm(x);        y[padded] = x[padded] (or 0)
     backward: dx, dgamma = native_layer_norm_backward(dy, x; mu, rstd = 0 on padded rows)
@@ -27,7 +29,8 @@ import torch
 
 from masknorm import _native
 from masknorm._autograd import (
-    compose, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups, regions,
+    _cast, compose, compute_dtype, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups,
+    regions,
 )
 from masknorm._stats import GroupStats, where_or_zero
 
@@ -44,18 +47,23 @@ def applies(
     correction: int,
     center: bool,
 ) -> bool:
-    """True for a layer norm over trailing axes with one mask flag per group (the caller checks
-    that x is real data in eager mode: the path's safety check is a host sync)."""
+    """True for a layer or RMS norm over trailing axes with one mask flag per group that the fused
+    kernel, or (float32/float64 layer norm) torch's kernels, can run (the caller checks that x is
+    real data in eager mode: the path's safety check is a host sync)."""
     nd = x.dim()
     nshape = tuple(x.shape[nd - len(dims):])
     return (
-        center
-        and correction == 0
-        and x.dtype in (torch.float32, torch.float64)
+        correction == 0
         and tuple(dims) == tuple(range(nd - len(dims), nd))
         and (mask is None or all(mask.shape[d] == 1 for d in dims))
         and all(t is None or (tuple(t.shape) == nshape and t.dtype == x.dtype) for t in (weight, bias))
+        and ((center and x.dtype in (torch.float32, torch.float64)) or _kernel(x) is not None)
     )
+
+
+def _kernel(x: torch.Tensor):
+    """The fused CPU kernel's ops for x, or None (not on CPU, empty, or the kernel is not built)."""
+    return _native.token_ops() if x.device.type == "cpu" and x.numel() > 0 else None
 
 
 def _rows(t: torch.Tensor, ndims: int) -> torch.Tensor:
@@ -108,8 +116,8 @@ class PaddedRows:
                 dst2[a:b].zero_()
 
 
-def _forward(xc, mask, weight, bias, ndims, eps, masked):
-    """(out, stats, padded rows or None, kernel or None).
+def _forward(xc, mask, weight, bias, ndims, eps, center, masked):
+    """(out, stats, padded rows or None, kernel or None); the stats in x's computation dtype.
 
     With the fused CPU kernel, one call normalizes the valid rows and passes the padded ones through
     (their mean and rstd are 0). Else torch's fused layer norm runs on every row; a padded group's
@@ -119,18 +127,18 @@ def _forward(xc, mask, weight, bias, ndims, eps, masked):
     nshape = tuple(xc.shape[xc.dim() - ndims:])
     keepdim = (*xc.shape[: xc.dim() - ndims], *[1] * ndims)
     valid = torch.ones(keepdim, dtype=torch.bool, device=xc.device) if mask is None else mask.expand(keepdim)
-    kernel = _native.token_ops() if xc.device.type == "cpu" and xc.numel() > 0 else None
+    kernel = _kernel(xc)
     padded = None
     if kernel is not None:
         y2, mean, rstd = kernel.token_layer_norm(_rows(xc, ndims), valid.reshape(-1), _flat(weight), _flat(bias), eps,
-                                                 masked == "zero")
+                                                 center, masked == "zero")
         y, mean, rstd = y2.view(xc.shape), mean.view(keepdim), rstd.view(keepdim)
     else:
         y, mean, rstd = torch.native_layer_norm(xc, nshape, weight, bias, eps)
         padded = PaddedRows(valid.reshape(-1))
         if padded.any():
             _overwrite_padded(_rows(y, ndims), _rows(xc, ndims), padded, masked)
-    k = valid.to(xc.dtype) * float(math.prod(nshape))
+    k = valid.to(mean.dtype) * float(math.prod(nshape))
     st = GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k, ~valid)
     return y, st, padded, kernel
 
@@ -140,13 +148,14 @@ def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.reshape(-1)
 
 
-def _kernel_backward(kernel, g_out, x, weight, st, fused, ndims, masked, want):
+def _kernel_backward(kernel, g_out, x, weight, st, fused, ndims, center, masked, want):
     """(grad x, grad weight, grad bias) from the fused CPU kernel: rows flagged in `fused` are
     differentiated, the others passed through (dy, or 0 under "zero") and left out of the sums;
     None for a gradient not wanted."""
     g2, x2 = _rows(g_out, ndims), _rows(x, ndims)
     gx, gw, gb = kernel.token_layer_norm_backward(
-        g2, x2, fused.reshape(-1), st.shift_scaled.reshape(-1), st.inv_s.reshape(-1), _flat(weight), masked == "zero"
+        g2, x2, fused.reshape(-1), st.shift_scaled.reshape(-1), st.inv_s.reshape(-1), _flat(weight), center,
+        masked == "zero"
     )
     nshape = x.shape[x.dim() - ndims:]
     return gx.view(g_out.shape), (gw.view(nshape) if want[2] else None), (gb.view(nshape) if want[3] else None)
@@ -241,19 +250,24 @@ class TokenLayerNormFunction(torch.autograd.Function):
     """The fused-kernel twin of MaskedNormFunction.
 
     Groups where the fused kernel is inaccurate are redone with the general statistics (a host
-    sync decides whether any are); every group's result depends on its own values only.
+    sync decides whether any are); every group's result depends on its own values only. The
+    statistics, and the redone groups' arithmetic, are in x's computation dtype (float32 for
+    float16/bfloat16).
     """
 
     @staticmethod
-    def forward(ctx, x, mask, weight, bias, ndims, eps, masked):
+    def forward(ctx, x, mask, weight, bias, ndims, eps, center, masked):
         dims = tuple(range(x.dim() - ndims, x.dim()))
-        out, st, ctx.padded, ctx.kernel = _forward(x, mask, weight, bias, ndims, eps, masked)
+        out, st, ctx.padded, ctx.kernel = _forward(x, mask, weight, bias, ndims, eps, center, masked)
         redo = _inaccurate(st)
         if bool(redo.any()):
-            out, st = redo_groups(out, st, redo, x, mask, weight, bias, dims, 0, eps, masked)
+            ct = compute_dtype(x.dtype)
+            out, st = redo_groups(out.to(ct), st, redo, x.to(ct), mask, _cast(weight, ct), _cast(bias, ct), dims, 0,
+                                  eps, masked, center)
+            out = out.to(x.dtype)
         else:
             redo = None
-        ctx.config = (dims, 0, eps, True, masked)
+        ctx.config = (dims, 0, eps, center, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, mask, weight, redo, *st)
         ctx.save_for_forward(x, mask, weight, *st)
@@ -262,32 +276,36 @@ class TokenLayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):
         x, mask, weight, redo, *saved = ctx.saved_tensors
-        dims, masked = ctx.config[0], ctx.config[4]
+        dims, _, _, center, masked = ctx.config
         want = ctx.needs_input_grad
+        nones = (None,) * 4
         if needs_general_backward(g_out):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
-            return gx, None, gw, gb, None, None, None
+            return gx, None, gw, gb, *nones
         st = GroupStats(*saved)
         if ctx.kernel is not None:
             fused = ~st.degenerate if redo is None else ~(st.degenerate | redo)
-            gx, gw, gb = _kernel_backward(ctx.kernel, g_out, x, weight, st, fused, len(dims), masked, want)
+            gx, gw, gb = _kernel_backward(ctx.kernel, g_out, x, weight, st, fused, len(dims), center, masked, want)
         elif redo is None:
             gx, gw, gb = _torch_backward(g_out, x, weight, st, ctx.padded, len(dims), masked, want)
         else:
             gx, gw, gb = _torch_backward_around(redo, g_out, x, mask, weight, st, dims, masked, want)
         if redo is not None:
-            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
-                                               want[2], want[3])
-            gx = torch.where(redo, gx_r, gx)
-            gw = None if gw is None else gw + gw_r.sum_to_size(gw.shape)
-            gb = None if gb is None else gb + gb_r.sum_to_size(gb.shape)
+            ct = compute_dtype(x.dtype)
+            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out.to(ct)), x.to(ct), mask, _cast(weight, ct), st,
+                                               dims, center, masked, want[2], want[3])
+            gx = torch.where(redo, gx_r, gx).to(x.dtype)
+            gw = None if gw is None else gw + gw_r.sum_to_size(gw.shape).to(gw.dtype)
+            gb = None if gb is None else gb + gb_r.sum_to_size(gb.shape).to(gb.dtype)
         gw = None if gw is None else gw.reshape(weight.shape)
         gb = None if gb is None else gb.reshape(ctx.bias_shape[0])
-        return (gx if want[0] else None), None, gw, gb, None, None, None
+        return (gx if want[0] else None), None, gw, gb, *nones
 
     @staticmethod
     def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
         x, mask, weight, *saved = ctx.saved_tensors
-        dims, _, _, _, masked = ctx.config
-        st = GroupStats(*saved)
-        return masked_norm_jvp(x, x_dot, mask, weight, weight_dot, bias_dot, st, dims, True, masked)
+        dims, _, _, center, masked = ctx.config
+        ct = compute_dtype(x.dtype)
+        y_dot = masked_norm_jvp(x.to(ct), x_dot.to(ct), mask, _cast(weight, ct), _cast(weight_dot, ct),
+                                _cast(bias_dot, ct), GroupStats(*saved), dims, center, masked)
+        return y_dot.to(x.dtype)

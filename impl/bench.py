@@ -275,8 +275,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(_native.describe())
     print(f"fwd+bwd (float32 unless named), median of {args.repeats} interleaved runs after {args.warmup} warm-up "
           "runs; spread: interquartile range / median; saved/x: bytes kept for backward / bytes of x;\n"
-          "masknorm, kernels off: the fused CPU kernels disabled (padded-token layer norm on torch's kernels; "
-          "group and instance norm on the general path, as before the group kernel)")
+          "masknorm, kernels off: the fused CPU kernels disabled (float32/float64 padded-token layer norm on "
+          "torch's kernels; RMS and bfloat16 token norms, group and instance norm on the general path)")
     cases = _cases(args.device, args.scale)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     print(f"clock: {args.clock}")

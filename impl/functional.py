@@ -110,7 +110,8 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked) -> T
         return _empty(x, weight, bias), None
     if _eager_on_data(x):
         if _token_path.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
-            out = _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.masked)
+            out = _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
+                                                       args.masked)
             return out, None
         if _channel_path.applies(x, weight, bias, args.dims, args.eps, args.center):
             out, *moments = _channel_path.ChannelNormFunction.apply(

@@ -339,7 +339,7 @@ def impl_jvp(case: Case, x_dot: torch.Tensor, weight_dot=None, bias_dot=None) ->
 def padded_tokens(draw, dtype: torch.dtype = torch.float64, fused_kernel: bool = True) -> Case:
     """Layer norm over the trailing axes of (B, T, L) (or (B, T, H, L)) with one mask flag per token,
     mask of shape (B, T, 1[, 1]) or None, weight/bias of the normalized shape: the padded-token layout
-    (on CPU, run by the fused kernel unless fused_kernel is False)."""
+    (on CPU, run by the fused kernel unless fused_kernel is False; RMS norm too on the kernel)."""
     shape = tuple(draw(st.integers(1, 4)) for _ in range(draw(st.sampled_from([3, 4]))))
     ndims = draw(st.integers(1, len(shape) - 2))
     dims = tuple(range(len(shape) - ndims, len(shape)))
@@ -355,6 +355,7 @@ def padded_tokens(draw, dtype: torch.dtype = torch.float64, fused_kernel: bool =
         masked=draw(st.sampled_from(POLICIES)),
         weight=draw(affine(normalized, dtype, exact=True)),
         bias=draw(affine(normalized, dtype, exact=True)),
+        center=draw(st.booleans()) if fused_kernel else True,
         fused_kernel=fused_kernel,
     )
 

@@ -183,12 +183,13 @@ def test_jvp_within_bound(dtype, data):
 
 @pytest.mark.parametrize("layout", [padded_tokens, padded_tokens_on_torch_kernels, channels],
                          ids=["padded-tokens", "padded-tokens-torch-kernels", "channels"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @given(data=st.data())
 def test_fast_path_layouts_within_bound(layout, dtype, data):
-    """The layouts eager fast paths may take (layer norm over trailing axes with one mask flag per
-    token; batch norm over every axis but the channels), which cases() reaches only now and then,
-    meet the same forward, VJP and JVP bounds as the general one."""
+    """The layouts eager fast paths may take (layer or RMS norm over trailing axes with one mask flag
+    per token; batch norm over every axis but the channels), which cases() reaches only now and
+    then, meet the same forward, VJP and JVP bounds as the general one. float16/bfloat16 padded
+    tokens run on the fused kernel, computed in float32."""
     case = data.draw(layout(dtype))
     assert forward_error(case) <= FORWARD_BOUND[dtype]
     ex, ew, eb = vjp_errors(case, like(data.draw, case.x))

@@ -168,3 +168,22 @@ def test_a_redone_channel_leaves_the_others_bitwise(masked):
     kappa = ref.kappa(tiny.double(), mask, (0, 2), eps=1e-30)
     assert ref.max_error_in_ukappa(redone[0], torch.from_numpy(expected), kappa, weight=weight.expand_as(x),
                                    bias=bias.expand_as(x).double()) <= 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
+def test_padded_token_layer_and_rms_norm_take_the_fused_kernel(dtype, center):
+    """Layer and RMS norm with token masks, in float32 and (computed in float32) float16/bfloat16,
+    run on the fused kernel; with the kernel off, float32 layer norm runs on torch's kernels and the
+    others on the general path. (Their accuracy: test_impl_accuracy's padded-token layouts.)"""
+    x, mask, _, weight, bias, _ = _token_case(rows=40, n=24)
+    x, weight, bias = (t.to(dtype) for t in (x, weight, bias))
+    assert _path_of(x, mask, weight, bias, center) == "TokenLayerNormFunctionBackward"
+    with _native.kernels(False):
+        assert _path_of(x, mask, weight, bias, center) == (
+            "TokenLayerNormFunctionBackward" if center and dtype == torch.float32 else "MaskedNormFunctionWithJvpBackward")
+
+
+def _path_of(x, mask, weight, bias, center) -> str:
+    """The name of the autograd node masked_norm's output comes from: the path it took."""
+    return masked_norm(x.clone().requires_grad_(), mask, -1, weight=weight, bias=bias, center=center).grad_fn.name()
