@@ -5,7 +5,7 @@ machine load hits all alike), reports medians, their spread and ratios to torch'
 layer (flagging masknorm above the 1.2x goal), and measures the bytes autograd saves for backward
 relative to the size of x. Cases: padded-token layer norm (float32 large and small, bfloat16
 small), batch norm, group and instance norm over time (wav2vec2's (8, 32, 1599), float32 and
-bfloat16), RMS norm with a token mask, a conformer block (bench_conformer.py); --compiled adds
+bfloat16), RMS norm with a token mask, layer norm with an elementwise mask, a conformer block (bench_conformer.py); --compiled adds
 torch.compile of the module cases on both sides.
 
 Large CPU tensors spend much of their time page-faulting fresh memory; glibc returns big
@@ -79,7 +79,7 @@ def _layer_cases(gen: torch.Generator, device: str, B: int, T: int, D: int, scat
     return [
         Case(f"layer norm B={B} T={T} D={D}{name}, dim=-1, {how} ({_percent(tokens)} padding)", x, tokens.to(device),
              (-1,), w, b, "F.layer_norm", lambda t, w=w, b=b: F.layer_norm(t, (D,), w, b),
-             uses_fused_kernel=device == "cpu" and dtype == torch.float32)
+             uses_fused_kernel=device == "cpu")
         for how, tokens in masks
     ]
 
@@ -102,6 +102,7 @@ def _cases(device: str, scale: float) -> List[Case]:
                    module.weight.reshape(C, 1), module.bias.reshape(C, 1), "nn.BatchNorm1d (train)", torch_module,
                    lambda t: module(t, rows.squeeze(1)), compiled_too=True)
     return [*layer, batch, modules, *small, *_time_cases(gen, device, scale), _rms_case(gen, device, scale),
+            _elementwise_case(gen, device, scale),
             _layer_cases(gen, device, 8, max(1, int(128 * scale)), 256, scattered_too=False, dtype=torch.bfloat16)[0],
             _conformer_case(gen, device, scale)]
 
@@ -143,6 +144,18 @@ def _rms_case(gen: torch.Generator, device: str, scale: float) -> Case:
     return Case(f"RMS norm B={B} T={T} D={D}, token mask ({_percent(tokens)} padding)", x, tokens.unsqueeze(-1), (-1,),
                 w, None, "F.rms_norm", lambda t: F.rms_norm(t, (D,), w, 1e-5),
                 lambda t: masked_norm(t, tokens.unsqueeze(-1), -1, center=False, weight=w), plain=False)
+
+
+def _elementwise_case(gen: torch.Generator, device: str, scale: float) -> Case:
+    """Layer norm over D of (B, T, D) with a mask per element (10% masked out at random), against
+    F.layer_norm: the row kernel's layout."""
+    B, T, D = 8, max(1, int(512 * scale)), 512
+    x = torch.randn(B, T, D, generator=gen).to(device).requires_grad_()
+    mask = (torch.rand(B, T, D, generator=gen) > 0.1).to(device)
+    w = torch.ones(D, device=device, requires_grad=True)
+    b = torch.zeros(D, device=device, requires_grad=True)
+    return Case(f"layer norm B={B} T={T} D={D}, elementwise mask ({_percent(mask)} masked out)", x, mask, (-1,), w, b,
+                "F.layer_norm", lambda t: F.layer_norm(t, (D,), w, b), uses_fused_kernel=device == "cpu")
 
 
 def _conformer_case(gen: torch.Generator, device: str, scale: float) -> Case:

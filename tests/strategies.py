@@ -360,6 +360,37 @@ def padded_tokens(draw, dtype: torch.dtype = torch.float64, fused_kernel: bool =
     )
 
 
+@st.composite
+def masked_rows(draw, dtype: torch.dtype = torch.float64) -> Case:
+    """Layer or RMS norm over the trailing axes of (B, T, L) (or (B, T, H, L)) with a mask that
+    varies inside the normalized rows (elementwise, or broadcast along some axes but not all the
+    reduced ones) and weight/bias of the normalized shape: the fused row kernel's layout
+    (masknorm.fast.group.RowLayout); any correction, eps, center and policy."""
+    shape = [draw(st.integers(1, 4)) for _ in range(draw(st.sampled_from([3, 4])))]
+    ndims = draw(st.integers(1, len(shape) - 2))
+    dims = tuple(range(len(shape) - ndims, len(shape)))
+    varying = draw(st.sampled_from(dims))  # a reduced axis along which the mask varies
+    shape[varying] = draw(st.integers(2, 4))
+    mshape = [s if d == varying else draw(st.sampled_from([1, s])) for d, s in enumerate(shape)]
+    shape, n = tuple(shape), math.prod(mshape)
+    normalized = shape[len(shape) - ndims:]
+    return Case(
+        x=draw(values(shape, dims, dtype)),
+        mask=torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n))).reshape(mshape),
+        dim=dims if ndims > 1 else -1,
+        weight=draw(affine(normalized, dtype, exact=True)),
+        bias=draw(affine(normalized, dtype, exact=True)),
+        **draw(any_options()),
+    )
+
+
+@st.composite
+def any_options(draw) -> dict:
+    """correction, eps, center and masked: any of the suite's values."""
+    return dict(correction=draw(st.sampled_from([0, 1])), eps=draw(st.sampled_from(EPS_VALUES)),
+                center=draw(st.booleans()), masked=draw(st.sampled_from(POLICIES)))
+
+
 def padded_tokens_on_torch_kernels(dtype: torch.dtype = torch.float64):
     """padded_tokens() with the fused CPU kernel off: torch's kernels and the row fix-ups do the work."""
     return padded_tokens(dtype, fused_kernel=False)

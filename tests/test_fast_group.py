@@ -1,5 +1,5 @@
 """The fused group kernel (masknorm.fast.group): group and instance norm over (B, C, *spatial) with a
-(B, *spatial) mask.
+(B, *spatial) mask, and its row form (layer/RMS norm with a mask varying inside the rows).
 
 Which strategy reaches the path: grouped() below draws only layouts it takes (filtered with
 assume: rows of one position, L = 1 < Cg, stay on the general path); strategies.cases() reaches it
@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import DTYPES, EPS_VALUES, POLICIES, Case, affine, like, values
+from strategies import DTYPES, POLICIES, Case, affine, any_options, like, masked_rows, values
 from test_impl_accuracy import (FORWARD_BOUND, JVP_BOUND, VJP_AFFINE_BOUND, VJP_X_BOUND, draw_tangents, forward_error,
                                 jvp_error, vjp_errors)
 
@@ -47,12 +47,9 @@ def grouped(draw, dtype: torch.dtype = torch.float64) -> Case:
         x=draw(values(shape, dims, dtype)),
         mask=mask,
         dim=dims,
-        correction=draw(st.sampled_from([0, 1])),
-        eps=draw(st.sampled_from(EPS_VALUES)),
-        center=draw(st.booleans()),
-        masked=draw(st.sampled_from(POLICIES)),
         weight=draw(affine(pshape, dtype, exact=True)),
         bias=draw(affine(pshape, dtype, exact=True)),
+        **draw(any_options()),
     )
 
 
@@ -71,6 +68,17 @@ def test_grouped_within_bound(dtype, data):
     ex, ew, eb = vjp_errors(case, like(data.draw, case.x))
     assert ex <= VJP_X_BOUND[dtype] and max(ew, eb) <= VJP_AFFINE_BOUND[dtype], (ex, ew, eb)
     assert jvp_error(case, *draw_tangents(data, case)) <= JVP_BOUND[dtype]
+
+
+@given(case=masked_rows())
+def test_masked_rows_take_the_row_kernel(case):
+    """Every draw of strategies.masked_rows() (a mask varying inside the normalized rows) takes the
+    fused kernel: the row layout when a weight or bias varies along the rows, else the group layout
+    with one channel per group. The layout-parametrized tests of test_impl_accuracy and
+    test_impl_properties check their accuracy and garbage-padding properties."""
+    lay = fast_group.layout(case.x, case.mask, case.weight, case.bias, case.dims)
+    assert lay is not None
+    assert isinstance(lay, fast_group.RowLayout) == (case.weight is not None or case.bias is not None)
 
 
 def _speech(dtype=torch.float32, B=4, C=8, L=300, seed=0):

@@ -38,6 +38,7 @@ from strategies import (
     impl_vjp,
     inv_s,
     like,
+    masked_rows,
     padded_tokens,
     padded_tokens_on_torch_kernels,
     thorough,
@@ -181,8 +182,8 @@ def test_jvp_within_bound(dtype, data):
     assert err <= JVP_BOUND[dtype], f"jvp error {err:.3g} > {JVP_BOUND[dtype]}"
 
 
-@pytest.mark.parametrize("layout", [padded_tokens, padded_tokens_on_torch_kernels, channels],
-                         ids=["padded-tokens", "padded-tokens-torch-kernels", "channels"])
+@pytest.mark.parametrize("layout", [padded_tokens, padded_tokens_on_torch_kernels, masked_rows, channels],
+                         ids=["padded-tokens", "padded-tokens-torch-kernels", "masked-rows", "channels"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @given(data=st.data())
 def test_fast_path_layouts_within_bound(layout, dtype, data):

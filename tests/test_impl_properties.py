@@ -27,6 +27,7 @@ from strategies import (
     impl_jvp,
     impl_vjp,
     like,
+    masked_rows,
     padded_tokens,
     padded_tokens_on_torch_kernels,
     passes_through,
@@ -129,8 +130,8 @@ def garbage_like(draw, t: torch.Tensor) -> torch.Tensor:
                         dtype=torch.float64).reshape(t.shape).to(t.dtype)
 
 
-@pytest.mark.parametrize("layout", [cases, padded_tokens, padded_tokens_on_torch_kernels, channels],
-                         ids=["any", "padded-tokens", "padded-tokens-torch-kernels", "channels"])
+@pytest.mark.parametrize("layout", [cases, padded_tokens, padded_tokens_on_torch_kernels, masked_rows, channels],
+                         ids=["any", "padded-tokens", "padded-tokens-torch-kernels", "masked-rows", "channels"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @given(data=st.data())
 def test_garbage_padding(layout, dtype, data):
@@ -230,8 +231,8 @@ def test_masked_group_equals_its_valid_values_alone(data):
         assert err <= FORWARD_BOUND[dtype], f"group {g}: {err:.3g} u*kappa"
 
 
-@pytest.mark.parametrize("layout", [cases, padded_tokens, padded_tokens_on_torch_kernels, channels],
-                         ids=["any", "padded-tokens", "padded-tokens-torch-kernels", "channels"])
+@pytest.mark.parametrize("layout", [cases, padded_tokens, padded_tokens_on_torch_kernels, masked_rows, channels],
+                         ids=["any", "padded-tokens", "padded-tokens-torch-kernels", "masked-rows", "channels"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @given(data=st.data())
 def test_groups_are_independent(layout, dtype, data):

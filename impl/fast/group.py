@@ -53,18 +53,33 @@ class Layout:
     def keepdim(self) -> tuple:
         return (*self.shape[: self.r], *[1] * (len(self.shape) - self.r))
 
-    def channels(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """A weight or bias as the G * Cg values of the kernel's channels."""
-        if t is None:
-            return None
+    def parameter_shape(self) -> tuple:
+        """The shape (of x's rank) in which the kernel's weight, bias and their gradients vary."""
         nd = len(self.shape)
-        return t.expand(*[1] * self.s, *self.shape[self.s: self.q], *[1] * (nd - self.q)).reshape(-1)
+        return (*[1] * self.s, *self.shape[self.s: self.q], *[1] * (nd - self.q))
+
+    def channels(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """A weight or bias as the kernel's values per channel (G * Cg of them)."""
+        return None if t is None else t.expand(self.parameter_shape()).reshape(-1)
+
+    def kernel(self, x, m2, weight, bias, correction: int, eps: float, center: bool, policy: int):
+        """(y, mean, rstd, state) of the fused kernel: x's shape, then one value per group."""
+        y, mean, rstd, state = _native.token_ops().masked_group_norm(
+            x.reshape(self.sizes()), m2, self.channels(weight), self.channels(bias), correction, eps, center, policy)
+        return y.view(x.shape), mean, rstd, state
+
+    def kernel_backward(self, g_out, x, m2, mean, rstd, state, weight, correction: int, center: bool, policy: int):
+        """(grad x, per-channel grad weight, per-channel grad bias) of the fused kernel."""
+        sizes = self.sizes()
+        gx, gw, gb = _native.token_ops().masked_group_norm_backward(
+            g_out.reshape(sizes), x.reshape(sizes), m2, mean, rstd, state, self.channels(weight), correction, center,
+            policy)
+        return gx.view(x.shape), gw, gb
 
     def parameter_grad(self, per_channel: torch.Tensor, redone: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
         """The kernel's per-channel gradient (plus the redone groups' terms, x's shape) summed to a
         parameter of `shape` and `dtype`."""
-        nd = len(self.shape)
-        grad = per_channel.reshape(*[1] * self.s, *self.shape[self.s: self.q], *[1] * (nd - self.q))
+        grad = per_channel.reshape(self.parameter_shape())
         if redone is not None:
             grad = grad + redone.sum_to_size(grad.shape)
         return grad.sum_to_size(shape).to(dtype)
@@ -77,6 +92,26 @@ class Layout:
         return mask.expand(*self.shape[: self.s], *[1] * (self.q - self.s), *self.shape[self.q:]).reshape(B, L)
 
 
+class RowLayout(Layout):
+    """x as (R, n) rows (s = r = q: B = R, G = Cg = 1, L = n) with a mask per element and weight and
+    bias per position of a row: layer and RMS norm over trailing axes with a mask that varies inside
+    the rows (kernel masked_row_norm: the group kernel's formulas with w, b per position)."""
+
+    def parameter_shape(self) -> tuple:
+        return (*[1] * self.r, *self.shape[self.r:])
+
+    def kernel(self, x, m2, weight, bias, correction: int, eps: float, center: bool, policy: int):
+        y, mean, rstd, state = _native.token_ops().masked_row_norm(
+            x.reshape(m2.shape), m2, self.channels(weight), self.channels(bias), correction, eps, center, policy)
+        return y.view(x.shape), mean, rstd, state
+
+    def kernel_backward(self, g_out, x, m2, mean, rstd, state, weight, correction: int, center: bool, policy: int):
+        gx, gw, gb = _native.token_ops().masked_row_norm_backward(
+            g_out.reshape(m2.shape), x.reshape(m2.shape), m2, mean, rstd, state, self.channels(weight), correction,
+            center, policy)
+        return gx.view(x.shape), gw, gb
+
+
 def layout(
     x: torch.Tensor,
     mask: Optional[torch.Tensor],
@@ -86,7 +121,9 @@ def layout(
 ) -> Optional[Layout]:
     """The (B, G, Cg, L) view when the fused kernel applies: a CPU tensor reduced over trailing
     axes, a mask (of x's rank) per (sample, position), weight/bias of x's dtype constant along B
-    and L, and the kernel built; else None (the caller checks eager mode on real, non-empty data).
+    and L, and the kernel built; else the (R, n) rows when weight/bias are constant along the kept
+    axes and the mask (if any) varies inside the rows; else None (the caller checks eager mode on
+    real, non-empty data).
 
     With a mask, B and L are as small as the mask allows (the mask is copied as (B, L)); without
     one, as large as the weight and bias allow (they are copied as (G * Cg) values)."""
@@ -104,11 +141,13 @@ def layout(
     else:
         s = max((i + 1 for i in range(r) if mask.shape[i] != 1), default=0)
         q = next((j for j in range(r, nd) if mask.shape[j] != 1), nd)
-        if first < s or last >= q:
-            return None
-    if math.prod(x.shape[q:]) == 1 < math.prod(x.shape[r:q]) or _native.token_ops() is None:
+    if _native.token_ops() is None:
         return None
-    return Layout(s, r, q, x.shape)
+    if first >= s and last < q and not math.prod(x.shape[q:]) == 1 < math.prod(x.shape[r:q]):
+        return Layout(s, r, q, x.shape)
+    if first >= r and mask is not None and q < nd:
+        return RowLayout(r, r, r, x.shape)
+    return None
 
 
 def _group_stats(lay: Layout, m2, mean, rstd, state, correction: int, dtype: torch.dtype) -> GroupStats:
@@ -129,10 +168,8 @@ class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, mask, weight, bias, lay, dims, correction, eps, center, masked):
         m2 = lay.mask2(mask)
-        y, mean, rstd, state = _native.token_ops().masked_group_norm(
-            x.reshape(lay.sizes()), m2, lay.channels(weight), lay.channels(bias), correction, eps, center,
-            _POLICY[masked])
-        out, redone = y.view(x.shape), ()
+        out, mean, rstd, state = lay.kernel(x, m2, weight, bias, correction, eps, center, _POLICY[masked])
+        redone = ()
         if int(state.max()) == _REDO:  # the one host sync
             ct = compute_dtype(x.dtype)
             st = _group_stats(lay, m2, mean, rstd, state, correction, ct)
@@ -156,11 +193,9 @@ class GroupNormFunction(torch.autograd.Function):
         if needs_general_backward(g_out):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, *nones
-        sizes = ctx.lay.sizes()
-        gx, gw, gb = _native.token_ops().masked_group_norm_backward(
-            g_out.reshape(sizes), x.reshape(sizes), m2, mean, rstd, state, ctx.lay.channels(weight), correction, center,
-            _POLICY[masked])
-        gx, gw_r, gb_r = gx.view(x.shape), None, None
+        gx, gw, gb = ctx.lay.kernel_backward(g_out, x, m2, mean, rstd, state, weight, correction, center,
+                                             _POLICY[masked])
+        gw_r, gb_r = None, None
         if redone:  # the redone groups' terms, from the general statistics
             redo, *st = redone
             ct = compute_dtype(x.dtype)

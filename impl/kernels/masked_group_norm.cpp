@@ -166,6 +166,46 @@ void write_row(const Row& row, T* out, Valid valid, Other other) {
   });
 }
 
+// (x_j - mu)^2 in double as a valid_sum term: a masked-out x_j is read through the flag.
+template <typename T>
+auto squared_deviation(const T* xr, double mu) {
+  return [xr, mu](int64_t j, bool v) {
+    const double d = (v ? double(xr[j]) : mu) - mu;
+    return d * d;
+  };
+}
+
+// A group's state from its statistics: degenerate (nu <= 0), fused, or redo (outside the exact range).
+inline int8_t classify(double nu, double mu, double ss, double rs, double kappa_limit) {
+  const bool exact = ss > 0 && rs >= 0x1p-40 && rs <= 0x1p40 && std::abs(mu) * rs <= kappa_limit;
+  return nu <= 0 ? kDegenerate : (exact ? kFused : kRedo);
+}
+
+// out[j] = valid(j, true) at valid positions; at masked-out ones by the policy: masked(j)
+// ("normalize"), src[j] ("keep") or 0 ("zero").
+template <typename T, typename Valid, typename Masked>
+void write_policy(const Row& row, T* out, const T* src, int64_t policy, Valid valid, Masked masked) {
+  if (policy == kKeep) {
+    write_row(row, out, valid, [src](int64_t j) { return src[j]; });
+  } else if (policy == kZero) {
+    write_row(row, out, valid, [](int64_t) { return T(0); });
+  } else {
+    write_row(row, out, valid, masked);
+  }
+}
+
+// A normalized row: normalized(j, true) at every position under "normalize" (one loop), else as
+// write_policy with x's values or 0 at the masked-out positions.
+template <typename T, typename Norm>
+void write_normalized(const Row& row, T* out, const T* x, int64_t policy, Norm normalized) {
+  if (policy != kNormalize) {
+    write_policy(row, out, x, policy, normalized, [](int64_t) { return T(0); });
+    return;
+  }
+#pragma omp simd
+  for (int64_t j = 0; j < row.L; ++j) out[j] = normalized(j, true);
+}
+
 // The mask rows: dense when the valid runs average fewer than kDenseRun positions.
 constexpr int64_t kDenseRun = 16;
 std::vector<Row> rows_of(const bool* mask, const std::vector<Runs>& runs, int64_t L) {
@@ -209,14 +249,10 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
           mu /= k;
         }
         for (int64_t c = 0; c < Cg; ++c)
-          ss += valid_sum(row, [xr = xg + c * L, mu](int64_t j, bool v) {
-            const double d = (v ? double(xr[j]) : mu) - mu;
-            return d * d;
-          });
+          ss += valid_sum(row, squared_deviation(xg + c * L, mu));
       }
       const double rs = 1.0 / std::sqrt(ss / nu + eps);
-      const bool exact = ss > 0 && rs >= 0x1p-40 && rs <= 0x1p40 && std::abs(mu) * rs <= kappa_limit;
-      state[i] = nu <= 0 ? kDegenerate : (exact ? kFused : kRedo);
+      state[i] = classify(nu, mu, ss, rs, kappa_limit);
       if (state[i] != kFused) {
         mean[i] = acc_t(0);
         rstd[i] = acc_t(0);
@@ -231,14 +267,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         T* yr = yg + c * L;
         const acc_t wc = w[g * Cg + c], bc = bias[g * Cg + c];
         auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T(((v ? acc_t(xr[j]) : m) - m) * r * wc + bc); };
-        if (policy == kNormalize) {
-#pragma omp simd
-          for (int64_t j = 0; j < L; ++j) yr[j] = normalized(j, true);
-        } else if (policy == kKeep) {
-          write_row(row, yr, normalized, [xr](int64_t j) { return xr[j]; });
-        } else {
-          write_row(row, yr, normalized, [](int64_t) { return T(0); });
-        }
+        write_normalized(row, yr, xr, policy, normalized);
       }
     }
   });
@@ -311,13 +340,103 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
           return T(r * (acc_t(v ? dyr[j] : T(0)) * wc - ma - xh * mb));
         };
         T* dxr = dxg + c * L;
-        if (policy == kNormalize) {
-          write_row(row, dxr, valid, [dyr, r, wc](int64_t j) { return T(r * (acc_t(dyr[j]) * wc)); });
-        } else if (policy == kKeep) {
-          write_row(row, dxr, valid, [dyr](int64_t j) { return dyr[j]; });
-        } else {
-          write_row(row, dxr, valid, [](int64_t) { return T(0); });
+        write_policy(row, dxr, dyr, policy, valid, [dyr, r, wc](int64_t j) { return T(r * (acc_t(dyr[j]) * wc)); });
+      }
+    }
+  });
+}
+
+// Elementwise masks over rows: x and mask are (R, n), weight and bias one value per column j (layer
+// and RMS norm over trailing axes with a mask that varies inside a row). Each row is one group,
+// read whole with its masked-out inputs replaced by selects (a dense Row); the formulas are the
+// group kernel's with Cg = 1, L = n, and w_j, b_j per position instead of per channel:
+//   A = sum_{P_used} dy_j w_j,  B = sum_{P_used} dy_j w_j xh_j,  dw_j += dy_j xh_j,  db_j += dy_j  (P_used)
+template <typename T>
+void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>* w, const at::opmath_type<T>* bias,
+                         T* y, at::opmath_type<T>* mean, at::opmath_type<T>* rstd, int8_t* state, int64_t R,
+                         int64_t n, int64_t correction, double eps, bool center, int64_t policy) {
+  using acc_t = at::opmath_type<T>;
+  const double kappa_limit = 0.5 / std::numeric_limits<acc_t>::epsilon();
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / n), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const Row row{nullptr, mask + i * n, n, true};
+      const T* xr = x + i * n;
+      T* yr = y + i * n;
+      double k = 0, mu = 0, ss = 0;  // mu: the valid values' sum until divided by k
+      blocked_sums(0, n, [m = row.m](int64_t j) { return m[j] ? 1.0 : 0.0; },
+                   [m = row.m, xr](int64_t j) { return m[j] ? double(xr[j]) : 0.0; }, &k, &mu);
+      const double nu = k - double(correction);
+      mu = center && nu > 0 ? mu / k : 0.0;
+      if (nu > 0) {
+        ss = valid_sum(row, squared_deviation(xr, mu));
+      }
+      const double rs = 1.0 / std::sqrt(ss / nu + eps);
+      state[i] = classify(nu, mu, ss, rs, kappa_limit);
+      if (state[i] != kFused) {
+        mean[i] = acc_t(0);
+        rstd[i] = acc_t(0);
+        pass_row(xr, yr, row, policy == kZero);
+        continue;
+      }
+      const acc_t m = acc_t(mu), r = acc_t(rs);
+      mean[i] = m;
+      rstd[i] = r;
+      auto normalized = [xr, m, r, w, bias](int64_t j, bool v) {
+        return T(((v ? acc_t(xr[j]) : m) - m) * r * w[j] + bias[j]);
+      };
+      write_normalized(row, yr, xr, policy, normalized);
+    }
+  });
+}
+
+template <typename T>
+void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::opmath_type<T>* mean,
+                          const at::opmath_type<T>* rstd, const int8_t* state, const at::opmath_type<T>* w, T* dx,
+                          double* slots, int64_t R, int64_t n, int64_t correction, bool center, int64_t policy) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t blocks = (R + kSamples - 1) / kSamples;
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t blk = lo; blk < hi; ++blk) {
+      double* dwb = slots + blk * 2 * n;  // (dw_j, db_j) of this block's rows, added in order
+      double* dbb = dwb + n;
+      for (int64_t i = blk * kSamples; i < std::min(R, (blk + 1) * kSamples); ++i) {
+        const Row row{nullptr, mask + i * n, n, true};
+        const T* dyr = dy + i * n;
+        const T* xr = x + i * n;
+        T* dxr = dx + i * n;
+        if (state[i] != kFused) {
+          pass_row(dyr, dxr, row, policy == kZero);
+          continue;
         }
+        const acc_t m = mean[i], r = rstd[i];
+        const bool* mr = row.m;
+        // where position j enters the sums: valid, or (under "normalize") masked-out with dy_j != 0
+        auto used = [mr, dyr, policy](int64_t j) { return mr[j] || (policy == kNormalize && dyr[j] != T(0)); };
+        auto xh = [xr, m, r](int64_t j, bool u) { return ((u ? acc_t(xr[j]) : m) - m) * r; };
+        // one pass: the row's A and B (in blocks, as blocked_sums), its terms of dw_j and db_j, and k
+        double a = 0, bsum = 0, k = 0;
+        for (int64_t s = 0; s < n; s += kBlock) {
+          const int64_t e = std::min(n, s + kBlock);
+          double acc_a = 0, acc_b = 0, acc_k = 0;
+#pragma omp simd reduction(+ : acc_a, acc_b, acc_k)
+          for (int64_t j = s; j < e; ++j) {
+            const bool u = used(j);
+            const double d = u ? double(dyr[j]) : 0.0, dxh = d * double(xh(j, u));
+            acc_a += d * double(w[j]);
+            acc_b += dxh * double(w[j]);
+            acc_k += mr[j] ? 1.0 : 0.0;
+            dwb[j] += dxh;
+            dbb[j] += d;
+          }
+          a += acc_a;
+          bsum += acc_b;
+          k += acc_k;
+        }
+        const acc_t ma = center ? acc_t(a / k) : acc_t(0), mb = acc_t(bsum / (k - double(correction)));
+        auto valid = [dyr, w, r, ma, mb, xh](int64_t j, bool v) {
+          return T(r * (acc_t(v ? dyr[j] : T(0)) * w[j] - ma - xh(j, v) * mb));
+        };
+        write_policy(row, dxr, dyr, policy, valid, [dyr, r, w](int64_t j) { return T(r * (acc_t(dyr[j]) * w[j])); });
       }
     }
   });
@@ -402,11 +521,81 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_group_norm_backward(const 
   return {dx, out[1], out[0]};
 }
 
+void check_rows(const at::Tensor& x, const at::Tensor& mask, int64_t policy) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-d CPU tensor (rows, n), got ", x.sizes());
+  TORCH_CHECK(mask.dtype() == at::kBool && mask.sizes() == x.sizes(), "mask must be a bool tensor of x's shape ",
+              x.sizes(), ", got ", mask.sizes());
+  TORCH_CHECK(policy >= kNormalize && policy <= kZero, "policy must be 0 (normalize), 1 (keep) or 2 (zero)");
+}
+
+// A per-column parameter as n contiguous values of the accumulation dtype; `fill` when absent.
+at::Tensor columns(const c10::optional<at::Tensor>& t, const at::Tensor& x, at::ScalarType acc, double fill,
+                   const char* name) {
+  const int64_t n = x.size(1);
+  if (!t) return at::full({n}, fill, x.options().dtype(acc));
+  TORCH_CHECK(t->numel() == n, name, " must have n = ", n, " elements, got ", t->sizes());
+  return t->reshape({n}).to(acc).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_row_norm(const at::Tensor& x_,
+    const at::Tensor& mask_, const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
+    int64_t correction, double eps, bool center, int64_t policy) {
+  check_rows(x_, mask_, policy);
+  const auto x = x_.contiguous(), mask = mask_.contiguous();
+  const auto acc = acc_type(x);
+  const auto weight = columns(weight_, x, acc, 1.0, "weight"), bias = columns(bias_, x, acc, 0.0, "bias");
+  const int64_t R = x.size(0), n = x.size(1);
+  auto y = at::empty_like(x);
+  auto mean = at::empty({R}, x.options().dtype(acc));
+  auto rstd = at::empty({R}, x.options().dtype(acc));
+  auto state = at::empty({R}, x.options().dtype(at::kChar));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_row_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    forward_masked_rows<scalar_t>(x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
+                                  weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>(),
+                                  y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+                                  rstd.mutable_data_ptr<acc_t>(), state.mutable_data_ptr<int8_t>(), R, n, correction,
+                                  eps, center, policy);
+  });
+  return {y, mean, rstd, state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_row_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
+    const at::Tensor& mask_, const at::Tensor& mean_, const at::Tensor& rstd_, const at::Tensor& state_,
+    const c10::optional<at::Tensor>& weight_, int64_t correction, bool center, int64_t policy) {
+  check_rows(x_, mask_, policy);
+  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.dtype() == x_.dtype(), "dy must match x, got ", dy_.sizes());
+  const int64_t R = x_.size(0), n = x_.size(1);
+  const auto acc = acc_type(x_);
+  TORCH_CHECK(mean_.numel() == R && rstd_.numel() == R && state_.numel() == R && mean_.scalar_type() == acc &&
+                  rstd_.scalar_type() == acc && state_.scalar_type() == at::kChar,
+              "mean, rstd and state need one value per row, as masked_row_norm returns them");
+  const auto dy = dy_.contiguous(), x = x_.contiguous(), mask = mask_.contiguous();
+  const auto mean = mean_.contiguous(), rstd = rstd_.contiguous(), state = state_.contiguous();
+  const auto weight = columns(weight_, x, acc, 1.0, "weight");
+  auto dx = at::empty_like(x);
+  auto slots = at::zeros({std::max<int64_t>(1, (R + kSamples - 1) / kSamples), 2, n}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_row_norm_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    backward_masked_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                   mask.const_data_ptr<bool>(), mean.const_data_ptr<acc_t>(),
+                                   rstd.const_data_ptr<acc_t>(), state.const_data_ptr<int8_t>(),
+                                   weight.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
+                                   slots.mutable_data_ptr<double>(), R, n, correction, center, policy);
+  });
+  const auto sums = slots.sum(0).to(acc);  // the blocks' slots added in order: no dependence on threads
+  return {dx, sums[0], sums[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(masknorm, m) {
   m.def("masked_group_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
         " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("masked_row_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
+        " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("masked_row_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor rstd, Tensor state,"
+        " Tensor? weight, int correction, bool center, int policy) -> (Tensor, Tensor, Tensor)");
   m.def("masked_group_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor rstd, Tensor state,"
         " Tensor? weight, int correction, bool center, int policy) -> (Tensor, Tensor, Tensor)");
 }
@@ -414,4 +603,6 @@ TORCH_LIBRARY_FRAGMENT(masknorm, m) {
 TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
   m.impl("masked_group_norm", &masked_group_norm);
   m.impl("masked_group_norm_backward", &masked_group_norm_backward);
+  m.impl("masked_row_norm", &masked_row_norm);
+  m.impl("masked_row_norm_backward", &masked_row_norm_backward);
 }
