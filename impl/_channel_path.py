@@ -103,21 +103,27 @@ def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction:
 
     def measure(values: torch.Tensor, mu: Optional[torch.Tensor] = None):
         mu, squares, off = _moments(values, sums, k, keep, mu)
+        return (mu, squares, off, *classify(mu, squares, off))
+
+    def classify(mu: torch.Tensor, squares: torch.Tensor, off: torch.Tensor):
         var64, redo = _out_of_range(mu, squares, nu, x.dtype, eps)
-        polluted, any_redo, off = torch.stack([~torch.isfinite(squares).all(), redo.any(), off]).tolist()
-        return mu, squares, var64, redo, polluted, any_redo, off
+        polluted, any_redo, any_off = torch.stack([~torch.isfinite(squares).all(), redo.any(), off.any()]).tolist()
+        return var64, redo, polluted, any_redo, any_off
 
     values = x
-    mu, squares, var64, redo, polluted, any_redo, off = measure(values)
+    mu, squares, off, var64, redo, polluted, any_redo, any_off = measure(values)
     if mask is not None and polluted:
         # A masked-out NaN, Inf or overflowing square reached a sum (0 * inf): again from the valid
         # values alone, which gives the very bits that finite padding gives.
         values, bound = where_or_zero(mask, x), math.inf
-        mu, squares, var64, redo, polluted, any_redo, off = measure(values)
-    for _ in range(3):  # long rows with a large mean: the first pass's mean was off, again around the corrected one
-        if not off:
+        mu, squares, off, var64, redo, polluted, any_redo, any_off = measure(values)
+    for _ in range(3):  # long rows with a large mean: the channels whose first mean was off, again around the corrected one
+        if not any_off:
             break
-        mu, squares, var64, redo, polluted, any_redo, off = measure(values, mu)
+        again, squares_again, off_again = _moments(values, sums, k, keep, mu)
+        mu, squares = torch.where(off.reshape(keep), again, mu), torch.where(off, squares_again, squares)
+        off = off & off_again
+        var64, redo, polluted, any_redo, any_off = classify(mu, squares, off)
 
     def placeholder(t: torch.Tensor, value: float) -> torch.Tensor:
         return torch.where(redo, value, t).to(x.dtype).reshape(keep)
@@ -147,16 +153,16 @@ def _moments(x: torch.Tensor, sums: _ValidSums, k: torch.Tensor, keep, mu1: Opti
 
     The first pass is a matrix product whose float32 running sums lose digits on long rows with a
     large mean (10^7 values near 1e4: mu1 off by several sigma); the second pass sums the small
-    deviations d and corrects both statistics. `off` (a bool tensor) says that mu1 was off by more
-    than sigma/2^10 in some channel, where S1^2/k may have cancelled digits of S2: the caller then
-    measures again around mu."""
+    deviations d and corrects both statistics. `off` ((C,) bool) flags the channels whose mu1 was off
+    by more than sigma/2^10, where S1^2/k may have cancelled digits of S2: the caller measures them
+    again around mu (and only them: a channel's bits depend on its own values alone)."""
     if mu1 is None:
         mu1 = (sums.of(x) / k).to(x.dtype).reshape(keep)
     d = x - mu1
     s1 = sums.of(d)
     shift = s1 / k
     m2 = (sums.of_nonnegative_(d.mul_(d)) - s1 * shift).clamp(min=0)
-    off = ((shift * shift) * 2.0**20 > m2 / k).any()
+    off = (shift * shift) * 2.0**20 > m2 / k
     return (mu1.reshape(-1).double() + shift).to(x.dtype).reshape(keep), m2, off
 
 

@@ -187,3 +187,16 @@ def test_padded_token_layer_and_rms_norm_take_the_fused_kernel(dtype, center):
 def _path_of(x, mask, weight, bias, center) -> str:
     """The name of the autograd node masked_norm's output comes from: the path it took."""
     return masked_norm(x.clone().requires_grad_(), mask, -1, weight=weight, bias=bias, center=center).grad_fn.name()
+
+
+def test_a_remeasured_channel_leaves_the_others_bitwise():
+    """A channel whose first mean is off (here [0, 0, 6.6e-34]: the matrix-product mean rounds away
+    from the tiny spread) is measured again around its corrected mean, alone: the other channel's
+    output keeps the bits it has when that channel holds zeros. (Found by the groups-independence
+    property: the second pass used to run for every channel.)"""
+    x = torch.tensor([[[0.0], [0.0]], [[0.0], [0.0]], [[1.0], [6.5792e-34]]])
+    x_other = x.clone()
+    x_other[:, 1] = 0
+    bias = torch.zeros(2, 1)
+    out, out_other = (masked_norm(t, None, (0, 2), eps=1e-5, bias=bias) for t in (x, x_other))
+    assert torch.equal(out[:, 0], out_other[:, 0])
