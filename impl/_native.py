@@ -124,6 +124,13 @@ def token_ops() -> Optional[object]:
     return _State.ops
 
 
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """token_ops() is not None; torch.compile calls it eagerly and takes the answer as a constant
+    (a build or a lock is nothing a tracer can follow)."""
+    return token_ops() is not None
+
+
 @contextlib.contextmanager
 def kernels(enabled: bool) -> Iterator[None]:
     """Within the block, use the fused kernel (if it builds) or torch's kernels only."""

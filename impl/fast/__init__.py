@@ -5,4 +5,6 @@ group: groups x positions with one validity flag per (sample, position): group a
 norm over (B, C, *spatial) with (B, *spatial) masks.
 channel: batch norm over every axis but the channels, any mask.
 token: layer norm over trailing axes with one validity flag per group (padded tokens).
+ops: the same computations as registered operators (torch.library.custom_op), which is how
+torch.compile reaches them (docs/DECISIONS.md, item 1).
 """
