@@ -1,6 +1,6 @@
 """The fused CPU kernels (kernels/*.cpp, one library), built on first use or by `masknorm build`.
 
-torch's own kernels need extra passes for padding (see _token_path); the token layer-norm kernel
+torch's own kernels need extra passes for padding (see fast.token); the token layer-norm kernel
 normalizes a valid row, copies a padded one and sums the weight and bias gradients over valid rows,
 in one pass over memory each way. torch.utils.cpp_extension compiles every kernels/*.cpp into one
 library the first time a CPU layer norm needs it (with a C++ compiler, ninja and setuptools: the
@@ -122,6 +122,13 @@ def token_ops() -> Optional[object]:
     if _State.ops is None and wanted == "required":
         raise _required_error()
     return _State.ops
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """token_ops() is not None; torch.compile calls it eagerly and takes the answer as a constant
+    (a build or a lock is nothing a tracer can follow)."""
+    return token_ops() is not None
 
 
 @contextlib.contextmanager

@@ -6,12 +6,11 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from masknorm import _channel_path, _token_path
 from torch._subclasses.fake_tensor import is_fake
 
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
 from masknorm._contract import check_args
-from masknorm.fast import group as fast_group
+from masknorm.fast import channel as fast_channel, group as fast_group, ops as fast_ops, token as fast_token
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -109,18 +108,20 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked) -> T
     if x.numel() == 0:  # no group has a position (or there is no group): nothing to normalize
         return _empty(x, weight, bias), None
     if _eager_on_data(x):
-        if _token_path.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
-            out = _token_path.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
-                                                       args.masked)
+        if fast_token.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
+            out = fast_token.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
+                                                          args.masked)
             return out, None
-        if _channel_path.applies(x, weight, bias, args.dims, args.eps, args.center):
-            out, *moments = _channel_path.ChannelNormFunction.apply(
+        if fast_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
+            out, *moments = fast_channel.ChannelNormFunction.apply(
                 x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
             )
             return out, tuple(moments)
         if (lay := fast_group.layout(x, mask, weight, bias, args.dims)) is not None:
             return fast_group.GroupNormFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
                                                       args.center, args.masked), None
+    elif _compiling_with_ops(x) and (routed := fast_ops.traced(x, mask, weight, bias, args)) is not None:
+        return routed
     function = MaskedNormFunction if torch.compiler.is_compiling() else MaskedNormFunctionWithJvp
     out, *_stats = function.apply(
         x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked
@@ -137,6 +138,18 @@ def _eager_on_data(x: torch.Tensor) -> bool:
         or torch._C._are_functorch_transforms_active()
         or x.device.type == "meta"
         or is_fake(x)
+    )
+
+
+def _compiling_with_ops(x: torch.Tensor) -> bool:
+    """True where torch.compile traces (not torch.export: export and ONNX keep the general path's
+    aten ops) with no torch.func transform, on CPU: there the fast paths are reached as registered
+    operators (fast.ops), which the tracer sees as one opaque call each."""
+    return (
+        torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and not torch._C._are_functorch_transforms_active()
+        and x.device.type == "cpu"
     )
 
 

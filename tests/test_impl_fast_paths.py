@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import masknorm.reference as ref
 from masknorm import _native, masked_norm
-from masknorm._channel_path import _statistics
-from masknorm._token_path import PaddedRows
+from masknorm.fast.channel import _statistics
+from masknorm.fast.token import PaddedRows
 
 
 def _output_and_grads(x, mask, dim, weight, bias, g, **kwargs):

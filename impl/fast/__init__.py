@@ -1,5 +1,10 @@
-"""Fast paths that run one fused kernel family (impl/kernels/, built by masknorm._native).
+"""The fast paths: fused kernels (impl/kernels/, built by masknorm._native) and host-synced range
+checks, for the layouts where they apply. functional._normalize reaches each in one hop.
 
 group: groups x positions with one validity flag per (sample, position): group and instance
 norm over (B, C, *spatial) with (B, *spatial) masks.
+channel: batch norm over every axis but the channels, any mask.
+token: layer norm over trailing axes with one validity flag per group (padded tokens).
+ops: the same computations as registered operators (torch.library.custom_op), which is how
+torch.compile reaches them (docs/DECISIONS.md, item 1).
 """

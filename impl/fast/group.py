@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from masknorm import _native
 from masknorm._autograd import (
     _cast, compute_dtype, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups,
 )
-from masknorm._stats import GroupStats, where_or_zero
+from masknorm._stats import GroupStats, group_stats, where_or_zero
 
 _POLICY = {"normalize": 0, "keep": 1, "zero": 2}
 _DEGENERATE, _REDO = 1, 2  # the kernel's group states (0: fused)
@@ -49,6 +49,14 @@ class Layout:
         shape = self.shape
         return (math.prod(shape[: self.s]), math.prod(shape[self.s: self.r]), math.prod(shape[self.r: self.q]),
                 math.prod(shape[self.q:]))
+
+    def spec(self) -> List[int]:
+        """The layout as the integers an operator takes (fast.ops); of_spec reads them back."""
+        return [self.s, self.r, self.q, int(isinstance(self, RowLayout))]
+
+    def dims(self) -> tuple:
+        """The reduced axes."""
+        return tuple(range(self.r, len(self.shape)))
 
     def keepdim(self) -> tuple:
         return (*self.shape[: self.r], *[1] * (len(self.shape) - self.r))
@@ -112,6 +120,12 @@ class RowLayout(Layout):
         return gx.view(x.shape), gw, gb
 
 
+def of_spec(spec: Sequence[int], shape: torch.Size) -> Layout:
+    """The Layout whose spec() is `spec`, for x of `shape`."""
+    s, r, q, rows = spec
+    return (RowLayout if rows else Layout)(s, r, q, shape)
+
+
 def layout(
     x: torch.Tensor,
     mask: Optional[torch.Tensor],
@@ -139,9 +153,10 @@ def layout(
     if mask is None:
         s, q = min(r, first), max(r, last + 1)
     else:
-        s = max((i + 1 for i in range(r) if mask.shape[i] != 1), default=0)
-        q = next((j for j in range(r, nd) if mask.shape[j] != 1), nd)
-    if _native.token_ops() is None:
+        # lists, not max(..., default=) or next(...): torch.compile traces this (fast.ops)
+        s = max([0] + [i + 1 for i in range(r) if mask.shape[i] != 1])
+        q = min([nd] + [j for j in range(r, nd) if mask.shape[j] != 1])
+    if not _native.available():
         return None
     if first >= s and last < q and not math.prod(x.shape[q:]) == 1 < math.prod(x.shape[r:q]):
         return Layout(s, r, q, x.shape)
@@ -159,6 +174,51 @@ def _group_stats(lay: Layout, m2, mean, rstd, state, correction: int, dtype: tor
     return GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k - correction, (state == _DEGENERATE).reshape(keep))
 
 
+def fused_forward(x, mask, weight, bias, lay: Layout, correction: int, eps: float, center: bool, masked: str):
+    """(out, m2, mean, rstd, state, redone): the kernel's output with the groups it flags redone from
+    the general statistics (one host sync); redone is () or (redo, *GroupStats) of those groups."""
+    m2 = lay.mask2(mask)
+    out, mean, rstd, state = lay.kernel(x, m2, weight, bias, correction, eps, center, _POLICY[masked])
+    redone = ()
+    if int(state.max()) == _REDO:  # the one host sync
+        ct = compute_dtype(x.dtype)
+        st = _group_stats(lay, m2, mean, rstd, state, correction, ct)
+        redo = (state == _REDO).reshape(lay.keepdim())
+        out, st = redo_groups(out.to(ct), st, redo, x.to(ct), mask, _cast(weight, ct), _cast(bias, ct), lay.dims(),
+                              correction, eps, masked, center)
+        out, redone = out.to(x.dtype), (redo, *st)
+    return out, m2, mean, rstd, state, redone
+
+
+def redone_stats(x, mask, lay: Layout, m2, mean, rstd, state, correction: int, eps: float, center: bool) -> tuple:
+    """fused_forward's `redone` again from its outputs, without keeping it: () unless the kernel
+    flagged a group (a host sync), else the same (redo, *GroupStats) (group_stats is deterministic)."""
+    if int(state.max()) != _REDO:
+        return ()
+    ct = compute_dtype(x.dtype)
+    redo = (state == _REDO).reshape(lay.keepdim())
+    fused = _group_stats(lay, m2, mean, rstd, state, correction, ct)
+    general = group_stats(x.to(ct), mask, lay.dims(), correction, eps, center)
+    return (redo, *(torch.where(redo, g, f) for g, f in zip(general, fused)))
+
+
+def fused_backward(g_out, x, mask, weight, bias_shape, lay: Layout, m2, mean, rstd, state, redone, correction: int,
+                   center: bool, masked: str, want_w: bool, want_b: bool):
+    """(grad x, grad weight, grad bias) from the kernel's closed-form VJP, the redone groups' terms
+    from their general statistics; the parameter gradients are None unless wanted."""
+    gx, gw, gb = lay.kernel_backward(g_out, x, m2, mean, rstd, state, weight, correction, center, _POLICY[masked])
+    gw_r, gb_r = None, None
+    if redone:  # the redone groups' terms, from the general statistics
+        redo, *st = redone
+        ct = compute_dtype(x.dtype)
+        gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out.to(ct)), x.to(ct), mask, _cast(weight, ct),
+                                           GroupStats(*st), lay.dims(), center, masked, want_w, want_b)
+        gx = torch.where(redo, gx_r, gx).to(x.dtype)
+    gw = lay.parameter_grad(gw, gw_r, weight.shape, weight.dtype) if want_w else None
+    gb = lay.parameter_grad(gb, gb_r, *bias_shape) if want_b else None
+    return gx, gw, gb
+
+
 class GroupNormFunction(torch.autograd.Function):
     """masked_norm on the fused group kernel; see masknorm.masked_norm for the contract.
 
@@ -167,16 +227,7 @@ class GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, lay, dims, correction, eps, center, masked):
-        m2 = lay.mask2(mask)
-        out, mean, rstd, state = lay.kernel(x, m2, weight, bias, correction, eps, center, _POLICY[masked])
-        redone = ()
-        if int(state.max()) == _REDO:  # the one host sync
-            ct = compute_dtype(x.dtype)
-            st = _group_stats(lay, m2, mean, rstd, state, correction, ct)
-            redo = (state == _REDO).reshape(lay.keepdim())
-            out, st = redo_groups(out.to(ct), st, redo, x.to(ct), mask, _cast(weight, ct), _cast(bias, ct), dims,
-                                  correction, eps, masked, center)
-            out, redone = out.to(x.dtype), (redo, *st)
+        out, m2, mean, rstd, state, redone = fused_forward(x, mask, weight, bias, lay, correction, eps, center, masked)
         ctx.lay = lay
         ctx.config = (dims, correction, eps, center, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
@@ -193,17 +244,8 @@ class GroupNormFunction(torch.autograd.Function):
         if needs_general_backward(g_out):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, *nones
-        gx, gw, gb = ctx.lay.kernel_backward(g_out, x, m2, mean, rstd, state, weight, correction, center,
-                                             _POLICY[masked])
-        gw_r, gb_r = None, None
-        if redone:  # the redone groups' terms, from the general statistics
-            redo, *st = redone
-            ct = compute_dtype(x.dtype)
-            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out.to(ct)), x.to(ct), mask, _cast(weight, ct),
-                                               GroupStats(*st), dims, center, masked, want[2], want[3])
-            gx = torch.where(redo, gx_r, gx).to(x.dtype)
-        gw = ctx.lay.parameter_grad(gw, gw_r, weight.shape, weight.dtype) if want[2] else None
-        gb = ctx.lay.parameter_grad(gb, gb_r, *ctx.bias_shape) if want[3] else None
+        gx, gw, gb = fused_backward(g_out, x, mask, weight, ctx.bias_shape, ctx.lay, m2, mean, rstd, state, redone,
+                                    correction, center, masked, want[2], want[3])
         return (gx if want[0] else None), None, gw, gb, *nones
 
     @staticmethod

@@ -546,9 +546,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_row_norm(const
   const auto weight = columns(weight_, x, acc, 1.0, "weight"), bias = columns(bias_, x, acc, 0.0, "bias");
   const int64_t R = x.size(0), n = x.size(1);
   auto y = at::empty_like(x);
-  auto mean = at::empty({R}, x.options().dtype(acc));
-  auto rstd = at::empty({R}, x.options().dtype(acc));
-  auto state = at::empty({R}, x.options().dtype(at::kChar));
+  auto mean = at::empty({R, 1}, x.options().dtype(acc));  // (B, G) = (R, 1), as the group kernel's
+  auto rstd = at::empty({R, 1}, x.options().dtype(acc));
+  auto state = at::empty({R, 1}, x.options().dtype(at::kChar));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_row_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_masked_rows<scalar_t>(x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),

@@ -28,7 +28,7 @@ import torch
 from masknorm._autograd import (
     compose, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups, regions,
 )
-from masknorm._stats import GroupStats, valid_count, where_or_zero
+from masknorm._stats import GroupStats, group_stats, valid_count, where_or_zero
 
 
 def applies(
@@ -166,6 +166,55 @@ def _moments(x: torch.Tensor, sums: _ValidSums, k: torch.Tensor, keep, mu1: Opti
     return (mu1.reshape(-1).double() + shift).to(x.dtype).reshape(keep), m2, off
 
 
+def fused_forward(x, mask, weight, bias, dims, correction: int, eps: float, masked: str):
+    """(out, var, stats, padding bound, redo, moments) as _statistics names them, with the output
+    of the redone channels and their statistics from the general path."""
+    var, st, bound, redo, moments = _statistics(x, mask, dims, correction, eps)
+    w = None if weight is None else weight.flatten()
+    b = None if bias is None else bias.flatten()
+    out = torch.batch_norm(x, w, b, st.shift_scaled.flatten(), var.flatten(), False, 0.0, eps, False)
+    if mask is not None and masked != "normalize":
+        P, passthrough = regions(mask, st.degenerate, masked)
+        out = compose(out, x, P, passthrough, masked)
+    if redo is not None:
+        out, st = redo_groups(out, st, redo, x, mask, weight, bias, dims, correction, eps, masked)
+    return out, var, st, bound, redo, moments
+
+
+def stats_again(x, mask, dims, correction: int, eps: float, shift, inv_s, redo) -> GroupStats:
+    """fused_forward's stats from its (shift, inv_s, redo) without keeping the rest: the placeholder
+    form, with the redone channels' general statistics (group_stats is deterministic: the same bits)."""
+    keep = shift.shape
+    k = valid_count(mask, x.shape, dims, torch.float64).to(x.device).expand(keep)
+    st = GroupStats(torch.ones_like(shift), shift, inv_s, inv_s, k.to(x.dtype), (k - correction).to(x.dtype),
+                    torch.zeros(keep, dtype=torch.bool, device=x.device))
+    if redo is None:
+        return st
+    general = group_stats(x, mask, dims, correction, eps, True)
+    return GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
+
+
+def fused_backward(g_out, x, mask, weight, bias_shape, var, padding_bound: float, st: GroupStats, redo, config,
+                   want_w: bool, want_b: bool):
+    """(grad x, grad weight, grad bias) from torch's batch-norm backward sums and the closed form,
+    the redone channels' terms from their general statistics."""
+    dims, masked = config[0], config[4]
+    args = (g_out, x, mask, weight, var, padding_bound, st, redo, config)
+    grads = _fused_vjp(*args, sanitize=False)
+    if grads is None:
+        grads = _fused_vjp(*args, sanitize=True)
+    gx, gw, gb = grads
+    if redo is not None:
+        gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
+                                           want_w, want_b)
+        gx = torch.where(redo, gx_r, gx)
+        gw = None if gw_r is None else torch.where(redo, gw_r.sum(dims, keepdim=True), gw)
+        gb = None if gb_r is None else torch.where(redo, gb_r.sum(dims, keepdim=True), gb)
+    gw = gw.reshape(weight.shape) if want_w else None
+    gb = gb.reshape(bias_shape[0]) if want_b else None
+    return gx, gw, gb
+
+
 class ChannelNormFunction(torch.autograd.Function):
     """The fused-kernel twin of MaskedNormFunction for the batch-norm layout; returns the output and
     the batch's per-channel (mean, unbiased variance, valid count), the latter not differentiable.
@@ -176,15 +225,8 @@ class ChannelNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, dims, correction, eps, masked):
-        var, st, ctx.padding_bound, redo, moments = _statistics(x, mask, dims, correction, eps)
-        w = None if weight is None else weight.flatten()
-        b = None if bias is None else bias.flatten()
-        out = torch.batch_norm(x, w, b, st.shift_scaled.flatten(), var.flatten(), False, 0.0, eps, False)
-        if mask is not None and masked != "normalize":
-            P, passthrough = regions(mask, st.degenerate, masked)
-            out = compose(out, x, P, passthrough, masked)
-        if redo is not None:
-            out, st = redo_groups(out, st, redo, x, mask, weight, bias, dims, correction, eps, masked)
+        out, var, st, ctx.padding_bound, redo, moments = fused_forward(x, mask, weight, bias, dims, correction, eps,
+                                                                       masked)
         ctx.config = (tuple(dims), correction, eps, True, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, mask, weight, var, redo, *st)
@@ -195,25 +237,12 @@ class ChannelNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out, *_moments_grads):
         x, mask, weight, var, redo, *saved = ctx.saved_tensors
-        dims, masked = ctx.config[0], ctx.config[4]
         want = ctx.needs_input_grad
         if needs_general_backward(g_out):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, None, None, None, None
-        st = GroupStats(*saved)
-        args = (g_out, x, mask, weight, var, ctx.padding_bound, st, redo, ctx.config)
-        grads = _fused_vjp(*args, sanitize=False)
-        if grads is None:
-            grads = _fused_vjp(*args, sanitize=True)
-        gx, gw, gb = grads
-        if redo is not None:
-            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
-                                               want[2], want[3])
-            gx = torch.where(redo, gx_r, gx)
-            gw = None if gw_r is None else torch.where(redo, gw_r.sum(dims, keepdim=True), gw)
-            gb = None if gb_r is None else torch.where(redo, gb_r.sum(dims, keepdim=True), gb)
-        gw = gw.reshape(weight.shape) if want[2] else None
-        gb = gb.reshape(ctx.bias_shape[0]) if want[3] else None
+        gx, gw, gb = fused_backward(g_out, x, mask, weight, ctx.bias_shape, var, ctx.padding_bound, GroupStats(*saved),
+                                    redo, ctx.config, want[2], want[3])
         return (gx if want[0] else None), None, gw, gb, None, None, None, None
 
     @staticmethod

@@ -32,7 +32,7 @@ from masknorm._autograd import (
     _cast, compose, compute_dtype, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups,
     regions,
 )
-from masknorm._stats import GroupStats, where_or_zero
+from masknorm._stats import GroupStats, group_stats, where_or_zero
 
 # rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64.
 _SAFE_RSTD = (2.0**-40, 2.0**40)
@@ -57,7 +57,7 @@ def applies(
         and tuple(dims) == tuple(range(nd - len(dims), nd))
         and (mask is None or all(mask.shape[d] == 1 for d in dims))
         and all(t is None or (tuple(t.shape) == nshape and t.dtype == x.dtype) for t in (weight, bias))
-        and ((center and x.dtype in (torch.float32, torch.float64)) or _kernel(x) is not None)
+        and ((center and x.dtype in (torch.float32, torch.float64)) or (x.device.type == "cpu" and _native.available()))
     )
 
 
@@ -124,23 +124,36 @@ def _forward(xc, mask, weight, bias, ndims, eps, center, masked):
     own NaNs stay in its row, which is then overwritten with x (or 0 under "zero"), not by a
     full-size where.
     """
-    nshape = tuple(xc.shape[xc.dim() - ndims:])
-    keepdim = (*xc.shape[: xc.dim() - ndims], *[1] * ndims)
-    valid = torch.ones(keepdim, dtype=torch.bool, device=xc.device) if mask is None else mask.expand(keepdim)
-    kernel = _kernel(xc)
-    padded = None
+    valid = _valid(xc, mask, ndims)
+    kernel, padded = kernel_and_padding(xc, mask, ndims)
     if kernel is not None:
         y2, mean, rstd = kernel.token_layer_norm(_rows(xc, ndims), valid.reshape(-1), _flat(weight), _flat(bias), eps,
                                                  center, masked == "zero")
-        y, mean, rstd = y2.view(xc.shape), mean.view(keepdim), rstd.view(keepdim)
+        y, mean, rstd = y2.view(xc.shape), mean.view(valid.shape), rstd.view(valid.shape)
     else:
-        y, mean, rstd = torch.native_layer_norm(xc, nshape, weight, bias, eps)
-        padded = PaddedRows(valid.reshape(-1))
+        y, mean, rstd = torch.native_layer_norm(xc, tuple(xc.shape[xc.dim() - ndims:]), weight, bias, eps)
         if padded.any():
             _overwrite_padded(_rows(y, ndims), _rows(xc, ndims), padded, masked)
-    k = valid.to(mean.dtype) * float(math.prod(nshape))
-    st = GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k, ~valid)
-    return y, st, padded, kernel
+    return y, _stats(xc, mask, ndims, mean, rstd), padded, kernel
+
+
+def _stats(x, mask, ndims: int, mean, rstd) -> GroupStats:
+    """The GroupStats of a fused layer norm's (mean, rstd): a padded group is degenerate."""
+    valid = _valid(x, mask, ndims)
+    k = valid.to(mean.dtype) * float(math.prod(x.shape[x.dim() - ndims:]))
+    return GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k, ~valid)
+
+
+def _valid(x: torch.Tensor, mask: Optional[torch.Tensor], ndims: int) -> torch.Tensor:
+    """Each group's validity flag, keepdim shape."""
+    keepdim = (*x.shape[: x.dim() - ndims], *[1] * ndims)
+    return torch.ones(keepdim, dtype=torch.bool, device=x.device) if mask is None else mask.expand(keepdim)
+
+
+def kernel_and_padding(x: torch.Tensor, mask: Optional[torch.Tensor], ndims: int):
+    """(the fused CPU kernel, None), or (None, the padded rows) where torch's kernels do the work."""
+    kernel = _kernel(x)
+    return kernel, (None if kernel is not None else PaddedRows(_valid(x, mask, ndims).reshape(-1)))
 
 
 def _flat(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -246,6 +259,56 @@ def _inaccurate(st: GroupStats) -> torch.Tensor:
     return ~st.degenerate & ~in_range
 
 
+def fused_forward(x, mask, weight, bias, ndims: int, eps: float, center: bool, masked: str):
+    """(out, stats, padded rows or None, kernel or None, redo or None): _forward with the groups
+    where the fused kernel is inaccurate redone from the general statistics (one host sync), in
+    x's computation dtype (float32 for float16/bfloat16)."""
+    out, st, padded, kernel = _forward(x, mask, weight, bias, ndims, eps, center, masked)
+    redo = _inaccurate(st)
+    if bool(redo.any()):
+        dims = tuple(range(x.dim() - ndims, x.dim()))
+        ct = compute_dtype(x.dtype)
+        out, st = redo_groups(out.to(ct), st, redo, x.to(ct), mask, _cast(weight, ct), _cast(bias, ct), dims, 0, eps,
+                              masked, center)
+        out = out.to(x.dtype)
+    else:
+        redo = None
+    return out, st, padded, kernel, redo
+
+
+def stats_again(x, mask, ndims: int, eps: float, center: bool, mean, rstd, redo) -> GroupStats:
+    """fused_forward's stats from its (mean, rstd, redo) without keeping the rest, as _forward
+    forms them, with the redone groups' general statistics (deterministic: the same bits)."""
+    st = _stats(x, mask, ndims, mean, rstd)
+    if redo is None:
+        return st
+    general = group_stats(x.to(compute_dtype(x.dtype)), mask, tuple(range(x.dim() - ndims, x.dim())), 0, eps, center)
+    return GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
+
+
+def fused_backward(g_out, x, mask, weight, bias_shape, st: GroupStats, redo, padded, kernel, dims, center: bool,
+                   masked: str, want):
+    """(grad x, grad weight, grad bias) on the forward's kernel (or torch's kernels), the redone
+    groups' terms from their general statistics; want: needs_input_grad of (x, mask, weight, bias)."""
+    if kernel is not None:
+        fused = ~st.degenerate if redo is None else ~(st.degenerate | redo)
+        gx, gw, gb = _kernel_backward(kernel, g_out, x, weight, st, fused, len(dims), center, masked, want)
+    elif redo is None:
+        gx, gw, gb = _torch_backward(g_out, x, weight, st, padded, len(dims), masked, want)
+    else:
+        gx, gw, gb = _torch_backward_around(redo, g_out, x, mask, weight, st, dims, masked, want)
+    if redo is not None:
+        ct = compute_dtype(x.dtype)
+        gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out.to(ct)), x.to(ct), mask, _cast(weight, ct), st,
+                                           dims, center, masked, want[2], want[3])
+        gx = torch.where(redo, gx_r, gx).to(x.dtype)
+        gw = None if gw is None else gw + gw_r.sum_to_size(gw.shape).to(gw.dtype)
+        gb = None if gb is None else gb + gb_r.sum_to_size(gb.shape).to(gb.dtype)
+    gw = None if gw is None else gw.reshape(weight.shape)
+    gb = None if gb is None else gb.reshape(bias_shape[0])
+    return gx, gw, gb
+
+
 class TokenLayerNormFunction(torch.autograd.Function):
     """The fused-kernel twin of MaskedNormFunction.
 
@@ -257,17 +320,8 @@ class TokenLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, ndims, eps, center, masked):
-        dims = tuple(range(x.dim() - ndims, x.dim()))
-        out, st, ctx.padded, ctx.kernel = _forward(x, mask, weight, bias, ndims, eps, center, masked)
-        redo = _inaccurate(st)
-        if bool(redo.any()):
-            ct = compute_dtype(x.dtype)
-            out, st = redo_groups(out.to(ct), st, redo, x.to(ct), mask, _cast(weight, ct), _cast(bias, ct), dims, 0,
-                                  eps, masked, center)
-            out = out.to(x.dtype)
-        else:
-            redo = None
-        ctx.config = (dims, 0, eps, center, masked)
+        out, st, ctx.padded, ctx.kernel, redo = fused_forward(x, mask, weight, bias, ndims, eps, center, masked)
+        ctx.config = (tuple(range(x.dim() - ndims, x.dim())), 0, eps, center, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         ctx.save_for_backward(x, mask, weight, redo, *st)
         ctx.save_for_forward(x, mask, weight, *st)
@@ -282,23 +336,8 @@ class TokenLayerNormFunction(torch.autograd.Function):
         if needs_general_backward(g_out):
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, *nones
-        st = GroupStats(*saved)
-        if ctx.kernel is not None:
-            fused = ~st.degenerate if redo is None else ~(st.degenerate | redo)
-            gx, gw, gb = _kernel_backward(ctx.kernel, g_out, x, weight, st, fused, len(dims), center, masked, want)
-        elif redo is None:
-            gx, gw, gb = _torch_backward(g_out, x, weight, st, ctx.padded, len(dims), masked, want)
-        else:
-            gx, gw, gb = _torch_backward_around(redo, g_out, x, mask, weight, st, dims, masked, want)
-        if redo is not None:
-            ct = compute_dtype(x.dtype)
-            gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out.to(ct)), x.to(ct), mask, _cast(weight, ct), st,
-                                               dims, center, masked, want[2], want[3])
-            gx = torch.where(redo, gx_r, gx).to(x.dtype)
-            gw = None if gw is None else gw + gw_r.sum_to_size(gw.shape).to(gw.dtype)
-            gb = None if gb is None else gb + gb_r.sum_to_size(gb.shape).to(gb.dtype)
-        gw = None if gw is None else gw.reshape(weight.shape)
-        gb = None if gb is None else gb.reshape(ctx.bias_shape[0])
+        gx, gw, gb = fused_backward(g_out, x, mask, weight, ctx.bias_shape, GroupStats(*saved), redo, ctx.padded,
+                                    ctx.kernel, dims, center, masked, want)
         return (gx if want[0] else None), None, gw, gb, *nones
 
     @staticmethod

@@ -1,0 +1,211 @@
+"""The fast paths as registered operators: how torch.compile reaches the fused kernels.
+
+Each fast path is a `torch.library.custom_op` in the masknorm namespace with a fake kernel (output
+shapes from input shapes only, symbolic sizes welcome) and a registered autograd formula whose
+backward is another custom op. A tracer sees one opaque call; the implementation runs eagerly on
+real tensors, so the host-synced range checks (groups redone with the general statistics) stay
+inside it. Results are those of the eager fast path, bit for bit: both call the same functions.
+
+    masknorm::group_norm(x, mask, weight, bias, layout, ...) -> (out, mean, rstd, state)   fast.group
+    masknorm::channel_norm(x, mask, weight, bias, ...) -> (out, 3 moments, 5 for backward)  fast.channel
+    masknorm::padded_layer_norm(x, mask, weight, bias, ndims, ...) -> (out, mean, rstd, redo)  fast.token (layer, RMS)
+    masknorm::<each>_backward(g_out, x, mask, weight, bias, <what the forward saved>, ...) -> (gx, gw, gb)
+
+The backward recomputes the redone groups' general statistics from x (a rare case) rather than
+receiving them, so every output has a shape fixed by the inputs' shapes. A parameter gradient
+that is not wanted comes back empty. The names differ from the C++ kernels' (masknorm::
+masked_group_norm, token_layer_norm): a second definition of a name aborts the process when the
+kernel library loads. Double backward and forward-mode AD through these operators raise
+(no formula is registered for the backward operator, nor a jvp): never a wrong answer.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from masknorm._autograd import compute_dtype
+from masknorm._contract import NormArgs
+from masknorm.fast import channel as fast_channel, group as fast_group, token as fast_token
+
+
+def _register(op, backward_op, saved_from: int) -> None:
+    """op's autograd formula and backward_op's fake kernel. backward_op takes (g_out, x, mask,
+    weight, bias, op's outputs from saved_from on, op's other arguments, want_w, want_b) and returns
+    (grad x, grad weight or empty, grad bias or empty); op's outputs after the first are not
+    differentiable."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.config = inputs[4:]
+        ctx.save_for_backward(*inputs[:4], *output[saved_from:])
+        ctx.mark_non_differentiable(*output[1:])
+
+    def backward(ctx, g_out, *_other_grads):
+        x, mask, weight, bias, *saved = ctx.saved_tensors
+        want = ctx.needs_input_grad
+        gx, gw, gb = backward_op(g_out, x, mask, weight, bias, *saved, *ctx.config, want[2], want[3])
+        return ((gx if want[0] else None), None, (gw if want[2] else None), (gb if want[3] else None),
+                *(None,) * len(ctx.config))
+
+    op.register_autograd(backward, setup_context=setup_context)
+    backward_op.register_fake(_grads_fake)
+
+
+def _grads_fake(g_out, x, mask, weight, bias, *rest):
+    """The backward operators' outputs: grad x, and each parameter's gradient if wanted, else empty."""
+    want_w, want_b = rest[-2:]
+    return x.new_empty(x.shape), _fake_grad(weight, want_w, x), _fake_grad(bias, want_b, x)
+
+
+def _fake_grad(param: Optional[Tensor], wanted: bool, x: Tensor) -> Tensor:
+    return param.new_empty(param.shape) if wanted and param is not None else x.new_empty(0)
+
+
+def _or_empty(grad: Optional[Tensor], x: Tensor) -> Tensor:
+    """grad as an output of its own (the fast paths may return the weight and bias gradients as
+    views of one tensor, which an operator's outputs must not be), or empty."""
+    return x.new_empty(0) if grad is None else grad.clone()
+
+
+@torch.library.custom_op("masknorm::group_norm", mutates_args=())
+def group_norm(
+    x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], layout: List[int],
+    correction: int, eps: float, center: bool, masked: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """fast.group's forward on x viewed by Layout(*layout): (out, per-group mean, rstd, state)."""
+    lay = fast_group.of_spec(layout, x.shape)
+    out, _, mean, rstd, state, _ = fast_group.fused_forward(x, mask, weight, bias, lay, correction, eps, center, masked)
+    return out.contiguous(), mean, rstd, state
+
+
+@group_norm.register_fake
+def _group_norm_fake(x, mask, weight, bias, layout, correction, eps, center, masked):
+    B, G, _, _ = fast_group.of_spec(layout, x.shape).sizes()
+    acc = compute_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty((B, G), dtype=acc), x.new_empty((B, G), dtype=acc),
+            x.new_empty((B, G), dtype=torch.int8))
+
+
+@torch.library.custom_op("masknorm::group_norm_backward", mutates_args=())
+def group_norm_backward(
+    g_out: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+    rstd: Tensor, state: Tensor, layout: List[int], correction: int, eps: float, center: bool, masked: str,
+    want_w: bool, want_b: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """fast.group's backward: (grad x, grad weight or empty, grad bias or empty)."""
+    lay = fast_group.of_spec(layout, x.shape)
+    m2 = lay.mask2(mask)
+    redone = fast_group.redone_stats(x, mask, lay, m2, mean, rstd, state, correction, eps, center)
+    bias_shape = None if bias is None else (bias.shape, bias.dtype)
+    gx, gw, gb = fast_group.fused_backward(g_out, x, mask, weight, bias_shape, lay, m2, mean, rstd, state, redone,
+                                           correction, center, masked, want_w, want_b)
+    return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
+
+
+_register(group_norm, group_norm_backward, saved_from=1)
+
+
+@torch.library.custom_op("masknorm::channel_norm", mutates_args=())
+def channel_norm(
+    x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], correction: int, eps: float,
+    masked: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """fast.channel's forward: (out, the batch's mean, unbiased variance and count per channel, then
+    what the backward needs: var, shift, inv_s, the redone channels (all False if none) and the
+    padding bound (0-d float64))."""
+    dims = _channel_dims(x)
+    out, var, st, bound, redo, moments = fast_channel.fused_forward(x, mask, weight, bias, dims, correction, eps,
+                                                                    masked)
+    redo = torch.zeros_like(st.degenerate) if redo is None else redo
+    return (out.contiguous(), *moments, var, st.shift_scaled.clone(), st.inv_s.clone(), redo,
+            torch.tensor(bound, dtype=torch.float64))
+
+
+@channel_norm.register_fake
+def _channel_norm_fake(x, mask, weight, bias, correction, eps, masked):
+    keep = [1] * x.dim()
+    keep[1] = x.shape[1]
+    per_channel = [x.new_empty(keep) for _ in range(6)]
+    return (x.new_empty(x.shape), *per_channel, x.new_empty(keep, dtype=torch.bool),
+            x.new_empty((), dtype=torch.float64))
+
+
+@torch.library.custom_op("masknorm::channel_norm_backward", mutates_args=())
+def channel_norm_backward(
+    g_out: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], var: Tensor,
+    shift: Tensor, inv_s: Tensor, redo: Tensor, bound: Tensor, correction: int, eps: float, masked: str,
+    want_w: bool, want_b: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """fast.channel's backward: (grad x, grad weight or empty, grad bias or empty)."""
+    dims = _channel_dims(x)
+    redo = redo if bool(redo.any()) else None
+    st = fast_channel.stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
+    bias_shape = None if bias is None else (bias.shape, bias.dtype)
+    gx, gw, gb = fast_channel.fused_backward(g_out, x, mask, weight, bias_shape, var, float(bound), st, redo,
+                                             (dims, correction, eps, True, masked), want_w, want_b)
+    return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
+
+
+_register(channel_norm, channel_norm_backward, saved_from=4)
+
+
+def _channel_dims(x: Tensor) -> Tuple[int, ...]:
+    return tuple(d for d in range(x.dim()) if d != 1)
+
+
+@torch.library.custom_op("masknorm::padded_layer_norm", mutates_args=())
+def padded_layer_norm(
+    x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], ndims: int, eps: float,
+    center: bool, masked: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """fast.token's forward over the last ndims axes: (out, per-group mean, rstd, the redone groups
+    (all False if none)), the statistics in keepdim shape and x's computation dtype."""
+    out, st, _, _, redo = fast_token.fused_forward(x, mask, weight, bias, ndims, eps, center, masked)
+    redo = torch.zeros_like(st.degenerate) if redo is None else redo
+    return out.contiguous(), st.shift_scaled.clone(), st.inv_s.clone(), redo
+
+
+@padded_layer_norm.register_fake
+def _padded_layer_norm_fake(x, mask, weight, bias, ndims, eps, center, masked):
+    keep = (*x.shape[: x.dim() - ndims], *[1] * ndims)
+    acc = compute_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty(keep, dtype=acc), x.new_empty(keep, dtype=acc),
+            x.new_empty(keep, dtype=torch.bool))
+
+
+@torch.library.custom_op("masknorm::padded_layer_norm_backward", mutates_args=())
+def padded_layer_norm_backward(
+    g_out: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+    rstd: Tensor, redo: Tensor, ndims: int, eps: float, center: bool, masked: str, want_w: bool, want_b: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """fast.token's backward: (grad x, grad weight or empty, grad bias or empty)."""
+    redo = redo if bool(redo.any()) else None
+    st = fast_token.stats_again(x, mask, ndims, eps, center, mean, rstd, redo)
+    kernel, padded = fast_token.kernel_and_padding(x, mask, ndims)
+    bias_shape = None if bias is None else (bias.shape, bias.dtype)
+    gx, gw, gb = fast_token.fused_backward(g_out, x, mask, weight, bias_shape, st, redo, padded, kernel,
+                                           tuple(range(x.dim() - ndims, x.dim())), center, masked,
+                                           (True, False, want_w, want_b))
+    return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
+
+
+_register(padded_layer_norm, padded_layer_norm_backward, saved_from=1)
+
+
+def traced(x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], args: NormArgs):
+    """(out, moments) through the operator of the fast path that eager mode would take, or None for
+    the general path. Called while torch.compile traces: every test is on shapes, dtypes and
+    Python arguments (guards), none reads data or turns a size into an int."""
+    if fast_token.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
+        return padded_layer_norm(x, mask, weight, bias, len(args.dims), args.eps, args.center, args.masked)[0], None
+    if fast_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
+        out, *moments = channel_norm(x, mask, weight, bias, args.correction, args.eps, args.masked)[:4]
+        return out, tuple(moments)
+    lay = fast_group.layout(x, mask, weight, bias, args.dims)
+    if lay is None:
+        return None
+    out = group_norm(x, mask, weight, bias, lay.spec(), args.correction, args.eps, args.center,
+                     args.masked)[0]
+    return out, None
