@@ -92,13 +92,13 @@ def test_the_violated_properties_fail_and_no_other(bug):
 
 
 def test_an_accuracy_bug_fails_only_the_accuracy_properties():
-    """masknorm's NaN-safe layer with the unbiased variance, claimed biased: wrong values, but no
-    padding value reaches them and no degenerate group changes (where the reference sees one)."""
+    """masknorm's NaN-safe layer with eps 100 times the claimed one: wrong values where the spread
+    is small, but no padding value reaches them and groups with no spread still give 0 (or x)."""
 
-    def unbiased(x, mask):
-        return masknorm.masked_norm(x, mask, -1, correction=1, eps=EPS)
+    def wrong_eps(x, mask):
+        return masknorm.masked_norm(x, mask, -1, eps=100 * EPS)
 
-    report = check(unbiased, Semantics(-1, eps=EPS), grad=True, dtype="float32", examples=EXAMPLES)
+    report = check(wrong_eps, Semantics(-1, eps=EPS), grad=True, dtype="float32", examples=EXAMPLES)
     assert {p.name for p in report.failed} == ACCURACY
 
 

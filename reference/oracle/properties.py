@@ -148,9 +148,11 @@ def measure_forward(
     caller: Caller, sem: Semantics, inp: MaskedInput, *, regular_only: bool = False, degenerate_only: bool = False
 ) -> Outcome:
     """Forward error against the reference at every position; only in non-degenerate groups with
-    `regular_only` (the accuracy property); only in the degenerate groups with `degenerate_only`,
-    where the other groups are only required not to turn non-finite (a NaN or Inf leaking out of
-    a degenerate group), their accuracy being the forward property's."""
+    `regular_only` (the accuracy property); with `degenerate_only` only in the groups with no
+    spread (no valid value, one, or all equal): everywhere in the reference's degenerate groups,
+    at the valid positions (exactly 0) of the others (with eps > 0; their padded outputs scale
+    with 1/sqrt(eps), an accuracy matter); elsewhere fn's output must only not turn non-finite
+    (a NaN or Inf leaking out), its accuracy being the forward property's."""
     ref = expected(inp, sem)
     try:
         got = caller.forward(inp)
@@ -163,13 +165,24 @@ def measure_forward(
         where &= ~ref.degenerate
     want, where = _degenerate_forward(overflowing_to_inf(ref.y, inp.x.dtype), where, sem, ref)
     if degenerate_only:
-        if (~ref.degenerate & ~np.isfinite(got) & np.isfinite(want)).any():
+        flat = _no_spread(inp)
+        if (~flat & ~ref.degenerate & ~np.isfinite(got) & np.isfinite(want)).any():
             return Outcome(math.inf, "NaN or Inf output outside the degenerate groups, where the reference is finite", want)
-        where &= ref.degenerate
+        where &= ref.degenerate | (flat & inp.valid.numpy())
     err = forward_error(got, want, position_kappa(inp, sem, ref), dtype=inp.x.dtype, where=where)
     if math.isinf(err):
         return Outcome(err, _finiteness(got, want, where), want)
     return Outcome(err, None, want)
+
+
+def _no_spread(inp: MaskedInput) -> np.ndarray:
+    """The positions of groups whose valid values are all equal (or number 0 or 1), in x's shape."""
+    valid = inp.valid.numpy()
+    x = inp.x.double().numpy()
+    with np.errstate(invalid="ignore"):
+        top = np.where(valid, x, -np.inf).max(axis=inp.dims, keepdims=True)
+        low = np.where(valid, x, np.inf).min(axis=inp.dims, keepdims=True)
+    return np.broadcast_to(~(top > low), x.shape)
 
 
 def measure_padding_forward(caller: Caller, sem: Semantics, inp: MaskedInput, clean: MaskedInput) -> Outcome:
