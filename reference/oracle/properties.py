@@ -151,8 +151,9 @@ def measure_forward(
     `regular_only` (the accuracy property); with `degenerate_only` only in the groups with no
     spread (no valid value, one, or all equal): everywhere in the reference's degenerate groups,
     at the valid positions (exactly 0) of the others (with eps > 0; their padded outputs scale
-    with 1/sqrt(eps), an accuracy matter); elsewhere fn's output must only not turn non-finite
-    (a NaN or Inf leaking out), its accuracy being the forward property's."""
+    with 1/sqrt(eps), an accuracy matter); beside a degenerate group of the reference, fn's
+    output must only not turn non-finite (a NaN or Inf leaking out), its accuracy being the
+    forward property's."""
     ref = expected(inp, sem)
     try:
         got = caller.forward(inp)
@@ -166,8 +167,8 @@ def measure_forward(
     want, where = _degenerate_forward(overflowing_to_inf(ref.y, inp.x.dtype), where, sem, ref)
     if degenerate_only:
         flat = _no_spread(inp)
-        if (~flat & ~ref.degenerate & ~np.isfinite(got) & np.isfinite(want)).any():
-            return Outcome(math.inf, "NaN or Inf output outside the degenerate groups, where the reference is finite", want)
+        if ref.degenerate.any() and (~flat & ~ref.degenerate & ~np.isfinite(got) & np.isfinite(want)).any():
+            return Outcome(math.inf, "NaN or Inf output in a group beside a degenerate one, where the reference is finite", want)
         where &= ref.degenerate | (flat & inp.valid.numpy())
     err = forward_error(got, want, position_kappa(inp, sem, ref), dtype=inp.x.dtype, where=where)
     if math.isinf(err):
