@@ -152,6 +152,7 @@ assert "jax.vjp" in next(p for p in bad.failed if p.name == "gradient vs referen
 """
 
 
+@pytest.mark.slow
 def test_keras_layer_on_its_jax_backend():
     """Keras picks its backend when first imported, so this runs in a process of its own. Skipped
     where Keras or JAX is missing (CI installs Keras on the torch backend and no JAX)."""
