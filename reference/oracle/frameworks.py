@@ -132,15 +132,15 @@ class Jax(Framework):
         how = "jax.jit" if self.jit else "op by op"
         return f"jax ({how}{f', op by op after jax.jit failed on {self.fallbacks} calls' if self.fallbacks else ''})"
 
+    def _pullback(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """(x, g, *m) -> g^T d fn(x, *m)/dx by jax.vjp."""
+        jax = self.jax
+        return lambda x, g, *m: jax.vjp(lambda x: fn(x, *m), x)[1](g)[0]
+
     def _compiled(self, fn: Callable[..., Any]) -> Tuple[Callable[..., Any], Callable[..., Any]]:
-        """fn and its VJP under jax.jit, made once per fn (JAX then compiles once per shape)."""
+        """fn and its pullback under jax.jit, made once per fn (JAX then compiles once per shape)."""
         if id(fn) not in self._jitted:
-            jax = self.jax
-
-            def vjp(x: Any, g: Any, *m: Any) -> Any:
-                return jax.vjp(lambda x: fn(x, *m), x)[1](g)[0]
-
-            self._jitted[id(fn)] = (jax.jit(fn), jax.jit(vjp))
+            self._jitted[id(fn)] = (self.jax.jit(fn), self.jax.jit(self._pullback(fn)))
         return self._jitted[id(fn)]
 
     def _run(self, jitted: Callable[..., Any], eager: Callable[..., Any], *args: Any) -> Any:
@@ -156,10 +156,7 @@ class Jax(Framework):
         return self._run(self._compiled(fn)[0], fn, *args)
 
     def vjp(self, fn: Callable[..., Any], x: Any, m: Optional[Any], g: Any) -> Optional[Any]:
-        def eager(x: Any, g: Any, *m: Any) -> Any:
-            return self.jax.vjp(lambda x: fn(x, *m), x)[1](g)[0]
-
-        return self._run(self._compiled(fn)[1], eager, x, g, *(() if m is None else (m,)))
+        return self._run(self._compiled(fn)[1], self._pullback(fn), x, g, *(() if m is None else (m,)))
 
     def enable(self, dtype: str) -> None:
         """Turn on 64-bit arrays when the check is in float64 (otherwise JAX silently uses float32)."""
