@@ -115,6 +115,10 @@ def check() -> argparse.ArgumentParser:
                    help="output of a group with no spread or no valid position (default passthrough: x)")
     p.add_argument("--grad", action="store_true", help="also check gradients, by fn's framework's autodiff")
     p.add_argument("--framework", choices=CHECK_FRAMEWORKS, help="fn's arrays (default: detected from what fn returns)")
+    p.add_argument("--no-jit", action="store_true",
+                   help="JAX: call fn and its VJP op by op (default: under jax.jit, compiled once per shape)")
+    p.add_argument("--shapes", choices=("all", "buckets"),
+                   help="draw any shape, or only 3 per rank (default: buckets for JAX, which compiles per shape; all otherwise)")
     p.add_argument("--dtype", choices=CHECK_DTYPES, default="float64")
     p.add_argument("--sides", type=sides, help="per axis: *, N or LOW-HIGH, e.g. '*,*,2-4' (default: 1 to 8/6/4/3 by rank)")
     p.add_argument("--examples", type=int, default=CHECK_EXAMPLES,

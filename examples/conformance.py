@@ -4,8 +4,10 @@
 
 Each peer is called on its own arrays (torch, JAX, Keras tensors): what is written here is only
 which layer, with which documented options (no affine, the given eps), and the semantics its
-documentation claims. A peer that is not installed is listed as such. The table (markdown) goes to
-stdout, or to FILE with the counterexample of each failure; progress goes to stderr.
+documentation claims. A peer that is not installed is listed as such. JAX peers run under jax.jit
+on 3 shapes per rank (the oracle's defaults for JAX, which compiles per shape). The table
+(markdown, seconds as wall and process CPU time) goes to stdout, or to FILE with the counterexample
+of each failure; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -248,14 +250,16 @@ def run(peer: Peer, examples: int) -> Dict[str, Any]:
 
     row = dict(name=peer.name, version=version(peer.package), claimed=describe(peer.semantics), failures=[])
     if row["version"] is None:
-        return dict(row, verdict="not installed", worst="-", seconds=0.0)
-    start = time.perf_counter()
+        return dict(row, verdict="not installed", worst="-", seconds=0.0, cpu=0.0)
+    start, cpu = time.perf_counter(), time.process_time()
     semantics = Semantics(**peer.semantics)
     try:
         report = check(peer.make(), semantics, examples=examples, name=peer.name, **peer.options)
     except (CallError, ImportError, TypeError, ValueError) as err:
-        return dict(row, verdict=f"cannot check: {err}", worst="-", seconds=time.perf_counter() - start)
-    row.update(verdict=verdict(report, semantics), worst=worst(report), seconds=time.perf_counter() - start)
+        return dict(row, verdict=f"cannot check: {err}", worst="-", seconds=time.perf_counter() - start,
+                    cpu=time.process_time() - cpu)
+    row.update(verdict=verdict(report, semantics), worst=worst(report), seconds=time.perf_counter() - start,
+               cpu=time.process_time() - cpu)
     row["setup"] = report.setup
     row["failures"] = [(p.name, p.reason, p.reproduction, p.worst_reason) for p in report.failed]
     return row
@@ -263,12 +267,13 @@ def run(peer: Peer, examples: int) -> Dict[str, Any]:
 
 def table(rows: List[Dict[str, Any]]) -> str:
     lines = [
-        "| implementation | version | claimed semantics | verdict | worst u·κ | seconds |",
+        "| implementation | version | claimed semantics | verdict | worst u·κ | seconds (wall, CPU) |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['name']} | {r['version'] or '-'} | {r['claimed']} | {r['verdict']} | {r['worst']} | {r['seconds']:.0f} |"
+            f"| {r['name']} | {r['version'] or '-'} | {r['claimed']} | {r['verdict']} | {r['worst']} "
+            f"| {r['seconds']:.0f}, {r['cpu']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -294,7 +299,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         print(f"checking {peer.name} ...", file=sys.stderr, flush=True)
         rows.append(run(peer, args.examples))
-        print(f"  {rows[-1]['verdict'][:200]} ({rows[-1]['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        print(f"  {rows[-1]['verdict'][:200]} ({rows[-1]['seconds']:.0f} s, {rows[-1]['cpu']:.0f} s CPU)", file=sys.stderr, flush=True)
         if args.output:  # after every peer, so that a long run leaves what it has done
             with open(args.output, "w", encoding="utf-8") as f:
                 f.write(f"{table(rows)}\n\n## Counterexamples (shrunk)\n\n{counterexamples(rows)}")

@@ -119,6 +119,8 @@ def test_the_readme_example_fails_by_name(capsys, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     code, out, _ = run(capsys, "examples.buggy_norm:sequence_norm", "--ndim", "2", "--examples", "10")
     assert code == 1
-    for name in ("forward vs reference", "padding garbage", "degenerate groups"):
+    for name in ("forward vs reference", "degenerate groups"):
         assert f"FAIL {name}:" in out
+    # zero-filled padding enters the statistics (an accuracy bug), but no padding value reaches the output
+    assert re.search(r"padding garbage +[0-9]+ +0 +64 +[0-9.]+  pass", out)
     assert re.search(r"dtype and shape +10 +- +- +[0-9.]+  pass", out)

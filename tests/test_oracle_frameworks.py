@@ -83,6 +83,34 @@ def test_jax_gradients_by_jax_vjp():
     assert "jax.vjp" in next(p for p in bad.failed if p.name == "gradient padding garbage").reproduction
 
 
+def test_jax_is_jitted_on_few_shapes_and_runs_op_by_op_when_it_cannot_be_traced():
+    """JAX compiles per shape: a check draws only the bucket shapes and calls fn under jax.jit; a
+    fn that needs concrete values (a Python branch on the mask) runs op by op, and the report says so."""
+    jnp = pytest.importorskip("jax.numpy")
+    from masknorm.reference.oracle.strategies import bucket_shapes
+
+    shapes, traced = set(), []
+
+    def rms(x, mask):
+        shapes.add(tuple(x.shape))
+        traced.append(not isinstance(x, np.ndarray) and type(x).__name__ != "ArrayImpl")
+        k = jnp.maximum(mask.sum(-1, keepdims=True), 1)
+        return jnp.where(mask, x, 0) / jnp.sqrt((jnp.where(mask, x, 0) ** 2).sum(-1, keepdims=True) / k + EPS)
+
+    def branchy(x, mask):
+        if not bool(mask.any()):
+            return x
+        return rms(x, mask)
+
+    options = dict(ndim=2, dtype="float32", examples=EXAMPLES)
+    semantics = Semantics(-1, eps=EPS, center=False, degenerate="nan")
+    jitted = check(rms, semantics, framework_name="jax", **options)
+    assert "framework=jax (jax.jit)" in jitted.setup and "shapes=buckets" in jitted.setup
+    assert shapes <= set(bucket_shapes(2, (1,))) and any(traced)
+    eager = check(branchy, semantics, framework_name="jax", **options)
+    assert "op by op after jax.jit failed on" in eager.setup
+
+
 def test_keras_layer_on_its_torch_backend():
     if os.environ.get("KERAS_BACKEND", "torch") != "torch":
         pytest.skip("Keras is configured for another backend")
@@ -98,6 +126,45 @@ def test_keras_layer_on_its_torch_backend():
     )
     assert report.conforms, report
     assert "framework=torch" in report.setup
+
+
+KERAS_ON_JAX = """
+import keras
+from masknorm.testing import Semantics, check
+
+assert keras.backend.backend() == "jax"
+
+def layer_norm(x):
+    return keras.layers.LayerNormalization(epsilon=1e-5, center=False, scale=False)(x)
+
+def eps_outside(x):  # a bug for the claim below: (x - mu) / (sigma + eps), written in keras.ops
+    mu = keras.ops.mean(x, axis=-1, keepdims=True)
+    return (x - mu) / (keras.ops.std(x, axis=-1, keepdims=True) + 1e-5)
+
+options = dict(mask=False, grad=True, dtype="float32", framework_name="keras", ndim=2, sides=(2, (2, 4)), examples=8)
+for jit in (True, False):
+    report = check(layer_norm, Semantics(-1, eps=1e-5), jit=jit, **options)
+    assert report.conforms, report
+    assert ("framework=jax (jax.jit)" if jit else "framework=jax (op by op)") in report.setup, report.setup
+bad = check(eps_outside, Semantics(-1, eps=1e-5), **options)
+assert {p.name for p in bad.failed} == {"forward vs reference", "gradient vs reference"}, bad
+assert "jax.vjp" in next(p for p in bad.failed if p.name == "gradient vs reference").reproduction
+"""
+
+
+@pytest.mark.slow
+def test_keras_layer_on_its_jax_backend():
+    """Keras picks its backend when first imported, so this runs in a process of its own. Skipped
+    where Keras or JAX is missing (CI installs Keras on the torch backend and no JAX)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("keras") is None or importlib.util.find_spec("jax") is None:
+        pytest.skip("needs keras and jax")
+    env = dict(os.environ, KERAS_BACKEND="jax")
+    done = subprocess.run([sys.executable, "-c", KERAS_ON_JAX], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_the_conformance_script_writes_a_row_per_peer(tmp_path, monkeypatch, capsys):

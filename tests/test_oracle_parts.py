@@ -18,6 +18,7 @@ from masknorm.reference.oracle.compare import forward_error, inverse_s, normwise
 from masknorm.reference.oracle.frameworks import Framework
 from masknorm.reference.oracle.properties import Caller, measure_forward
 from masknorm.reference.oracle.report import comment, literal
+from masknorm.reference.oracle.strategies import bucket_shapes
 from masknorm.testing import MaskedInput, Semantics, masked_inputs, upstream_gradients
 
 U64 = 2.0**-53
@@ -96,6 +97,26 @@ def test_upstream_gradients_are_zero_in_padding_on_request(data):
     inp = data.draw(masked_inputs(-1, garbage=True))
     grad = data.draw(upstream_gradients(inp, zero_padding=True))
     assert grad.shape == inp.x.shape and (grad[~inp.valid] == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(masked_inputs((0, 2), ndim=3, mask_dims=(0, 2), padded=True, degenerate=True))
+def test_padded_inputs_have_a_masked_out_position(inp):
+    assert not inp.valid.all()
+
+
+def test_bucket_shapes_are_few_and_keep_min_group_size():
+    assert bucket_shapes(2, (1,)) == ((6, 1), (3, 3), (6, 6))
+    assert bucket_shapes(3, (0, 2), min_group_size=3, sides=(None, 2, (2, 3))) == ((2, 2, 2), (4, 2, 3))
+    with pytest.raises(ValueError, match="groups of 9"):
+        bucket_shapes(1, (0,), min_group_size=9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(masked_inputs(-1, shape_buckets=True))
+def test_bucketed_inputs_draw_only_bucket_shapes(inp):
+    rank = inp.x.dim()
+    assert tuple(inp.x.shape) in bucket_shapes(rank, (rank - 1,))
 
 
 def test_no_mask_means_no_mask_and_min_group_size_holds():

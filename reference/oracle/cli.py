@@ -90,7 +90,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fn, semantics, ndim=args.ndim, mask_dims=args.mask_dims, mask=not args.no_mask, grad=args.grad,
             dtype=args.dtype, examples=args.examples, seed=args.seed, extreme=args.extreme,
             min_group_size=args.min_group_size, sides=args.sides, squeeze_mask=args.squeeze_mask,
-            framework_name=args.framework, shrinks=args.shrinks, name=args.target, progress=progress,
+            framework_name=args.framework, jit=not args.no_jit,
+            shape_buckets=None if args.shapes is None else args.shapes == "buckets", shrinks=args.shrinks,
+            name=args.target, progress=progress,
         )
     except (CallError, TypeError, ValueError) as err:
         progress.done()

@@ -1,9 +1,10 @@
 """The array frameworks a checked callable may speak, so that it is checked on its own arrays:
 torch, numpy, JAX, and Keras 3 (whose tensors are its backend's: torch or JAX).
 
-    to_native(t): the torch tensor t as the framework's array, value for value (exact)
-    to_numpy(a):  the framework's array as float64 numpy (exact: float64 holds every narrower float)
-    vjp(f, x, g): g^T df/dx by the framework's own autodiff (torch.autograd, jax.vjp); None: no autodiff
+    to_native(t):          the torch tensor t as the framework's array, value for value (exact)
+    to_numpy(a):           the framework's array as float64 numpy (exact: float64 holds every narrower float)
+    call(fn, x, m):        fn(x, m) (fn(x) when m is None); JAX: under jax.jit, compiled once per shape
+    vjp(fn, x, m, g):      g^T d fn(x, m)/dx by the framework's own autodiff (torch.autograd, jax.vjp); None: no autodiff
 
 The heavy frameworks are imported only when asked for (or detected from what fn returns).
 """
@@ -42,11 +43,25 @@ class Framework:
         """The dtype of an array of this framework, as a plain name ("float32")."""
         return str(a.dtype).removeprefix("torch.")
 
-    def vjp(self, f: Callable[[Any], Any], x: Any, g: Any) -> Optional[Any]:
-        """g^T df/dx at x by torch.autograd (None when the output does not depend on x)."""
+    shape_buckets = False  # draw every shape: a new shape costs nothing here
+
+    def describe(self) -> str:
+        """The framework as the report's setup line names it."""
+        return self.name
+
+    def call(self, fn: Callable[..., Any], x: Any, m: Optional[Any]) -> Any:
+        """fn(x, m), or fn(x) when m is None."""
+        return fn(x) if m is None else fn(x, m)
+
+    def vjp(self, fn: Callable[..., Any], x: Any, m: Optional[Any], g: Any) -> Optional[Any]:
+        """g^T d fn(x, m)/dx by torch.autograd (None when the output does not depend on x)."""
         x = x.clone().requires_grad_()
-        (gx,) = torch.autograd.grad(f(x), x, g, allow_unused=True)
+        (gx,) = torch.autograd.grad(self.call(fn, x, m), x, g, allow_unused=True)
         return gx
+
+    def call_code(self, args: str) -> str:
+        """The expression that calls fn on `args` in a reproduction, as the check called it."""
+        return f"fn({args})"
 
     def code(self, name: str, values: str, dtype: Optional[str], grad: bool = False) -> str:
         """A line that rebuilds an array of this framework from a Python literal."""
@@ -58,9 +73,9 @@ class Framework:
         """The imports (and settings) a reproduction starts with."""
         return ("import torch",)
 
-    def gradient_code(self, call: str) -> Tuple[str, ...]:
-        """Lines that print the gradient of `call` (an expression in x) at x for grad_out."""
-        return (f"{call}.backward(grad_out)", "print(x.grad)")
+    def gradient_code(self, args: str) -> Tuple[str, ...]:
+        """Lines that print the gradient of fn(`args`) at x for grad_out."""
+        return (f"fn({args}).backward(grad_out)", "print(x.grad)")
 
 
 class Numpy(Framework):
@@ -92,16 +107,56 @@ class Numpy(Framework):
 
 
 class Jax(Framework):
-    """JAX arrays, gradients by jax.vjp. float64 needs jax_enable_x64, which check() turns on."""
+    """JAX arrays, gradients by jax.vjp. float64 needs jax_enable_x64, which check() turns on.
+
+    JAX compiles per input shape: op by op, each primitive is compiled once per shape (measured on a
+    Flax LayerNorm: 1-3 s per new shape forward, 2-4 s for its VJP, then 0.1 s a call); under
+    jax.jit (`jit`, the default, as JAX code usually runs) the whole call is compiled once per shape
+    (0.5 s forward, 1 s VJP, then 0.2 ms a call). fn is jitted with x and the mask as arguments;
+    when tracing fails (fn needs concrete values) the call runs op by op, counted in `fallbacks`.
+    Few shapes are drawn (shape_buckets), since each new shape costs a compilation."""
 
     name = "jax"
     array_type = "jax.Array"
+    shape_buckets = True
 
-    def __init__(self) -> None:
+    def __init__(self, jit: bool = True) -> None:
         import jax
         import jax.numpy as jnp
 
-        self.jax, self.jnp = jax, jnp
+        self.jax, self.jnp, self.jit = jax, jnp, jit
+        self.fallbacks = 0
+        self._jitted: dict = {}
+
+    def describe(self) -> str:
+        how = "jax.jit" if self.jit else "op by op"
+        return f"jax ({how}{f', op by op after jax.jit failed on {self.fallbacks} calls' if self.fallbacks else ''})"
+
+    def _pullback(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """(x, g, *m) -> g^T d fn(x, *m)/dx by jax.vjp."""
+        jax = self.jax
+        return lambda x, g, *m: jax.vjp(lambda x: fn(x, *m), x)[1](g)[0]
+
+    def _compiled(self, fn: Callable[..., Any]) -> Tuple[Callable[..., Any], Callable[..., Any]]:
+        """fn and its pullback under jax.jit, made once per fn (JAX then compiles once per shape)."""
+        if id(fn) not in self._jitted:
+            self._jitted[id(fn)] = (self.jax.jit(fn), self.jax.jit(self._pullback(fn)))
+        return self._jitted[id(fn)]
+
+    def _run(self, jitted: Callable[..., Any], eager: Callable[..., Any], *args: Any) -> Any:
+        if self.jit:
+            try:
+                return jitted(*args)
+            except Exception:  # noqa: BLE001 - fn cannot be traced: run it op by op, which raises its own error
+                self.fallbacks += 1
+        return eager(*args)
+
+    def call(self, fn: Callable[..., Any], x: Any, m: Optional[Any]) -> Any:
+        args = (x,) if m is None else (x, m)
+        return self._run(self._compiled(fn)[0], fn, *args)
+
+    def vjp(self, fn: Callable[..., Any], x: Any, m: Optional[Any], g: Any) -> Optional[Any]:
+        return self._run(self._compiled(fn)[1], self._pullback(fn), x, g, *(() if m is None else (m,)))
 
     def enable(self, dtype: str) -> None:
         """Turn on 64-bit arrays when the check is in float64 (otherwise JAX silently uses float32)."""
@@ -112,10 +167,11 @@ class Jax(Framework):
         return isinstance(a, self.jax.Array)
 
     def to_native(self, t: torch.Tensor) -> Any:
+        # cast in numpy (exact: each value fits the dtype) and device_put: jnp.asarray and a cast
+        # by JAX compile once per shape
         if t.dtype == torch.bool:
-            return self.jnp.asarray(t.numpy())
-        dtype = getattr(self.jnp, str(t.dtype).removeprefix("torch."))
-        return self.jnp.asarray(t.double().numpy(), dtype=dtype)  # exact: each value fits the dtype
+            return self.jax.device_put(t.numpy())
+        return self.jax.device_put(t.double().numpy().astype(getattr(self.jnp, str(t.dtype).removeprefix("torch."))))
 
     def to_numpy(self, a: Any) -> np.ndarray:
         arr = np.asarray(a)
@@ -124,11 +180,6 @@ class Jax(Framework):
     def dtype_name(self, a: Any) -> str:
         return str(a.dtype)
 
-    def vjp(self, f: Callable[[Any], Any], x: Any, g: Any) -> Optional[Any]:
-        _, pull = self.jax.vjp(f, x)
-        (gx,) = pull(g)
-        return gx
-
     def code(self, name: str, values: str, dtype: Optional[str], grad: bool = False) -> str:
         return f"{name} = jnp.array({values}{'' if dtype is None else f', dtype=jnp.{dtype}'})"
 
@@ -136,8 +187,13 @@ class Jax(Framework):
         lines = ("import jax", "import jax.numpy as jnp")
         return lines + (('jax.config.update("jax_enable_x64", True)',) if dtype == "float64" else ())
 
-    def gradient_code(self, call: str) -> Tuple[str, ...]:
-        return (f"_, pull = jax.vjp(lambda x: {call}, x)", "print(pull(grad_out)[0])")
+    def call_code(self, args: str) -> str:
+        return f"jax.jit(fn)({args})" if self.jit else f"fn({args})"
+
+    def gradient_code(self, args: str) -> Tuple[str, ...]:
+        vjp = "lambda x, g, *m: jax.vjp(lambda x: fn(x, *m), x)[1](g)[0]"
+        call = f"jax.jit({vjp})" if self.jit else f"({vjp})"
+        return (f"print({call}(x, grad_out{args.removeprefix('x')}))",)
 
 
 def keras_backend() -> str:
@@ -149,20 +205,21 @@ def keras_backend() -> str:
     return keras.backend.backend()
 
 
-def framework(name: str) -> Framework:
-    """The Framework called `name` (one of NAMES); keras is its backend's (torch or jax).
-    ValueError for another name or a Keras backend without autodiff support here."""
+def framework(name: str, jit: bool = True) -> Framework:
+    """The Framework called `name` (one of NAMES); keras is its backend's (torch or jax); `jit`:
+    JAX calls under jax.jit (else op by op). ValueError for another name or a Keras backend
+    without autodiff support here."""
     if name == "torch":
         return Framework()
     if name == "numpy":
         return Numpy()
     if name == "jax":
-        return Jax()
+        return Jax(jit)
     if name == "keras":
         backend = keras_backend()
         if backend not in ("torch", "jax"):
             raise ValueError(f"Keras on the {backend} backend is not supported: use KERAS_BACKEND=torch or jax")
-        return framework(backend)
+        return framework(backend, jit)
     raise ValueError(f"framework must be one of {NAMES}, got {name!r}")
 
 

@@ -76,17 +76,15 @@ class Caller:
             m = m.reshape(tuple(m.shape[d] for d in normalize_dims(self.mask_dims, m.dim())))
         return m
 
-    def bind(self, inp: MaskedInput) -> Callable[[Any], Any]:
-        """x -> fn(x, mask) with the mask converted once (fn(x) without a mask)."""
-        m = self.mask_arg(inp)
-        if m is None:
-            return self.fn
-        native = self.framework.to_native(m)
-        return lambda x: self.fn(x, native)
+    def call(self, inp: MaskedInput, x: Optional[torch.Tensor] = None) -> Any:
+        """fn's output (its framework's array) on inp, or on x with inp's mask."""
+        fw, m = self.framework, self.mask_arg(inp)
+        return fw.call(self.fn, fw.to_native(inp.x if x is None else x), None if m is None else fw.to_native(m))
 
-    def forward(self, inp: MaskedInput) -> np.ndarray:
-        """fn's output on inp as float64 numpy; WrongOutput when it is not an array of x's shape."""
-        out = self.bind(inp)(self.framework.to_native(inp.x))
+    def forward(self, inp: MaskedInput, x: Optional[torch.Tensor] = None) -> np.ndarray:
+        """fn's output on inp (or on x with inp's mask) as float64 numpy; WrongOutput when it is not
+        an array of x's shape."""
+        out = self.call(inp, x)
         self.expect_array(out, inp.x)
         return self.framework.to_numpy(out)
 
@@ -97,11 +95,12 @@ class Caller:
         if tuple(out.shape) != tuple(x.shape):
             raise WrongOutput(f"returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
 
-    def gradient(self, inp: MaskedInput, grad_out: torch.Tensor) -> np.ndarray:
-        """grad_out^T d fn/d x by the framework's autodiff, as float64 numpy (0 where fn's output
-        does not depend on x)."""
-        fw = self.framework
-        gx = fw.vjp(self.bind(inp), fw.to_native(inp.x), fw.to_native(grad_out))
+    def gradient(self, inp: MaskedInput, grad_out: torch.Tensor, x: Optional[torch.Tensor] = None) -> np.ndarray:
+        """grad_out^T d fn/d x at inp.x (or at x with inp's mask) by the framework's autodiff, as
+        float64 numpy (0 where fn's output does not depend on x)."""
+        fw, m = self.framework, self.mask_arg(inp)
+        native_m = None if m is None else fw.to_native(m)
+        gx = fw.vjp(self.fn, fw.to_native(inp.x if x is None else x), native_m, fw.to_native(grad_out))
         return np.zeros(tuple(inp.x.shape)) if gx is None else fw.to_numpy(gx)
 
 
@@ -146,11 +145,15 @@ def _degenerate_forward(want: np.ndarray, where: np.ndarray, sem: Semantics, ref
 
 
 def measure_forward(
-    caller: Caller, sem: Semantics, inp: MaskedInput, *, valid_only: bool = False, regular_only: bool = False
+    caller: Caller, sem: Semantics, inp: MaskedInput, *, regular_only: bool = False, degenerate_only: bool = False
 ) -> Outcome:
-    """Forward error against the reference at every position; only at the valid ones with
-    `valid_only` (garbage padding under "normalize": the true output there is garbage too); only in
-    non-degenerate groups with `regular_only` (degenerate groups are a property of their own)."""
+    """Forward error against the reference at every position; only in non-degenerate groups with
+    `regular_only` (the accuracy property); with `degenerate_only` only in the groups with no
+    spread (no valid value, one, or all equal): everywhere in the reference's degenerate groups,
+    at the valid positions (exactly 0) of the others (with eps > 0; their padded outputs scale
+    with 1/sqrt(eps), an accuracy matter); beside a degenerate group of the reference, fn's
+    output must only not turn non-finite (a NaN or Inf leaking out), its accuracy being the
+    forward property's."""
     ref = expected(inp, sem)
     try:
         got = caller.forward(inp)
@@ -159,24 +162,59 @@ def measure_forward(
     except Exception as err:  # noqa: BLE001 - the candidate's failure is the finding
         return Outcome(math.inf, raised(err), ref.y)
     where = np.ones(inp.x.shape, bool)
-    if valid_only and sem.masked == "normalize":
-        where &= inp.valid.numpy()
     if regular_only:
         where &= ~ref.degenerate
     want, where = _degenerate_forward(overflowing_to_inf(ref.y, inp.x.dtype), where, sem, ref)
+    if degenerate_only:
+        flat = _no_spread(inp)
+        if ref.degenerate.any() and (~flat & ~ref.degenerate & ~np.isfinite(got) & np.isfinite(want)).any():
+            return Outcome(math.inf, "NaN or Inf output in a group beside a degenerate one, where the reference is finite", want)
+        where &= ref.degenerate | (flat & inp.valid.numpy())
     err = forward_error(got, want, position_kappa(inp, sem, ref), dtype=inp.x.dtype, where=where)
     if math.isinf(err):
         return Outcome(err, _finiteness(got, want, where), want)
     return Outcome(err, None, want)
 
 
-def _finiteness(got: np.ndarray, ref: np.ndarray, where: np.ndarray) -> str:
-    """Which way the output's finiteness differs from the reference's at `where`."""
+def _no_spread(inp: MaskedInput) -> np.ndarray:
+    """The positions of groups whose valid values are all equal (or number 0 or 1), in x's shape."""
+    valid = inp.valid.numpy()
+    x = inp.x.double().numpy()
+    with np.errstate(invalid="ignore"):
+        top = np.where(valid, x, -np.inf).max(axis=inp.dims, keepdims=True)
+        low = np.where(valid, x, np.inf).min(axis=inp.dims, keepdims=True)
+    return np.broadcast_to(~(top > low), x.shape)
+
+
+def measure_padding_forward(caller: Caller, sem: Semantics, inp: MaskedInput, clean: MaskedInput) -> Outcome:
+    """fn's output on inp (garbage in its padding) against fn's own output on `clean` (inp with the
+    padding clean), where the padding's values must not matter: at the positions the mask keeps,
+    and at the padding too under masked="zero"; in u*kappa of the clean input. An accuracy error
+    is the same in both, so only a leak of the padding's values fails."""
+    try:
+        want = caller.forward(clean)
+    except Exception:  # noqa: BLE001 - fn's failure on clean input is the other properties' finding
+        return Outcome(0.0)
+    try:
+        got = caller.forward(inp)
+    except WrongOutput as err:
+        return Outcome(math.inf, str(err), want)
+    except Exception as err:  # noqa: BLE001 - the candidate's failure is the finding
+        return Outcome(math.inf, raised(err) + " with garbage in the padding", want)
+    where = inp.valid.numpy() | (sem.masked == "zero")
+    err = forward_error(got, want, position_kappa(clean, sem, expected(clean, sem)), dtype=inp.x.dtype, where=where)
+    if math.isinf(err):
+        return Outcome(err, _finiteness(got, want, where, "fn's own with the padding clean"), want)
+    return Outcome(err, None, want)
+
+
+def _finiteness(got: np.ndarray, ref: np.ndarray, where: np.ndarray, what: str = "the reference") -> str:
+    """Which way the output's finiteness differs from `what`'s (ref) at `where`."""
     if (where & ~np.isfinite(got) & np.isfinite(ref)).any():
-        return "NaN or Inf output where the reference is finite"
+        return f"NaN or Inf output where {what} is finite"
     if (where & np.isfinite(got) & ~np.isfinite(ref)).any():
-        return "finite output where the reference is NaN or Inf"
-    return "error on a zero scale (a nonzero output where the reference is exactly 0)"
+        return f"finite output where {what} is NaN or Inf"
+    return f"error on a zero scale (a nonzero output where {what} is exactly 0)"
 
 
 def measure_gradient(caller: Caller, sem: Semantics, inp: MaskedInput, grad_out: torch.Tensor) -> Outcome:
@@ -203,6 +241,27 @@ def measure_gradient(caller: Caller, sem: Semantics, inp: MaskedInput, grad_out:
     return Outcome(err, None, want)
 
 
+def measure_padding_gradient(
+    caller: Caller, sem: Semantics, inp: MaskedInput, clean: MaskedInput, grad_out: torch.Tensor
+) -> Outcome:
+    """fn's gradient on inp (garbage in its padding, grad_out 0 there) against fn's own on `clean`
+    (inp with the padding clean), at every position, normwise as measure_gradient: an accuracy
+    error is the same in both, so only a leak of the padding's values fails."""
+    try:
+        want = caller.gradient(clean, grad_out)
+    except Exception:  # noqa: BLE001 - fn's failure on clean input is the other properties' finding
+        return Outcome(0.0)
+    try:
+        got = caller.gradient(inp, grad_out)
+    except Exception as err:  # noqa: BLE001 - the candidate's failure is the finding
+        return Outcome(math.inf, raised(err) + " with garbage in the padding", want)
+    ref = expected(clean, sem, grad_out)
+    err = normwise_error(got, want, _gradient_size(sem, clean, grad_out, ref), 1.0, inp.dims)
+    if math.isinf(err) and (~np.isfinite(got) & np.isfinite(want)).any():
+        return Outcome(err, "non-finite gradient where fn's own with the padding clean is finite", want)
+    return Outcome(err, None, want)
+
+
 def _gradient_size(sem: Semantics, inp: MaskedInput, grad_out: torch.Tensor, ref: ReferenceValues) -> np.ndarray:
     """u * K * size of measure_gradient, per position (constant over each group)."""
     g = grad_out.double().numpy()
@@ -224,7 +283,7 @@ def measure_dtype_shape(caller: Caller, inp: MaskedInput) -> Outcome:
     """The output is an array of x's framework, dtype and shape."""
     fw = caller.framework
     try:
-        out = caller.bind(inp)(fw.to_native(inp.x))
+        out = caller.call(inp)
         caller.expect_array(out, inp.x)
     except WrongOutput as err:
         return Outcome(0.0, str(err))

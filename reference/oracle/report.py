@@ -125,10 +125,12 @@ def reproduction(
     grad_out: Optional[torch.Tensor] = None,
     note: str,
     framework: Optional[Framework] = None,
+    x_clean: Optional[torch.Tensor] = None,
 ) -> str:
-    """Code that rebuilds a counterexample in fn's framework (torch by default), calls fn and
-    prints the result beside `expected` (the reference's output, or its gradient when `grad_out`
-    is given; None when not a value check). `mask` is the mask as fn receives it."""
+    """Code that rebuilds a counterexample in fn's framework (torch by default), calls fn as the
+    check did and prints the result beside `expected` (the output, or the gradient when `grad_out`
+    is given; None when not a value check): the reference's, or with `x_clean` fn's own at x_clean
+    (x with clean padding). `mask` is the mask as fn receives it."""
     fw = framework or Framework()
     dtype = str(x.dtype).removeprefix("torch.")
     args = "x" if mask is None else "x, mask"
@@ -137,12 +139,17 @@ def reproduction(
     if mask is not None:
         lines.append(fw.code("mask", literal(mask.cpu()), None))
     if grad_out is None:
-        lines += [f"out = fn({args})", "print(out)"]
+        lines += [f"out = {fw.call_code(args)}", "print(out)"]
     else:
-        lines += [fw.code("grad_out", literal(grad_out.cpu().double()), dtype), *fw.gradient_code(f"fn({args})")]
+        lines += [fw.code("grad_out", literal(grad_out.cpu().double()), dtype), *fw.gradient_code(args)]
     if expected is not None:
-        what = "gradient (reference VJP)" if grad_out is not None else "output"
-        lines.append(f"# expected {what}, masknorm.reference at 50 digits rounded once to float64:")
+        what = "gradient" if grad_out is not None else "output"
+        if x_clean is None:
+            what += " (reference VJP)" if grad_out is not None else ""
+            lines.append(f"# expected {what}, masknorm.reference at 50 digits rounded once to float64:")
+        else:
+            lines.append(fw.code("x_clean", literal(x_clean.detach().cpu().double()), dtype))
+            lines.append(f"# expected {what}: fn's own at x_clean (the padding clean), which garbage must not change:")
         lines.append(f"expected = {literal(expected)}")
     lines += comment(note)
     return "\n".join(lines)

@@ -33,15 +33,39 @@ from .properties import (
     measure_dtype_shape,
     measure_forward,
     measure_gradient,
+    measure_padding_forward,
+    measure_padding_gradient,
     raised,
 )
 from .report import PropertyResult, Report, reproduction
 from .semantics import Semantics
-from .strategies import DTYPES, MaskedInput, Sides, mask_shape, masked_inputs, ranks, side_ranges, upstream_gradients
+from .strategies import (
+    DTYPES,
+    MaskedInput,
+    Sides,
+    mask_shape,
+    masked_inputs,
+    ranks,
+    side_ranges,
+    upstream_gradients,
+    with_garbage,
+)
 
 Dim = Union[int, Sequence[int]]
 EXAMPLES, SHRINKS = CHECK_EXAMPLES, CHECK_SHRINKS  # defined with the command line, torch-free
-Measure = Callable[[MaskedInput, Optional[torch.Tensor]], Outcome]
+
+
+@dataclass(frozen=True)
+class _Case:
+    """One example of a property: the input, the upstream gradient (gradient properties), and the
+    same input with its padding clean (padding properties: `inp` holds garbage there)."""
+
+    inp: MaskedInput
+    grad_out: Optional[torch.Tensor] = None
+    clean: Optional[MaskedInput] = None
+
+
+Measure = Callable[[_Case], Outcome]
 
 
 class CallError(Exception):
@@ -126,44 +150,44 @@ def _detect(fn: Callable[..., Any], inp: MaskedInput, mask_arg: Callable[[Masked
 
 
 def _properties(caller: Caller, sem: Semantics, grad: bool, mask: bool, **draw: Any) -> List[_Property]:
-    def plain(**edges: bool) -> st.SearchStrategy:
-        return masked_inputs(sem.dim, mask=mask, **draw, **edges).map(lambda inp: (inp, None))
+    def inputs(**edges: bool) -> st.SearchStrategy:
+        return masked_inputs(sem.dim, mask=mask, **draw, **edges)
 
-    def with_grad(zero_padding: bool, **edges: bool) -> st.SearchStrategy:
-        inputs = masked_inputs(sem.dim, mask=mask, **draw, **edges)
-        return inputs.flatmap(lambda inp: upstream_gradients(inp, zero_padding=zero_padding).map(lambda g: (inp, g)))
+    def with_grad(cases: st.SearchStrategy, zero_padding: bool = False) -> st.SearchStrategy:
+        return cases.flatmap(lambda c: upstream_gradients(c.inp, zero_padding=zero_padding).map(lambda g: _Case(c.inp, g, c.clean)))
 
+    plain = inputs().map(_Case)
+    padded = inputs(padded=True, degenerate=True).flatmap(lambda clean: with_garbage(clean).map(lambda i: _Case(i, None, clean)))
     no_mask = None if mask else "no mask"
     no_grad = None if grad else "grad=False"
     if grad and caller.framework.vjp is None:
         no_grad = f"{caller.framework.name} has no autodiff"
     return [
-        _Property("forward vs reference", plain(), lambda i, _: measure_forward(caller, sem, i, regular_only=True), FORWARD_BOUND),
+        _Property("forward vs reference", plain, lambda c: measure_forward(caller, sem, c.inp, regular_only=True), FORWARD_BOUND),
         _Property(
-            "padding garbage",
-            plain(garbage=True, degenerate=True),
-            lambda i, _: measure_forward(caller, sem, i, valid_only=True),
-            FORWARD_BOUND,
-            no_mask,
+            "padding garbage", padded, lambda c: measure_padding_forward(caller, sem, c.inp, c.clean), FORWARD_BOUND, no_mask
         ),
         _Property(
-            "degenerate groups", plain(degenerate=True), lambda i, _: measure_forward(caller, sem, i), FORWARD_BOUND
+            "degenerate groups",
+            inputs(degenerate=True).map(_Case),
+            lambda c: measure_forward(caller, sem, c.inp, degenerate_only=True),
+            FORWARD_BOUND,
         ),
         _Property(
             "gradient vs reference",
-            with_grad(False, degenerate=True),
-            lambda i, g: measure_gradient(caller, sem, i, g),
+            with_grad(inputs(degenerate=True).map(_Case)),
+            lambda c: measure_gradient(caller, sem, c.inp, c.grad_out),
             GRADIENT_BOUND,
             no_grad,
         ),
         _Property(
             "gradient padding garbage",
-            with_grad(True, garbage=True, degenerate=True),
-            lambda i, g: measure_gradient(caller, sem, i, g),
+            with_grad(padded, zero_padding=True),
+            lambda c: measure_padding_gradient(caller, sem, c.inp, c.clean, c.grad_out),
             GRADIENT_BOUND,
             no_grad or no_mask,
         ),
-        _Property("dtype and shape", plain(), lambda i, _: measure_dtype_shape(caller, i), None),
+        _Property("dtype and shape", plain, lambda c: measure_dtype_shape(caller, c.inp), None),
     ]
 
 
@@ -183,17 +207,16 @@ def _run(
     seen: dict = {"calls": 0, "worst": 0.0, "failure": None, "worst_case": None}
     started = time.perf_counter()
 
-    def body(case):
-        inp, grad_out = case
-        outcome = prop.measure(inp, grad_out)
+    def body(case: _Case) -> None:
+        outcome = prop.measure(case)
         seen["calls"] += 1
         seen["worst"] = max(seen["worst"], outcome.error)
         stage = "shrinking the counterexample" if seen["failure"] else f"example {seen['calls']}/{examples}"
         clock.tick(f"{prop.name}: {stage}")
         if outcome.problem is not None or (prop.bound is not None and outcome.error > prop.bound):
-            seen["failure"] = (inp, grad_out, outcome)
-            if seen["worst_case"] is None or _severity(outcome) > _severity(seen["worst_case"][2]):
-                seen["worst_case"] = (inp, grad_out, outcome)
+            seen["failure"] = (case, outcome)
+            if seen["worst_case"] is None or _severity(outcome) > _severity(seen["worst_case"][1]):
+                seen["worst_case"] = (case, outcome)
             raise _Violation
 
     test = settings(
@@ -221,10 +244,10 @@ def _run(
     if seen["failure"] is None:
         return result
     result.status = "fail"
-    result.reason = _reason(prop, seen["failure"][2])
+    result.reason = _reason(prop, seen["failure"][1])
     result.reproduction = _reproduction(target, sem, caller, prop, seen["failure"], result.reason)
     if seen["worst_case"] is not None and seen["worst_case"][0] is not seen["failure"][0]:
-        result.worst_reason = _reason(prop, seen["worst_case"][2])
+        result.worst_reason = _reason(prop, seen["worst_case"][1])
         result.worst_reproduction = _reproduction(target, sem, caller, prop, seen["worst_case"], result.worst_reason)
     return result
 
@@ -233,11 +256,12 @@ def _reason(prop: _Property, outcome: Outcome) -> str:
     return outcome.problem or f"error {outcome.error:.3g} u*kappa > bound {prop.bound:g}"
 
 
-def _reproduction(target: str, sem: Semantics, caller: Caller, prop: _Property, case: Tuple, reason: str) -> str:
-    inp, grad_out, outcome = case
+def _reproduction(target: str, sem: Semantics, caller: Caller, prop: _Property, seen: Tuple, reason: str) -> str:
+    case, outcome = seen
     note = f"{prop.name}: {reason} (claimed: {sem.describe()})"
     return reproduction(
-        target, inp.x, caller.mask_arg(inp), outcome.expected, grad_out=grad_out, note=note, framework=caller.framework
+        target, case.inp.x, caller.mask_arg(case.inp), outcome.expected, grad_out=case.grad_out, note=note,
+        framework=caller.framework, x_clean=None if case.clean is None else case.clean.x,
     )
 
 
@@ -257,6 +281,8 @@ def check(
     min_group_size: int = 1,
     sides: Sides = None,
     framework_name: Optional[str] = None,
+    jit: bool = True,
+    shape_buckets: Optional[bool] = None,
     shrinks: int = SHRINKS,
     name: Optional[str] = None,
     progress: Optional[Callable[[str], None]] = None,
@@ -269,9 +295,11 @@ def check(
     it varies along every axis), or only the `mask_dims` axes with `squeeze_mask`. `extreme` draws
     magnitudes at the dtype's overflow/underflow thresholds; `min_group_size` is the smallest group
     fn accepts (torch's batch_norm and group_norm refuse groups of one value). `framework_name`:
-    "torch", "numpy", "jax" or "keras" (None: detected from what fn returns). Shrinking a
-    counterexample stops after `shrinks` successful shrinks per property. CallError when fn cannot be called on
-    a plain input."""
+    "torch", "numpy", "jax" or "keras" (None: detected from what fn returns); `jit`: JAX calls fn
+    and its VJP under jax.jit (else op by op); `shape_buckets`: draw only a few shapes per rank
+    (strategies.bucket_shapes; None: for frameworks that compile per shape, JAX). Shrinking a
+    counterexample stops after `shrinks` successful shrinks per property. CallError when fn cannot
+    be called on a plain input."""
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     dtype_name = str(torch_dtype).removeprefix("torch.")
     if squeeze_mask and mask_dims is None:
@@ -282,27 +310,28 @@ def check(
     rank = ranks(semantics.dim, ndim if sides is None else len(sides), mask_dims)[0]
     plain = _plain_input(semantics, rank, sides, mask_dims, mask, torch_dtype)
     probe = Caller(fn, Framework(), semantics.padding_mask, squeeze_mask, mask_dims)
-    fw = framework(framework_name or _detect(fn, plain, probe.mask_arg))
+    fw = framework(framework_name or _detect(fn, plain, probe.mask_arg), jit)
     if dtype_name not in fw.dtypes:
         raise ValueError(f"dtype {dtype_name} is not available in {fw.name} (it has {', '.join(fw.dtypes)})")
     if hasattr(fw, "enable"):
         fw.enable(dtype_name)
     caller = Caller(fn, fw, semantics.padding_mask, squeeze_mask, mask_dims)
     _smoke(caller, plain)
+    buckets = fw.shape_buckets if shape_buckets is None else shape_buckets
     props = _properties(
-        caller, semantics, grad, mask,
-        ndim=ndim, mask_dims=mask_dims, dtype=torch_dtype, min_group_size=min_group_size, extreme=extreme, sides=sides,
+        caller, semantics, grad, mask, ndim=ndim, mask_dims=mask_dims, dtype=torch_dtype, min_group_size=min_group_size,
+        extreme=extreme, sides=sides, shape_buckets=buckets,
     )
-    mask_text = "none" if not mask else "varies along " + ("every axis" if mask_dims is None else f"axes {mask_dims}")
-    setup = (
-        f"semantics: {semantics.describe()}; framework={fw.name}, dtype={dtype_name}, ndim={ndim}, sides={sides}, "
-        f"mask={mask_text}{' (squeezed)' if squeeze_mask else ''}, grad={grad}, extreme={extreme}, "
-        f"examples={examples}, seed={seed}"
-    )
-    report = Report(target, setup)
+    report = Report(target, "")
     clock = _Clock(examples * sum(p.skipped is None for p in props), progress or (lambda _: None))
     for prop in props:
         report.properties.append(_run(prop, target, semantics, caller, examples, seed, clock, shrinks))
+    mask_text = "none" if not mask else "varies along " + ("every axis" if mask_dims is None else f"axes {mask_dims}")
+    report.setup = (
+        f"semantics: {semantics.describe()}; framework={fw.describe()}, dtype={dtype_name}, ndim={ndim}, sides={sides}, "
+        f"shapes={'buckets' if buckets else 'all'}, mask={mask_text}{' (squeezed)' if squeeze_mask else ''}, "
+        f"grad={grad}, extreme={extreme}, examples={examples}, seed={seed}"
+    )
     return report
 
 

@@ -3,9 +3,11 @@
     x = (offset + z) * scale rounded once to the dtype, z in [-1, 1], |offset| up to 1e6 (kappa ~ |offset|);
     mask: bool, x's rank, size 1 on the axes it does not vary along
 
-Edge cases on request: all-masked groups, one valid element, constant groups (`degenerate`), NaN,
-+-Inf and the dtype's largest value at masked-out positions (`garbage`), and values at the dtype's
-overflow and underflow thresholds (`extreme`).
+Edge cases on request: all-masked groups, one valid element, constant groups (`degenerate`), at
+least one masked-out position (`padded`), NaN, +-Inf and the dtype's largest value at masked-out
+positions (`garbage`), and values at the dtype's overflow and underflow thresholds (`extreme`).
+Shapes: any within the sides' ranges, or with `shape_buckets` only the few of bucket_shapes (for
+frameworks that compile per shape).
 """
 
 from __future__ import annotations
@@ -95,6 +97,25 @@ def shapes(
     return draw(drawn.filter(lambda s: math.prod(s[d] for d in dims) >= min_group_size))
 
 
+def bucket_shapes(
+    rank: int, dims: Tuple[int, ...], min_group_size: int = 1, sides: Sides = None
+) -> Tuple[Tuple[int, ...], ...]:
+    """The few shapes of `rank` drawn with shape_buckets, smallest first: every side at its
+    smallest on the reduced axes and its largest elsewhere (the smallest groups, the most of
+    them), every side in the middle of its range, every side at its largest; those whose groups
+    hold fewer than `min_group_size` positions are left out. ValueError when none is left."""
+    ranges = side_ranges(rank, sides)
+    candidates = (
+        tuple(low if d in dims else high for d, (low, high) in enumerate(ranges)),
+        tuple((low + high) // 2 for low, high in ranges),
+        tuple(high for _, high in ranges),
+    )
+    kept = [s for s in candidates if math.prod(s[d] for d in dims) >= min_group_size]
+    if not kept:
+        raise ValueError(f"no shape of rank {rank} within sides {sides!r} has groups of {min_group_size} positions")
+    return tuple(sorted(set(kept), key=lambda s: (math.prod(s), s)))
+
+
 def mask_shape(shape: Tuple[int, ...], mask_dims: Optional[Dim]) -> Tuple[int, ...]:
     """`shape` with size 1 on the axes not in `mask_dims` (None: the mask varies along every axis)."""
     varying = range(len(shape)) if mask_dims is None else normalize_dims(mask_dims, len(shape))
@@ -150,16 +171,19 @@ def values(
 
 
 @st.composite
-def masks(draw, mask_shape: Tuple[int, ...], *, degenerate: bool = False) -> torch.Tensor:
+def masks(draw, mask_shape: Tuple[int, ...], *, degenerate: bool = False, padded: bool = False) -> torch.Tensor:
     """A bool mask of `mask_shape` (shrinks towards all True: a minimal counterexample masks out
     only what it needs); `degenerate` also draws all-False masks and masks with a single True, which
-    leave groups empty or with one valid element."""
+    leave groups empty or with one valid element; `padded`: at least one False."""
     mode = draw(st.sampled_from(["random", "none", "one"])) if degenerate else "random"
     if mode == "random":
-        return ~_bools(draw, mask_shape)
-    mask = torch.zeros(math.prod(mask_shape), dtype=torch.bool)
-    if mode == "one":
-        mask[draw(st.integers(0, mask.numel() - 1))] = True
+        mask = ~_bools(draw, mask_shape).reshape(-1)
+    else:
+        mask = torch.zeros(math.prod(mask_shape), dtype=torch.bool)
+        if mode == "one":
+            mask[draw(st.integers(0, mask.numel() - 1))] = True
+    if padded and mask.all():
+        mask[draw(st.integers(0, mask.numel() - 1))] = False
     return mask.reshape(mask_shape)
 
 
@@ -193,21 +217,26 @@ def masked_inputs(
     mask: bool = True,
     min_group_size: int = 1,
     degenerate: bool = False,
+    padded: bool = False,
     garbage: bool = False,
     extreme: bool = False,
     sides: Sides = None,
+    shape_buckets: bool = False,
 ) -> MaskedInput:
     """A MaskedInput reduced over `dim`: x of rank `ndim` (None: any that fits, up to 3 when possible),
     a bool mask varying along `mask_dims` (mask=False: no mask), and the edge cases asked for
-    (degenerate groups, garbage padding, extreme magnitudes); `sides` constrains the shape
-    (see side_ranges)."""
+    (degenerate groups, at least one masked-out position, garbage padding, extreme magnitudes);
+    `sides` constrains the shape (see side_ranges), `shape_buckets` draws only bucket_shapes."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     rank = draw(st.sampled_from(ranks(dim, ndim if sides is None else len(sides), mask_dims)))
     dims = normalize_dims(dim, rank)
-    shape = draw(shapes(rank, dims, min_group_size, sides))
+    if shape_buckets:
+        shape = draw(st.sampled_from(bucket_shapes(rank, dims, min_group_size, sides)))
+    else:
+        shape = draw(shapes(rank, dims, min_group_size, sides))
     inp = MaskedInput(
         draw(values(shape, dims, dtype, constant_groups=degenerate, extreme=extreme)),
-        draw(masks(mask_shape(shape, mask_dims), degenerate=degenerate)) if mask else None,
+        draw(masks(mask_shape(shape, mask_dims), degenerate=degenerate, padded=padded)) if mask else None,
         dims,
     )
     return draw(with_garbage(inp)) if garbage and mask else inp
