@@ -124,11 +124,16 @@ def token_ops() -> Optional[object]:
     return _State.ops
 
 
-@torch.compiler.assume_constant_result
 def available() -> bool:
     """token_ops() is not None; torch.compile calls it eagerly and takes the answer as a constant
     (a build or a lock is nothing a tracer can follow)."""
     return token_ops() is not None
+
+
+# What torch.compiler.assume_constant_result(available) sets, without its import of torch._dynamo
+# (and sympy) at `import masknorm`: measured 3 s -> 7 s. tests/test_fast_ops.py checks that the
+# public decorator still marks a function this way and nothing more.
+available._dynamo_marked_constant = True
 
 
 @contextlib.contextmanager

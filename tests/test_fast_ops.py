@@ -158,3 +158,13 @@ def test_double_backward_through_the_compiled_operator_raises():
     (gx,) = torch.autograd.grad(compiled(x, mask), x, grad, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward"):
         gx.pow(2).sum().backward()
+
+
+def test_available_is_marked_as_the_public_decorator_marks():
+    """_native.available carries the attributes torch.compiler.assume_constant_result gives a
+    function (set by hand so that `import masknorm` does not import torch._dynamo)."""
+    def probe() -> bool:
+        return True
+
+    torch.compiler.assume_constant_result(probe)
+    assert vars(probe) and all(getattr(_native.available, k, None) == v for k, v in vars(probe).items())
