@@ -20,7 +20,7 @@ def out() -> str:
 
 def test_bench_runs_shrunk_and_prints_every_case(out):
     assert "MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=4294967296" in out
-    assert out.count("layer norm B=") == 4 and out.count("batch norm B=") == 1 and "MaskedBatchNorm1d(256)" in out
+    assert out.count("layer norm B=") == 5 and out.count("batch norm B=") == 1 and "MaskedBatchNorm1d(256)" in out
     for name in ("masknorm", "F.layer_norm", "F.batch_norm (train)", "nn.BatchNorm1d (train)", "plain torch (masked)"):
         assert f"  {name} " in out
     assert "sequences padded at the end" in out and "scattered at random" in out
@@ -28,8 +28,9 @@ def test_bench_runs_shrunk_and_prints_every_case(out):
 
 def test_bench_covers_every_family_of_issue_12(out):
     """Group and instance norm over time (float32 and bfloat16), RMS norm with a token mask, a
-    bfloat16 layer norm and a conformer block are timed against torch's layers."""
+    bfloat16 layer norm, layer norm with an elementwise mask and a conformer block are timed
+    against torch's layers."""
     assert out.count("MaskedGroupNorm(32, 32)") == 2 and out.count("MaskedInstanceNorm1d(32, affine=True)") == 2
-    assert "bfloat16" in out and "RMS norm B=" in out and "conformer block" in out
+    assert "bfloat16" in out and "RMS norm B=" in out and "conformer block" in out and "elementwise mask" in out
     for name in ("GroupNorm", "InstanceNorm1d", "F.rms_norm", "conformer, torch norms"):
         assert f"  {name} " in out
