@@ -34,8 +34,10 @@ from masknorm._autograd import (
 )
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 
-# rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64.
-_SAFE_RSTD = (2.0**-40, 2.0**40)
+# rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64; with
+# kappa's bound 1/(4u), as 0-d tensors per dtype: a Python number would be wrapped on every call.
+_LIMITS = {dt: torch.tensor([2.0**-40, 2.0**40, 0.5 / torch.finfo(dt).eps], dtype=dt).unbind()
+           for dt in (torch.float32, torch.float64)}
 
 
 def applies(
@@ -254,9 +256,9 @@ def _inaccurate(st: GroupStats) -> torch.Tensor:
     above 1/(4u) (measured: error <= 3 u*kappa up to kappa u = 0.67 in float32; at kappa u ~ 1.4,
     sigma ~ one ulp of mu, the fused variance is lost)."""
     r = st.inv_s
-    kappa_limit = 0.5 / torch.finfo(r.dtype).eps  # 1/(4u)
-    in_range = (r >= _SAFE_RSTD[0]) & (r <= _SAFE_RSTD[1]) & (st.shift_scaled.abs() * r <= kappa_limit)
-    return ~st.degenerate & ~in_range
+    low, high, kappa_limit = _LIMITS[r.dtype]
+    in_range = (r >= low) & (r <= high) & (st.shift_scaled.abs() * r <= kappa_limit)
+    return ~(st.degenerate | in_range)
 
 
 def fused_forward(x, mask, weight, bias, ndims: int, eps: float, center: bool, masked: str):
