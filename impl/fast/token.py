@@ -142,7 +142,8 @@ def _forward(xc, mask, weight, bias, ndims, eps, center, masked):
 def _stats(x, mask, ndims: int, mean, rstd) -> GroupStats:
     """The GroupStats of a fused layer norm's (mean, rstd): a padded group is degenerate."""
     valid = _valid(x, mask, ndims)
-    k = valid.to(mean.dtype) * float(math.prod(x.shape[x.dim() - ndims:]))
+    n = float(math.prod(x.shape[x.dim() - ndims:]))
+    k = torch.zeros_like(mean).masked_fill_(valid, n)  # not valid * n: n would be wrapped into a tensor
     return GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k, ~valid)
 
 
