@@ -35,8 +35,9 @@ from masknorm._autograd import (
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 
 # rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64; with
-# kappa's bound 1/(4u), as 0-d tensors per dtype: a Python number would be wrapped on every call.
-_LIMITS = {dt: torch.tensor([2.0**-40, 2.0**40, 0.5 / torch.finfo(dt).eps], dtype=dt).unbind()
+# kappa's bound 1/(4u), as 0-d CPU tensors per dtype (any device takes them; not the default device,
+# which may be set before import): a Python number would be wrapped on every call.
+_LIMITS = {dt: torch.tensor([2.0**-40, 2.0**40, 0.5 / torch.finfo(dt).eps], dtype=dt, device="cpu").unbind()
            for dt in (torch.float32, torch.float64)}
 
 
