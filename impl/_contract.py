@@ -8,10 +8,13 @@ exactly the same calls with the same messages. Nothing here touches tensor value
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
+
+import torch
 
 Shape = Tuple[int, ...]
 Dim = Union[int, Sequence[int]]
@@ -84,6 +87,28 @@ def check_args(
     bias_shape: Optional[Sequence[int]] = None,
 ) -> NormArgs:
     """Validate a masked_norm call by shapes and scalars; raise TypeError/ValueError naming the argument."""
+    shapes = (x_shape, mask_shape, dim, weight_shape, bias_shape)
+    if not torch.compiler.is_compiling() and _cacheable(*shapes):
+        shape, dims = _check_shapes_cached(*shapes)
+    else:
+        shape, dims = _check_shapes(*shapes)
+    if type(correction) is not int and (isinstance(correction, bool) or not isinstance(correction, numbers.Integral)):
+        raise TypeError(f"correction must be an int >= 0, got {type(correction).__name__} {correction!r}")
+    if correction < 0:
+        raise ValueError(f"correction must be >= 0, got {correction}")
+    if type(eps) is not float and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)):
+        raise TypeError(f"eps must be a real number >= 0, got {type(eps).__name__} {eps!r}")
+    if not (eps >= 0 and eps < math.inf):  # not math.isfinite: Dynamo cannot trace it on a symbolic float
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    if not isinstance(center, bool):
+        raise TypeError(f"center must be a bool, got {type(center).__name__} {center!r}")
+    if masked not in POLICIES:
+        raise ValueError(f"masked must be one of {POLICIES}, got {masked!r}")
+    return NormArgs(shape, dims, int(correction), float(eps), center, masked)
+
+
+def _check_shapes(x_shape, mask_shape, dim, weight_shape, bias_shape) -> Tuple[Shape, Tuple[int, ...]]:
+    """(x's shape as a tuple, the normalized dims) after the shape checks of check_args."""
     shape = tuple(x_shape)  # not int(s): under torch.export that would specialize every symbolic size
     if len(shape) == 0:
         raise ValueError("x must have at least one dimension, got a 0-d tensor")
@@ -96,16 +121,24 @@ def check_args(
     for name, s in (("weight", weight_shape), ("bias", bias_shape)):
         if s is not None and not broadcasts_onto(s, shape):
             raise ValueError(f"{name} of shape {tuple(s)} does not broadcast to x of shape {shape}")
-    if isinstance(correction, bool) or not isinstance(correction, numbers.Integral):
-        raise TypeError(f"correction must be an int >= 0, got {type(correction).__name__} {correction!r}")
-    if correction < 0:
-        raise ValueError(f"correction must be >= 0, got {correction}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
-        raise TypeError(f"eps must be a real number >= 0, got {type(eps).__name__} {eps!r}")
-    if not (eps >= 0 and eps < math.inf):  # not math.isfinite: Dynamo cannot trace it on a symbolic float
-        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
-    if not isinstance(center, bool):
-        raise TypeError(f"center must be a bool, got {type(center).__name__} {center!r}")
-    if masked not in POLICIES:
-        raise ValueError(f"masked must be one of {POLICIES}, got {masked!r}")
-    return NormArgs(shape, dims, int(correction), float(eps), center, masked)
+    return shape, dims
+
+
+# A pure function of its arguments; only called with tuples of plain ints (and dim an int), whose
+# equal keys are equal values: never a bool or float that compares equal to an int, never a SymInt.
+_check_shapes_cached = functools.lru_cache(maxsize=512)(_check_shapes)
+
+
+def _ints(values: object) -> bool:
+    return isinstance(values, tuple) and all(type(v) is int for v in values)
+
+
+def _cacheable(x_shape, mask_shape, dim, weight_shape, bias_shape) -> bool:
+    """True when the shape checks may be looked up: every size and axis a plain int."""
+    return (
+        _ints(x_shape)
+        and (type(dim) is int or _ints(dim))
+        and (mask_shape is None or _ints(mask_shape))
+        and (weight_shape is None or _ints(weight_shape))
+        and (bias_shape is None or _ints(bias_shape))
+    )

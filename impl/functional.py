@@ -136,8 +136,18 @@ def _eager_on_data(x: torch.Tensor) -> bool:
     return not (
         torch.compiler.is_compiling()
         or torch._C._are_functorch_transforms_active()
-        or x.device.type == "meta"
-        or is_fake(x)
+        or x.is_meta
+        or (_maybe_fake(x) and is_fake(x))
+    )
+
+
+def _maybe_fake(x: torch.Tensor) -> bool:
+    """False only where is_fake(x) is False: a plain tensor that wraps nothing (FakeTensor and the
+    wrappers is_fake looks into are subclasses, functional tensors or functorch wrappers)."""
+    return (
+        type(x) is not torch.Tensor
+        or torch._is_functional_tensor(x)
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
     )
 
 

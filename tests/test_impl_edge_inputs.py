@@ -21,6 +21,22 @@ def test_meta_tensors_give_meta_outputs_of_the_input_shape(make, x_shape, mask_s
     assert out.device.type == "meta" and out.shape == x_shape
 
 
+@pytest.mark.parametrize("make, x_shape, mask_shape", [
+    (lambda: masknorm.MaskedLayerNorm(8), (4, 10, 8), (4, 10)),
+    (lambda: masknorm.MaskedBatchNorm1d(8), (4, 8, 10), (4, 10)),
+    (lambda: masknorm.MaskedGroupNorm(2, 8), (4, 8, 10), (4, 10)),
+])
+def test_fake_tensors_take_the_general_path(make, x_shape, mask_shape):
+    """Under FakeTensorMode (as torch.export and make_fx trace) the fast paths, whose safety checks
+    read values, are not taken: the call gives a fake output of x's shape instead of failing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
+
+    with FakeTensorMode():
+        module, x = make(), torch.randn(x_shape)
+        out = module(x, torch.ones(mask_shape, dtype=torch.bool))
+    assert is_fake(out) and out.shape == x_shape
+
+
 @pytest.mark.parametrize("shape, dim", [((4, 0), -1), ((0,), -1), ((0, 8), -1), ((0, 3, 5), (0, 2)), ((2, 3, 0), (0, 2))])
 def test_masked_norm_of_an_empty_tensor_is_empty(shape, dim):
     x = torch.randn(shape, requires_grad=True)

@@ -82,3 +82,35 @@ def test_metadata_guard_detects_work():
     """The guard above is not vacuous: a valid call does tensor work inside it and is stopped."""
     with pytest.raises(AssertionError, match="tensor work"), _NoTensorWork():
         masknorm.masked_norm(X)
+
+
+def _layer_norm(x, eps):
+    """Layer norm over the last axis in float64, written out."""
+    x = x.double()
+    mu = x.mean(-1, keepdim=True)
+    return ((x - mu) / torch.sqrt(((x - mu) ** 2).mean(-1, keepdim=True) + eps)).float()
+
+
+@pytest.mark.parametrize("compiling", [False, True], ids=["cached", "uncached"])
+def test_argument_checks_answer_each_call_anew(compiling, monkeypatch):
+    """The shape checks are looked up by (shapes, dim) outside torch.compile (and computed there):
+    a call after another with other shapes, dims, eps or types of equal value gets its own result
+    or error, never the earlier call's."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    x2, x3 = torch.randn(2, 3), torch.randn(2, 3, 4)
+    for x, eps in ((x2, 1e-5), (x3, 1e-5), (x2, 4.0), (x3, 4.0)):
+        for dim in (-1, (-1,), x.dim() - 1):
+            out = masknorm.masked_norm(x, None, dim, eps=eps)
+            assert out.shape == x.shape and torch.allclose(out, _layer_norm(x, eps), atol=1e-6)
+    masknorm.masked_norm(x3, None, 2)
+    with pytest.raises(ValueError, match=re.escape("dim=2 is out of range for x with 2 dimensions")):
+        masknorm.masked_norm(x2, None, 2)
+    masknorm.masked_norm(x2, None, (1,))
+    with pytest.raises(TypeError, match=re.escape("got element True in dim=(True,)")):
+        masknorm.masked_norm(x2, None, (True,))
+    masknorm.masked_norm(x2, torch.ones(2, 1, **BOOL))
+    with pytest.raises(ValueError, match=re.escape("mask of shape (3, 1) does not broadcast to x of shape (2, 3)")):
+        masknorm.masked_norm(x2, torch.ones(3, 1, **BOOL))
+    masknorm.masked_norm(x2, correction=1)
+    with pytest.raises(TypeError, match=re.escape("correction must be an int >= 0, got bool True")):
+        masknorm.masked_norm(x2, correction=True)

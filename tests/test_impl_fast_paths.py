@@ -5,6 +5,8 @@ copied as slices, many as an index: both must touch exactly the padded rows and 
 bits); and the batch-norm path's per-channel redo (a channel its fused kernels cannot do exactly
 is redone alone, leaving every other channel's bits as they were)."""
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -200,3 +202,15 @@ def test_a_remeasured_channel_leaves_the_others_bitwise():
     bias = torch.zeros(2, 1)
     out, out_other = (masked_norm(t, None, (0, 2), eps=1e-5, bias=bias) for t in (x, x_other))
     assert torch.equal(out[:, 0], out_other[:, 0])
+
+
+def test_masknorm_imported_under_another_default_device_runs_the_token_path():
+    """The token path's constants are made at import; a default device set then (meta here) must
+    not become theirs, or every later CPU call would fail on mixed devices."""
+    code = (
+        "import torch; torch.set_default_device('meta'); import masknorm; torch.set_default_device('cpu'); "
+        "x = torch.randn(2, 4, 8); out = masknorm.MaskedLayerNorm(8)(x, torch.tensor([[1, 1, 1, 0]] * 2).bool()); "
+        "assert torch.allclose(out[:, :3], torch.nn.functional.layer_norm(x, (8,))[:, :3], atol=1e-6)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

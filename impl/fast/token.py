@@ -34,8 +34,11 @@ from masknorm._autograd import (
 )
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 
-# rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64.
-_SAFE_RSTD = (2.0**-40, 2.0**40)
+# rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64; with
+# kappa's bound 1/(4u), as 0-d CPU tensors per dtype (any device takes them; not the default device,
+# which may be set before import): a Python number would be wrapped on every call.
+_LIMITS = {dt: torch.tensor([2.0**-40, 2.0**40, 0.5 / torch.finfo(dt).eps], dtype=dt, device="cpu").unbind()
+           for dt in (torch.float32, torch.float64)}
 
 
 def applies(
@@ -140,7 +143,8 @@ def _forward(xc, mask, weight, bias, ndims, eps, center, masked):
 def _stats(x, mask, ndims: int, mean, rstd) -> GroupStats:
     """The GroupStats of a fused layer norm's (mean, rstd): a padded group is degenerate."""
     valid = _valid(x, mask, ndims)
-    k = valid.to(mean.dtype) * float(math.prod(x.shape[x.dim() - ndims:]))
+    n = float(math.prod(x.shape[x.dim() - ndims:]))
+    k = torch.zeros_like(mean).masked_fill_(valid, n)  # not valid * n: n would be wrapped into a tensor
     return GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k, ~valid)
 
 
@@ -254,9 +258,9 @@ def _inaccurate(st: GroupStats) -> torch.Tensor:
     above 1/(4u) (measured: error <= 3 u*kappa up to kappa u = 0.67 in float32; at kappa u ~ 1.4,
     sigma ~ one ulp of mu, the fused variance is lost)."""
     r = st.inv_s
-    kappa_limit = 0.5 / torch.finfo(r.dtype).eps  # 1/(4u)
-    in_range = (r >= _SAFE_RSTD[0]) & (r <= _SAFE_RSTD[1]) & (st.shift_scaled.abs() * r <= kappa_limit)
-    return ~st.degenerate & ~in_range
+    low, high, kappa_limit = _LIMITS[r.dtype]
+    in_range = (r >= low) & (r <= high) & (st.shift_scaled.abs() * r <= kappa_limit)
+    return ~(st.degenerate | in_range)
 
 
 def fused_forward(x, mask, weight, bias, ndims: int, eps: float, center: bool, masked: str):

@@ -63,7 +63,8 @@ def check_groups(owner: str, num_groups: int, num_channels: int) -> None:
 def check_affine(owner: str, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                  shape: Tuple[int, ...], source: str) -> None:
     """weight and bias (where present) have `shape` (the module's `source`, e.g. "num_channels")."""
+    shape = tuple(shape)
     for name, param in (("weight", weight), ("bias", bias)):
-        if param is not None and tuple(param.shape) != tuple(shape):
+        if param is not None and param.shape != shape:
             raise ValueError(f"{owner}: {name} has shape {tuple(param.shape)}, expected {tuple(shape)} ({source}); "
                              "was a parameter assigned or loaded with another size?")
