@@ -29,7 +29,7 @@ import torch
 from masknorm import _kernel_cache
 from masknorm_cli import parsers
 
-BUILD_S, BUILD_CPU_S = 75, 30  # the first build on a 2-core AVX2 machine, wall and CPU (README, "Setting up")
+BUILD_S, BUILD_CPU_S = 60, 60  # the first build on a 2-core AVX2 machine, wall and CPU (README, "Set-up"): 23-134 s, 40-66 s
 _OFF, _ON = {"0", "false", "off", "no"}, {"1", "true", "on", "yes"}
 
 
