@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence
 
 import torch
 
@@ -44,6 +44,7 @@ class Layout:
     r: int
     q: int
     shape: torch.Size
+    op: ClassVar[str] = "masked_group_norm"  # the kernel (torch.ops.masknorm) and its "_backward"
 
     def sizes(self) -> tuple:
         shape = self.shape
@@ -70,17 +71,22 @@ class Layout:
         """A weight or bias as the kernel's values per channel (G * Cg of them)."""
         return None if t is None else t.expand(self.parameter_shape()).reshape(-1)
 
+    def kernel_shape(self, m2: torch.Tensor) -> tuple:
+        """The shape in which the kernel reads x: (B, G, Cg, L)."""
+        return self.sizes()
+
     def kernel(self, x, m2, weight, bias, correction: int, eps: float, center: bool, policy: int):
         """(y, mean, rstd, state) of the fused kernel: x's shape, then one value per group."""
-        y, mean, rstd, state = _native.token_ops().masked_group_norm(
-            x.reshape(self.sizes()), m2, self.channels(weight), self.channels(bias), correction, eps, center, policy)
+        y, mean, rstd, state = getattr(_native.token_ops(), self.op)(
+            x.reshape(self.kernel_shape(m2)), m2, self.channels(weight), self.channels(bias), correction, eps, center,
+            policy)
         return y.view(x.shape), mean, rstd, state
 
     def kernel_backward(self, g_out, x, m2, mean, rstd, state, weight, correction: int, center: bool, policy: int):
         """(grad x, per-channel grad weight, per-channel grad bias) of the fused kernel."""
-        sizes = self.sizes()
-        gx, gw, gb = _native.token_ops().masked_group_norm_backward(
-            g_out.reshape(sizes), x.reshape(sizes), m2, mean, rstd, state, self.channels(weight), correction, center,
+        shape = self.kernel_shape(m2)
+        gx, gw, gb = getattr(_native.token_ops(), self.op + "_backward")(
+            g_out.reshape(shape), x.reshape(shape), m2, mean, rstd, state, self.channels(weight), correction, center,
             policy)
         return gx.view(x.shape), gw, gb
 
@@ -105,19 +111,13 @@ class RowLayout(Layout):
     bias per position of a row: layer and RMS norm over trailing axes with a mask that varies inside
     the rows (kernel masked_row_norm: the group kernel's formulas with w, b per position)."""
 
+    op: ClassVar[str] = "masked_row_norm"
+
     def parameter_shape(self) -> tuple:
         return (*[1] * self.r, *self.shape[self.r:])
 
-    def kernel(self, x, m2, weight, bias, correction: int, eps: float, center: bool, policy: int):
-        y, mean, rstd, state = _native.token_ops().masked_row_norm(
-            x.reshape(m2.shape), m2, self.channels(weight), self.channels(bias), correction, eps, center, policy)
-        return y.view(x.shape), mean, rstd, state
-
-    def kernel_backward(self, g_out, x, m2, mean, rstd, state, weight, correction: int, center: bool, policy: int):
-        gx, gw, gb = _native.token_ops().masked_row_norm_backward(
-            g_out.reshape(m2.shape), x.reshape(m2.shape), m2, mean, rstd, state, self.channels(weight), correction,
-            center, policy)
-        return gx.view(x.shape), gw, gb
+    def kernel_shape(self, m2: torch.Tensor) -> tuple:
+        return tuple(m2.shape)
 
 
 def of_spec(spec: Sequence[int], shape: torch.Size) -> Layout:
