@@ -168,3 +168,26 @@ def test_available_is_marked_as_the_public_decorator_marks():
 
     torch.compiler.assume_constant_result(probe)
     assert vars(probe) and all(getattr(_native.available, k, None) == v for k, v in vars(probe).items())
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_compiled_elementwise_mask_runs_the_row_kernel(dynamic):
+    """Layer norm with a mask that varies inside the rows and a per-position weight and bias (the
+    row layout) compiles to the group operator and equals eager bit for bit, output and gradients."""
+    gen = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    f = functools.partial(masknorm.masked_norm, dim=-1, weight=weight, bias=bias, masked="zero")
+    recorder = _Recorder("aot_eager")
+    compiled = torch.compile(f, backend=recorder, fullgraph=True, dynamic=dynamic)
+    for b in (3, 5):
+        x, g = torch.randn(b, 4, 6, generator=gen), torch.randn(b, 4, 6, generator=gen)
+        mask = torch.rand(b, 4, 6, generator=gen) > 0.3
+        assert isinstance(fast_group.layout(x, mask, weight, bias, (2,)), fast_group.RowLayout)
+        results = []
+        for call in (compiled, f):
+            leaf = x.clone().requires_grad_()
+            out = call(leaf, mask)
+            results.append((out.detach(), *torch.autograd.grad(out, leaf, g)))
+        for a, e in zip(*results):
+            _same(a, e)
+    assert torch.ops.masknorm.group_norm.default in recorder.targets
