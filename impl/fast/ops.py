@@ -17,9 +17,10 @@ that is not wanted comes back empty. The names differ from the C++ kernels' (mas
 masked_group_norm, token_layer_norm): a second definition of a name aborts the process when the
 kernel library loads. Double backward and forward-mode AD through these operators raise
 (no formula is registered for the backward operator, nor a jvp): never a wrong answer.
-"""
 
-from __future__ import annotations
+No `from __future__ import annotations` here: torch 2.4's schema inference reads the annotations
+as written and rejects the strings 'Tensor', 'Optional[Tensor]', ...
+"""
 
 from typing import List, Optional, Tuple
 
@@ -63,10 +64,18 @@ def _fake_grad(param: Optional[Tensor], wanted: bool, x: Tensor) -> Tensor:
     return param.new_empty(param.shape) if wanted and param is not None else x.new_empty(0)
 
 
+def _own(t: Tensor) -> Tensor:
+    """t as an operator output: a contiguous tensor of its own (small tensors: statistics and
+    parameter gradients). The fast paths may return views of one tensor (which an operator's outputs
+    must not be), expanded statistics (stride 0) or the strides of a transposed x, while the fake
+    kernels promise contiguous outputs. The full-size outputs are made contiguous without a copy
+    where they are already."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _or_empty(grad: Optional[Tensor], x: Tensor) -> Tensor:
-    """grad as an output of its own (the fast paths may return the weight and bias gradients as
-    views of one tensor, which an operator's outputs must not be), or empty."""
-    return x.new_empty(0) if grad is None else grad.clone()
+    """grad as an output of its own (see _own), or empty."""
+    return x.new_empty(0) if grad is None else _own(grad)
 
 
 @torch.library.custom_op("masknorm::group_norm", mutates_args=())
@@ -77,7 +86,7 @@ def group_norm(
     """fast.group's forward on x viewed by Layout(*layout): (out, per-group mean, rstd, state)."""
     lay = fast_group.of_spec(layout, x.shape)
     out, _, mean, rstd, state, _ = fast_group.fused_forward(x, mask, weight, bias, lay, correction, eps, center, masked)
-    return out.contiguous(), mean, rstd, state
+    return out.contiguous(), _own(mean), _own(rstd), _own(state)
 
 
 @group_norm.register_fake
@@ -119,7 +128,7 @@ def channel_norm(
     out, var, st, bound, redo, moments = fast_channel.fused_forward(x, mask, weight, bias, dims, correction, eps,
                                                                     masked)
     redo = torch.zeros_like(st.degenerate) if redo is None else redo
-    return (out.contiguous(), *moments, var, st.shift_scaled.clone(), st.inv_s.clone(), redo,
+    return (out.contiguous(), *map(_own, moments), _own(var), _own(st.shift_scaled), _own(st.inv_s), _own(redo),
             torch.tensor(bound, dtype=torch.float64))
 
 
@@ -164,7 +173,7 @@ def padded_layer_norm(
     (all False if none)), the statistics in keepdim shape and x's computation dtype."""
     out, st, _, _, redo = fast_token.fused_forward(x, mask, weight, bias, ndims, eps, center, masked)
     redo = torch.zeros_like(st.degenerate) if redo is None else redo
-    return out.contiguous(), st.shift_scaled.clone(), st.inv_s.clone(), redo
+    return out.contiguous(), _own(st.shift_scaled), _own(st.inv_s), _own(redo)
 
 
 @padded_layer_norm.register_fake
