@@ -25,6 +25,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype`: t itself when it has it, never a no-op `t.to(dtype)`. An autograd.Function whose
+    forward returns such an alias of an intermediate gets zero gradients under torch.compile on
+    torch 2.11 (pytorch/pytorch#180642: Dynamo records the alias as a second output of the same
+    tensor, and the incoming gradient is routed to another output's slot)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def regions(
     mask: Optional[torch.Tensor], degenerate: torch.Tensor, masked: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -101,7 +109,7 @@ class MaskedNormFunction(torch.autograd.Function):
         st = group_stats(xc, mask, dims, correction, eps, center)
         P, passthrough = regions(mask, st.degenerate, masked)
         out = compose(affine(normalized(xc, st), _cast(weight, ct), _cast(bias, ct)), xc, P, passthrough, masked)
-        return (out.to(x.dtype), *st)
+        return (as_dtype(out, x.dtype), *st)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

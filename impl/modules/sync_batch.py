@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from masknorm._autograd import GroupStats, affine, compose, compute_dtype, general_vjp, normalized, regions
+from masknorm._autograd import GroupStats, affine, as_dtype, compose, compute_dtype, general_vjp, normalized, regions
 from masknorm._contract import POLICIES
 from masknorm._merge import ACCUMULATE, LocalMoments, MergedMoments, local_moments, merge_moments
 from masknorm._stats import exponent_bounds
@@ -121,7 +121,7 @@ class SyncMaskedNormFunction(torch.autograd.Function):
         out = compose(affine(normalized(xc, st), w, b), xc, P, passthrough, masked)
         ctx.save_for_backward(x, mask, weight, *stats)
         ctx.config = (eps, masked, group, None if bias is None else (bias.shape, bias.dtype))
-        return out.to(x.dtype)
+        return as_dtype(out, x.dtype)
 
     @staticmethod
     @once_differentiable
