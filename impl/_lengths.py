@@ -68,7 +68,7 @@ def _fill(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def before(layer: nn.Module, args: tuple) -> object:
     """Forward pre-hook: find the time axis, zero (or -inf) the padding, note what the output will be."""
     frame = current()
-    if frame is None or not args or not isinstance(args[0], torch.Tensor):
+    if frame is None or frame.block is None or not args or not isinstance(args[0], torch.Tensor):
         return None
     x = args[0]
     n = x.dim() - 2
@@ -81,7 +81,7 @@ def before(layer: nn.Module, args: tuple) -> object:
     if axis is None:
         return None
     k, s, d, total = window(layer, axis - 2, n)
-    res = frame.resolutions[x.shape[axis]]
+    res = frame.resolution(x.shape[axis])
     reads_neighbours = d * (k - 1) > 0
     unsupported = _unsupported(layer, total) if reads_neighbours else ""
     if unsupported:

@@ -12,7 +12,14 @@ tracked convolution or pooling layer (masknorm.convert installs the tracking, ma
 
 A norm that finds no such axis, or more than one, raises (naming the module and the shapes);
 `.at(norm, fn)` states a norm's mask, `.add(lengths=..., size=...)` a resolution the tracking cannot
-see (a custom subsampling layer). Outside any block nothing changes.
+see (a custom subsampling layer). Outside any block nothing changes; `padding()` with no argument states
+that nothing is padded.
+
+Sizes are compared, never used as keys, and B and T are read off the block's tensors, which are marked
+maybe-dynamic: under torch.compile a new batch size or length reuses the graph (symbolic sizes), and
+torch.export can trace a block entered inside the exported forward with a `Dim` on T. A block entered
+outside an exported function (its lengths would become constants) and a norm exported with no block (the
+program would ignore one at run time) raise.
 
 Carrier (docs/DECISIONS.md item 2): a threading.local stack of frames, one per entered block, so
 two threads running one model with different padding never see each other's, and torch.compile
@@ -22,6 +29,7 @@ pass `context_fn=masknorm.checkpoint_context` (use_reentrant=False) to re-enter 
 
 from __future__ import annotations
 
+import sys
 import threading
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
@@ -40,13 +48,20 @@ class Resolution:
     `key` names the derivation (equal keys give equal lengths, also when a checkpoint recomputes them);
     `lengths is None` means the mask is not a prefix mask, so nothing can be derived from it;
     `mask is None` means two derivations disagreed on this size (`why` says which).
+    The size T is read off the mask where there is one, so that under torch.compile it is the mask's
+    (symbolic) size, never a Python int frozen into the graph.
     """
 
-    __slots__ = ("lengths", "mask", "why", "key")
+    __slots__ = ("lengths", "mask", "why", "key", "_size")
 
     def __init__(self, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], why: str,
-                 key: Hashable = None) -> None:
+                 key: Hashable = None, size: Optional[int] = None) -> None:
         self.lengths, self.mask, self.why, self.key = lengths, mask, why, key if key is not None else why
+        self._size = size
+
+    @property
+    def size(self) -> int:
+        return self.mask.shape[1] if self.mask is not None else self._size
 
 
 def prefix_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -55,23 +70,42 @@ def prefix_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class Frame:
-    """One entered block: the batch size, the resolutions by size, the stated norm masks."""
+    """One entered block: its own resolution (the block's input), those derived or stated since, the
+    stated norm masks. Resolutions are found by comparing sizes (==), never by hashing them: a size
+    may be symbolic (torch.compile with dynamic shapes, torch.export)."""
 
-    def __init__(self, batch: int, resolutions: Dict[int, Resolution], rules: Dict[int, MaskFn]) -> None:
-        self.batch, self.resolutions, self.rules = batch, dict(resolutions), rules
+    def __init__(self, block: Resolution, resolutions: Sequence[Resolution], rules: Dict[int, MaskFn],
+                 traced: bool) -> None:
+        self.block, self.resolutions, self.rules, self.traced = block, list(resolutions), rules, traced
         self.pending: Dict[int, Tuple[int, int, Optional[torch.Tensor], Hashable]] = {}
+
+    @property
+    def batch(self) -> int:
+        """B, read off the block's tensors (symbolic under a tracer)."""
+        return self.block.mask.shape[0]
+
+    def resolution(self, size: int) -> Optional[Resolution]:
+        """The resolution of time size `size`, or None."""
+        for res in self.resolutions:
+            if res.size == size:
+                return res
+        return None
+
+    def state(self, res: Resolution) -> None:
+        """Add or replace the resolution of res.size."""
+        self.resolutions = [r for r in self.resolutions if not r.size == res.size] + [res]
 
     def record(self, size: int, lengths: Optional[torch.Tensor], key: Hashable, source: str) -> None:
         """Learn the resolution `size` from a derivation; a second, different derivation makes it ambiguous."""
-        known = self.resolutions.get(size)
+        known = self.resolution(size)
         if known is not None and (known.key == key or known.mask is None):
             return
         if known is not None:
-            self.resolutions[size] = Resolution(None, None, f"{known.why} and {source} both give length {size}", key)
+            self.state(Resolution(None, None, f"{known.why} and {source} both give length {size}", key, size))
         elif lengths is None:
-            self.resolutions[size] = Resolution(None, None, f"{source} derives it from a mask that is not a prefix", key)
+            self.state(Resolution(None, None, f"{source} derives it from a mask that is not a prefix", key, size))
         else:
-            self.resolutions[size] = Resolution(lengths, prefix_mask(lengths, size), source, key)
+            self.state(Resolution(lengths, prefix_mask(lengths, size), source, key))
 
 
 def current() -> Optional[Frame]:
@@ -120,9 +154,13 @@ def _check_mask(mask: object, name: str) -> torch.Tensor:
     return mask
 
 
+def _tracing() -> bool:
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
 def _resolution(lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], size: Optional[int],
-                source: str) -> Tuple[int, int, Resolution]:
-    """(B, T, Resolution) from exactly one of lengths (with size, default lengths.max()) or mask."""
+                source: str) -> Resolution:
+    """The Resolution of exactly one of lengths (with size, default lengths.max()) or mask."""
     if (lengths is None) == (mask is None):
         raise ValueError("give exactly one of lengths= and mask=")
     if mask is not None:
@@ -130,21 +168,37 @@ def _resolution(lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], s
         if size is not None and size != mask.shape[1]:
             raise ValueError(f"size={size} differs from mask of shape {tuple(mask.shape)}")
         sums = mask.sum(1)
-        return mask.shape[0], mask.shape[1], Resolution(sums if _is_prefix(mask, sums) else None, mask, source)
+        return Resolution(sums if _is_prefix(mask, sums) else None, mask, source)
     lengths = _check_lengths(lengths, "lengths")
+    if size is None and _tracing():
+        raise ValueError("padding(lengths=...) inside torch.compile or torch.export needs size= (the padded "
+                         "length, e.g. x.shape[-1]): lengths.max() is data the tracer cannot read")
     if size is None:
         size = int(lengths.max()) if lengths.numel() else 0
-    if lengths.numel() and not torch.compiler.is_compiling() and (int(lengths.min()) < 0 or int(lengths.max()) > size):
+    if lengths.numel() and not _tracing() and (int(lengths.min()) < 0 or int(lengths.max()) > size):
         raise ValueError(f"lengths must lie in [0, {size}], got min {int(lengths.min())} max {int(lengths.max())}")
-    return lengths.shape[0], size, Resolution(lengths, prefix_mask(lengths, size), source)
+    return Resolution(lengths, prefix_mask(lengths, size), source)
+
+
+def _dynamic(res: Resolution) -> Resolution:
+    """res with its tensors' sizes marked maybe-dynamic for torch.compile (where Dynamo is loaded):
+    a compiled model then reads B and T off them as symbols, and a new batch size or length reuses
+    the graph instead of compiling one per size."""
+    dynamo = sys.modules.get("torch._dynamo")
+    if dynamo is not None and not _tracing():
+        for t in (res.lengths, res.mask):
+            for axis in range(0 if t is None else t.dim()):
+                dynamo.maybe_mark_dynamic(t, axis)
+    return res
 
 
 class Padding:
     """The context manager `masknorm.padding(...)` returns; see the module docstring."""
 
     def __init__(self, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], size: Optional[int]) -> None:
-        self.batch, t, res = _resolution(lengths, mask, size, "the block's input")
-        self.resolutions: Dict[int, Resolution] = {t: res}
+        unpadded = lengths is None and mask is None and size is None
+        self.block = None if unpadded else _dynamic(_resolution(lengths, mask, size, "the block's input"))
+        self.added: List[Resolution] = []
         self.rules: Dict[int, MaskFn] = {}
         self._frames: List[Frame] = []
 
@@ -159,16 +213,19 @@ class Padding:
     def add(self, *, lengths: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
             size: Optional[int] = None) -> "Padding":
         """State the padding at another time resolution (lengths with its padded size, or a (B, T) mask)."""
-        batch, t, res = _resolution(lengths, mask, size, f"a resolution stated by add() ({id(self)})")
-        if batch != self.batch:
-            raise ValueError(f"add(): batch {batch} differs from the block's batch {self.batch}")
-        self.resolutions[t] = res
+        if self.block is None:
+            raise ValueError("add(): padding() without lengths or mask states that nothing is padded")
+        res = _dynamic(_resolution(lengths, mask, size, f"a resolution stated by add() ({id(self)})"))
+        if res.mask.shape[0] != self.block.mask.shape[0]:
+            raise ValueError(f"add(): batch {res.mask.shape[0]} differs from the block's batch "
+                             f"{self.block.mask.shape[0]}")
+        self.added.append(res)
         for frame in self._frames:
-            frame.resolutions[t] = res
+            frame.state(res)
         return self
 
     def __enter__(self) -> "Padding":
-        frame = Frame(self.batch, self.resolutions, self.rules)
+        frame = Frame(self.block, [r for r in (self.block, *self.added) if r is not None], self.rules, _tracing())
         self._frames.append(frame)
         _push(frame)
         return self
@@ -180,7 +237,10 @@ class Padding:
 def padding(*, lengths: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
             size: Optional[int] = None) -> Padding:
     """Hand the padding of a model's input to the masknorm norms inside: lengths (B,) (padded size `size`,
-    default lengths.max()) or a (B, T) bool mask along the input's padded axis, True = valid."""
+    default lengths.max()) or a (B, T) bool mask along the input's padded axis, True = valid.
+    With neither, the block states that nothing is padded (the norms see every position as valid):
+    what torch.export needs to export a model whose norms take their mask from a block, for
+    unpadded inputs."""
     return Padding(lengths, mask, size)
 
 
@@ -201,7 +261,7 @@ def module_name(module: nn.Module) -> str:
 
 
 def _known(frame: Frame) -> str:
-    return ", ".join(str(s) for s in sorted(frame.resolutions)) or "none"
+    return ", ".join(str(r.size) for r in frame.resolutions) or "none"
 
 
 def _cannot(module: nn.Module, x: torch.Tensor, frame: Frame, why: str) -> ValueError:
@@ -214,7 +274,7 @@ def _cannot(module: nn.Module, x: torch.Tensor, frame: Frame, why: str) -> Value
 
 def time_axis(frame: Frame, shape: Sequence[int], candidates: Sequence[int]) -> Tuple[Optional[int], str]:
     """The one candidate axis whose size the frame knows (None if none), or a reason it is ambiguous."""
-    hits = [a for a in candidates if shape[a] in frame.resolutions]
+    hits = [a for a in candidates if frame.resolution(shape[a]) is not None]
     if len(hits) > 1:
         return None, f"axes {hits} all have sizes the block knows"
     return (hits[0] if hits else None), ""
@@ -223,7 +283,7 @@ def time_axis(frame: Frame, shape: Sequence[int], candidates: Sequence[int]) -> 
 def _mask_for(module: nn.Module, x: torch.Tensor, frame: Frame, axis: int, b_pos: int, t_pos: int,
               rank: int) -> torch.Tensor:
     """The frame's (B, T) mask for x's time axis `axis`, laid out on `rank` axes: B at b_pos, T at t_pos."""
-    res = frame.resolutions[x.shape[axis]]
+    res = frame.resolution(x.shape[axis])
     if res.mask is None:
         raise _cannot(module, x, frame, f"length {x.shape[axis]} at axis {axis} is ambiguous ({res.why})")
     shape = [1] * rank
@@ -231,35 +291,62 @@ def _mask_for(module: nn.Module, x: torch.Tensor, frame: Frame, axis: int, b_pos
     return (res.mask if b_pos < t_pos else res.mask.t()).reshape(shape)
 
 
+def block_for(module: nn.Module) -> Optional[Frame]:
+    """The innermost block, for a norm called without a mask; None where there is none or it states
+    no padding. Under torch.export, where the program keeps no link to masknorm.padding, a block
+    must be entered inside the exported function: one entered outside would be frozen into the
+    program (its lengths as constants), and none at all would make the program ignore any block at
+    run time. Both raise."""
+    frame = current()
+    if torch.compiler.is_exporting():
+        if frame is None:
+            raise RuntimeError(
+                f"masknorm: {module_name(module)} is exported without a mask and outside masknorm.padding: the "
+                f"program would ignore any padding at run time. Enter `with masknorm.padding(lengths=lengths, "
+                f"size=x.shape[...])` inside the exported forward, with lengths as an input, or export inside "
+                f"`with masknorm.padding():` to state that the program's inputs are not padded")
+        if frame.block is not None and not frame.traced:
+            raise RuntimeError(
+                f"masknorm: {module_name(module)} is exported inside a masknorm.padding block entered outside "
+                f"the exported function: its lengths would be frozen into the program as constants. Enter the "
+                f"block inside the exported forward, with lengths as an input")
+    return None if frame is None or (frame.block is None and not frame.rules) else frame
+
+
 def token_block_mask(module: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor],
                      n_normalized: int) -> Optional[torch.Tensor]:
     """A token norm's mask (x's leading axes) from the innermost block; `mask` itself when given or outside."""
-    frame = current()
-    if mask is not None or frame is None:
+    frame = None if mask is not None else block_for(module)
+    if frame is None:
         return mask
     if id(module) in frame.rules:
         return frame.rules[id(module)](x)
+    if frame.block is None:
+        return None
     lead = x.dim() - n_normalized
     found = []
     for t in range(lead):
-        if x.shape[t] in frame.resolutions:
+        if frame.resolution(x.shape[t]) is not None:
             found += [(t, b) for b in range(lead) if b != t and x.shape[b] == frame.batch]
     if len(found) == 1:
         t, b = found[0]
         return _mask_for(module, x, frame, t, b, t, lead)
     if not found and lead == 1 and x.shape[0] == frame.batch:
         return None
-    why = "several (batch, time) axis pairs fit" if found else "no axis pair has the batch size and a known length"
+    why = "several (batch, time) axis pairs fit" if found else \
+        f"no axis pair has the batch size and a known length{_SIZE_HINT}"
     raise _cannot(module, x, frame, why)
 
 
 def channel_block_mask(module: nn.Module, x: torch.Tensor, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """A channel norm's mask (B, *spatial) for x (B, C, *spatial) from the innermost block, else `mask`."""
-    frame = current()
-    if mask is not None or frame is None:
+    frame = None if mask is not None else block_for(module)
+    if frame is None:
         return mask
     if id(module) in frame.rules:
         return frame.rules[id(module)](x)
+    if frame.block is None:
+        return None
     if x.dim() < 2 or x.shape[0] != frame.batch:
         raise _cannot(module, x, frame, f"axis 0 is not the batch (size {frame.batch})")
     axis, why = time_axis(frame, x.shape, range(2, x.dim()))
@@ -267,4 +354,8 @@ def channel_block_mask(module: nn.Module, x: torch.Tensor, mask: Optional[torch.
         return _mask_for(module, x, frame, axis, 0, axis - 1, x.dim() - 1)
     if x.dim() == 2:
         return None
-    raise _cannot(module, x, frame, why or "no spatial axis has a known length")
+    raise _cannot(module, x, frame, why or f"no spatial axis has a known length{_SIZE_HINT}")
+
+
+_SIZE_HINT = (" (padding(lengths=...) without size= knows T = lengths.max(); if the input is padded past its "
+              "longest sequence, give size=T)")

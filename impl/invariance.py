@@ -65,7 +65,7 @@ def valid_rows(y: torch.Tensor, frame: Frame, axes: Optional[Sequence[int]] = No
         return None
     if axis is None:
         return [row.reshape(-1) for row in y]
-    res = frame.resolutions[y.shape[axis]]
+    res = frame.resolution(y.shape[axis])
     if res.mask is None:
         return None
     rows = []

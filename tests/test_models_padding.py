@@ -154,7 +154,9 @@ def test_bad_padding_arguments():
     with pytest.raises(TypeError, match=r"mask must be a bool tensor.*\.bool\(\)"):
         masknorm.padding(mask=torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="exactly one"):
-        masknorm.padding()
+        masknorm.padding(size=3)
+    with pytest.raises(ValueError, match="add\\(\\): padding\\(\\) without lengths or mask"):
+        masknorm.padding().add(lengths=torch.tensor([1, 2]), size=3)
     with pytest.raises(ValueError, match="lengths must lie in"):
         masknorm.padding(lengths=torch.tensor([4, 2]), size=3)
 
