@@ -24,6 +24,7 @@ SLOW = {
     "test_spec_derive.py", "test_check_cli.py", "test_proofs_cli.py", "test_bench_cli.py", "test_oracle_bugs.py",
     "test_oracle_conformance.py", "test_modules_compile.py", "test_impl_compiled.py", "test_impl_deployed.py",
     "test_impl_at_scale.py", "test_sync_batch_norm.py", "test_models_transformers.py", "test_fast_ops.py",
+    "test_portability.py",
     "test_oracle_parts.py::test_strategies_reach_the_edge_cases",
     "test_spec_expansion.py::test_generic_closed_forms_equal_the_expansion",
     "test_impl_autograd.py::test_compile_fullgraph_equals_eager",
