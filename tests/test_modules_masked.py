@@ -100,6 +100,27 @@ def test_batch_norm_cumulative_average_with_masks():
     torch.testing.assert_close(m.running_var, torch.stack(variances).mean(0))
 
 
+@pytest.mark.parametrize("x_shape, no_data", [
+    ((4, 3, 6), torch.zeros(4, 6, dtype=torch.bool)),  # all padding
+    ((4, 3, 6), torch.arange(24).reshape(4, 6) == 7),  # one valid position: k = 1 on every channel
+    ((5, 3), torch.zeros(5, dtype=torch.bool)),  # (B, C) rows, all padding
+])
+def test_batch_norm_cumulative_average_counts_only_batches_with_data(x_shape, no_data):
+    # FINDINGS reproducer: the empty batch was counted, running_mean ~2.0 where the real batches average ~2.8
+    gen = _gen(7)
+    m = MaskedBatchNorm1d(3, momentum=None, **F64)
+    full = torch.ones(no_data.shape, dtype=torch.bool)
+    a, b = torch.randn(x_shape, generator=gen, **F64), torch.randn(x_shape, generator=gen, **F64)
+    offsets = torch.tensor([5.0, -3.0, 11.0], **F64).reshape((1, 3) + (1,) * (len(x_shape) - 2))
+    c = torch.randn(x_shape, generator=gen, **F64) * 2 + offsets  # a different mean on every channel
+    for x, mask in ((a, full), (b, no_data), (c, full), (b, no_data)):
+        m(x, mask)
+    per_channel = lambda t: t.movedim(1, -1).reshape(-1, 3)  # noqa: E731  (positions, C)
+    torch.testing.assert_close(m.running_mean, (per_channel(a).mean(0) + per_channel(c).mean(0)) / 2, rtol=1e-14, atol=0)
+    torch.testing.assert_close(m.running_var, (per_channel(a).var(0) + per_channel(c).var(0)) / 2, rtol=1e-14, atol=0)
+    assert m.num_batches_tracked.item() == 2
+
+
 def test_batch_norm_channels_with_one_valid_position_keep_running_stats():
     gen = _gen(3)
     m = MaskedBatchNorm1d(3, **F64)
@@ -108,7 +129,7 @@ def test_batch_norm_channels_with_one_valid_position_keep_running_stats():
     only_one[1, 2] = True
     out = m(x, only_one)
     assert torch.equal(m.running_mean, torch.zeros(3, **F64)) and torch.equal(m.running_var, torch.ones(3, **F64))
-    assert m.num_batches_tracked.item() == 1
+    assert m.num_batches_tracked.item() == 0  # no channel has data (k > 1): the batch is not counted
     torch.testing.assert_close(out[1, :, 2], m.bias.detach())  # k = 1: (x - mu) = 0
 
 
