@@ -9,7 +9,10 @@ Per output row (the slices along `dim`; the whole tensor when dim is None), m = 
   of v and g are 0 (w has no limit at v = 0; never NaN).
 - Pruned entries: w = 0, no gradient, and whatever v holds there (NaN, Inf) is never read.
 - r is computed on v scaled by an exact power of two a near the row's largest |v_i|, so no square
-  overflows or underflows (rows of 1e30 or 1e-30 in float32 give the w of rows of 1).
+  overflows or underflows (rows of 1e30 or 1e-30 in float32 give the w of rows of 1), and g/r is
+  taken as (g/a) / (r/a), finite wherever g/r is (rows of subnormal entries included).
+- Registering (right_inverse, g = r) raises ValueError on a finite row whose norm overflows the
+  weight's dtype: no g of that dtype gives the weight back.
 - float16/bfloat16 compute in float32 and return their dtype.
 
 The parameters are torch's: `parametrizations.<name>.original0` is g (shape: v's size along dim, 1
@@ -30,16 +33,18 @@ from masknorm.spec import weight_norm_forms as wf
 
 
 class Direction(NamedTuple):
-    """u = m v / r per row and what the closed forms need: inv_r = inv_a / r_scaled, zero rows."""
+    """u = m v / r per row and what the closed forms need (g inv_r, zero rows)."""
 
     u: torch.Tensor
     inv_a: torch.Tensor  # 1/a, an exact power of two (keepdim shape)
     r_scaled: torch.Tensor  # r/a, 1 on zero rows
     zero: torch.Tensor  # bool, keepdim shape: r = 0
 
-    @property
-    def inv_r(self) -> torch.Tensor:
-        return self.inv_a / self.r_scaled
+    def gain(self, g: torch.Tensor) -> torch.Tensor:
+        """g / r = (g / a) / (r / a): finite wherever g / r is. Not g (1/a) / (r/a): 1/r overflows on
+        rows of subnormal entries (1/a is clamped to 2^126 in float32, r/a is then ~1e-2), where g / r
+        is O(1) for the g = r that registering gives."""
+        return g * self.inv_a / self.r_scaled
 
 
 def direction(v: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[int]) -> Direction:
@@ -84,7 +89,7 @@ class WeightNormFunction(torch.autograd.Function):
         d = direction(v.to(compute_dtype(v.dtype)), mask, dims)
         gw = grad_w.to(d.u.dtype) if mask is None else where_or_zero(mask, grad_w.to(d.u.dtype))
         total = (gw * d.u).sum(dims, keepdim=True)
-        grad_v = torch.where(d.zero, 0.0, wf.weight_norm_vjp_v(gw, 1, d.u, total, g.to(d.u.dtype), d.inv_r))
+        grad_v = torch.where(d.zero, 0.0, wf.weight_norm_vjp_v(gw, 1, d.u, total, d.gain(g.to(d.u.dtype)), 1))
         grad_g = torch.where(d.zero, 0.0, wf.weight_norm_vjp_g(total)).reshape(g.shape)
         return grad_g.to(g.dtype), grad_v.to(v.dtype), None, None
 
@@ -97,7 +102,7 @@ class WeightNormFunction(torch.autograd.Function):
         vd = vd if mask is None else where_or_zero(mask, vd)
         gd = torch.zeros_like(g, dtype=d.u.dtype) if g_dot is None else g_dot.to(d.u.dtype)
         total = (d.u * vd).sum(dims, keepdim=True)
-        w_dot = wf.weight_norm_jvp(vd, 1, d.u, total, g.to(d.u.dtype), gd, d.inv_r)
+        w_dot = wf.weight_norm_jvp(vd, 1, d.u, total, d.gain(g.to(d.u.dtype)), gd, 1)
         return torch.where(d.zero, 0.0, w_dot).to(v.dtype)
 
 
@@ -113,13 +118,22 @@ class MaskedWeightNorm(nn.Module):
         return WeightNormFunction.apply(weight_g, weight_v, self.mask, self.dim)
 
     def right_inverse(self, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """g = ||m w|| per row (scaled, so no square overflows; inf where the norm itself does), v = w."""
+        """g = ||m w|| per row (scaled, so no square overflows), v = w. A finite row whose norm
+        overflows weight's dtype raises ValueError: no g of that dtype gives w back."""
         with torch.no_grad():
             dims = _reduced_dims(weight.dim(), self.dim)
             d = direction(weight.to(compute_dtype(weight.dtype)), self.mask, dims)
-            norm = torch.where(d.zero, 0.0, d.r_scaled / d.inv_a)
-            g = norm.reshape(()) if self.dim is None else norm
-        return g.to(weight.dtype), weight
+            g = torch.where(d.zero, 0.0, d.r_scaled / d.inv_a).to(weight.dtype)
+            taking_part = weight if self.mask is None else where_or_zero(self.mask, weight)
+            lost = torch.isinf(g) & torch.isfinite(torch.amax(taking_part.abs(), dims, keepdim=True))
+            if lost.any():
+                rows = lost.flatten().nonzero().flatten().tolist()
+                largest = max(r / ia for r, ia in zip(d.r_scaled[lost].tolist(), d.inv_a[lost].tolist()))
+                raise ValueError(f"the norm of weight row(s) {rows[:8]} along dim={self.dim} overflows {weight.dtype} "
+                                 f"(largest {largest:.3g} > {torch.finfo(weight.dtype).max:.3g}): g = ||w|| cannot be "
+                                 f"stored in {weight.dtype}; scale the weight down or convert the module to float64 "
+                                 f"before weight_norm")
+        return (g.reshape(()) if self.dim is None else g), weight
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, mask={'None' if self.mask is None else tuple(self.mask.shape)}"
@@ -133,6 +147,7 @@ def weight_norm(module: nn.Module, name: str = "weight", dim: Optional[int] = 0,
 
     Unlike torch's, dim=-1 is the last axis (torch reads -1 as None), a row whose norm is 0 gives
     w = 0 and zero gradients instead of NaN, and rows whose squares overflow or underflow are exact.
+    A finite row whose norm overflows the weight's dtype raises ValueError (g could not hold it).
     """
     weight = getattr(module, name, None) if isinstance(name, str) else None
     if not isinstance(name, str):

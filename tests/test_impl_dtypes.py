@@ -6,6 +6,7 @@ import torch
 
 import masknorm
 import masknorm.reference as ref
+from masknorm import _native
 from strategies import DTYPES, Case, impl_jvp, impl_vjp
 from test_impl_accuracy import FORWARD_BOUND
 
@@ -45,6 +46,42 @@ def test_result_dtypes(layout, dtype, param_dtype):
     assert (gx.dtype, gw.dtype, gb.dtype) == (dtype, case.weight.dtype, case.bias.dtype)
     assert gw.shape == case.weight.shape and gb.shape == case.bias.shape
     assert impl_jvp(case, torch.ones_like(case.x), torch.ones_like(case.weight)).dtype == dtype
+
+
+# LAYOUTS at (3, 8, 16): groups of 16, 48 and 3 * 16 * (valid rows)
+HALF_LAYOUTS = [
+    dict(dim=-1, mask=None, weight_shape=(16,)),
+    dict(dim=(0, 2), mask=None, weight_shape=(8, 1)),
+    dict(dim=(1,), mask=torch.tensor([True, False, True, True, True, False, True, True]).reshape(8, 1),
+         weight_shape=(16,)),
+]
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "no-kernels"])
+@pytest.mark.parametrize("layout", HALF_LAYOUTS, ids=["last-axis", "batch-axes", "masked-middle"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=ids)
+def test_half_precision_is_computed_in_float32(dtype, layout, kernels):
+    """x near 1000 (bfloat16 spacing there 4, float16's 0.5; spread ~4) and an upstream gradient near 1
+    (spread 0.1): neither the mean nor the gradient's centring sums fit the dtype. Computed in float32,
+    out and grad_x are the exact results rounded once (within u of the largest; float32's own error
+    is ~1e-3 u); computed in the half dtype itself they are off by tens of u, which the accuracy bounds
+    in u*kappa (kappa ~ 250 here) do not tell apart."""
+    gen = torch.Generator().manual_seed(11)
+    x = (1000 + 4 * torch.randn(3, 8, 16, generator=gen, dtype=torch.float64)).to(dtype)
+    weight = (torch.rand(layout["weight_shape"], generator=gen, dtype=torch.float64) + 0.5).to(dtype)
+    bias = torch.randn(layout["weight_shape"], generator=gen, dtype=torch.float64).to(dtype)
+    grad = (1 + 0.1 * torch.randn(x.shape, generator=gen, dtype=torch.float64)).to(dtype)
+    args = (layout["mask"], layout["dim"])
+    with _native.kernels(kernels):
+        xr = x.clone().requires_grad_()
+        out = masknorm.masked_norm(xr, *args, weight=weight, bias=bias)
+        (grad_x,) = torch.autograd.grad(out, xr, grad)
+    params = dict(weight=weight.double(), bias=bias.double())
+    expected = torch.as_tensor(ref.masked_norm(x.double(), *args, **params)).double()
+    expected_grad = torch.as_tensor(ref.vjp(grad.double(), x.double(), *args, **params)[0]).double()
+    u = torch.finfo(dtype).eps / 2
+    for got, want in ((out, expected), (grad_x, expected_grad)):
+        assert ((got.double() - want).abs() <= 1.01 * u * want.abs().max()).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=ids)

@@ -130,6 +130,33 @@ def garbage_like(draw, t: torch.Tensor) -> torch.Tensor:
                         dtype=torch.float64).reshape(t.shape).to(t.dtype)
 
 
+def _assert_garbage_changes_nothing(clean: Case, junk: torch.Tensor, g: torch.Tensor, junk_g, x_dot: torch.Tensor):
+    """clean's padding replaced by junk (and, under "keep"/"zero", the upstream gradient g's padding
+    by junk_g; g is 0 there): the contract of test_garbage_padding below."""
+    valid = clean.full_mask
+    dirty = replace(clean, x=torch.where(valid, clean.x, junk))
+    out_clean, out_dirty = clean.run(), dirty.run()
+    assert torch.equal(out_dirty[valid], out_clean[valid])
+    if clean.masked == "keep":
+        torch.testing.assert_close(out_dirty[~valid], junk[~valid], rtol=0, atol=0, equal_nan=True)
+    if clean.masked == "zero":
+        assert bool((out_dirty[~valid] == 0).all())
+
+    g_dirty = g if clean.masked == "normalize" else torch.where(valid, g, junk_g)
+    grads_clean, grads_dirty = impl_vjp(clean, g), impl_vjp(dirty, g_dirty)
+    assert torch.equal(grads_dirty[0][valid], grads_clean[0][valid])
+    if clean.masked == "normalize":
+        assert torch.equal(grads_dirty[0], grads_clean[0]) and not bool(grads_dirty[0].isnan().any())
+    if clean.masked == "keep":
+        torch.testing.assert_close(grads_dirty[0][~valid], g_dirty[~valid], rtol=0, atol=0, equal_nan=True)
+    if clean.masked == "zero":
+        assert bool((grads_dirty[0][~valid] == 0).all())
+    for a, b in zip(grads_dirty[1:], grads_clean[1:]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+    assert torch.equal(impl_jvp(dirty, x_dot)[valid], impl_jvp(clean, x_dot)[valid])
+
+
 @pytest.mark.parametrize("layout", [cases, padded_tokens, padded_tokens_on_torch_kernels, masked_rows, channels],
                          ids=["any", "padded-tokens", "padded-tokens-torch-kernels", "masked-rows", "channels"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -144,31 +171,49 @@ def test_garbage_padding(layout, dtype, data):
     garbage ("keep") or 0 ("zero"). The fast paths' layouts are drawn on purpose: their fused
     kernels meet the garbage and must fall back to computations that give the same bits."""
     clean = data.draw(layout(dtype).filter(lambda c: c.mask is not None and not bool(c.mask.all())))
-    valid = clean.full_mask
     junk = data.draw(garbage_like(clean.x))
-    dirty = replace(clean, x=torch.where(valid, clean.x, junk))
-    out_clean, out_dirty = clean.run(), dirty.run()
-    assert torch.equal(out_dirty[valid], out_clean[valid])
-    if clean.masked == "keep":
-        torch.testing.assert_close(out_dirty[~valid], junk[~valid], rtol=0, atol=0, equal_nan=True)
-    if clean.masked == "zero":
-        assert bool((out_dirty[~valid] == 0).all())
+    g = torch.where(clean.full_mask, like(data.draw, clean.x), 0)
+    junk_g = None if clean.masked == "normalize" else data.draw(garbage_like(clean.x))
+    _assert_garbage_changes_nothing(clean, junk, g, junk_g, like(data.draw, clean.x))
 
-    g = torch.where(valid, like(data.draw, clean.x), 0)
-    g_dirty = g if clean.masked == "normalize" else torch.where(valid, g, data.draw(garbage_like(clean.x)))
-    grads_clean, grads_dirty = impl_vjp(clean, g), impl_vjp(dirty, g_dirty)
-    assert torch.equal(grads_dirty[0][valid], grads_clean[0][valid])
-    if clean.masked == "normalize":
-        assert torch.equal(grads_dirty[0], grads_clean[0]) and not bool(grads_dirty[0].isnan().any())
-    if clean.masked == "keep":
-        torch.testing.assert_close(grads_dirty[0][~valid], g_dirty[~valid], rtol=0, atol=0, equal_nan=True)
-    if clean.masked == "zero":
-        assert bool((grads_dirty[0][~valid] == 0).all())
-    for a, b in zip(grads_dirty[1:], grads_clean[1:]):
-        assert (a is None and b is None) or torch.equal(a, b)
 
-    x_dot = like(data.draw, clean.x)
-    assert torch.equal(impl_jvp(dirty, x_dot)[valid], impl_jvp(clean, x_dot)[valid])
+def _fixed_garbage(t: torch.Tensor, shift: int) -> torch.Tensor:
+    """NaN, +Inf, -Inf, 1e30 in turn over t's positions (starting at the shift-th)."""
+    cycle = torch.tensor([NAN, INF, -INF, 1e30], dtype=torch.float64)
+    return cycle[(torch.arange(t.numel()) + shift) % 4].reshape(t.shape).to(t.dtype)
+
+
+def _fixed_layout(name: str, dtype: torch.dtype, masked: str) -> Case:
+    """One case of each path's layout, seeded; every masked group keeps >= 2 valid positions."""
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    if name in ("padded-tokens", "padded-tokens-torch-kernels"):
+        x, mask, dim, param = rand(3, 4, 6), torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]), -1, (6,)
+        mask = mask.bool().reshape(3, 4, 1)
+    elif name == "masked-rows":
+        x, mask, dim, param = rand(3, 4, 6), torch.rand(3, 4, 6, generator=gen) < 0.6, -1, (6,)
+        mask[..., :2] = True
+    elif name == "channels":
+        x, mask, dim, param = rand(4, 3, 6), torch.rand(4, 1, 6, generator=gen) < 0.6, (0, 2), (3, 1)
+        mask[0, 0, :2] = True
+    else:  # "general": a masked middle axis, per-position parameters
+        x, mask, dim, param = rand(3, 5, 4), torch.tensor([1, 0, 1, 1, 0]).bool().reshape(1, 5, 1), 1, (5, 4)
+    return Case(x=x, mask=mask, dim=dim, masked=masked, weight=rand(*param), bias=rand(*param),
+                fused_kernel=name != "padded-tokens-torch-kernels")
+
+
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+@pytest.mark.parametrize("dtype", [torch.float64, F32], ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("name", ["general", "padded-tokens", "padded-tokens-torch-kernels", "masked-rows", "channels"])
+def test_garbage_padding_fixed_cases(name, dtype, masked):
+    """test_garbage_padding's contract on one fixed case per path (quick and deterministic; the
+    hypothesis sweep is in the slow set): garbage padding never reaches a valid output, a VJP
+    sum (grad_x at valid positions, grad_weight, grad_bias) or a tangent."""
+    clean = _fixed_layout(name, dtype, masked)
+    gen = torch.Generator().manual_seed(4)
+    g = torch.where(clean.full_mask, torch.randn(clean.x.shape, generator=gen, dtype=torch.float64).to(dtype), 0)
+    x_dot = torch.randn(clean.x.shape, generator=gen, dtype=torch.float64).to(dtype)
+    _assert_garbage_changes_nothing(clean, _fixed_garbage(clean.x, 0), g, _fixed_garbage(clean.x, 1), x_dot)
 
 
 def test_garbage_padding_where_the_true_gradient_overflows_float16():

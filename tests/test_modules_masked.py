@@ -100,6 +100,27 @@ def test_batch_norm_cumulative_average_with_masks():
     torch.testing.assert_close(m.running_var, torch.stack(variances).mean(0))
 
 
+@pytest.mark.parametrize("x_shape, no_data", [
+    ((4, 3, 6), torch.zeros(4, 6, dtype=torch.bool)),  # all padding
+    ((4, 3, 6), torch.arange(24).reshape(4, 6) == 7),  # one valid position: k = 1 on every channel
+    ((5, 3), torch.zeros(5, dtype=torch.bool)),  # (B, C) rows, all padding
+])
+def test_batch_norm_cumulative_average_counts_only_batches_with_data(x_shape, no_data):
+    # FINDINGS reproducer: the empty batch was counted, running_mean ~2.0 where the real batches average ~2.8
+    gen = _gen(7)
+    m = MaskedBatchNorm1d(3, momentum=None, **F64)
+    full = torch.ones(no_data.shape, dtype=torch.bool)
+    a, b = torch.randn(x_shape, generator=gen, **F64), torch.randn(x_shape, generator=gen, **F64)
+    offsets = torch.tensor([5.0, -3.0, 11.0], **F64).reshape((1, 3) + (1,) * (len(x_shape) - 2))
+    c = torch.randn(x_shape, generator=gen, **F64) * 2 + offsets  # a different mean on every channel
+    for x, mask in ((a, full), (b, no_data), (c, full), (b, no_data)):
+        m(x, mask)
+    per_channel = lambda t: t.movedim(1, -1).reshape(-1, 3)  # noqa: E731  (positions, C)
+    torch.testing.assert_close(m.running_mean, (per_channel(a).mean(0) + per_channel(c).mean(0)) / 2, rtol=1e-14, atol=0)
+    torch.testing.assert_close(m.running_var, (per_channel(a).var(0) + per_channel(c).var(0)) / 2, rtol=1e-14, atol=0)
+    assert m.num_batches_tracked.item() == 2
+
+
 def test_batch_norm_channels_with_one_valid_position_keep_running_stats():
     gen = _gen(3)
     m = MaskedBatchNorm1d(3, **F64)
@@ -108,7 +129,7 @@ def test_batch_norm_channels_with_one_valid_position_keep_running_stats():
     only_one[1, 2] = True
     out = m(x, only_one)
     assert torch.equal(m.running_mean, torch.zeros(3, **F64)) and torch.equal(m.running_var, torch.ones(3, **F64))
-    assert m.num_batches_tracked.item() == 1
+    assert m.num_batches_tracked.item() == 0  # no channel has data (k > 1): the batch is not counted
     torch.testing.assert_close(out[1, :, 2], m.bias.detach())  # k = 1: (x - mu) = 0
 
 
@@ -137,7 +158,7 @@ def test_batch_norm_eval_uses_running_stats_everywhere(masked):
 @pytest.mark.parametrize("masked", POLICIES)
 def test_instance_norm_outputs_and_running_stats(masked):
     gen = _gen(6)
-    m = _affine_module(MaskedInstanceNorm1d(3, affine=True, track_running_stats=True, momentum=0.5, masked=masked, **F64), gen)
+    m = _affine_module(MaskedInstanceNorm1d(3, affine=True, track_running_stats=True, momentum=0.3, masked=masked, **F64), gen)
     rm, rv = m.running_mean.clone(), m.running_var.clone()
     for _ in range(2):
         x = torch.randn(4, 3, 6, generator=gen, **F64)
@@ -157,8 +178,8 @@ def test_instance_norm_outputs_and_running_stats(masked):
                 variances.append(vals.var(1))
         torch.testing.assert_close(out, _policy(expected, x, mask.unsqueeze(1), masked).detach())
         assert torch.isfinite(gx).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()
-        rm = 0.5 * rm + 0.5 * torch.stack(means).mean(0)
-        rv = 0.5 * rv + 0.5 * torch.stack(variances).mean(0)
+        rm = 0.7 * rm + 0.3 * torch.stack(means).mean(0)  # momentum 0.3, not 0.5: m and 1 - m differ
+        rv = 0.7 * rv + 0.3 * torch.stack(variances).mean(0)
         torch.testing.assert_close(m.running_mean, rm)
         torch.testing.assert_close(m.running_var, rv)
     m.eval()

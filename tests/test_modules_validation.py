@@ -3,6 +3,7 @@ shape (assigned after construction) with masknorm's message instead of torch's r
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -61,6 +62,25 @@ def test_normalized_shape_must_be_ints_of_at_least_zero(cls, shape):
 @pytest.mark.parametrize("cls", [masknorm.MaskedLayerNorm, masknorm.MaskedRMSNorm])
 def test_an_empty_feature_axis_is_accepted_as_torch_accepts_it(cls):
     assert cls(0)(torch.randn(3, 0)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(eps="1e-5", correction=-1), TypeError, "MaskedNorm: eps must be a real number, got str"),  # the call
+    (dict(eps=-1e-5), ValueError, "MaskedNorm: eps must be finite and >= 0"),
+    (dict(eps=math.nan), ValueError, "MaskedNorm: eps must be finite and >= 0"),
+    (dict(correction=-1), ValueError, "MaskedNorm: correction must be an int >= 0, got -1"),
+    (dict(correction=1.0), TypeError, "MaskedNorm: correction must be an int >= 0, got float"),
+    (dict(correction=True), TypeError, "MaskedNorm: correction must be an int >= 0, got bool"),
+    (dict(center="no"), TypeError, "MaskedNorm: center must be a bool, got str"),
+])
+def test_einops_norm_settings_are_refused_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        masknorm.MaskedNorm("b n d", "d", d=4, **kwargs)
+
+
+def test_einops_norm_accepts_what_masked_norm_accepts():
+    m = masknorm.MaskedNorm("b n d", "d", d=4, eps=0, correction=np.int64(1), center=False)
+    assert m(torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)).shape == (2, 3, 4)
 
 
 @pytest.mark.parametrize("num_groups, num_channels, message", [

@@ -37,18 +37,18 @@ def _x(gen: torch.Generator, batch: int, channels: int, spatial: Sequence[int], 
 def make_case(seed: int, sizes: Sequence[int], channels: int, spatial: Sequence[int], dtype=torch.float64,
               masked: str = "normalize", momentum: Optional[float] = 0.1, affine: bool = True, steps: int = 2,
               only_padding: Sequence[int] = (), nan_padding: Sequence[int] = (), no_mask: Sequence[int] = (),
-              all_padding: bool = False) -> Dict[str, Any]:
+              all_padding: bool = False, padding_steps: Sequence[int] = ()) -> Dict[str, Any]:
     """Per step and rank: x (B_r, C, *spatial), mask (B_r, *spatial) (None on `no_mask` ranks, all False on
-    `only_padding` ranks and everywhere with all_padding), NaN at the padding of `nan_padding` ranks
+    `only_padding` ranks, on every rank at `padding_steps` and everywhere with all_padding), NaN at the padding of `nan_padding` ranks
     (whose upstream gradient there is 0, as the contract requires), and an upstream gradient."""
     gen = torch.Generator().manual_seed(seed)
     case_steps = []
-    for _ in range(steps):
+    for step in range(steps):
         per_rank = []
         for rank, batch in enumerate(sizes):
             x = _x(gen, batch, channels, spatial, dtype)
             mask = torch.rand((batch, *spatial), generator=gen) < 0.7
-            if rank in only_padding or all_padding:
+            if rank in only_padding or all_padding or step in padding_steps:
                 mask[:] = False
             grad = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
             if rank in nan_padding:
@@ -128,6 +128,8 @@ FLOAT64_CASES = {
         "keep, NaN padding": dict(seed=6, sizes=(3, 2), channels=3, spatial=(5,), masked="keep", nan_padding=(0,)),
         "zero, no mask on rank 1": dict(seed=7, sizes=(2, 2), channels=3, spatial=(5,), masked="zero", no_mask=(1,)),
         "momentum None, 3 steps": dict(seed=8, sizes=(2, 3), channels=3, spatial=(4,), momentum=None, steps=3),
+        "momentum None, an all-padding step": dict(seed=12, sizes=(2, 3), channels=3, spatial=(4,), momentum=None,
+                                                   steps=3, padding_steps=(1,)),
         "no affine": dict(seed=9, sizes=(2, 2), channels=2, spatial=(5,), affine=False),
         "no valid position anywhere": dict(seed=10, sizes=(2, 2), channels=2, spatial=(3,), all_padding=True),
         "empty batch on rank 0": dict(seed=11, sizes=(0, 3), channels=2, spatial=(4,)),
@@ -137,6 +139,8 @@ FLOAT64_CASES = {
                                          only_padding=(2,), nan_padding=(0,)),
         "4d zero": dict(seed=22, sizes=(2, 1, 2), channels=2, spatial=(3, 3), masked="zero"),
         "momentum None": dict(seed=23, sizes=(2, 2, 3), channels=3, spatial=(4,), momentum=None, steps=3),
+        "momentum None, an all-padding step": dict(seed=24, sizes=(2, 1, 3), channels=3, spatial=(4,), momentum=None,
+                                                   steps=3, padding_steps=(1,)),
     },
 }
 
@@ -221,6 +225,19 @@ def test_float64_equals_one_process_on_the_concatenated_batch(world):
         diffs[name] = compare(_ok(results, name), single_process(cases[name]), sizes)
     print(f"world {size}: max abs diff per case {diffs}")
     assert max(diffs.values()) <= FLOAT64_TOL, diffs
+
+
+def test_momentum_none_averages_the_steps_with_data(world):
+    """momentum=None over steps 0 (data), 1 (padding on every rank), 2 (data): the running statistics
+    are the plain average of steps 0 and 2's global masked statistics, num_batches_tracked 2."""
+    _, cases, results = world
+    name = "momentum None, an all-padding step"
+    steps = concatenated(cases[name])
+    rows = [s["x"].movedim(1, -1)[s["mask"]] for s in (steps[0], steps[2])]  # (k, C) valid values
+    for r in _ok(results, name):
+        assert r["num_batches_tracked"].item() == 2
+        torch.testing.assert_close(r["running_mean"], (rows[0].mean(0) + rows[1].mean(0)) / 2, rtol=1e-14, atol=0)
+        torch.testing.assert_close(r["running_var"], (rows[0].var(0) + rows[1].var(0)) / 2, rtol=1e-14, atol=0)
 
 
 def _float32_errors(case: Dict[str, Any], results: List[Dict[str, Any]]) -> Dict[str, float]:

@@ -70,6 +70,67 @@ def test_float32_subnormal_rows_normalize_exactly():
     assert error.max() <= BOUND
 
 
+@pytest.mark.parametrize("scale", [1e-39, 1e-41, 1e-44])
+def test_float32_subnormal_rows_with_g_their_norm_have_exact_gradients_and_tangents(scale):
+    # g = r (what registering gives): g/r = 1, the gradients are O(1); 1/r alone overflows float32
+    v, _, mask, grad_w = inputs(12, scale=scale)
+    v = v.float().double()  # the float32 values, so the reference sees what the module holds
+    g = torch.sqrt((torch.where(mask, v, 0.0) ** 2).sum(1, keepdim=True)).float().double()
+    _, gradient = measured(v, g, mask, grad_w, torch.float32)
+    assert gradient <= BOUND
+    # w is subnormal itself: within half its spacing (2^-150) of the reference, not u |g|
+    module, _, _ = parametrized(v.float(), g.float(), mask)
+    error = np.abs(module.weight.detach().double().numpy() - reference_w(v, g, mask))
+    assert (error <= 2.0**-150 + BOUND * 2.0**-24 * g.numpy()).all()
+    v_dot, g_dot = torch.randn_like(v), torch.randn_like(g)
+    with torch.autograd.forward_ad.dual_level():
+        dual = lambda t, d: torch.autograd.forward_ad.make_dual(t.float(), d.float())  # noqa: E731
+        out = WeightNormFunction.apply(dual(g, g_dot), dual(v, v_dot), mask, 0)
+        tangent = torch.autograd.forward_ad.unpack_dual(out).tangent
+    expected = weight_norm_jvp(v, g, v_dot.float().double(), g_dot.float().double(), mask)
+    scale_rows = (v_dot.abs().sum(1, keepdim=True) + g_dot.abs()).numpy()  # |g|/r = 1, ||u|| = 1
+    assert (np.abs(tangent.double().numpy() - expected) / (2.0**-24 * scale_rows)).max() <= BOUND
+
+
+def test_registering_a_subnormal_float32_weight_gives_finite_gradients():
+    # FINDINGS reproducer: Linear(6, 3) weight * 1e-40 gave v.grad = +-inf (float64 reference: O(1))
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(6, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(3, 6) * 1e-40)
+    weight = lin.weight.detach().clone()
+    masknorm.weight_norm(lin)
+    x = torch.randn(2, 6)
+    lin(x).sum().backward()
+    g, v = lin.parametrizations.weight.original0, lin.parametrizations.weight.original1
+    assert torch.equal(lin.weight.detach(), weight)
+    assert torch.isfinite(v.grad).all() and v.grad.abs().max() > 0.1
+    grad_w = x.sum(0).expand(3, 6)
+    _, gradient = weight_norm_errors(lin.weight.detach(), v.grad, g.grad, v.detach(), g.detach(), grad_w,
+                                     None, 0, dtype=torch.float32)  # w is subnormal: checked above, not in u |g|
+    assert gradient <= BOUND
+
+
+@pytest.mark.parametrize("dtype, row", [(torch.float32, [3e38, 3e38, 0.0]), (torch.float16, [6e4, 6e4, 1.0])])
+def test_a_finite_row_whose_norm_overflows_is_refused(dtype, row):
+    module = torch.nn.Linear(3, 2, bias=False).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], row]))
+    with pytest.raises(ValueError, match=rf"row\(s\) \[1\] along dim=0 overflows {dtype}"):
+        masknorm.weight_norm(module)
+    assert not hasattr(module, "parametrizations")
+    masknorm.weight_norm(module, mask=torch.tensor([True, False, True]))  # the masked norm fits: accepted
+    assert torch.equal(module.weight, torch.tensor([[1.0, 0.0, 3.0], [row[0], 0.0, row[2]]], dtype=dtype))
+
+
+def test_a_row_whose_norm_nearly_overflows_float32_is_kept():
+    module = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(torch.tensor([[2e38, 2e38]]))  # norm 2.83e38 < 3.40e38
+    masknorm.weight_norm(module)
+    assert torch.allclose(module.weight, torch.tensor([[2e38, 2e38]]), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dim", [1, None, -1])
 def test_other_dims(dim):
     v, _, mask, grad_w = inputs(3, shape=(3, 4, 5))

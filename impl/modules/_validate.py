@@ -5,7 +5,7 @@ any reshape. Each check is a small function that constructors and forwards call.
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,6 +33,20 @@ def check_momentum(owner: str, momentum: Optional[float]) -> None:
         raise TypeError(f"{owner}: momentum must be a real number in [0, 1] or None, got {type(momentum).__name__}")
     if not 0 <= momentum <= 1:
         raise ValueError(f"{owner}: momentum must be in [0, 1] or None, got {momentum!r}")
+
+
+def check_correction(owner: str, correction: object) -> None:
+    """correction is an integer >= 0 (not a bool): the variance divisor is k - correction."""
+    if not isinstance(correction, Integral) or isinstance(correction, bool):
+        raise TypeError(f"{owner}: correction must be an int >= 0, got {type(correction).__name__} {correction!r}")
+    if correction < 0:
+        raise ValueError(f"{owner}: correction must be an int >= 0, got {correction}")
+
+
+def check_flag(owner: str, name: str, value: object) -> None:
+    """value is a bool (a setting the functional form takes as a bool only, such as center)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def check_positive_int(owner: str, name: str, value: object) -> None:

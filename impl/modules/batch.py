@@ -21,8 +21,10 @@ class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
 
     Training (or running statistics None): the batch's masked statistics normalize (biased variance,
     as torch); with track_running_stats, running_mean/var move towards the masked mean and the
-    unbiased masked variance (divisor k - 1) by `momentum` (None: cumulative average 1/num_batches_tracked);
-    a channel with k <= 1 valid positions keeps its running values; num_batches_tracked counts calls.
+    unbiased masked variance (divisor k - 1) by `momentum`; a channel with k <= 1 valid positions keeps
+    its running values. num_batches_tracked counts the training batches with data (k > 1; k is the same
+    on every channel, as the mask carries no channel axis), so momentum=None (factor 1/num_batches_tracked)
+    is the plain average of the statistics of the batches with data: an all-padding batch is not counted.
     Masked-out positions: "normalize" gets the batch's normalization, "keep" returns x, "zero" returns 0;
     a batch with no valid position passes x through (0 under "zero").
 
@@ -35,27 +37,28 @@ class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
                  dtype: Optional[torch.dtype] = None, *, bias: bool = True, masked: str = "normalize") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, masked=masked)
 
-    def _count_batch(self) -> Union[float, torch.Tensor]:
-        """Count a training batch (num_batches_tracked += 1, when tracked) and return the running
-        averages' factor: momentum, or 1/num_batches_tracked when momentum is None (a tensor: no
-        host sync, traceable)."""
-        if not (self.training and self.track_running_stats and self.num_batches_tracked is not None):
-            return 0.0 if self.momentum is None else self.momentum
-        self.num_batches_tracked.add_(1)
-        return 1.0 / self.num_batches_tracked.double() if self.momentum is None else self.momentum
+    def _track(self, batch: Moments) -> None:
+        """r <- (1 - f) r + f stat on the channels with k > 1, f = momentum, or 1/num_batches_tracked
+        when momentum is None; the batch counts (num_batches_tracked += 1) only if some channel has
+        k > 1. Tensor ops only: no host sync, traceable."""
+        usable = batch.count > 1
+        factor: Union[float, torch.Tensor] = 0.0 if self.momentum is None else self.momentum
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(usable.any().to(self.num_batches_tracked.dtype))
+            if self.momentum is None:
+                factor = 1.0 / self.num_batches_tracked.clamp(min=1).double()
+        update_running(self.running_mean, self.running_var, batch.mean, batch.var, usable, factor)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_input_dim(x)
         mask = self._prepare(x, mask)
-        factor = self._count_batch()
         use_batch = self.training or (self.running_mean is None and self.running_var is None)
         if not use_batch:
             return self._normalize_running(x, mask)
         dims = (0,) + tuple(range(2, x.dim()))
         out, moments = self._normalize_batch(x, mask, dims)
         if self.training and self.track_running_stats and self.running_mean is not None:
-            m = masked_moments(x, mask, dims) if moments is None else Moments(*moments)
-            update_running(self.running_mean, self.running_var, m.mean, m.var, m.count > 1, factor)
+            self._track(masked_moments(x, mask, dims) if moments is None else Moments(*moments))
         return out
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from masknorm._contract import broadcasts_onto
 from masknorm.functional import masked_norm
 from masknorm.modules._masks import check_mask_tensor, check_policy
+from masknorm.modules._validate import check_correction, check_eps, check_flag
 from masknorm.pattern import Layout, check_sizes, parse_axes, parse_pattern, resolve
 
 
@@ -35,6 +36,9 @@ class MaskedNorm(nn.Module):
                  masked: str = "normalize", device: Optional[torch.device] = None,
                  dtype: Optional[torch.dtype] = None, **sizes: int) -> None:
         super().__init__()
+        check_eps("MaskedNorm", eps)  # what masked_norm would refuse at the first call, refused here
+        check_correction("MaskedNorm", correction)
+        check_flag("MaskedNorm", "center", center)
         self.pattern = parse_pattern(pattern)
         self.reduce = parse_axes(reduce, self.pattern, "reduce")
         if not self.reduce:

@@ -36,7 +36,7 @@ from masknorm._merge import ACCUMULATE, LocalMoments, MergedMoments, local_momen
 from masknorm._stats import exponent_bounds
 from masknorm.modules._masks import channel_view
 from masknorm.modules._norm_base import bias_kwarg
-from masknorm.modules._running import update_running
+from masknorm.modules._running import Moments
 from masknorm.modules.batch import _MaskedBatchNorm
 
 _HEADER = 2  # masked policy, x.dim()
@@ -197,11 +197,10 @@ class MaskedSyncBatchNorm(_MaskedBatchNorm):
             reject_input(self.num_features, group, device)
             raise
         moments = global_moments(x, mask, self.masked, group)
-        if self.track_running_stats and self.num_batches_tracked is not None:
-            factor = self._count_batch()
+        if self.track_running_stats and self.running_mean is not None:
             ratio = 1.0 / moments.inv_scale
             var = moments.m2_scaled / (moments.count - 1).clamp(min=1) * ratio * ratio
-            update_running(self.running_mean, self.running_var, moments.mean, var, moments.count > 1, factor)
+            self._track(Moments(moments.mean, var, moments.count))
         st = group_stats_from(moments, compute_dtype(x.dtype), self.eps)
         trailing = x.dim() - 2
         weight = channel_view(self.weight, (self.num_features,), trailing)
