@@ -282,14 +282,14 @@ def _operator_calls(monkeypatch, dtype):
     return recorder.calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_every_operator_passes_opcheck(monkeypatch, dtype):
     from masknorm import _native
 
     if _native.token_ops() is None:
         pytest.skip("the fused CPU kernels could not be built")
     calls = _operator_calls(monkeypatch, dtype)
-    names = [n for n in _Recorder.NAMES if dtype != torch.bfloat16 or n != "channel_norm"]  # BN: float32/64 only
+    names = [n for n in _Recorder.NAMES if dtype in (torch.float32, torch.float64) or n != "channel_norm"]  # BN: 32/64
     assert {func._schema.name for func, _, _ in calls} == {f"masknorm::{n}{s}" for n in names for s in ("", "_backward")}
     for func, args, kwargs in calls:
         args = [a.detach().requires_grad_(a.is_floating_point() and not func._schema.name.endswith("_backward"))
