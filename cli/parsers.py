@@ -162,6 +162,9 @@ def invariance() -> argparse.ArgumentParser:
     p.add_argument("target", help="MODULE:FUNCTION returning dict(model=..., x=..., lengths=..., [forward=...])")
     p.add_argument("--convert", action="store_true", help="masknorm.convert(model) before the check")
     p.add_argument("--modes", default="train,eval", help="comma-separated subset of train,eval (default both)")
+    p.add_argument("--scenarios", default=None,
+                   help="comma-separated subset of batched,longer,further,garbage (default all; a scenario the model "
+                        "raises on is skipped with a note)")
     p.add_argument("--rtol", type=float, default=None, help="relative tolerance (default 1e4 u of the dtype)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64")
     return p

@@ -1,7 +1,7 @@
 """masknorm.padding: hand a model's padding to every masknorm norm inside it.
 
-    with masknorm.padding(lengths=lengths):        # or mask=(B, T) bool, True = valid
-        out = model(x, attention_mask=am)
+    with masknorm.padding(lengths=lengths):        # or mask=(B, T) bool, True = valid,
+        out = model(x, attention_mask=am)          # or padding_mask=(B, T) bool, True = padding
 
 Inside the block a masknorm norm called without a mask takes the block's: it finds its input's
 batch axis (size B) and time axis (a size the block knows) and builds the (B, ..., T, ...) mask from
@@ -13,7 +13,8 @@ tracked convolution or pooling layer (masknorm.convert installs the tracking, ma
 A norm that finds no such axis, or more than one, raises (naming the module and the shapes);
 `.at(norm, fn)` states a norm's mask, `.add(lengths=..., size=...)` a resolution the tracking cannot
 see (a custom subsampling layer). Outside any block nothing changes; `padding()` with no argument states
-that nothing is padded.
+that nothing is padded. A norm of a converted model called in training mode with no padding at all (no
+mask, no block, no padding_from) warns once per process: it computes torch's statistics, padding included.
 
 Sizes are compared, never used as keys, and B and T are read off the block's tensors, which are marked
 maybe-dynamic: under torch.compile a new batch size or length reuses the graph (symbolic sizes), and
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Tuple
 
@@ -145,11 +147,11 @@ def _check_lengths(lengths: object, name: str) -> torch.Tensor:
     return lengths
 
 
-def _check_mask(mask: object, name: str) -> torch.Tensor:
+def _check_mask(mask: object, name: str, meaning: str = "True = valid") -> torch.Tensor:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
         kind = f"a tensor of shape {tuple(mask.shape)} and dtype {mask.dtype}" \
             if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"{name} must be a bool tensor of shape (B, T), True = valid (an int attention mask: "
+        raise TypeError(f"{name} must be a bool tensor of shape (B, T), {meaning} (an int mask: "
                         f".bool()), got {kind}")
     return mask
 
@@ -162,7 +164,7 @@ def _resolution(lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], s
                 source: str) -> Resolution:
     """The Resolution of exactly one of lengths (with size, default lengths.max()) or mask."""
     if (lengths is None) == (mask is None):
-        raise ValueError("give exactly one of lengths= and mask=")
+        raise ValueError("give exactly one of lengths=, mask= and padding_mask=")
     if mask is not None:
         mask = _check_mask(mask, "mask")
         if size is not None and size != mask.shape[1]:
@@ -195,7 +197,12 @@ def _dynamic(res: Resolution) -> Resolution:
 class Padding:
     """The context manager `masknorm.padding(...)` returns; see the module docstring."""
 
-    def __init__(self, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], size: Optional[int]) -> None:
+    def __init__(self, lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], size: Optional[int],
+                 padding_mask: Optional[torch.Tensor] = None) -> None:
+        if padding_mask is not None:
+            if mask is not None:
+                raise ValueError("give mask= (True = valid) or padding_mask= (True = padding), not both")
+            mask = ~_check_mask(padding_mask, "padding_mask", "True = padding")
         unpadded = lengths is None and mask is None and size is None
         self.block = None if unpadded else _dynamic(_resolution(lengths, mask, size, "the block's input"))
         self.added: List[Resolution] = []
@@ -235,13 +242,15 @@ class Padding:
 
 
 def padding(*, lengths: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None,
-            size: Optional[int] = None) -> Padding:
+            padding_mask: Optional[torch.Tensor] = None, size: Optional[int] = None) -> Padding:
     """Hand the padding of a model's input to the masknorm norms inside: lengths (B,) (padded size `size`,
-    default lengths.max()) or a (B, T) bool mask along the input's padded axis, True = valid.
-    With neither, the block states that nothing is padded (the norms see every position as valid):
+    default lengths.max()), or a (B, T) bool mask along the input's padded axis in one of two conventions:
+    mask= True = valid (transformers' attention_mask.bool()), padding_mask= True = padding (torch's
+    key_padding_mask, fairseq's padding_mask). Give one of the three.
+    With none, the block states that nothing is padded (the norms see every position as valid):
     what torch.export needs to export a model whose norms take their mask from a block, for
     unpadded inputs."""
-    return Padding(lengths, mask, size)
+    return Padding(lengths, mask, size, padding_mask)
 
 
 def checkpoint_context() -> Tuple[object, object]:
@@ -291,13 +300,34 @@ def _mask_for(module: nn.Module, x: torch.Tensor, frame: Frame, axis: int, b_pos
     return (res.mask if b_pos < t_pos else res.mask.t()).reshape(shape)
 
 
+_unpadded_warned = False
+
+
+def _warn_unpadded(module: nn.Module) -> None:
+    """Warn, once per process, that a converted norm trains with no padding information at all."""
+    global _unpadded_warned
+    if _unpadded_warned:
+        return
+    _unpadded_warned = True
+    warnings.warn(
+        f"masknorm: {module_name(module)} (converted by masknorm.convert) runs in training mode with no padding "
+        f"information: no mask, no masknorm.padding block, no padding_from; its statistics include any padding, "
+        f"as torch's do. Convert with masknorm.convert(model, padding_from='attention_mask') (or the model's "
+        f"lengths / padding_mask argument), or call it inside `with masknorm.padding(lengths=..., size=T)` "
+        f"(mask=, padding_mask=); `with masknorm.padding():` states that nothing is padded. Warned once.",
+        UserWarning, stacklevel=4)
+
+
 def block_for(module: nn.Module) -> Optional[Frame]:
     """The innermost block, for a norm called without a mask; None where there is none or it states
     no padding. Under torch.export, where the program keeps no link to masknorm.padding, a block
     must be entered inside the exported function: one entered outside would be frozen into the
     program (its lengths as constants), and none at all would make the program ignore any block at
-    run time. Both raise."""
+    run time. Both raise. A converted norm in training mode outside any block warns once (in eager
+    mode: under torch.compile nothing is warned, so that the graph has no break)."""
     frame = current()
+    if frame is None and module.training and getattr(module, "_masknorm_converted", False) and not _tracing():
+        _warn_unpadded(module)
     if torch.compiler.is_exporting():
         if frame is None:
             raise RuntimeError(

@@ -14,8 +14,11 @@ equal the sum of the alone gradients. Differences are relative to the largest ma
 (`rtol`, default 1e4 u of the dtype: about 2e-12 in float64): outputs to the largest valid output of
 any sequence, gradients to the largest gradient of any parameter (a sequence whose outputs are all 0,
 a bias before a norm whose true gradient is 0, has no scale of its own). Forward hooks record every module's
-output; the report names the first module (in completion order, so the innermost) whose valid
-outputs change. Valid positions of internal outputs come from a masknorm.padding block around each
+output; the report names every module whose valid outputs change, in model order (named_modules) with
+the size of the change, and the first in completion order (the innermost, where a leak starts). Scenarios
+(`scenarios=`): "batched", "longer", "further", "garbage" (train runs further and garbage, eval the
+others); one the model raises on (a model that requires T = the longest length cannot be padded
+further) is skipped with the error as its note. Valid positions of internal outputs come from a masknorm.padding block around each
 run with the lengths tracked through convolutions and pooling (masknorm/_lengths.py); outputs whose
 batch or time axis cannot be told are not compared. Runs are seeded alike; dropout must be off
 (p = 0) for train mode to be comparable. Garbage is finite (N(0, 1e3)): NaN padding also breaks
@@ -86,7 +89,9 @@ class Run:
 
 @dataclass
 class Difference:
-    """The largest relative difference of one comparison, and where it first exceeds rtol."""
+    """The largest relative difference of one comparison, and where it exceeds rtol: `modules` lists every
+    module whose valid outputs change (model order) with its largest relative change; `skipped` is the
+    error of a scenario the model raised on (then nothing was compared)."""
 
     scenario: str
     mode: str
@@ -96,6 +101,8 @@ class Difference:
     module_diff: float = 0.0
     first_parameter: Optional[str] = None
     ok: bool = True
+    modules: List[Tuple[str, float]] = field(default_factory=list)
+    skipped: Optional[str] = None
 
 
 def rel(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
@@ -119,15 +126,22 @@ class InvarianceReport:
 
     @property
     def ok(self) -> bool:
-        return all(d.ok for d in self.differences)
+        """Every comparison within rtol, and at least one scenario compared (not all skipped)."""
+        return all(d.ok for d in self.differences) and any(d.skipped is None for d in self.differences)
 
     def __str__(self) -> str:
         lines = [f"padding invariance of {self.name}: {'PASS' if self.ok else 'FAIL'} (rtol {self.rtol:.1e})"]
         for d in self.differences:
+            if d.skipped is not None:
+                lines.append(f"  skip {d.mode:<5} {d.scenario:<44} the model raised: {d.skipped} (choose scenarios=)")
+                continue
             mark = "ok  " if d.ok else "FAIL"
             line = f"  {mark} {d.mode:<5} {d.scenario:<44} outputs {d.output:.1e}  gradients {d.gradient:.1e}"
             if d.first_module:
                 line += f"\n         first module whose output changes: {d.first_module} ({d.module_diff:.1e})"
+            if d.modules:
+                line += "\n         modules whose valid outputs change (model order):" + "".join(
+                    f"\n           {name} ({diff:.1e})" for name, diff in d.modules)
             if d.first_parameter:
                 line += f"\n         first parameter whose gradient changes: {d.first_parameter}"
             lines.append(line)
@@ -141,6 +155,7 @@ class _Runner:
         self.output_axis = output_axis
         self.weights: Dict[int, torch.Tensor] = {}
         self.labels = {id(m): label(name, m) for name, m in model.named_modules()}
+        self.order = {name: i for i, name in enumerate(self.labels.values())}
 
     def run(self, x: torch.Tensor, lengths: torch.Tensor, keys: Sequence[Optional[int]]) -> Run:
         """Forward+backward of x (padded along self.axis) with loss sum_b w[key_b] * valid(y_b) (key None: w = 0)."""
@@ -168,8 +183,9 @@ class _Runner:
                     h.remove()
         if rows is None:
             raise ValueError(f"cannot tell the valid positions of the model's output of shape {tuple(y.shape)}: "
-                             f"its axis 0 must be the batch and its axis {self.output_axis} must have the length "
-                             "of the input's time axis, or one the convolutions/pooling derive from it")
+                             f"its axis 0 must be the batch and its axis output_axis={self.output_axis} must have "
+                             "the length of the input's time axis, or one the convolutions/pooling derive from it "
+                             "(pass output_axis=, or output= to pick another tensor of the result)")
         loss = y.new_zeros(())
         for key, row in zip(keys, rows):
             if key is None:
@@ -199,7 +215,7 @@ Pair = Tuple[Tuple[Run, int], Tuple[Run, int]]
 
 
 def _compare(pairs: Sequence[Pair], ref_grads: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor],
-             scenario: str, mode: str, rtol: float) -> Difference:
+             scenario: str, mode: str, rtol: float, order: Dict[str, int]) -> Difference:
     """Row i of a reference run against row b of a variant run, for each pair; gradients by parameter."""
     scale = _scale(ref.outputs[i] for (ref, i), _ in pairs)
     out = max((rel(run.outputs[b], ref.outputs[i], scale) for (ref, i), (run, b) in pairs), default=0.0)
@@ -212,21 +228,29 @@ def _compare(pairs: Sequence[Pair], ref_grads: Dict[str, torch.Tensor], grads: D
             diff.first_parameter = name
     diff.ok = out <= rtol and diff.gradient <= rtol
     if not diff.ok:
-        diff.first_module, diff.module_diff = _first_module(pairs, rtol)
+        changed = _changed_modules(pairs, rtol)
+        if changed:
+            diff.first_module, diff.module_diff = changed[0]
+        worst: Dict[str, float] = {}
+        for name, d in changed:
+            worst[name] = max(worst.get(name, 0.0), d)
+        diff.modules = sorted(worst.items(), key=lambda item: order.get(item[0], len(order)))
     return diff
 
 
-def _first_module(pairs: Sequence[Pair], rtol: float) -> Tuple[Optional[str], float]:
-    """The first module (in completion order) whose valid outputs differ between the runs of some pair."""
+def _changed_modules(pairs: Sequence[Pair], rtol: float) -> List[Tuple[str, float]]:
+    """Each module call (in completion order) whose valid outputs differ between the runs of some pair, with
+    the largest relative difference."""
     (ref0, _), _ = pairs[0]
+    changed = []
     for k, (name, _) in enumerate(ref0.modules):
         both = [(ref.modules[k][1][i], run.modules[k][1][b]) for (ref, i), (run, b) in pairs
                 if k < len(ref.modules) and k < len(run.modules) and ref.modules[k][0] == run.modules[k][0] == name]
         scale = _scale(r for r, _ in both)
         worst = max((rel(v, r, scale) for r, v in both), default=0.0)
-        if worst > rtol:
-            return name, worst
-    return None, 0.0
+        if worst > rtol and name != "output":
+            changed.append((name, worst))
+    return changed
 
 
 def _check_inputs(x: object, lengths: object, axis: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -241,23 +265,39 @@ def _check_inputs(x: object, lengths: object, axis: int) -> Tuple[torch.Tensor, 
     if lengths.shape[0] != x.shape[0] or int(lengths.min()) < 1 or int(lengths.max()) > x.shape[axis]:
         raise ValueError(f"lengths of shape {tuple(lengths.shape)} (min {int(lengths.min())}, max "
                          f"{int(lengths.max())}) must give 1..{x.shape[axis]} for each of the {x.shape[0]} rows "
-                         f"of x of shape {tuple(x.shape)}")
+                         f"of x of shape {tuple(x.shape)}, padded along time_axis={axis} (pass time_axis= where "
+                         f"x's time axis is)")
     return x, lengths
+
+
+SCENARIOS = ("batched", "longer", "further", "garbage")
+
+
+def _reference(runner: _Runner, x: torch.Tensor, lengths: torch.Tensor, keys: Sequence[int]) -> Run:
+    """runner.run, with a ValueError (a norm that cannot find its mask) saying how the check pads x."""
+    try:
+        return runner.run(x, lengths, keys)
+    except ValueError as err:
+        raise ValueError(f"{err} [the check pads x of shape {tuple(x.shape)} along time_axis={runner.axis}: if "
+                         f"that is not its time axis, pass time_axis=]") from err
 
 
 def check_padding_invariance(
     model: nn.Module, x: torch.Tensor, lengths: torch.Tensor, *, forward: Forward = default_forward,
     output: Callable[[Any], torch.Tensor] = first_tensor, time_axis: int = 1, output_axis: Optional[int] = None,
-    modes: Sequence[str] = ("train", "eval"),
+    modes: Sequence[str] = ("train", "eval"), scenarios: Sequence[str] = SCENARIOS,
     extra: Optional[int] = None, garbage: float = 1e3, rtol: Optional[float] = None,
     dtype: torch.dtype = torch.float64, seed: int = 0, name: Optional[str] = None,
 ) -> InvarianceReport:
     """Run a copy of `model` (in `dtype`) on x (B, ..., T, ...) padded along `time_axis` beyond `lengths`,
-    in the scenarios of the module docstring; forward(model, x, mask) calls it ((B, T) bool mask, True = valid),
-    output(result) picks the tensor to compare, whose time axis is output_axis (default time_axis)."""
+    in the scenarios of the module docstring (a subset of SCENARIOS); forward(model, x, mask) calls it
+    ((B, T) bool mask, True = valid), output(result) picks the tensor to compare, whose time axis is
+    output_axis (default time_axis)."""
     x, lengths = _check_inputs(x, lengths, time_axis)
     if any(m not in ("train", "eval") for m in modes):
         raise ValueError(f"modes must be a subset of ('train', 'eval'), got {tuple(modes)}")
+    if not scenarios or any(sc not in SCENARIOS for sc in scenarios):
+        raise ValueError(f"scenarios must be a non-empty subset of {SCENARIOS}, got {tuple(scenarios)}")
     model = copy.deepcopy(model).to(dtype)
     x, lengths = x.to(dtype), lengths.to(x.device)
     rtol = 1e4 * torch.finfo(dtype).eps if rtol is None else rtol
@@ -281,22 +321,28 @@ def check_padding_invariance(
     for mode in modes:
         model.train(mode == "train")
         if mode == "train":
-            ref = runner.run(x0, lengths, keys)
+            ref = _reference(runner, x0, lengths, keys)
             refs = [(ref, b) for b in keys]
             ref_grads = ref.grads
-            scenarios = [(f"padded further (+{extra})", further, lengths, keys),
-                         ("garbage in the padding", junk, lengths, keys)]
+            runs = [("further", f"padded further (+{extra})", further, lengths, keys),
+                    ("garbage", "garbage in the padding", junk, lengths, keys)]
         else:
-            alone = [runner.run(x0[b:b + 1].narrow(time_axis, 0, int(lengths[b])), lengths[b:b + 1], [b])
+            alone = [_reference(runner, x0[b:b + 1].narrow(time_axis, 0, int(lengths[b])), lengths[b:b + 1], [b])
                      for b in keys]
             refs = [(run, 0) for run in alone]
             ref_grads = {n: sum(run.grads[n] for run in alone) for n in alone[0].grads}
             longer_lengths = torch.cat([lengths, lengths.new_tensor([T + extra])])
-            scenarios = [("batched, zero padding (vs alone)", x0, lengths, keys),
-                         (f"with a longer sequence, +{extra} (vs alone)", longer, longer_lengths, keys + [None]),
-                         ("garbage in the padding (vs alone)", junk, lengths, keys)]
-        for scenario, xs, ls, ks in scenarios:
-            run = runner.run(xs, ls, ks)
+            runs = [("batched", "batched, zero padding (vs alone)", x0, lengths, keys),
+                    ("longer", f"with a longer sequence, +{extra} (vs alone)", longer, longer_lengths, keys + [None]),
+                    ("garbage", "garbage in the padding (vs alone)", junk, lengths, keys)]
+        for kind, scenario, xs, ls, ks in runs:
+            if kind not in scenarios:
+                continue
+            try:
+                run = runner.run(xs, ls, ks)
+            except Exception as err:  # noqa: BLE001 - a scenario the model cannot take is reported, not fatal
+                report.differences.append(Difference(scenario, mode, 0.0, 0.0, skipped=f"{type(err).__name__}: {err}"))
+                continue
             pairs = [(refs[b], (run, b)) for b in range(B)]
-            report.differences.append(_compare(pairs, ref_grads, run.grads, scenario, mode, rtol))
+            report.differences.append(_compare(pairs, ref_grads, run.grads, scenario, mode, rtol, runner.order))
     return report

@@ -2,6 +2,7 @@
 
 FUNCTION() returns the keyword arguments of masknorm.invariance.check_padding_invariance (at least
 model, x, lengths). Exit 0 when the model is padding-invariant, 1 when not, 2 on usage errors.
+Needs torch only (not the `verify` extras).
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ import torch
 import masknorm
 from masknorm.invariance import check_padding_invariance
 from masknorm_cli import parsers
+from masknorm_cli.targets import UsageError, load
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the check named by argv; return the exit status (0 invariant, 1 not, 2 usage)."""
-    from masknorm.reference.oracle.cli import _UsageError, load
-
     try:
         args = parsers.invariance().parse_args(argv)
     except SystemExit as exit_:
@@ -29,9 +29,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.convert:
             masknorm.convert(case["model"])
             case["name"] = f"{case.get('name', type(case['model']).__name__)} after masknorm.convert"
+        if args.scenarios is not None:
+            case["scenarios"] = tuple(args.scenarios.split(","))
         report = check_padding_invariance(**case, modes=tuple(args.modes.split(",")), rtol=args.rtol,
                                           dtype=getattr(torch, args.dtype))
-    except (_UsageError, TypeError, ValueError, KeyError) as err:
+    except (UsageError, TypeError, ValueError, KeyError) as err:
         print(f"masknorm invariance: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     print(report)

@@ -2,6 +2,7 @@
 errors, threads, checkpointing, compile; and the padding-invariance check finding the leaks it should."""
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -161,13 +162,172 @@ def test_bad_padding_arguments():
         masknorm.padding(lengths=torch.tensor([4, 2]), size=3)
 
 
-def test_layers_that_cannot_be_made_invariant_raise_inside_a_block():
-    for layer in (nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool1d(2, ceil_mode=True),
-                  nn.AvgPool1d(3, padding=1, count_include_pad=False)):
-        model = masknorm.convert(nn.Sequential(layer))
+def test_a_convolution_that_pads_with_its_own_values_raises_inside_a_block():
+    model = masknorm.convert(nn.Sequential(nn.Conv1d(4, 4, 3, padding=1, padding_mode="reflect")))
+    model(X)
+    with masknorm.padding(lengths=LENGTHS), pytest.raises(ValueError, match="cannot be made padding-invariant"):
         model(X)
-        with masknorm.padding(lengths=LENGTHS), pytest.raises(ValueError, match="cannot be made padding-invariant"):
-            model(X)
+
+
+@pytest.mark.parametrize("pool", [
+    nn.MaxPool1d(2, ceil_mode=True), nn.MaxPool1d(3, 2, padding=1, ceil_mode=True), nn.AvgPool1d(2, ceil_mode=True),
+    nn.AvgPool1d(3, 2, padding=1, ceil_mode=True), nn.AvgPool1d(3, padding=1, count_include_pad=False),
+    nn.AvgPool1d(4, 3, padding=2, ceil_mode=True, count_include_pad=False)], ids=repr)
+def test_ceil_mode_and_exclusive_average_pooling_equal_each_sequence_alone(pool):
+    """Lengths by torch's ceil-mode formula; average pooling's last windows divide by their count alone."""
+    model = masknorm.convert(nn.Sequential(pool, nn.GroupNorm(2, 4))).double().eval()
+    x = X.double()
+    garbage = torch.where(torch.arange(23) < LENGTHS[:, None, None], x, 1e3)
+    with masknorm.padding(lengths=LENGTHS):
+        batched = model(garbage)
+    for b in range(3):
+        alone = model(x[b:b + 1, :, : int(LENGTHS[b])])
+        assert (batched[b:b + 1, :, : alone.shape[-1]] - alone).abs().max() < 1e-13
+
+
+@pytest.mark.parametrize("change", ["reflect pad", "zero pad", "slice", "reshape"])
+def test_an_unseen_change_of_the_time_axis_before_a_convolution_raises_naming_it(change):
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.norm = nn.Conv1d(4, 4, 3), nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            if change.endswith("pad"):
+                x = torch.nn.functional.pad(x, (1, 1), mode="reflect" if change == "reflect pad" else "constant")
+            elif change == "slice":
+                x = x[:, :, 1:]
+            else:
+                x = x.reshape(x.shape[0], 4, 2, -1)[:, :, 0, :]  # (B, 4, 22) -> (B, 4, 11)
+            return self.norm(self.conv(x))
+
+    model = masknorm.convert(Encoder())
+    with masknorm.padding(lengths=torch.tensor([22, 17, 12]), size=22), \
+            pytest.raises(ValueError, match=r"conv \(Conv1d\) reads neighbours.*input of shape \(3, 4, \d+\).*\(22\)"):
+        model(X[..., :22])
+
+
+def test_padding_mask_is_the_inverse_of_mask():
+    model = masknorm.convert(toy()).double()
+    mask = torch.arange(23) < LENGTHS[:, None]
+    with masknorm.padding(mask=mask):
+        expected = model(X.double())
+    with masknorm.padding(padding_mask=~mask):
+        torch.testing.assert_close(model(X.double()), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        masknorm.padding(mask=mask, padding_mask=~mask)
+    with pytest.raises(TypeError, match=r"padding_mask must be a bool tensor.*True = padding"):
+        masknorm.padding(padding_mask=(~mask).double())
+
+
+class Conventions(nn.Module):
+    """A model taking its padding in any of the four conventions (it ignores them: the hook reads them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = toy()
+
+    def forward(self, x, attention_mask=None, lengths=None, key_padding_mask=None, wav_lens=None):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("padding_from, argument", [
+    ("attention_mask", lambda m: m.long()), (("attention_mask", "valid_mask"), lambda m: m),
+    ("lengths", lambda m: m.sum(1)), ("key_padding_mask", lambda m: ~m),
+    (("key_padding_mask", "padding_mask"), lambda m: (~m).int()), ("wav_lens", lambda m: m.sum(1) / 23.0)])
+def test_padding_from_each_convention_equals_the_explicit_block(padding_from, argument):
+    model = masknorm.convert(Conventions().double(), padding_from=padding_from, time_axis=2)
+    mask = torch.arange(23) < LENGTHS[:, None]
+    with masknorm.padding(lengths=LENGTHS):
+        expected = model(X.double())
+    name = padding_from if isinstance(padding_from, str) else padding_from[0]
+    torch.testing.assert_close(model(X.double(), **{name: argument(mask)}), expected, rtol=0, atol=0)
+    assert masknorm._padding.current() is None
+
+
+def test_padding_from_positional_argument_and_none_means_unpadded():
+    model = masknorm.convert(Conventions().double().eval(), padding_from="attention_mask", time_axis=2)
+    mask = torch.arange(23) < LENGTHS[:, None]
+    with masknorm.padding(mask=mask):
+        expected = model(X.double())
+    torch.testing.assert_close(model(X.double(), mask), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model(X.double()), toy().double().eval()(X.double()))  # None: nothing padded
+    with masknorm.padding(mask=mask):  # None inside a block: the block applies
+        torch.testing.assert_close(model(X.double()), expected, rtol=0, atol=0)
+
+
+def test_padding_from_wrong_conventions_raise_naming_the_argument():
+    mask = torch.arange(23) < LENGTHS[:, None]
+    cases = [("attention_mask", dict(attention_mask=mask.float()), TypeError, r"'attention_mask' must be \(B, T\)"),
+             ("attention_mask", dict(attention_mask=LENGTHS), TypeError, "convention 'lengths'"),
+             ("lengths", dict(lengths=mask), TypeError, r"'lengths' must be \(B,\) integer"),
+             ("lengths", dict(lengths=LENGTHS / 23), TypeError, "convention 'relative_lengths'"),
+             ("lengths", dict(lengths=LENGTHS + 1), ValueError, r"exceed T = 23.*time_axis=2"),
+             ("wav_lens", dict(wav_lens=LENGTHS), TypeError, "convention 'lengths'"),
+             ("wav_lens", dict(wav_lens=LENGTHS / 20), ValueError, r"\[0, 1\]")]
+    for padding_from, kwargs, error, match in cases:
+        model = masknorm.convert(Conventions(), padding_from=padding_from, time_axis=2)
+        with pytest.raises(error, match=match):
+            model(X, **kwargs)
+        assert masknorm._padding.current() is None and masknorm._padding_from._entered() == []
+    with pytest.raises(ValueError, match=r"name it: padding_from=\('mask', convention\)"):
+        masknorm.convert(Conventions(), padding_from="mask")
+    with pytest.raises(ValueError, match="unknown convention 'valid'"):
+        masknorm.convert(Conventions(), padding_from=("attention_mask", "valid"))
+    with pytest.raises(ValueError, match="has no argument 'src_key_padding_mask'"):
+        masknorm.convert(Conventions(), padding_from="src_key_padding_mask")
+    lengths_first = masknorm.convert(Conventions(), padding_from="lengths")  # time_axis=1 is the channels here
+    with pytest.raises(ValueError, match=r"T = 4, the size of argument 'x' along time_axis=1"):
+        lengths_first(X, lengths=LENGTHS)
+
+
+def test_padding_from_exits_when_the_model_raises_and_nests():
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = masknorm.convert(Conventions(), padding_from="lengths", time_axis=2)
+
+        def forward(self, x, lengths):
+            seen = masknorm._padding.current().block.lengths
+            inner_out = self.inner(x[:1], lengths=torch.tensor([5]))  # its own block on top, popped after
+            assert masknorm._padding.current().block.lengths is seen
+            if lengths[0] == 3:
+                raise RuntimeError("model failure")
+            return inner_out
+
+    outer = masknorm.convert(Outer(), padding_from="lengths", time_axis=2)
+    outer(X, LENGTHS)
+    with pytest.raises(RuntimeError, match="model failure"):
+        outer(X, torch.tensor([3, 2, 3]))
+    with pytest.raises(ValueError, match="lengths must lie in"):  # raised by the hook itself
+        outer(X, torch.tensor([-1, 2, 3]))
+    assert masknorm._padding.current() is None and masknorm._padding_from._entered() == []
+    masknorm.convert(outer)  # padding_from=None removes the hooks
+    assert not outer._forward_pre_hooks and not outer._forward_hooks
+
+
+def test_padding_from_two_threads_one_model():
+    model = masknorm.convert(Conventions().double().eval(), padding_from="lengths", time_axis=2)
+    cases = [LENGTHS, torch.tensor([9, 23, 12])]
+    expected = [model(X.double(), lengths=lengths) for lengths in cases]
+    assert two_threads(lambda i: torch.equal(model(X.double(), lengths=cases[i]), expected[i])) == []
+    assert not torch.equal(*expected)
+
+
+def test_a_converted_norm_training_without_padding_warns_once(monkeypatch):
+    monkeypatch.setattr(masknorm._padding, "_unpadded_warned", False)
+    model = masknorm.convert(toy())
+    with pytest.warns(UserWarning, match=r"1 \(MaskedBatchNorm1d\).*padding_from=.*masknorm.padding\(\)"):
+        model(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(X)  # once
+        monkeypatch.setattr(masknorm._padding, "_unpadded_warned", False)
+        model.eval()(X)  # eval: inference on unpadded inputs is ordinary
+        with masknorm.padding():
+            model.train()(X)  # stated: nothing is padded
+        masknorm.MaskedBatchNorm1d(10)(torch.randn(3, 10, 5))  # a module built by hand: mask=None is all valid
+        torch.compile(model, backend="eager", fullgraph=True)(X)  # no warning, no graph break
 
 
 def test_two_threads_one_model_different_padding():
@@ -178,20 +338,29 @@ def test_two_threads_one_model_different_padding():
     for lengths in cases:
         with masknorm.padding(lengths=lengths):
             expected.append(model(x))
+
+    def same(i):
+        with masknorm.padding(lengths=cases[i]):
+            return torch.equal(model(x), expected[i])
+
+    assert two_threads(same) == []
+
+
+def two_threads(same):
+    """Run same(0) in one thread and same(1) in another, 30 times each; the i of every run that returned False."""
     wrong = []
 
     def worker(i):
         for _ in range(30):
-            with masknorm.padding(lengths=cases[i]):
-                if not torch.equal(model(x), expected[i]):
-                    wrong.append(i)
+            if not same(i):
+                wrong.append(i)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert wrong == []
+    return wrong
 
 
 def test_gradient_checkpointing_reenters_the_block():
@@ -260,3 +429,71 @@ def test_command_line_exit_status_and_report(capsys):
     assert "toy after masknorm.convert: PASS" in capsys.readouterr().out
     assert main(["invariance", "test_models_padding:nothing"]) == 2
     assert main(["invariance", "test_models_padding:toy_case", "--modes", "test"]) == 2
+
+
+def test_the_check_lists_every_module_whose_outputs_change_in_model_order():
+    report = check_padding_invariance(toy(), X, LENGTHS, time_axis=2, modes=("train",))
+    garbage = next(d for d in report.differences if d.scenario.startswith("garbage"))
+    names = [name for name, _ in garbage.modules]
+    assert names[0] == "model (Sequential)" and garbage.first_module == "1 (BatchNorm1d)", names
+    assert names[1:] == ["1 (BatchNorm1d)", "2 (GroupNorm)", "3 (Conv1d)", "4 (MaxPool1d)", "5 (InstanceNorm1d)",
+                         "6 (AvgPool1d)", "7 (GroupNorm)"], names  # the stock conv 0 zero-pads: unchanged
+    assert all(d > 1e-6 for _, d in garbage.modules)
+    assert "modules whose valid outputs change (model order)" in str(report)
+
+
+def test_the_check_skips_a_scenario_the_model_raises_on_or_runs_the_chosen_ones():
+    class Longest(nn.Module):
+        """Requires T = the longest length, as torchaudio's Conformer."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner = masknorm.convert(toy())
+
+        def forward(self, x, mask):
+            if mask[:, -1].sum() == 0:
+                raise ValueError("padded past the longest sequence")
+            return self.inner(x)
+
+    report = check_padding_invariance(Longest(), X, LENGTHS, time_axis=2, forward=lambda m, x, mask: m(x, mask))
+    skipped = [d for d in report.differences if d.skipped]
+    assert [d.scenario for d in skipped] == ["padded further (+11)"] and report.ok, str(report)
+    assert "skip train padded further" in str(report) and "padded past the longest" in str(report)
+    chosen = check_padding_invariance(Longest(), X, LENGTHS, time_axis=2, forward=lambda m, x, mask: m(x, mask),
+                                      scenarios=("garbage",))
+    assert [(d.mode, d.scenario) for d in chosen.differences] == [
+        ("train", "garbage in the padding"), ("eval", "garbage in the padding (vs alone)")]
+    with pytest.raises(ValueError, match="scenarios must be a non-empty subset"):
+        check_padding_invariance(toy(), X, LENGTHS, time_axis=2, scenarios=("padded",))
+    nothing = check_padding_invariance(Longest(), X, LENGTHS, time_axis=2, forward=lambda m, x, mask: m(x, mask),
+                                       scenarios=("further",), modes=("train",))
+    assert not nothing.ok  # nothing compared is no pass
+
+
+def test_the_check_errors_name_time_axis():
+    with pytest.raises(ValueError, match=r"padded along time_axis=1 \(pass time_axis="):
+        check_padding_invariance(toy(), X, LENGTHS)
+    with pytest.raises(ValueError, match=r"cannot determine its mask.*along time_axis=1: if that is not its time axis"):
+        check_padding_invariance(masknorm.convert(nn.GroupNorm(2, 4)), X, torch.tensor([4, 3, 2]), time_axis=1)
+
+
+def test_the_invariance_command_needs_torch_only(tmp_path):
+    """With hypothesis, sympy and mpmath unimportable the command still runs (exit 0 for a converted model)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('hypothesis', 'sympy', 'mpmath'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked)')\n"
+        "sys.meta_path.insert(0, Block())\n")
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), here]))
+    run = subprocess.run([sys.executable, "-m", "masknorm.cli", "invariance", "test_models_padding:toy_case",
+                          "--convert", "--modes", "eval", "--scenarios", "batched"],
+                         env=env, capture_output=True, text=True, cwd=here, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "toy after masknorm.convert: PASS" in run.stdout

@@ -229,6 +229,39 @@ def test_export_without_a_block_raises_unless_told_the_inputs_are_not_padded():
     torch.testing.assert_close(program.module()(x), ConvBlock().eval()(x))
 
 
+class TakesLengths(torch.nn.Module):
+    """ConvBlock as torchaudio models are called: forward(x, lengths); converted with padding_from="lengths"."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = ConvBlock()
+
+    def forward(self, x, lengths):
+        return self.inner(x)
+
+
+def test_padding_from_compiled_runs_every_length_on_a_fixed_number_of_graphs():
+    """The hooks that enter and exit the block compile as frames of their own: 4 graphs for 12 (B, T), none per size."""
+    model = masknorm.convert(TakesLengths().double(), padding_from="lengths", time_axis=2)
+    counting = _Counting()
+    compiled = torch.compile(copy.deepcopy(model), backend=counting, dynamic=True)
+    with torch._dynamo.config.patch(recompile_limit=len(SIZES) + 1):
+        for i, (b, t) in enumerate(SIZES):
+            x, lengths = _padded_batch(b, t, i)
+            torch.testing.assert_close(compiled(x.double(), lengths), model(x.double(), lengths), rtol=1e-10, atol=1e-10)
+    assert counting.graphs <= 4, f"{counting.graphs} graphs for {len(SIZES)} (batch, length) pairs"
+
+
+def test_padding_from_export_with_dynamic_batch_and_length_equals_eager():
+    model = masknorm.convert(TakesLengths().double(), padding_from="lengths", time_axis=2).eval()
+    x, lengths = _padded_batch(3, 9, 0)
+    program = torch.export.export(model, (x.double(), lengths), dynamic_shapes=_dynamic_batch_and_length())
+    for i, (b, t) in enumerate([(2, 5), (4, 17), (5, 30)]):
+        x, lengths = _padded_batch(b, t, 10 + i)
+        torch.testing.assert_close(program.module()(x.double(), lengths), _eager(model.inner, x.double(), lengths),
+                                   rtol=1e-10, atol=1e-10)
+
+
 class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records each call of a masknorm:: fast-path operator (fast/ops.py) with its arguments."""
 
