@@ -129,7 +129,7 @@ def test_batch_norm_channels_with_one_valid_position_keep_running_stats():
     only_one[1, 2] = True
     out = m(x, only_one)
     assert torch.equal(m.running_mean, torch.zeros(3, **F64)) and torch.equal(m.running_var, torch.ones(3, **F64))
-    assert m.num_batches_tracked.item() == 0  # no channel has data (k > 1): the batch is not counted
+    assert m.num_batches_tracked.item() == 1  # with a momentum every training call counts, as in torch
     torch.testing.assert_close(out[1, :, 2], m.bias.detach())  # k = 1: (x - mu) = 0
 
 

@@ -22,9 +22,10 @@ class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
     Training (or running statistics None): the batch's masked statistics normalize (biased variance,
     as torch); with track_running_stats, running_mean/var move towards the masked mean and the
     unbiased masked variance (divisor k - 1) by `momentum`; a channel with k <= 1 valid positions keeps
-    its running values. num_batches_tracked counts the training batches with data (k > 1; k is the same
-    on every channel, as the mask carries no channel axis), so momentum=None (factor 1/num_batches_tracked)
-    is the plain average of the statistics of the batches with data: an all-padding batch is not counted.
+    its running values. num_batches_tracked counts training calls as torch's does, except with
+    momentum=None, where it is the average's divisor and counts only the batches with data (k > 1; k is
+    the same on every channel, as the mask carries no channel axis): momentum=None is the plain average
+    of the statistics of the batches with data, an all-padding batch is not counted.
     Masked-out positions: "normalize" gets the batch's normalization, "keep" returns x, "zero" returns 0;
     a batch with no valid position passes x through (0 under "zero").
 
@@ -39,12 +40,13 @@ class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
 
     def _track(self, batch: Moments) -> None:
         """r <- (1 - f) r + f stat on the channels with k > 1, f = momentum, or 1/num_batches_tracked
-        when momentum is None; the batch counts (num_batches_tracked += 1) only if some channel has
-        k > 1. Tensor ops only: no host sync, traceable."""
+        when momentum is None, where the batch counts (num_batches_tracked += 1) only if some channel
+        has k > 1 (with a momentum every call counts, as in torch). Tensor ops only: no host sync,
+        traceable."""
         usable = batch.count > 1
         factor: Union[float, torch.Tensor] = 0.0 if self.momentum is None else self.momentum
         if self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(usable.any().to(self.num_batches_tracked.dtype))
+            self.num_batches_tracked.add_(1 if self.momentum is not None else usable.any().to(self.num_batches_tracked.dtype))
             if self.momentum is None:
                 factor = 1.0 / self.num_batches_tracked.clamp(min=1).double()
         update_running(self.running_mean, self.running_var, batch.mean, batch.var, usable, factor)
