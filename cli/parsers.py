@@ -126,6 +126,8 @@ def check() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="hypothesis seed (default: derandomized, the same examples every run)")
     p.add_argument("--extreme", action="store_true", help="draw values at the dtype's overflow/underflow thresholds")
     p.add_argument("--min-group-size", type=int, default=1, help="smallest group fn accepts (default 1)")
+    p.add_argument("--min-valid", type=int, default=0, metavar="N",
+                   help="draw only masks leaving at least N valid positions in every group (default 0: empty groups too)")
     p.add_argument("--shrinks", type=int, default=CHECK_SHRINKS,
                    help=f"successful shrinks of each counterexample (default {CHECK_SHRINKS})")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")

@@ -76,6 +76,12 @@ def test_options_reach_the_semantics(workdir, capsys):
     assert "center=False" in out and "dtype=float32" in out and "mask=none" in out and "seed=3" in out
 
 
+def test_min_valid_reaches_the_check(workdir, capsys):
+    code, out, _ = run(capsys, "cand_norms:good", "--min-valid", "2", "--examples", "3")
+    assert code == 0, out
+    assert "min_valid=2" in out
+
+
 def test_a_wrong_claim_exits_1_naming_the_property(workdir, capsys):
     code, out, _ = run(capsys, "cand_norms:rms", "--no-mask", "--examples", "5", "--json", "r.json")
     assert code == 1
@@ -101,6 +107,8 @@ def test_a_dtype_change_exits_1(workdir, capsys):
         (["cand_norms:good", "--eps", "-1"], "eps must be finite and >= 0"),
         (["cand_norms:good", "--ndim", "1", "--dim", "2"], "no rank 1 fits"),
         (["cand_norms:good", "--examples", "0"], "must be >= 1"),
+        (["cand_norms:good", "--min-valid", "-1"], "--min-valid must be >= 0"),
+        (["cand_norms:good", "--min-valid", "9", "--ndim", "1"], "min_valid=9 exceeds the largest group"),
     ],
 )
 def test_usage_errors_exit_2_with_the_reason(workdir, capsys, argv, reason):

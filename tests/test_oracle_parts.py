@@ -18,7 +18,7 @@ from masknorm.reference.oracle.compare import forward_error, inverse_s, normwise
 from masknorm.reference.oracle.frameworks import Framework
 from masknorm.reference.oracle.properties import Caller, measure_forward
 from masknorm.reference.oracle.report import comment, literal
-from masknorm.reference.oracle.strategies import bucket_shapes
+from masknorm.reference.oracle.strategies import bucket_shapes, with_min_valid
 from masknorm.testing import MaskedInput, Semantics, masked_inputs, upstream_gradients
 
 U64 = 2.0**-53
@@ -117,6 +117,20 @@ def test_bucket_shapes_are_few_and_keep_min_group_size():
 def test_bucketed_inputs_draw_only_bucket_shapes(inp):
     rank = inp.x.dim()
     assert tuple(inp.x.shape) in bucket_shapes(rank, (rank - 1,))
+
+
+@settings(max_examples=40, deadline=None)
+@given(masked_inputs((0, 2), ndim=3, mask_dims=(0, 2), min_valid=2, degenerate=True, padded=True))
+def test_min_valid_holds_in_every_group_even_for_degenerate_masks(inp):
+    assert (inp.valid.sum((0, 2)) >= 2).all()
+
+
+def test_with_min_valid_turns_on_only_what_a_short_group_needs():
+    mask = torch.tensor([[False, False, False], [True, True, False]])  # (2, 3), groups are rows
+    assert with_min_valid(mask, (2, 3), (1,), 2).tolist() == [[True, True, False], [True, True, False]]
+    # a mask of size 1 along the reduced axis: one entry covers a whole row, which is all it can hold
+    assert with_min_valid(torch.tensor([[False], [True]]), (2, 3), (1,), 5).tolist() == [[True], [True]]
+    assert with_min_valid(mask, (2, 3), (1,), 0) is mask
 
 
 def test_no_mask_means_no_mask_and_min_group_size_holds():

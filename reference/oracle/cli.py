@@ -80,6 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         if args.examples < 1 or args.min_group_size < 1:
             raise _UsageError("--examples and --min-group-size must be >= 1")
+        if args.min_valid < 0:
+            raise _UsageError("--min-valid must be >= 0")
         fn = load(args.target)
     except (_UsageError, TypeError, ValueError) as err:
         print(f"masknorm check: {err}", file=sys.stderr)
@@ -89,7 +91,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = check(
             fn, semantics, ndim=args.ndim, mask_dims=args.mask_dims, mask=not args.no_mask, grad=args.grad,
             dtype=args.dtype, examples=args.examples, seed=args.seed, extreme=args.extreme,
-            min_group_size=args.min_group_size, sides=args.sides, squeeze_mask=args.squeeze_mask,
+            min_group_size=args.min_group_size, min_valid=args.min_valid, sides=args.sides, squeeze_mask=args.squeeze_mask,
             framework_name=args.framework, jit=not args.no_jit,
             shape_buckets=None if args.shapes is None else args.shapes == "buckets", shrinks=args.shrinks,
             name=args.target, progress=progress,

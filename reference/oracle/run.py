@@ -113,13 +113,29 @@ def _target(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _plain_input(sem: Semantics, rank: int, sides: Sides, mask_dims: Optional[Dim], mask: bool, dtype: torch.dtype) -> MaskedInput:
-    """Sides at their smallest allowed value >= 3, values 1..n, all valid."""
-    shape = tuple(min(max(3, low), high) for low, high in side_ranges(rank, sides))
+def _plain_input(
+    sem: Semantics, rank: int, sides: Sides, mask_dims: Optional[Dim], mask: bool, dtype: torch.dtype, smallest: int
+) -> MaskedInput:
+    """Sides at their smallest allowed value >= 3 (the largest on the reduced axes when that leaves
+    groups of fewer than `smallest` positions), values 1..n, all valid."""
+    ranges = side_ranges(rank, sides)
+    dims = normalize_dims(sem.dim, rank)
+    shape = tuple(min(max(3, low), high) for low, high in ranges)
+    if int(np.prod([shape[d] for d in dims])) < smallest:
+        shape = tuple(ranges[d][1] if d in dims else side for d, side in enumerate(shape))
     count = int(np.prod(shape))
     x = torch.arange(1, count + 1, dtype=torch.float64).reshape(shape).to(dtype)
     m = torch.ones(mask_shape(shape, mask_dims), dtype=torch.bool) if mask else None
-    return MaskedInput(x, m, normalize_dims(sem.dim, rank))
+    return MaskedInput(x, m, dims)
+
+
+def _largest_group(sem: Semantics, ndim: Optional[int], sides: Sides, mask_dims: Optional[Dim]) -> int:
+    """The most positions a group of a drawable shape can hold (over the ranks x may have)."""
+    sizes = []
+    for rank in ranks(sem.dim, ndim if sides is None else len(sides), mask_dims):
+        ranges = side_ranges(rank, sides)
+        sizes.append(int(np.prod([ranges[d][1] for d in normalize_dims(sem.dim, rank)])))
+    return max(sizes)
 
 
 def _smoke(caller: Caller, inp: MaskedInput) -> None:
@@ -279,6 +295,7 @@ def check(
     seed: Optional[int] = None,
     extreme: bool = False,
     min_group_size: int = 1,
+    min_valid: int = 0,
     sides: Sides = None,
     framework_name: Optional[str] = None,
     jit: bool = True,
@@ -294,7 +311,10 @@ def check(
     int, a (low, high) range or None); the bool mask has x's rank and size 1 off `mask_dims` (None:
     it varies along every axis), or only the `mask_dims` axes with `squeeze_mask`. `extreme` draws
     magnitudes at the dtype's overflow/underflow thresholds; `min_group_size` is the smallest group
-    fn accepts (torch's batch_norm and group_norm refuse groups of one value). `framework_name`:
+    fn accepts (torch's batch_norm and group_norm refuse groups of one value), counting every position;
+    `min_valid` the fewest valid (mask True) positions it accepts in a group, a constraint on the
+    drawn masks (a masked batch norm built on torch's refuses one valid value per channel; 0: none,
+    so that empty groups are drawn). `framework_name`:
     "torch", "numpy", "jax" or "keras" (None: detected from what fn returns); `jit`: JAX calls fn
     and its VJP under jax.jit (else op by op); `shape_buckets`: draw only a few shapes per rank
     (strategies.bucket_shapes; None: for frameworks that compile per shape, JAX). Shrinking a
@@ -306,9 +326,19 @@ def check(
         raise ValueError("squeeze_mask needs mask_dims (the axes the mask keeps)")
     if examples < 1:
         raise ValueError(f"examples must be >= 1, got {examples}")
+    for arg, value, least in (("min_group_size", min_group_size, 1), ("min_valid", min_valid, 0)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{arg} must be an int, got {value!r}")
+        if value < least:
+            raise ValueError(f"{arg} must be >= {least}, got {value}")
+    smallest = max(min_group_size, min_valid)
+    largest = _largest_group(semantics, ndim, sides, mask_dims)
+    if smallest > largest:
+        what = f"min_group_size={min_group_size}" if min_group_size >= min_valid else f"min_valid={min_valid}"
+        raise ValueError(f"{what} exceeds the largest group the shapes allow ({largest} positions; see sides)")
     target = name or _target(fn)
     rank = ranks(semantics.dim, ndim if sides is None else len(sides), mask_dims)[0]
-    plain = _plain_input(semantics, rank, sides, mask_dims, mask, torch_dtype)
+    plain = _plain_input(semantics, rank, sides, mask_dims, mask, torch_dtype, smallest)
     probe = Caller(fn, Framework(), semantics.padding_mask, squeeze_mask, mask_dims)
     fw = framework(framework_name or _detect(fn, plain, probe.mask_arg), jit)
     if dtype_name not in fw.dtypes:
@@ -320,7 +350,7 @@ def check(
     buckets = fw.shape_buckets if shape_buckets is None else shape_buckets
     props = _properties(
         caller, semantics, grad, mask, ndim=ndim, mask_dims=mask_dims, dtype=torch_dtype, min_group_size=min_group_size,
-        extreme=extreme, sides=sides, shape_buckets=buckets,
+        min_valid=min_valid, extreme=extreme, sides=sides, shape_buckets=buckets,
     )
     report = Report(target, "")
     clock = _Clock(examples * sum(p.skipped is None for p in props), progress or (lambda _: None))
@@ -330,7 +360,7 @@ def check(
     report.setup = (
         f"semantics: {semantics.describe()}; framework={fw.describe()}, dtype={dtype_name}, ndim={ndim}, sides={sides}, "
         f"shapes={'buckets' if buckets else 'all'}, mask={mask_text}{' (squeezed)' if squeeze_mask else ''}, "
-        f"grad={grad}, extreme={extreme}, examples={examples}, seed={seed}"
+        f"{f', min_valid={min_valid}' if min_valid else ''}, grad={grad}, extreme={extreme}, examples={examples}, seed={seed}"
     )
     return report
 
