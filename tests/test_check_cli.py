@@ -5,7 +5,10 @@ cannot be imported or called, each with its reason."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -50,6 +53,7 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "cand_norms.py").write_text(MODULE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cand_norms", raising=False)  # imported afresh, from this folder
     return tmp_path
 
 
@@ -87,6 +91,20 @@ def test_a_wrong_claim_exits_1_naming_the_property(workdir, capsys):
     assert code == 1
     assert "FAIL forward vs reference" in out and "from cand_norms import rms as fn" in out
     assert json.loads((workdir / "r.json").read_text())["conforms"] is False
+
+
+def test_a_reproduction_runs_saved_in_another_folder(workdir, capsys, tmp_path_factory):
+    """The reproduction imports the target from the folder the check imported it from, so that it
+    runs from anywhere (run here from another folder, with that one not on the path)."""
+    assert run(capsys, "cand_norms:rms", "--no-mask", "--examples", "5", "--json", "r.json")[0] == 1
+    code = json.loads((workdir / "r.json").read_text())["properties"][0]["reproduction"]
+    assert f"sys.path.insert(0, {str(workdir)!r})" in code
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "repro.py").write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "repro.py"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "tensor(" in done.stdout
 
 
 def test_a_dtype_change_exits_1(workdir, capsys):

@@ -6,8 +6,13 @@
 from __future__ import annotations
 
 import math
+import os
 import re
+import site
+import sys
+import sysconfig
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, List, Optional
 
 import numpy as np
@@ -101,12 +106,45 @@ def literal(values: Any) -> str:
     return _number(float(items))
 
 
+def _site_folders() -> set:
+    """The folders installed packages are imported from (a module there imports from anywhere)."""
+    folders = set(site.getsitepackages()) | {site.getusersitepackages()}
+    folders |= {sysconfig.get_paths()[key] for key in ("purelib", "platlib", "stdlib", "platstdlib")}
+    return {os.path.abspath(f) for f in folders}
+
+
+def import_folder(module: str) -> Optional[str]:
+    """The folder to put on sys.path so that `module` (already imported) imports from anywhere as
+    it did here: the folder its top-level package sits in; None when it is not a file, when it sits
+    in site-packages or the standard library (importable anywhere already), or when its file is not
+    where its name says (an editable install's mapping, which its own finder resolves)."""
+    file = getattr(sys.modules.get(module), "__file__", None)
+    if not file or module == "__main__":
+        return None
+    path = Path(os.path.abspath(file))
+    parts = module.split(".")
+    root = path.parents[len(parts) - 1 + (path.name == "__init__.py")]
+    where = root.joinpath(*parts)
+    if path not in (where.with_name(where.name + path.suffix), where / "__init__.py") or str(root) in _site_folders():
+        return None
+    return str(root)
+
+
 def import_code(target: str) -> str:
-    """The line that binds the callable under test to `fn`, from "module:qualname"."""
+    """The lines that bind the callable under test to `fn`, from "module:qualname[.attr...]":
+    with sys.path extended by import_folder(module) when the module was imported from a folder of
+    its own (the current directory of `masknorm check`, say), so that the code runs when saved and
+    run from any other folder."""
     module, _, name = target.partition(":")
-    if not name or "<" in name or "." in name:
+    if not name or "<" in name or module == "__main__":
         return f"fn = ...  # the callable under test: {target}"
-    return f"from {module} import {name} as fn"
+    first, _, rest = name.partition(".")
+    lines = []
+    folder = import_folder(module)
+    if folder is not None:
+        lines += ["import sys", f"sys.path.insert(0, {folder!r})  # where {module} was imported from by the check"]
+    lines += [f"from {module} import {first} as fn"] if not rest else [f"from {module} import {first}", f"fn = {first}.{rest}"]
+    return "\n".join(lines)
 
 
 def comment(text: str) -> List[str]:
