@@ -86,6 +86,21 @@ def test_min_valid_reaches_the_check(workdir, capsys):
     assert "min_valid=2" in out
 
 
+def test_framework_keras_names_its_backend(workdir, capsys, monkeypatch):
+    if os.environ.get("KERAS_BACKEND", "torch") != "torch":
+        pytest.skip("Keras is configured for another backend")
+    monkeypatch.setenv("KERAS_BACKEND", "torch")  # as `masknorm check --framework keras` sets it
+    pytest.importorskip("keras")
+    (workdir / "cand_keras.py").write_text(
+        "import keras\n\ndef layer_norm(x):\n"
+        "    return keras.layers.LayerNormalization(epsilon=1e-5, center=False, scale=False)(x)\n"
+    )
+    code, out, _ = run(capsys, "cand_keras:layer_norm", "--framework", "keras", "--no-mask", "--dtype", "float32",
+                       "--examples", "3")
+    assert code == 0, out
+    assert "framework=keras (torch backend)" in out
+
+
 def test_a_wrong_claim_exits_1_naming_the_property(workdir, capsys):
     code, out, _ = run(capsys, "cand_norms:rms", "--no-mask", "--examples", "5", "--json", "r.json")
     assert code == 1

@@ -44,10 +44,19 @@ class Framework:
         return str(a.dtype).removeprefix("torch.")
 
     shape_buckets = False  # draw every shape: a new shape costs nothing here
+    via_keras = False  # set by framework("keras"): the arrays are those of Keras's backend, this one
 
     def describe(self) -> str:
-        """The framework as the report's setup line names it."""
-        return self.name
+        """The framework as the report's setup line names it: "torch", "jax (jax.jit)", "keras
+        (torch backend)"."""
+        detail = self.detail()
+        if self.via_keras:
+            return f"keras ({self.name} backend{f', {detail}' if detail else ''})"
+        return f"{self.name}{f' ({detail})' if detail else ''}"
+
+    def detail(self) -> str:
+        """How fn is called, where there is more to it than the framework ("" here)."""
+        return ""
 
     def call(self, fn: Callable[..., Any], x: Any, m: Optional[Any]) -> Any:
         """fn(x, m), or fn(x) when m is None."""
@@ -72,6 +81,13 @@ class Framework:
     def preamble(self, dtype: str) -> Tuple[str, ...]:
         """The imports (and settings) a reproduction starts with."""
         return ("import torch",)
+
+    def backend_code(self) -> Tuple[str, ...]:
+        """Lines a reproduction runs before any import: under Keras, its backend as checked
+        (Keras reads KERAS_BACKEND once, when first imported)."""
+        if not self.via_keras:
+            return ()
+        return ("import os", f'os.environ.setdefault("KERAS_BACKEND", "{self.name}")  # the backend Keras was checked on')
 
     def gradient_code(self, args: str) -> Tuple[str, ...]:
         """Lines that print the gradient of fn(`args`) at x for grad_out."""
@@ -128,9 +144,9 @@ class Jax(Framework):
         self.fallbacks = 0
         self._jitted: dict = {}
 
-    def describe(self) -> str:
+    def detail(self) -> str:
         how = "jax.jit" if self.jit else "op by op"
-        return f"jax ({how}{f', op by op after jax.jit failed on {self.fallbacks} calls' if self.fallbacks else ''})"
+        return f"{how}{f', op by op after jax.jit failed on {self.fallbacks} calls' if self.fallbacks else ''}"
 
     def _pullback(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """(x, g, *m) -> g^T d fn(x, *m)/dx by jax.vjp."""
@@ -207,8 +223,8 @@ def keras_backend() -> str:
 
 def framework(name: str, jit: bool = True) -> Framework:
     """The Framework called `name` (one of NAMES); keras is its backend's (torch or jax); `jit`:
-    JAX calls under jax.jit (else op by op). ValueError for another name or a Keras backend
-    without autodiff support here."""
+    JAX calls under jax.jit (else op by op); a Keras framework says so in describe(). ValueError
+    for another name or a Keras backend without autodiff support here."""
     if name == "torch":
         return Framework()
     if name == "numpy":
@@ -219,7 +235,9 @@ def framework(name: str, jit: bool = True) -> Framework:
         backend = keras_backend()
         if backend not in ("torch", "jax"):
             raise ValueError(f"Keras on the {backend} backend is not supported: use KERAS_BACKEND=torch or jax")
-        return framework(backend, jit)
+        fw = framework(backend, jit)
+        fw.via_keras = True
+        return fw
     raise ValueError(f"framework must be one of {NAMES}, got {name!r}")
 
 

@@ -172,7 +172,7 @@ def reproduction(
     fw = framework or Framework()
     dtype = str(x.dtype).removeprefix("torch.")
     args = "x" if mask is None else "x, mask"
-    lines = [*fw.preamble(dtype), import_code(target), ""]
+    lines = [*fw.backend_code(), *fw.preamble(dtype), import_code(target), ""]
     lines.append(fw.code("x", literal(x.detach().cpu().double()), dtype, grad=grad_out is not None))
     if mask is not None:
         lines.append(fw.code("mask", literal(mask.cpu()), None))
