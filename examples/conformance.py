@@ -287,11 +287,18 @@ def counterexamples(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str, output: str) -> argparse.ArgumentParser:
+    """The options this script and examples/systematic_error.py share: --examples and --output
+    (`output` says what is written there); `doc`'s first paragraph is the description."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=100, help="hypothesis examples per property (default 100)")
+    p.add_argument("--output", help=f"write {output} (markdown) to this file")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = parser(__doc__, "the table and the counterexamples")
     p.add_argument("--only", action="append", help="check only the peers whose name contains this (repeatable)")
-    p.add_argument("--output", help="write the table and the counterexamples (markdown) to this file")
     args = p.parse_args(argv)
     rows = []
     for peer in PEERS:

@@ -31,6 +31,7 @@ import torch
 from masknorm._contract import normalize_dims
 
 from ..error import unit_roundoff
+from .bias import group_samples
 from .compare import ReferenceValues, forward_error, normwise_error, reference_values
 from .frameworks import Framework
 from .semantics import Semantics
@@ -48,6 +49,7 @@ class Outcome:
     error: float
     problem: Optional[str] = None
     expected: Optional[np.ndarray] = None
+    groups: Optional[np.ndarray] = None  # bias.group_samples of the forward property's call
 
 
 class WrongOutput(Exception):
@@ -153,7 +155,8 @@ def measure_forward(
     at the valid positions (exactly 0) of the others (with eps > 0; their padded outputs scale
     with 1/sqrt(eps), an accuracy matter); beside a degenerate group of the reference, fn's
     output must only not turn non-finite (a NaN or Inf leaking out), its accuracy being the
-    forward property's."""
+    forward property's. With `regular_only` the Outcome also carries each group's systematic-error
+    samples (bias.group_samples)."""
     ref = expected(inp, sem)
     try:
         got = caller.forward(inp)
@@ -173,7 +176,10 @@ def measure_forward(
     err = forward_error(got, want, position_kappa(inp, sem, ref), dtype=inp.x.dtype, where=where)
     if math.isinf(err):
         return Outcome(err, _finiteness(got, want, where), want)
-    return Outcome(err, None, want)
+    groups = None
+    if regular_only:
+        groups = group_samples(got, ref, inp.x, inp.valid.numpy(), inp.dims, sem.correction, sem.center)
+    return Outcome(err, None, want, groups)
 
 
 def _no_spread(inp: MaskedInput) -> np.ndarray:

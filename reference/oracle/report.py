@@ -29,7 +29,9 @@ class PropertyResult:
     was called on (shrinking included), `worst` is the largest error seen (u*kappa), `reason` says
     why it failed or was skipped, `reproduction` is code for the shrunk counterexample and
     `worst_reproduction` for the worst example seen, when that is another one (a shrunk example
-    sits just past the bound; the worst shows how bad it gets), `seconds` the time it took."""
+    sits just past the bound; the worst shows how bad it gets), `seconds` the time it took, `detail`
+    what was measured beside the worst error, in words, and `estimates` as data (the systematic-error
+    estimates: bias.Estimate's fields and whether each is flagged)."""
 
     name: str
     status: str
@@ -41,6 +43,8 @@ class PropertyResult:
     worst_reproduction: Optional[str] = None
     worst_reason: Optional[str] = None
     seconds: float = 0.0
+    detail: Optional[str] = None
+    estimates: Optional[List[dict]] = None
 
 
 @dataclass
@@ -75,10 +79,13 @@ class Report:
             result = p.status.upper() if p.status == "fail" else p.status
             if p.status == "skipped":
                 result += f" ({p.reason})"
+            elif p.detail:
+                result += f" ({p.detail})"
             lines.append(f"{p.name:<26} {p.calls:>8} {worst:>14} {bound:>6} {p.seconds:>8.1f}  {result}")
         for p in self.failed:
-            lines += ["", f"FAIL {p.name}: {p.reason}", "shrunk counterexample:"]
-            lines += ["    " + line for line in (p.reproduction or "").splitlines()]
+            lines += ["", f"FAIL {p.name}: {p.reason}"]
+            if p.reproduction:
+                lines += ["shrunk counterexample:"] + ["    " + line for line in p.reproduction.splitlines()]
             if p.worst_reproduction:
                 lines += [f"worst example seen ({p.worst_reason}):"]
                 lines += ["    " + line for line in p.worst_reproduction.splitlines()]

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from masknorm._contract import normalize_dims
 from masknorm_cli.parsers import CHECK_EXAMPLES, CHECK_SHRINKS
 
+from ..error import unit_roundoff
+from .bias import estimates, summary, verdict
 from .engine import controlled
 from .frameworks import Framework, detect, framework
 from .properties import (
@@ -91,6 +93,7 @@ class _Property:
     measure: Measure
     bound: Optional[float]
     skipped: Optional[str] = None
+    samples: Optional[list] = None  # each call's Outcome.groups (bias.py), kept by `measure`
 
 
 @dataclass
@@ -172,6 +175,12 @@ def _properties(caller: Caller, sem: Semantics, grad: bool, mask: bool, **draw: 
     def with_grad(cases: st.SearchStrategy, zero_padding: bool = False) -> st.SearchStrategy:
         return cases.flatmap(lambda c: upstream_gradients(c.inp, zero_padding=zero_padding).map(lambda g: _Case(c.inp, g, c.clean)))
 
+    def forward(case: _Case) -> Outcome:
+        outcome = measure_forward(caller, sem, case.inp, regular_only=True)
+        forward_samples.append(outcome.groups)
+        return outcome
+
+    forward_samples: List[Optional[np.ndarray]] = []
     plain = inputs().map(_Case)
     padded = inputs(padded=True, degenerate=True).flatmap(lambda clean: with_garbage(clean).map(lambda i: _Case(i, None, clean)))
     no_mask = None if mask else "no mask"
@@ -179,7 +188,7 @@ def _properties(caller: Caller, sem: Semantics, grad: bool, mask: bool, **draw: 
     if grad and caller.framework.vjp is None:
         no_grad = f"{caller.framework.name} has no autodiff"
     return [
-        _Property("forward vs reference", plain, lambda c: measure_forward(caller, sem, c.inp, regular_only=True), FORWARD_BOUND),
+        _Property("forward vs reference", plain, forward, FORWARD_BOUND, samples=forward_samples),
         _Property(
             "padding garbage", padded, lambda c: measure_padding_forward(caller, sem, c.inp, c.clean), FORWARD_BOUND, no_mask
         ),
@@ -223,6 +232,7 @@ def _run(
     seen: dict = {"calls": 0, "worst": 0.0, "failure": None, "worst_case": None}
     started = time.perf_counter()
 
+    # derandomized, hypothesis seeds the examples from body's source: editing it changes every example
     def body(case: _Case) -> None:
         outcome = prop.measure(case)
         seen["calls"] += 1
@@ -268,6 +278,25 @@ def _run(
     return result
 
 
+def _systematic(forward: _Property, result: PropertyResult, sem: Semantics, dtype: torch.dtype, extreme: bool) -> PropertyResult:
+    """The bias test over the forward property's generated draws (bias.py): fails when the output's
+    scale or the subtracted mean is off by a consistent relative amount; skipped where the forward
+    property (`result`) failed (its later calls are shrinking one example, and its error is the
+    finding), so that every call's samples are generated draws."""
+    name = "systematic error"
+    if extreme:
+        return PropertyResult(name, "skipped", reason="extreme magnitudes (rounding is not relative among subnormals)")
+    if result.status == "fail":
+        return PropertyResult(name, "skipped", reason=f"{forward.name} fails")
+    samples = [s for s in forward.samples or [] if s is not None]
+    found = estimates(samples, sem.center, sem.correction, dtype)
+    reason = verdict(found, unit_roundoff(dtype))
+    return PropertyResult(
+        name, "fail" if reason else "pass", len(samples), reason=reason, detail=summary(found),
+        estimates=[e.to_dict() for e in found],
+    )
+
+
 def _reason(prop: _Property, outcome: Outcome) -> str:
     return outcome.problem or f"error {outcome.error:.3g} u*kappa > bound {prop.bound:g}"
 
@@ -305,7 +334,8 @@ def check(
     progress: Optional[Callable[[str], None]] = None,
 ) -> Report:
     """Check fn(x, mask) (fn(x) when mask=False) against the reference for `semantics`: forward,
-    garbage padding, degenerate groups, dtype and shape, and with grad=True its gradients by its
+    systematic error over the forward draws (a bias of about 1 u and more, bias.py), garbage padding,
+    degenerate groups, dtype and shape, and with grad=True its gradients by its
     framework's autodiff; `examples` hypothesis examples per property, the same every run unless
     `seed` is given. x has rank `ndim` (None: any that fits) and sides within `sides` (per axis: an
     int, a (low, high) range or None); the bool mask has x's rank and size 1 off `mask_dims` (None:
@@ -356,6 +386,8 @@ def check(
     clock = _Clock(examples * sum(p.skipped is None for p in props), progress or (lambda _: None))
     for prop in props:
         report.properties.append(_run(prop, target, semantics, caller, examples, seed, clock, shrinks))
+        if prop.samples is not None:
+            report.properties.append(_systematic(prop, report.properties[-1], semantics, torch_dtype, extreme))
     mask_text = "none" if not mask else "varies along " + ("every axis" if mask_dims is None else f"axes {mask_dims}")
     report.setup = (
         f"semantics: {semantics.describe()}; framework={fw.describe()}, dtype={dtype_name}, ndim={ndim}, sides={sides}, "
