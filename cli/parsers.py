@@ -105,6 +105,9 @@ def check() -> argparse.ArgumentParser:
     masks.add_argument("--no-mask", action="store_true", help="call fn(x): a plain (unmasked) normalization")
     p.add_argument("--squeeze-mask", action="store_true", help="pass the mask with only the --mask-dims axes (Keras, masked_norm)")
     p.add_argument("--padding-mask", action="store_true", help="the mask is True at padding (torch's key_padding_mask)")
+    p.add_argument("--segments", action="store_true",
+                   help="call fn(x_nodes, batch) as graph libraries do: x[mask] and each node's graph (its index along "
+                        "axis 0); needs --mask-dims over the leading axes, e.g. 0,1, and --masked keep")
     p.add_argument("--correction", type=int, default=0, help="variance divisor k - C (default 0: biased)")
     p.add_argument("--eps", type=float, default=1e-5, help="added to the variance (default 1e-5)")
     p.add_argument("--eps-outside", action="store_true", help="(x - mu)/(sigma + eps) instead of /sqrt(sigma^2 + eps)")

@@ -153,6 +153,25 @@ def keras_batch_norm():
     return fn
 
 
+# ---- PyTorch Geometric (node lists and a batch vector: the oracle's segment convention) -------------
+
+
+def pyg_norm(cls_name: str, batch: bool = True, **kw):
+    """A PyG norm called as fn(x_nodes, batch) (x_nodes (M, C)); without its batch vector when not
+    `batch` (then checked on one graph)."""
+
+    def make():
+        import torch_geometric.nn as gnn
+
+        def fn(x, graph_ids):
+            layer = getattr(gnn, cls_name)(x.shape[-1], eps=EPS, **kw)
+            return layer(x, graph_ids) if batch else layer(x)
+
+        return fn
+
+    return make
+
+
 # ---- einorm, the seed, masknorm ---------------------------------------------------------------------
 
 
@@ -176,6 +195,8 @@ def masknorm_layer():
 
 PLAIN = dict(mask=False, grad=True, dtype="float32")
 MASKED = dict(grad=True, dtype="float32")
+# x (B, N, C): B graphs of up to N nodes, each with at least one node; fn(x_nodes, batch)
+GRAPHS = dict(MASKED, ndim=3, mask_dims=(0, 1), segments=True, min_valid=1)
 PEERS: List[Peer] = [
     Peer("torch F.layer_norm", "torch", torch_layer_norm, dict(dim=-1), PLAIN),
     Peer("torch F.rms_norm", "torch", torch_rms_norm, dict(dim=-1, center=False), PLAIN),
@@ -210,6 +231,15 @@ PEERS: List[Peer] = [
         "Keras BatchNormalization(mask=)", "keras", keras_batch_norm, dict(dim=(0, 1)),
         dict(MASKED, ndim=3, mask_dims=(0, 1), squeeze_mask=True, sides=(None, None, (2, 4))),
     ),
+    Peer("PyG LayerNorm(mode='graph')", "torch_geometric", pyg_norm("LayerNorm", affine=False, mode="graph"),
+         dict(dim=(1, 2), masked="keep"), GRAPHS),
+    Peer("PyG LayerNorm(mode='graph'), no batch vector", "torch_geometric",
+         pyg_norm("LayerNorm", batch=False, affine=False, mode="graph"),
+         dict(dim=(1, 2), masked="keep"), dict(GRAPHS, sides=(1, None, None))),
+    Peer("PyG LayerNorm(mode='node')", "torch_geometric", pyg_norm("LayerNorm", affine=False, mode="node"),
+         dict(dim=2, masked="keep"), GRAPHS),
+    Peer("PyG InstanceNorm", "torch_geometric", pyg_norm("InstanceNorm"), dict(dim=1, masked="keep"), GRAPHS),
+    Peer("PyG GraphNorm", "torch_geometric", pyg_norm("GraphNorm"), dict(dim=1, masked="keep"), GRAPHS),
     Peer("einorm Einorm('a b c', 'c')", "einorm", einorm_layer, dict(dim=-1), dict(PLAIN, ndim=3)),
     Peer(
         "algmarques/masked_norm (the seed), rows", "masked-norm", seed_rows,

@@ -4,6 +4,7 @@ torch, numpy, JAX, and Keras 3 (whose tensors are its backend's: torch or JAX).
     to_native(t):          the torch tensor t as the framework's array, value for value (exact)
     to_numpy(a):           the framework's array as float64 numpy (exact: float64 holds every narrower float)
     call(fn, x, m):        fn(x, m) (fn(x) when m is None); JAX: under jax.jit, compiled once per shape
+    segmented(fn):         fn(x_nodes, batch) as a function of (x, mask) (torch: graph libraries' convention)
     vjp(fn, x, m, g):      g^T d fn(x, m)/dx by the framework's own autodiff (torch.autograd, jax.vjp); None: no autodiff
 
 The heavy frameworks are imported only when asked for (or detected from what fn returns).
@@ -72,6 +73,23 @@ class Framework:
         """The expression that calls fn on `args` in a reproduction, as the check called it."""
         return f"fn({args})"
 
+    def segmented(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """fn(x_nodes, batch) as a function of (x, mask) with mask x's leading axes: x_nodes =
+        x[mask], the valid positions in order, batch = their index along axis 0 (a graph
+        library's batch vector), and fn's output put back at those positions of x (the rest keep
+        x: masked="keep"). Differentiable: the gather and scatter are torch index ops."""
+
+        def composite(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            where = mask.nonzero(as_tuple=True)
+            nodes = x[where]
+            out = fn(nodes, where[0])
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(nodes.shape):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"fn(x_nodes, batch) returned {shape} for x_nodes of shape {tuple(nodes.shape)}")
+            return x.index_put(where, out)
+
+        return composite
+
     def code(self, name: str, values: str, dtype: Optional[str], grad: bool = False) -> str:
         """A line that rebuilds an array of this framework from a Python literal."""
         if dtype is None:
@@ -114,6 +132,9 @@ class Numpy(Framework):
         return np.dtype(a.dtype).name
 
     vjp = None  # type: ignore[assignment]
+
+    def segmented(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        raise ValueError("segments: only torch callables take fn(x_nodes, batch) here")
 
     def code(self, name: str, values: str, dtype: Optional[str], grad: bool = False) -> str:
         return f"{name} = np.array({values}{'' if dtype is None else f', dtype=np.{dtype}'})"
@@ -173,6 +194,9 @@ class Jax(Framework):
 
     def vjp(self, fn: Callable[..., Any], x: Any, m: Optional[Any], g: Any) -> Optional[Any]:
         return self._run(self._compiled(fn)[1], self._pullback(fn), x, g, *(() if m is None else (m,)))
+
+    def segmented(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        raise ValueError("segments: only torch callables take fn(x_nodes, batch) here")
 
     def enable(self, dtype: str) -> None:
         """Turn on 64-bit arrays when the check is in float64 (otherwise JAX silently uses float32)."""

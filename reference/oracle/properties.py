@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -61,13 +62,20 @@ class Caller:
     """How fn is called: fn(x, mask) (fn(x) without a mask) on arrays of `framework`; the mask is
     inverted when it marks padding (Semantics.padding_mask) and holds only the axes it varies along
     (`mask_dims`) when `squeeze_mask` (Keras and algmarques/masked_norm take a (B, T) mask for a
-    (B, T, C) x)."""
+    (B, T, C) x); with `segments` fn takes the valid positions and their group ids instead."""
 
     fn: Callable[..., Any]
     framework: Framework
     padding_mask: bool = False
     squeeze_mask: bool = False
     mask_dims: Any = None
+    segments: bool = False
+
+    @cached_property
+    def target(self) -> Callable[..., Any]:
+        """What is called as fn(x, mask): fn, or with `segments` fn(x_nodes, batch) with the
+        gather and scatter around it (Framework.segmented)."""
+        return self.framework.segmented(self.fn) if self.segments else self.fn
 
     def mask_arg(self, inp: MaskedInput) -> Optional[torch.Tensor]:
         """The mask as fn receives it (a torch bool tensor; None without a mask)."""
@@ -81,7 +89,7 @@ class Caller:
     def call(self, inp: MaskedInput, x: Optional[torch.Tensor] = None) -> Any:
         """fn's output (its framework's array) on inp, or on x with inp's mask."""
         fw, m = self.framework, self.mask_arg(inp)
-        return fw.call(self.fn, fw.to_native(inp.x if x is None else x), None if m is None else fw.to_native(m))
+        return fw.call(self.target, fw.to_native(inp.x if x is None else x), None if m is None else fw.to_native(m))
 
     def forward(self, inp: MaskedInput, x: Optional[torch.Tensor] = None) -> np.ndarray:
         """fn's output on inp (or on x with inp's mask) as float64 numpy; WrongOutput when it is not
@@ -102,7 +110,7 @@ class Caller:
         float64 numpy (0 where fn's output does not depend on x)."""
         fw, m = self.framework, self.mask_arg(inp)
         native_m = None if m is None else fw.to_native(m)
-        gx = fw.vjp(self.fn, fw.to_native(inp.x if x is None else x), native_m, fw.to_native(grad_out))
+        gx = fw.vjp(self.target, fw.to_native(inp.x if x is None else x), native_m, fw.to_native(grad_out))
         return np.zeros(tuple(inp.x.shape)) if gx is None else fw.to_numpy(gx)
 
 

@@ -171,11 +171,13 @@ def reproduction(
     note: str,
     framework: Optional[Framework] = None,
     x_clean: Optional[torch.Tensor] = None,
+    segments: bool = False,
 ) -> str:
     """Code that rebuilds a counterexample in fn's framework (torch by default), calls fn as the
     check did and prints the result beside `expected` (the output, or the gradient when `grad_out`
     is given; None when not a value check): the reference's, or with `x_clean` fn's own at x_clean
-    (x with clean padding). `mask` is the mask as fn receives it."""
+    (x with clean padding). `mask` is the mask as fn receives it; with `segments` (torch) fn gets
+    x[mask] and the batch vector, and the output, gradient and expected values are at x[mask]."""
     fw = framework or Framework()
     dtype = str(x.dtype).removeprefix("torch.")
     args = "x" if mask is None else "x, mask"
@@ -183,12 +185,18 @@ def reproduction(
     lines.append(fw.code("x", literal(x.detach().cpu().double()), dtype, grad=grad_out is not None))
     if mask is not None:
         lines.append(fw.code("mask", literal(mask.cpu()), None))
+    if segments:
+        lines += ["x_nodes = x[mask]  # the valid positions, in order", "batch = mask.nonzero()[:, 0]  # their graph: index along axis 0"]
+        expected = None if expected is None else expected[mask.numpy()]
     if grad_out is None:
-        lines += [f"out = {fw.call_code(args)}", "print(out)"]
+        lines += ["out = fn(x_nodes, batch)" if segments else f"out = {fw.call_code(args)}", "print(out)"]
+    elif segments:
+        lines += [fw.code("grad_out", literal(grad_out.cpu().double()), dtype)]
+        lines += ["fn(x_nodes, batch).backward(grad_out[mask])", "print(x.grad[mask])"]
     else:
         lines += [fw.code("grad_out", literal(grad_out.cpu().double()), dtype), *fw.gradient_code(args)]
     if expected is not None:
-        what = "gradient" if grad_out is not None else "output"
+        what = ("gradient" if grad_out is not None else "output") + (" at x[mask]" if segments else "")
         if x_clean is None:
             what += " (reference VJP)" if grad_out is not None else ""
             lines.append(f"# expected {what}, masknorm.reference at 50 digits rounded once to float64:")

@@ -132,6 +132,23 @@ def _plain_input(
     return MaskedInput(x, m, dims)
 
 
+def _check_segments(
+    sem: Semantics, mask: bool, mask_dims: Optional[Dim], ndim: Optional[int], sides: Sides, framework_name: Optional[str]
+) -> None:
+    """ValueError unless segments can be cut: a mask over x's leading axes (0, ..., j), the rest
+    feature axes, on a torch callable (and a claim of masked="keep": the padding keeps x)."""
+    if not mask or mask_dims is None:
+        raise ValueError("segments needs a mask and mask_dims (the leading axes the mask covers, e.g. (0, 1))")
+    if framework_name not in (None, "torch"):
+        raise ValueError(f"segments: only torch callables take fn(x_nodes, batch) here, not {framework_name}")
+    if sem.masked != "keep":
+        raise ValueError(f"segments: the padding keeps x, so claim masked='keep' (got masked={sem.masked!r})")
+    for rank in ranks(sem.dim, ndim if sides is None else len(sides), mask_dims):
+        axes = normalize_dims(mask_dims, rank)
+        if axes != tuple(range(len(axes))):
+            raise ValueError(f"segments: mask_dims must be x's leading axes (0, ..., j), got {mask_dims!r} for rank {rank}")
+
+
 def _largest_group(sem: Semantics, ndim: Optional[int], sides: Sides, mask_dims: Optional[Dim]) -> int:
     """The most positions a group of a drawable shape can hold (over the ranks x may have)."""
     sizes = []
@@ -148,7 +165,7 @@ def _smoke(caller: Caller, inp: MaskedInput) -> None:
     except WrongOutput as err:
         raise CallError(f"fn must return a {caller.framework.array_type}: it {err}") from err
     except Exception as err:  # noqa: BLE001 - reported as the reason fn cannot be checked
-        call = "fn(x)" if inp.mask is None else "fn(x, mask)"
+        call = "fn(x)" if inp.mask is None else "fn(x_nodes, batch)" if caller.segments else "fn(x, mask)"
         raise CallError(f"{call} on {caller.framework.name} x of shape {tuple(inp.x.shape)} {raised(err)}") from err
 
 
@@ -169,6 +186,9 @@ def _detect(fn: Callable[..., Any], inp: MaskedInput, mask_arg: Callable[[Masked
 
 
 def _properties(caller: Caller, sem: Semantics, grad: bool, mask: bool, **draw: Any) -> List[_Property]:
+    """The properties checked, in the report's order (the systematic-error result follows the forward
+    property's); the padding properties are skipped without a mask, and with segments, where fn
+    never sees the padding."""
     def inputs(**edges: bool) -> st.SearchStrategy:
         return masked_inputs(sem.dim, mask=mask, **draw, **edges)
 
@@ -184,6 +204,8 @@ def _properties(caller: Caller, sem: Semantics, grad: bool, mask: bool, **draw: 
     plain = inputs().map(_Case)
     padded = inputs(padded=True, degenerate=True).flatmap(lambda clean: with_garbage(clean).map(lambda i: _Case(i, None, clean)))
     no_mask = None if mask else "no mask"
+    if caller.segments:
+        no_mask = "segments: fn never sees the padding"
     no_grad = None if grad else "grad=False"
     if grad and caller.framework.vjp is None:
         no_grad = f"{caller.framework.name} has no autodiff"
@@ -306,7 +328,7 @@ def _reproduction(target: str, sem: Semantics, caller: Caller, prop: _Property, 
     note = f"{prop.name}: {reason} (claimed: {sem.describe()})"
     return reproduction(
         target, case.inp.x, caller.mask_arg(case.inp), outcome.expected, grad_out=case.grad_out, note=note,
-        framework=caller.framework, x_clean=None if case.clean is None else case.clean.x,
+        framework=caller.framework, x_clean=None if case.clean is None else case.clean.x, segments=caller.segments,
     )
 
 
@@ -318,6 +340,7 @@ def check(
     mask_dims: Optional[Dim] = None,
     mask: bool = True,
     squeeze_mask: bool = False,
+    segments: bool = False,
     grad: bool = False,
     dtype: Union[str, torch.dtype] = "float64",
     examples: int = EXAMPLES,
@@ -339,7 +362,11 @@ def check(
     framework's autodiff; `examples` hypothesis examples per property, the same every run unless
     `seed` is given. x has rank `ndim` (None: any that fits) and sides within `sides` (per axis: an
     int, a (low, high) range or None); the bool mask has x's rank and size 1 off `mask_dims` (None:
-    it varies along every axis), or only the `mask_dims` axes with `squeeze_mask`. `extreme` draws
+    it varies along every axis), or only the `mask_dims` axes with `squeeze_mask`. With `segments`
+    fn is called as graph libraries' norms are, fn(x_nodes, batch): x_nodes = x[mask] (the valid
+    positions in order, mask over the leading axes `mask_dims` = (0, ..., j)), batch their index
+    along axis 0 (the graph), and fn's output goes back to those positions (torch callables; the
+    padding keeps x, so claim masked="keep"). `extreme` draws
     magnitudes at the dtype's overflow/underflow thresholds; `min_group_size` is the smallest group
     fn accepts (torch's batch_norm and group_norm refuse groups of one value), counting every position;
     `min_valid` the fewest valid (mask True) positions it accepts in a group, a constraint on the
@@ -354,6 +381,9 @@ def check(
     dtype_name = str(torch_dtype).removeprefix("torch.")
     if squeeze_mask and mask_dims is None:
         raise ValueError("squeeze_mask needs mask_dims (the axes the mask keeps)")
+    if segments:
+        _check_segments(semantics, mask, mask_dims, ndim, sides, framework_name)
+        squeeze_mask, framework_name = True, "torch"
     if examples < 1:
         raise ValueError(f"examples must be >= 1, got {examples}")
     for arg, value, least in (("min_group_size", min_group_size, 1), ("min_valid", min_valid, 0)):
@@ -375,7 +405,7 @@ def check(
         raise ValueError(f"dtype {dtype_name} is not available in {fw.name} (it has {', '.join(fw.dtypes)})")
     if hasattr(fw, "enable"):
         fw.enable(dtype_name)
-    caller = Caller(fn, fw, semantics.padding_mask, squeeze_mask, mask_dims)
+    caller = Caller(fn, fw, semantics.padding_mask, squeeze_mask, mask_dims, segments)
     _smoke(caller, plain)
     buckets = fw.shape_buckets if shape_buckets is None else shape_buckets
     props = _properties(
@@ -391,8 +421,9 @@ def check(
     mask_text = "none" if not mask else "varies along " + ("every axis" if mask_dims is None else f"axes {mask_dims}")
     report.setup = (
         f"semantics: {semantics.describe()}; framework={fw.describe()}, dtype={dtype_name}, ndim={ndim}, sides={sides}, "
-        f"shapes={'buckets' if buckets else 'all'}, mask={mask_text}{' (squeezed)' if squeeze_mask else ''}, "
-        f"{f', min_valid={min_valid}' if min_valid else ''}, grad={grad}, extreme={extreme}, examples={examples}, seed={seed}"
+        f"shapes={'buckets' if buckets else 'all'}, mask={mask_text}"
+        f"{' (segments: fn(x_nodes, batch))' if segments else ' (squeezed)' if squeeze_mask else ''}, "
+        f"{f'min_valid={min_valid}, ' if min_valid else ''}grad={grad}, extreme={extreme}, examples={examples}, seed={seed}"
     )
     return report
 
