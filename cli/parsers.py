@@ -105,6 +105,9 @@ def check() -> argparse.ArgumentParser:
     masks.add_argument("--no-mask", action="store_true", help="call fn(x): a plain (unmasked) normalization")
     p.add_argument("--squeeze-mask", action="store_true", help="pass the mask with only the --mask-dims axes (Keras, masked_norm)")
     p.add_argument("--padding-mask", action="store_true", help="the mask is True at padding (torch's key_padding_mask)")
+    p.add_argument("--segments", action="store_true",
+                   help="call fn(x_nodes, batch) as graph libraries do: x[mask] and each node's graph (its index along "
+                        "axis 0); needs --mask-dims over the leading axes, e.g. 0,1, and --masked keep")
     p.add_argument("--correction", type=int, default=0, help="variance divisor k - C (default 0: biased)")
     p.add_argument("--eps", type=float, default=1e-5, help="added to the variance (default 1e-5)")
     p.add_argument("--eps-outside", action="store_true", help="(x - mu)/(sigma + eps) instead of /sqrt(sigma^2 + eps)")
@@ -126,6 +129,8 @@ def check() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="hypothesis seed (default: derandomized, the same examples every run)")
     p.add_argument("--extreme", action="store_true", help="draw values at the dtype's overflow/underflow thresholds")
     p.add_argument("--min-group-size", type=int, default=1, help="smallest group fn accepts (default 1)")
+    p.add_argument("--min-valid", type=int, default=0, metavar="N",
+                   help="draw only masks leaving at least N valid positions in every group (default 0: empty groups too)")
     p.add_argument("--shrinks", type=int, default=CHECK_SHRINKS,
                    help=f"successful shrinks of each counterexample (default {CHECK_SHRINKS})")
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")

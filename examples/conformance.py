@@ -153,6 +153,25 @@ def keras_batch_norm():
     return fn
 
 
+# ---- PyTorch Geometric (node lists and a batch vector: the oracle's segment convention) -------------
+
+
+def pyg_norm(cls_name: str, batch: bool = True, **kw):
+    """A PyG norm called as fn(x_nodes, batch) (x_nodes (M, C)); without its batch vector when not
+    `batch` (then checked on one graph)."""
+
+    def make():
+        import torch_geometric.nn as gnn
+
+        def fn(x, graph_ids):
+            layer = getattr(gnn, cls_name)(x.shape[-1], eps=EPS, **kw)
+            return layer(x, graph_ids) if batch else layer(x)
+
+        return fn
+
+    return make
+
+
 # ---- einorm, the seed, masknorm ---------------------------------------------------------------------
 
 
@@ -176,6 +195,8 @@ def masknorm_layer():
 
 PLAIN = dict(mask=False, grad=True, dtype="float32")
 MASKED = dict(grad=True, dtype="float32")
+# x (B, N, C): B graphs of up to N nodes, each with at least one node; fn(x_nodes, batch)
+GRAPHS = dict(MASKED, ndim=3, mask_dims=(0, 1), segments=True, min_valid=1)
 PEERS: List[Peer] = [
     Peer("torch F.layer_norm", "torch", torch_layer_norm, dict(dim=-1), PLAIN),
     Peer("torch F.rms_norm", "torch", torch_rms_norm, dict(dim=-1, center=False), PLAIN),
@@ -210,6 +231,15 @@ PEERS: List[Peer] = [
         "Keras BatchNormalization(mask=)", "keras", keras_batch_norm, dict(dim=(0, 1)),
         dict(MASKED, ndim=3, mask_dims=(0, 1), squeeze_mask=True, sides=(None, None, (2, 4))),
     ),
+    Peer("PyG LayerNorm(mode='graph')", "torch_geometric", pyg_norm("LayerNorm", affine=False, mode="graph"),
+         dict(dim=(1, 2), masked="keep"), GRAPHS),
+    Peer("PyG LayerNorm(mode='graph'), no batch vector", "torch_geometric",
+         pyg_norm("LayerNorm", batch=False, affine=False, mode="graph"),
+         dict(dim=(1, 2), masked="keep"), dict(GRAPHS, sides=(1, None, None))),
+    Peer("PyG LayerNorm(mode='node')", "torch_geometric", pyg_norm("LayerNorm", affine=False, mode="node"),
+         dict(dim=2, masked="keep"), GRAPHS),
+    Peer("PyG InstanceNorm", "torch_geometric", pyg_norm("InstanceNorm"), dict(dim=1, masked="keep"), GRAPHS),
+    Peer("PyG GraphNorm", "torch_geometric", pyg_norm("GraphNorm"), dict(dim=1, masked="keep"), GRAPHS),
     Peer("einorm Einorm('a b c', 'c')", "einorm", einorm_layer, dict(dim=-1), dict(PLAIN, ndim=3)),
     Peer(
         "algmarques/masked_norm (the seed), rows", "masked-norm", seed_rows,
@@ -287,11 +317,18 @@ def counterexamples(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(doc: str, output: str) -> argparse.ArgumentParser:
+    """The options this script and examples/systematic_error.py share: --examples and --output
+    (`output` says what is written there); `doc`'s first paragraph is the description."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--examples", type=int, default=100, help="hypothesis examples per property (default 100)")
+    p.add_argument("--output", help=f"write {output} (markdown) to this file")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = parser(__doc__, "the table and the counterexamples")
     p.add_argument("--only", action="append", help="check only the peers whose name contains this (repeatable)")
-    p.add_argument("--output", help="write the table and the counterexamples (markdown) to this file")
     args = p.parse_args(argv)
     rows = []
     for peer in PEERS:

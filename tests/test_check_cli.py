@@ -5,7 +5,10 @@ cannot be imported or called, each with its reason."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -50,6 +53,7 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "cand_norms.py").write_text(MODULE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "cand_norms", raising=False)  # imported afresh, from this folder
     return tmp_path
 
 
@@ -76,11 +80,46 @@ def test_options_reach_the_semantics(workdir, capsys):
     assert "center=False" in out and "dtype=float32" in out and "mask=none" in out and "seed=3" in out
 
 
+def test_min_valid_reaches_the_check(workdir, capsys):
+    code, out, _ = run(capsys, "cand_norms:good", "--min-valid", "2", "--examples", "3")
+    assert code == 0, out
+    assert "min_valid=2" in out
+
+
+def test_framework_keras_names_its_backend(workdir, capsys, monkeypatch):
+    if os.environ.get("KERAS_BACKEND", "torch") != "torch":
+        pytest.skip("Keras is configured for another backend")
+    monkeypatch.setenv("KERAS_BACKEND", "torch")  # as `masknorm check --framework keras` sets it
+    pytest.importorskip("keras")
+    (workdir / "cand_keras.py").write_text(
+        "import keras\n\ndef layer_norm(x):\n"
+        "    return keras.layers.LayerNormalization(epsilon=1e-5, center=False, scale=False)(x)\n"
+    )
+    code, out, _ = run(capsys, "cand_keras:layer_norm", "--framework", "keras", "--no-mask", "--dtype", "float32",
+                       "--examples", "3")
+    assert code == 0, out
+    assert "framework=keras (torch backend)" in out
+
+
 def test_a_wrong_claim_exits_1_naming_the_property(workdir, capsys):
     code, out, _ = run(capsys, "cand_norms:rms", "--no-mask", "--examples", "5", "--json", "r.json")
     assert code == 1
     assert "FAIL forward vs reference" in out and "from cand_norms import rms as fn" in out
     assert json.loads((workdir / "r.json").read_text())["conforms"] is False
+
+
+def test_a_reproduction_runs_saved_in_another_folder(workdir, capsys, tmp_path_factory):
+    """The reproduction imports the target from the folder the check imported it from, so that it
+    runs from anywhere (run here from another folder, with that one not on the path)."""
+    assert run(capsys, "cand_norms:rms", "--no-mask", "--examples", "5", "--json", "r.json")[0] == 1
+    code = json.loads((workdir / "r.json").read_text())["properties"][0]["reproduction"]
+    assert f"sys.path.insert(0, {str(workdir)!r})" in code
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    (elsewhere / "repro.py").write_text(code)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "repro.py"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "tensor(" in done.stdout
 
 
 def test_a_dtype_change_exits_1(workdir, capsys):
@@ -101,6 +140,8 @@ def test_a_dtype_change_exits_1(workdir, capsys):
         (["cand_norms:good", "--eps", "-1"], "eps must be finite and >= 0"),
         (["cand_norms:good", "--ndim", "1", "--dim", "2"], "no rank 1 fits"),
         (["cand_norms:good", "--examples", "0"], "must be >= 1"),
+        (["cand_norms:good", "--min-valid", "-1"], "--min-valid must be >= 0"),
+        (["cand_norms:good", "--min-valid", "9", "--ndim", "1"], "min_valid=9 exceeds the largest group"),
     ],
 )
 def test_usage_errors_exit_2_with_the_reason(workdir, capsys, argv, reason):

@@ -125,7 +125,16 @@ def test_keras_layer_on_its_torch_backend():
         ndim=2, sides=(2, (2, 4)), examples=EXAMPLES,
     )
     assert report.conforms, report
-    assert "framework=torch" in report.setup
+    assert "framework=keras (torch backend)" in report.setup
+
+    def eps_outside(x):  # a bug for the claim below: (x - mu) / (sigma + eps), written in keras.ops
+        mu = keras.ops.mean(x, axis=-1, keepdims=True)
+        return (x - mu) / (keras.ops.std(x, axis=-1, keepdims=True) + EPS)
+
+    bad = check(eps_outside, Semantics(-1, eps=EPS), mask=False, dtype="float32", framework_name="keras", examples=EXAMPLES)
+    code = bad.failed[0].reproduction
+    assert code.startswith('import os\nos.environ.setdefault("KERAS_BACKEND", "torch")')
+    compile(code, "reproduction", "exec")
 
 
 KERAS_ON_JAX = """
@@ -145,7 +154,7 @@ options = dict(mask=False, grad=True, dtype="float32", framework_name="keras", n
 for jit in (True, False):
     report = check(layer_norm, Semantics(-1, eps=1e-5), jit=jit, **options)
     assert report.conforms, report
-    assert ("framework=jax (jax.jit)" if jit else "framework=jax (op by op)") in report.setup, report.setup
+    assert ("framework=keras (jax backend, jax.jit)" if jit else "framework=keras (jax backend, op by op)") in report.setup
 bad = check(eps_outside, Semantics(-1, eps=1e-5), **options)
 assert {p.name for p in bad.failed} == {"forward vs reference", "gradient vs reference"}, bad
 assert "jax.vjp" in next(p for p in bad.failed if p.name == "gradient vs reference").reproduction

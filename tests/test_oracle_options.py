@@ -94,6 +94,38 @@ def test_sides_keep_out_a_shape_fn_refuses():
     assert not check(needs_two_channels, semantics, ndim=3, examples=EXAMPLES).conforms
 
 
+def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A masked batch norm over (N, C, L) built on torch's: the valid (n, l) positions (mask of shape
+    (N, 1, L)) go through F.batch_norm in training as one batch, the padding is kept. Like torch's,
+    it refuses fewer than two valid values per channel ("Expected more than 1 value per channel")."""
+    rows = x.transpose(1, 2)  # (N, L, C)
+    valid = mask[:, 0, :]
+    normalized = torch.nn.functional.batch_norm(rows[valid], None, None, training=True, eps=EPS)
+    return rows.index_put((valid,), normalized).transpose(1, 2)
+
+
+def test_min_valid_checks_a_peer_on_its_domain():
+    """A peer refusing one valid value per channel fails every drawn mask that leaves one (a shape
+    constraint cannot keep those out); with min_valid=2 it is checked, and conforms, on the rest."""
+    semantics = Semantics((0, 2), eps=EPS, masked="keep")
+    options = dict(ndim=3, mask_dims=(0, 2), grad=True, examples=EXAMPLES)
+    refused = check(masked_batch_norm, semantics, min_group_size=2, **options)
+    assert "Expected more than 1 value per channel" in " ".join(p.reason for p in refused.failed)
+    report = check(masked_batch_norm, semantics, min_valid=2, **options)
+    assert report.conforms, report
+    assert all(p.status == "pass" for p in report.properties) and "min_valid=2" in report.setup
+
+
+@pytest.mark.parametrize(
+    "options, error, text",
+    [(dict(min_valid=-1), ValueError, "min_valid must be >= 0"), (dict(min_valid=2.0), TypeError, "min_valid must be an int"),
+     (dict(min_valid=100, ndim=3), ValueError, "min_valid=100 exceeds the largest group")],
+)
+def test_bad_min_valid_is_rejected_by_name(options, error, text):
+    with pytest.raises(error, match=text):
+        check(masked_batch_norm, Semantics((0, 2)), examples=1, **options)
+
+
 def test_the_same_examples_whatever_local_modules_are_imported(tmp_path, monkeypatch):
     """Hypothesis draws constants from local modules; importing one must not change the examples."""
     seen = []

@@ -17,8 +17,8 @@ import masknorm.reference.verify as verify
 from masknorm.reference.oracle.compare import forward_error, inverse_s, normwise_error
 from masknorm.reference.oracle.frameworks import Framework
 from masknorm.reference.oracle.properties import Caller, measure_forward
-from masknorm.reference.oracle.report import comment, literal
-from masknorm.reference.oracle.strategies import bucket_shapes
+from masknorm.reference.oracle.report import comment, import_code, literal
+from masknorm.reference.oracle.strategies import bucket_shapes, with_min_valid
 from masknorm.testing import MaskedInput, Semantics, masked_inputs, upstream_gradients
 
 U64 = 2.0**-53
@@ -119,6 +119,20 @@ def test_bucketed_inputs_draw_only_bucket_shapes(inp):
     assert tuple(inp.x.shape) in bucket_shapes(rank, (rank - 1,))
 
 
+@settings(max_examples=40, deadline=None)
+@given(masked_inputs((0, 2), ndim=3, mask_dims=(0, 2), min_valid=2, degenerate=True, padded=True))
+def test_min_valid_holds_in_every_group_even_for_degenerate_masks(inp):
+    assert (inp.valid.sum((0, 2)) >= 2).all()
+
+
+def test_with_min_valid_turns_on_only_what_a_short_group_needs():
+    mask = torch.tensor([[False, False, False], [True, True, False]])  # (2, 3), groups are rows
+    assert with_min_valid(mask, (2, 3), (1,), 2).tolist() == [[True, True, False], [True, True, False]]
+    # a mask of size 1 along the reduced axis: one entry covers a whole row, which is all it can hold
+    assert with_min_valid(torch.tensor([[False], [True]]), (2, 3), (1,), 5).tolist() == [[True], [True]]
+    assert with_min_valid(mask, (2, 3), (1,), 0) is mask
+
+
 def test_no_mask_means_no_mask_and_min_group_size_holds():
     inp = find(masked_inputs((0, 2), ndim=3, mask=False, min_group_size=2), lambda i: True)
     assert inp.mask is None and inp.x.shape[0] * inp.x.shape[2] >= 2
@@ -174,3 +188,25 @@ def test_a_multi_line_message_is_commented_on_every_line():
     """Defect found on Keras: its exception messages span lines and carry terminal colours."""
     lines = comment("IndexError: tuple index out of range\n\x1b[1mArguments received by\x1b[0m:\n  inputs=x")
     assert lines == ["# IndexError: tuple index out of range", "# Arguments received by:", "#   inputs=x"]
+
+
+def test_import_code_puts_the_target_s_folder_on_the_path_only_where_needed(tmp_path, monkeypatch):
+    (tmp_path / "pkg_i27").mkdir()
+    (tmp_path / "pkg_i27" / "__init__.py").write_text("")
+    (tmp_path / "pkg_i27" / "norms.py").write_text("class Norm:\n    @staticmethod\n    def apply(x):\n        return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__("pkg_i27.norms")
+    try:
+        code = import_code("pkg_i27.norms:Norm.apply")
+    finally:
+        for name in ("pkg_i27.norms", "pkg_i27"):
+            sys.modules.pop(name, None)
+    assert code.splitlines() == [
+        "import sys",
+        f"sys.path.insert(0, {str(tmp_path)!r})  # where pkg_i27.norms was imported from by the check",
+        "from pkg_i27.norms import Norm",
+        "fn = Norm.apply",
+    ]
+    assert import_code("numpy.linalg:norm") == "from numpy.linalg import norm as fn"  # installed: importable anywhere
+    assert import_code("__main__:fn").startswith("fn = ...")
+    assert import_code("mod:outer.<locals>.fn").startswith("fn = ...")

@@ -1,8 +1,8 @@
 """`masknorm check MODULE:CALLABLE`: does someone else's normalization compute what it claims?
 
 Imports CALLABLE from MODULE (the current directory and PYTHONPATH first), calls it as fn(x, mask)
-(fn(x) with --no-mask) on hypothesis-drawn inputs and compares it with the mpmath reference for the
-claimed semantics (masknorm.testing.check). Exit status: 0 conforms, 1 a property fails, 2 a usage
+(fn(x) with --no-mask, fn(x_nodes, batch) with --segments) on hypothesis-drawn inputs and compares
+it with the mpmath reference for the claimed semantics (masknorm.testing.check). Exit status: 0 conforms, 1 a property fails, 2 a usage
 error or a callable that cannot be imported or called.
 """
 
@@ -54,6 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         if args.examples < 1 or args.min_group_size < 1:
             raise _UsageError("--examples and --min-group-size must be >= 1")
+        if args.min_valid < 0:
+            raise _UsageError("--min-valid must be >= 0")
         fn = load(args.target)
     except (_UsageError, TypeError, ValueError) as err:
         print(f"masknorm check: {err}", file=sys.stderr)
@@ -63,7 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         report = check(
             fn, semantics, ndim=args.ndim, mask_dims=args.mask_dims, mask=not args.no_mask, grad=args.grad,
             dtype=args.dtype, examples=args.examples, seed=args.seed, extreme=args.extreme,
-            min_group_size=args.min_group_size, sides=args.sides, squeeze_mask=args.squeeze_mask,
+            min_group_size=args.min_group_size, min_valid=args.min_valid, sides=args.sides, squeeze_mask=args.squeeze_mask,
+            segments=args.segments,
             framework_name=args.framework, jit=not args.no_jit,
             shape_buckets=None if args.shapes is None else args.shapes == "buckets", shrinks=args.shrinks,
             name=args.target, progress=progress,

@@ -4,6 +4,7 @@ torch, numpy, JAX, and Keras 3 (whose tensors are its backend's: torch or JAX).
     to_native(t):          the torch tensor t as the framework's array, value for value (exact)
     to_numpy(a):           the framework's array as float64 numpy (exact: float64 holds every narrower float)
     call(fn, x, m):        fn(x, m) (fn(x) when m is None); JAX: under jax.jit, compiled once per shape
+    segmented(fn):         fn(x_nodes, batch) as a function of (x, mask) (torch: graph libraries' convention)
     vjp(fn, x, m, g):      g^T d fn(x, m)/dx by the framework's own autodiff (torch.autograd, jax.vjp); None: no autodiff
 
 The heavy frameworks are imported only when asked for (or detected from what fn returns).
@@ -44,10 +45,19 @@ class Framework:
         return str(a.dtype).removeprefix("torch.")
 
     shape_buckets = False  # draw every shape: a new shape costs nothing here
+    via_keras = False  # set by framework("keras"): the arrays are those of Keras's backend, this one
 
     def describe(self) -> str:
-        """The framework as the report's setup line names it."""
-        return self.name
+        """The framework as the report's setup line names it: "torch", "jax (jax.jit)", "keras
+        (torch backend)"."""
+        detail = self.detail()
+        if self.via_keras:
+            return f"keras ({self.name} backend{f', {detail}' if detail else ''})"
+        return f"{self.name}{f' ({detail})' if detail else ''}"
+
+    def detail(self) -> str:
+        """How fn is called, where there is more to it than the framework ("" here)."""
+        return ""
 
     def call(self, fn: Callable[..., Any], x: Any, m: Optional[Any]) -> Any:
         """fn(x, m), or fn(x) when m is None."""
@@ -63,6 +73,23 @@ class Framework:
         """The expression that calls fn on `args` in a reproduction, as the check called it."""
         return f"fn({args})"
 
+    def segmented(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """fn(x_nodes, batch) as a function of (x, mask) with mask x's leading axes: x_nodes =
+        x[mask], the valid positions in order, batch = their index along axis 0 (a graph
+        library's batch vector), and fn's output put back at those positions of x (the rest keep
+        x: masked="keep"). Differentiable: the gather and scatter are torch index ops."""
+
+        def composite(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            where = mask.nonzero(as_tuple=True)
+            nodes = x[where]
+            out = fn(nodes, where[0])
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(nodes.shape):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"fn(x_nodes, batch) returned {shape} for x_nodes of shape {tuple(nodes.shape)}")
+            return x.index_put(where, out)
+
+        return composite
+
     def code(self, name: str, values: str, dtype: Optional[str], grad: bool = False) -> str:
         """A line that rebuilds an array of this framework from a Python literal."""
         if dtype is None:
@@ -72,6 +99,13 @@ class Framework:
     def preamble(self, dtype: str) -> Tuple[str, ...]:
         """The imports (and settings) a reproduction starts with."""
         return ("import torch",)
+
+    def backend_code(self) -> Tuple[str, ...]:
+        """Lines a reproduction runs before any import: under Keras, its backend as checked
+        (Keras reads KERAS_BACKEND once, when first imported)."""
+        if not self.via_keras:
+            return ()
+        return ("import os", f'os.environ.setdefault("KERAS_BACKEND", "{self.name}")  # the backend Keras was checked on')
 
     def gradient_code(self, args: str) -> Tuple[str, ...]:
         """Lines that print the gradient of fn(`args`) at x for grad_out."""
@@ -98,6 +132,9 @@ class Numpy(Framework):
         return np.dtype(a.dtype).name
 
     vjp = None  # type: ignore[assignment]
+
+    def segmented(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        raise ValueError("segments: only torch callables take fn(x_nodes, batch) here")
 
     def code(self, name: str, values: str, dtype: Optional[str], grad: bool = False) -> str:
         return f"{name} = np.array({values}{'' if dtype is None else f', dtype=np.{dtype}'})"
@@ -128,9 +165,9 @@ class Jax(Framework):
         self.fallbacks = 0
         self._jitted: dict = {}
 
-    def describe(self) -> str:
+    def detail(self) -> str:
         how = "jax.jit" if self.jit else "op by op"
-        return f"jax ({how}{f', op by op after jax.jit failed on {self.fallbacks} calls' if self.fallbacks else ''})"
+        return f"{how}{f', op by op after jax.jit failed on {self.fallbacks} calls' if self.fallbacks else ''}"
 
     def _pullback(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """(x, g, *m) -> g^T d fn(x, *m)/dx by jax.vjp."""
@@ -157,6 +194,9 @@ class Jax(Framework):
 
     def vjp(self, fn: Callable[..., Any], x: Any, m: Optional[Any], g: Any) -> Optional[Any]:
         return self._run(self._compiled(fn)[1], self._pullback(fn), x, g, *(() if m is None else (m,)))
+
+    def segmented(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        raise ValueError("segments: only torch callables take fn(x_nodes, batch) here")
 
     def enable(self, dtype: str) -> None:
         """Turn on 64-bit arrays when the check is in float64 (otherwise JAX silently uses float32)."""
@@ -207,8 +247,8 @@ def keras_backend() -> str:
 
 def framework(name: str, jit: bool = True) -> Framework:
     """The Framework called `name` (one of NAMES); keras is its backend's (torch or jax); `jit`:
-    JAX calls under jax.jit (else op by op). ValueError for another name or a Keras backend
-    without autodiff support here."""
+    JAX calls under jax.jit (else op by op); a Keras framework says so in describe(). ValueError
+    for another name or a Keras backend without autodiff support here."""
     if name == "torch":
         return Framework()
     if name == "numpy":
@@ -219,7 +259,9 @@ def framework(name: str, jit: bool = True) -> Framework:
         backend = keras_backend()
         if backend not in ("torch", "jax"):
             raise ValueError(f"Keras on the {backend} backend is not supported: use KERAS_BACKEND=torch or jax")
-        return framework(backend, jit)
+        fw = framework(backend, jit)
+        fw.via_keras = True
+        return fw
     raise ValueError(f"framework must be one of {NAMES}, got {name!r}")
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -31,6 +32,7 @@ import torch
 from masknorm._contract import normalize_dims
 
 from ..error import unit_roundoff
+from .bias import group_samples
 from .compare import ReferenceValues, forward_error, normwise_error, reference_values
 from .frameworks import Framework
 from .semantics import Semantics
@@ -48,6 +50,7 @@ class Outcome:
     error: float
     problem: Optional[str] = None
     expected: Optional[np.ndarray] = None
+    groups: Optional[np.ndarray] = None  # bias.group_samples of the forward property's call
 
 
 class WrongOutput(Exception):
@@ -59,13 +62,20 @@ class Caller:
     """How fn is called: fn(x, mask) (fn(x) without a mask) on arrays of `framework`; the mask is
     inverted when it marks padding (Semantics.padding_mask) and holds only the axes it varies along
     (`mask_dims`) when `squeeze_mask` (Keras and algmarques/masked_norm take a (B, T) mask for a
-    (B, T, C) x)."""
+    (B, T, C) x); with `segments` fn takes the valid positions and their group ids instead."""
 
     fn: Callable[..., Any]
     framework: Framework
     padding_mask: bool = False
     squeeze_mask: bool = False
     mask_dims: Any = None
+    segments: bool = False
+
+    @cached_property
+    def target(self) -> Callable[..., Any]:
+        """What is called as fn(x, mask): fn, or with `segments` fn(x_nodes, batch) with the
+        gather and scatter around it (Framework.segmented)."""
+        return self.framework.segmented(self.fn) if self.segments else self.fn
 
     def mask_arg(self, inp: MaskedInput) -> Optional[torch.Tensor]:
         """The mask as fn receives it (a torch bool tensor; None without a mask)."""
@@ -79,7 +89,7 @@ class Caller:
     def call(self, inp: MaskedInput, x: Optional[torch.Tensor] = None) -> Any:
         """fn's output (its framework's array) on inp, or on x with inp's mask."""
         fw, m = self.framework, self.mask_arg(inp)
-        return fw.call(self.fn, fw.to_native(inp.x if x is None else x), None if m is None else fw.to_native(m))
+        return fw.call(self.target, fw.to_native(inp.x if x is None else x), None if m is None else fw.to_native(m))
 
     def forward(self, inp: MaskedInput, x: Optional[torch.Tensor] = None) -> np.ndarray:
         """fn's output on inp (or on x with inp's mask) as float64 numpy; WrongOutput when it is not
@@ -100,7 +110,7 @@ class Caller:
         float64 numpy (0 where fn's output does not depend on x)."""
         fw, m = self.framework, self.mask_arg(inp)
         native_m = None if m is None else fw.to_native(m)
-        gx = fw.vjp(self.fn, fw.to_native(inp.x if x is None else x), native_m, fw.to_native(grad_out))
+        gx = fw.vjp(self.target, fw.to_native(inp.x if x is None else x), native_m, fw.to_native(grad_out))
         return np.zeros(tuple(inp.x.shape)) if gx is None else fw.to_numpy(gx)
 
 
@@ -153,7 +163,8 @@ def measure_forward(
     at the valid positions (exactly 0) of the others (with eps > 0; their padded outputs scale
     with 1/sqrt(eps), an accuracy matter); beside a degenerate group of the reference, fn's
     output must only not turn non-finite (a NaN or Inf leaking out), its accuracy being the
-    forward property's."""
+    forward property's. With `regular_only` the Outcome also carries each group's systematic-error
+    samples (bias.group_samples)."""
     ref = expected(inp, sem)
     try:
         got = caller.forward(inp)
@@ -173,7 +184,10 @@ def measure_forward(
     err = forward_error(got, want, position_kappa(inp, sem, ref), dtype=inp.x.dtype, where=where)
     if math.isinf(err):
         return Outcome(err, _finiteness(got, want, where), want)
-    return Outcome(err, None, want)
+    groups = None
+    if regular_only:
+        groups = group_samples(got, ref, inp.x, inp.valid.numpy(), inp.dims, sem.correction, sem.center)
+    return Outcome(err, None, want, groups)
 
 
 def _no_spread(inp: MaskedInput) -> np.ndarray:

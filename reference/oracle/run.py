@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 from masknorm._contract import normalize_dims
 from masknorm_cli.parsers import CHECK_EXAMPLES, CHECK_SHRINKS
 
+from ..error import unit_roundoff
+from .bias import estimates, summary, verdict
 from .engine import controlled
 from .frameworks import Framework, detect, framework
 from .properties import (
@@ -91,6 +93,7 @@ class _Property:
     measure: Measure
     bound: Optional[float]
     skipped: Optional[str] = None
+    samples: Optional[list] = None  # each call's Outcome.groups (bias.py), kept by `measure`
 
 
 @dataclass
@@ -113,13 +116,46 @@ def _target(fn: Callable[..., Any]) -> str:
     return f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def _plain_input(sem: Semantics, rank: int, sides: Sides, mask_dims: Optional[Dim], mask: bool, dtype: torch.dtype) -> MaskedInput:
-    """Sides at their smallest allowed value >= 3, values 1..n, all valid."""
-    shape = tuple(min(max(3, low), high) for low, high in side_ranges(rank, sides))
+def _plain_input(
+    sem: Semantics, rank: int, sides: Sides, mask_dims: Optional[Dim], mask: bool, dtype: torch.dtype, smallest: int
+) -> MaskedInput:
+    """Sides at their smallest allowed value >= 3 (the largest on the reduced axes when that leaves
+    groups of fewer than `smallest` positions), values 1..n, all valid."""
+    ranges = side_ranges(rank, sides)
+    dims = normalize_dims(sem.dim, rank)
+    shape = tuple(min(max(3, low), high) for low, high in ranges)
+    if int(np.prod([shape[d] for d in dims])) < smallest:
+        shape = tuple(ranges[d][1] if d in dims else side for d, side in enumerate(shape))
     count = int(np.prod(shape))
     x = torch.arange(1, count + 1, dtype=torch.float64).reshape(shape).to(dtype)
     m = torch.ones(mask_shape(shape, mask_dims), dtype=torch.bool) if mask else None
-    return MaskedInput(x, m, normalize_dims(sem.dim, rank))
+    return MaskedInput(x, m, dims)
+
+
+def _check_segments(
+    sem: Semantics, mask: bool, mask_dims: Optional[Dim], ndim: Optional[int], sides: Sides, framework_name: Optional[str]
+) -> None:
+    """ValueError unless segments can be cut: a mask over x's leading axes (0, ..., j), the rest
+    feature axes, on a torch callable (and a claim of masked="keep": the padding keeps x)."""
+    if not mask or mask_dims is None:
+        raise ValueError("segments needs a mask and mask_dims (the leading axes the mask covers, e.g. (0, 1))")
+    if framework_name not in (None, "torch"):
+        raise ValueError(f"segments: only torch callables take fn(x_nodes, batch) here, not {framework_name}")
+    if sem.masked != "keep":
+        raise ValueError(f"segments: the padding keeps x, so claim masked='keep' (got masked={sem.masked!r})")
+    for rank in ranks(sem.dim, ndim if sides is None else len(sides), mask_dims):
+        axes = normalize_dims(mask_dims, rank)
+        if axes != tuple(range(len(axes))):
+            raise ValueError(f"segments: mask_dims must be x's leading axes (0, ..., j), got {mask_dims!r} for rank {rank}")
+
+
+def _largest_group(sem: Semantics, ndim: Optional[int], sides: Sides, mask_dims: Optional[Dim]) -> int:
+    """The most positions a group of a drawable shape can hold (over the ranks x may have)."""
+    sizes = []
+    for rank in ranks(sem.dim, ndim if sides is None else len(sides), mask_dims):
+        ranges = side_ranges(rank, sides)
+        sizes.append(int(np.prod([ranges[d][1] for d in normalize_dims(sem.dim, rank)])))
+    return max(sizes)
 
 
 def _smoke(caller: Caller, inp: MaskedInput) -> None:
@@ -129,7 +165,7 @@ def _smoke(caller: Caller, inp: MaskedInput) -> None:
     except WrongOutput as err:
         raise CallError(f"fn must return a {caller.framework.array_type}: it {err}") from err
     except Exception as err:  # noqa: BLE001 - reported as the reason fn cannot be checked
-        call = "fn(x)" if inp.mask is None else "fn(x, mask)"
+        call = "fn(x)" if inp.mask is None else "fn(x_nodes, batch)" if caller.segments else "fn(x, mask)"
         raise CallError(f"{call} on {caller.framework.name} x of shape {tuple(inp.x.shape)} {raised(err)}") from err
 
 
@@ -150,20 +186,31 @@ def _detect(fn: Callable[..., Any], inp: MaskedInput, mask_arg: Callable[[Masked
 
 
 def _properties(caller: Caller, sem: Semantics, grad: bool, mask: bool, **draw: Any) -> List[_Property]:
+    """The properties checked, in the report's order (the systematic-error result follows the forward
+    property's); the padding properties are skipped without a mask, and with segments, where fn
+    never sees the padding."""
     def inputs(**edges: bool) -> st.SearchStrategy:
         return masked_inputs(sem.dim, mask=mask, **draw, **edges)
 
     def with_grad(cases: st.SearchStrategy, zero_padding: bool = False) -> st.SearchStrategy:
         return cases.flatmap(lambda c: upstream_gradients(c.inp, zero_padding=zero_padding).map(lambda g: _Case(c.inp, g, c.clean)))
 
+    def forward(case: _Case) -> Outcome:
+        outcome = measure_forward(caller, sem, case.inp, regular_only=True)
+        forward_samples.append(outcome.groups)
+        return outcome
+
+    forward_samples: List[Optional[np.ndarray]] = []
     plain = inputs().map(_Case)
     padded = inputs(padded=True, degenerate=True).flatmap(lambda clean: with_garbage(clean).map(lambda i: _Case(i, None, clean)))
     no_mask = None if mask else "no mask"
+    if caller.segments:
+        no_mask = "segments: fn never sees the padding"
     no_grad = None if grad else "grad=False"
     if grad and caller.framework.vjp is None:
         no_grad = f"{caller.framework.name} has no autodiff"
     return [
-        _Property("forward vs reference", plain, lambda c: measure_forward(caller, sem, c.inp, regular_only=True), FORWARD_BOUND),
+        _Property("forward vs reference", plain, forward, FORWARD_BOUND, samples=forward_samples),
         _Property(
             "padding garbage", padded, lambda c: measure_padding_forward(caller, sem, c.inp, c.clean), FORWARD_BOUND, no_mask
         ),
@@ -207,6 +254,7 @@ def _run(
     seen: dict = {"calls": 0, "worst": 0.0, "failure": None, "worst_case": None}
     started = time.perf_counter()
 
+    # derandomized, hypothesis seeds the examples from body's source: editing it changes every example
     def body(case: _Case) -> None:
         outcome = prop.measure(case)
         seen["calls"] += 1
@@ -252,6 +300,25 @@ def _run(
     return result
 
 
+def _systematic(forward: _Property, result: PropertyResult, sem: Semantics, dtype: torch.dtype, extreme: bool) -> PropertyResult:
+    """The bias test over the forward property's generated draws (bias.py): fails when the output's
+    scale or the subtracted mean is off by a consistent relative amount; skipped where the forward
+    property (`result`) failed (its later calls are shrinking one example, and its error is the
+    finding), so that every call's samples are generated draws."""
+    name = "systematic error"
+    if extreme:
+        return PropertyResult(name, "skipped", reason="extreme magnitudes (rounding is not relative among subnormals)")
+    if result.status == "fail":
+        return PropertyResult(name, "skipped", reason=f"{forward.name} fails")
+    samples = [s for s in forward.samples or [] if s is not None]
+    found = estimates(samples, sem.center, sem.correction, dtype)
+    reason = verdict(found, unit_roundoff(dtype))
+    return PropertyResult(
+        name, "fail" if reason else "pass", len(samples), reason=reason, detail=summary(found),
+        estimates=[e.to_dict() for e in found],
+    )
+
+
 def _reason(prop: _Property, outcome: Outcome) -> str:
     return outcome.problem or f"error {outcome.error:.3g} u*kappa > bound {prop.bound:g}"
 
@@ -261,7 +328,7 @@ def _reproduction(target: str, sem: Semantics, caller: Caller, prop: _Property, 
     note = f"{prop.name}: {reason} (claimed: {sem.describe()})"
     return reproduction(
         target, case.inp.x, caller.mask_arg(case.inp), outcome.expected, grad_out=case.grad_out, note=note,
-        framework=caller.framework, x_clean=None if case.clean is None else case.clean.x,
+        framework=caller.framework, x_clean=None if case.clean is None else case.clean.x, segments=caller.segments,
     )
 
 
@@ -273,12 +340,14 @@ def check(
     mask_dims: Optional[Dim] = None,
     mask: bool = True,
     squeeze_mask: bool = False,
+    segments: bool = False,
     grad: bool = False,
     dtype: Union[str, torch.dtype] = "float64",
     examples: int = EXAMPLES,
     seed: Optional[int] = None,
     extreme: bool = False,
     min_group_size: int = 1,
+    min_valid: int = 0,
     sides: Sides = None,
     framework_name: Optional[str] = None,
     jit: bool = True,
@@ -288,13 +357,21 @@ def check(
     progress: Optional[Callable[[str], None]] = None,
 ) -> Report:
     """Check fn(x, mask) (fn(x) when mask=False) against the reference for `semantics`: forward,
-    garbage padding, degenerate groups, dtype and shape, and with grad=True its gradients by its
+    systematic error over the forward draws (a bias of about 1 u and more, bias.py), garbage padding,
+    degenerate groups, dtype and shape, and with grad=True its gradients by its
     framework's autodiff; `examples` hypothesis examples per property, the same every run unless
     `seed` is given. x has rank `ndim` (None: any that fits) and sides within `sides` (per axis: an
     int, a (low, high) range or None); the bool mask has x's rank and size 1 off `mask_dims` (None:
-    it varies along every axis), or only the `mask_dims` axes with `squeeze_mask`. `extreme` draws
+    it varies along every axis), or only the `mask_dims` axes with `squeeze_mask`. With `segments`
+    fn is called as graph libraries' norms are, fn(x_nodes, batch): x_nodes = x[mask] (the valid
+    positions in order, mask over the leading axes `mask_dims` = (0, ..., j)), batch their index
+    along axis 0 (the graph), and fn's output goes back to those positions (torch callables; the
+    padding keeps x, so claim masked="keep"). `extreme` draws
     magnitudes at the dtype's overflow/underflow thresholds; `min_group_size` is the smallest group
-    fn accepts (torch's batch_norm and group_norm refuse groups of one value). `framework_name`:
+    fn accepts (torch's batch_norm and group_norm refuse groups of one value), counting every position;
+    `min_valid` the fewest valid (mask True) positions it accepts in a group, a constraint on the
+    drawn masks (a masked batch norm built on torch's refuses one valid value per channel; 0: none,
+    so that empty groups are drawn). `framework_name`:
     "torch", "numpy", "jax" or "keras" (None: detected from what fn returns); `jit`: JAX calls fn
     and its VJP under jax.jit (else op by op); `shape_buckets`: draw only a few shapes per rank
     (strategies.bucket_shapes; None: for frameworks that compile per shape, JAX). Shrinking a
@@ -304,33 +381,49 @@ def check(
     dtype_name = str(torch_dtype).removeprefix("torch.")
     if squeeze_mask and mask_dims is None:
         raise ValueError("squeeze_mask needs mask_dims (the axes the mask keeps)")
+    if segments:
+        _check_segments(semantics, mask, mask_dims, ndim, sides, framework_name)
+        squeeze_mask, framework_name = True, "torch"
     if examples < 1:
         raise ValueError(f"examples must be >= 1, got {examples}")
+    for arg, value, least in (("min_group_size", min_group_size, 1), ("min_valid", min_valid, 0)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{arg} must be an int, got {value!r}")
+        if value < least:
+            raise ValueError(f"{arg} must be >= {least}, got {value}")
+    smallest = max(min_group_size, min_valid)
+    largest = _largest_group(semantics, ndim, sides, mask_dims)
+    if smallest > largest:
+        what = f"min_group_size={min_group_size}" if min_group_size >= min_valid else f"min_valid={min_valid}"
+        raise ValueError(f"{what} exceeds the largest group the shapes allow ({largest} positions; see sides)")
     target = name or _target(fn)
     rank = ranks(semantics.dim, ndim if sides is None else len(sides), mask_dims)[0]
-    plain = _plain_input(semantics, rank, sides, mask_dims, mask, torch_dtype)
+    plain = _plain_input(semantics, rank, sides, mask_dims, mask, torch_dtype, smallest)
     probe = Caller(fn, Framework(), semantics.padding_mask, squeeze_mask, mask_dims)
     fw = framework(framework_name or _detect(fn, plain, probe.mask_arg), jit)
     if dtype_name not in fw.dtypes:
         raise ValueError(f"dtype {dtype_name} is not available in {fw.name} (it has {', '.join(fw.dtypes)})")
     if hasattr(fw, "enable"):
         fw.enable(dtype_name)
-    caller = Caller(fn, fw, semantics.padding_mask, squeeze_mask, mask_dims)
+    caller = Caller(fn, fw, semantics.padding_mask, squeeze_mask, mask_dims, segments)
     _smoke(caller, plain)
     buckets = fw.shape_buckets if shape_buckets is None else shape_buckets
     props = _properties(
         caller, semantics, grad, mask, ndim=ndim, mask_dims=mask_dims, dtype=torch_dtype, min_group_size=min_group_size,
-        extreme=extreme, sides=sides, shape_buckets=buckets,
+        min_valid=min_valid, extreme=extreme, sides=sides, shape_buckets=buckets,
     )
     report = Report(target, "")
     clock = _Clock(examples * sum(p.skipped is None for p in props), progress or (lambda _: None))
     for prop in props:
         report.properties.append(_run(prop, target, semantics, caller, examples, seed, clock, shrinks))
+        if prop.samples is not None:
+            report.properties.append(_systematic(prop, report.properties[-1], semantics, torch_dtype, extreme))
     mask_text = "none" if not mask else "varies along " + ("every axis" if mask_dims is None else f"axes {mask_dims}")
     report.setup = (
         f"semantics: {semantics.describe()}; framework={fw.describe()}, dtype={dtype_name}, ndim={ndim}, sides={sides}, "
-        f"shapes={'buckets' if buckets else 'all'}, mask={mask_text}{' (squeezed)' if squeeze_mask else ''}, "
-        f"grad={grad}, extreme={extreme}, examples={examples}, seed={seed}"
+        f"shapes={'buckets' if buckets else 'all'}, mask={mask_text}"
+        f"{' (segments: fn(x_nodes, batch))' if segments else ' (squeezed)' if squeeze_mask else ''}, "
+        f"{f'min_valid={min_valid}, ' if min_valid else ''}grad={grad}, extreme={extreme}, examples={examples}, seed={seed}"
     )
     return report
 

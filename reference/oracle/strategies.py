@@ -4,7 +4,8 @@
     mask: bool, x's rank, size 1 on the axes it does not vary along
 
 Edge cases on request: all-masked groups, one valid element, constant groups (`degenerate`), at
-least one masked-out position (`padded`), NaN, +-Inf and the dtype's largest value at masked-out
+least one masked-out position (`padded`); a floor on the valid positions of every group
+(`min_valid`, for implementations that refuse smaller groups, e.g. torch's batch norm in training); NaN, +-Inf and the dtype's largest value at masked-out
 positions (`garbage`), and values at the dtype's overflow and underflow thresholds (`extreme`).
 Shapes: any within the sides' ranges, or with `shape_buckets` only the few of bucket_shapes (for
 frameworks that compile per shape).
@@ -187,6 +188,29 @@ def masks(draw, mask_shape: Tuple[int, ...], *, degenerate: bool = False, padded
     return mask.reshape(mask_shape)
 
 
+def with_min_valid(mask: torch.Tensor, shape: Tuple[int, ...], dims: Tuple[int, ...], min_valid: int) -> torch.Tensor:
+    """`mask` (broadcastable to `shape`) with masked-out entries turned valid, first ones first,
+    until every group (reducing `dims`) holds at least `min_valid` valid positions or all of its
+    positions; each entry turned valid raises the count of a group still short. The mask keeps its
+    shrinking direction (towards all True), so a counterexample stays minimal under the floor."""
+    if min_valid <= 0:
+        return mask
+    flat = mask.reshape(-1).clone()
+
+    def per_group(m: torch.Tensor) -> torch.Tensor:
+        return m.reshape(mask.shape).expand(shape).sum(dims, keepdim=True)
+
+    for i in range(flat.numel()):
+        short = per_group(flat) < min_valid
+        if not short.any():
+            break
+        if not flat[i]:
+            entry = torch.zeros_like(flat)
+            entry[i] = True
+            flat[i] = bool((short & (per_group(entry) > 0)).any())
+    return flat.reshape(mask.shape)
+
+
 def garbage_elements(dtype: torch.dtype) -> st.SearchStrategy[float]:
     """What padding may hold: NaN, +-Inf, +-the dtype's largest finite value."""
     return st.sampled_from(_garbage(dtype))
@@ -216,6 +240,7 @@ def masked_inputs(
     dtype: Union[str, torch.dtype] = torch.float64,
     mask: bool = True,
     min_group_size: int = 1,
+    min_valid: int = 0,
     degenerate: bool = False,
     padded: bool = False,
     garbage: bool = False,
@@ -226,19 +251,22 @@ def masked_inputs(
     """A MaskedInput reduced over `dim`: x of rank `ndim` (None: any that fits, up to 3 when possible),
     a bool mask varying along `mask_dims` (mask=False: no mask), and the edge cases asked for
     (degenerate groups, at least one masked-out position, garbage padding, extreme magnitudes);
-    `sides` constrains the shape (see side_ranges), `shape_buckets` draws only bucket_shapes."""
+    `sides` constrains the shape (see side_ranges), `shape_buckets` draws only bucket_shapes;
+    every group holds at least `min_group_size` positions and at least `min_valid` valid ones
+    (with_min_valid: the constraint wins over `degenerate` and `padded`)."""
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     rank = draw(st.sampled_from(ranks(dim, ndim if sides is None else len(sides), mask_dims)))
     dims = normalize_dims(dim, rank)
+    smallest = max(min_group_size, min_valid)
     if shape_buckets:
-        shape = draw(st.sampled_from(bucket_shapes(rank, dims, min_group_size, sides)))
+        shape = draw(st.sampled_from(bucket_shapes(rank, dims, smallest, sides)))
     else:
-        shape = draw(shapes(rank, dims, min_group_size, sides))
-    inp = MaskedInput(
-        draw(values(shape, dims, dtype, constant_groups=degenerate, extreme=extreme)),
-        draw(masks(mask_shape(shape, mask_dims), degenerate=degenerate, padded=padded)) if mask else None,
-        dims,
-    )
+        shape = draw(shapes(rank, dims, smallest, sides))
+    x = draw(values(shape, dims, dtype, constant_groups=degenerate, extreme=extreme))
+    m = None
+    if mask:
+        m = with_min_valid(draw(masks(mask_shape(shape, mask_dims), degenerate=degenerate, padded=padded)), shape, dims, min_valid)
+    inp = MaskedInput(x, m, dims)
     return draw(with_garbage(inp)) if garbage and mask else inp
 
 
