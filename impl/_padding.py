@@ -39,6 +39,8 @@ from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence,
 import torch
 from torch import nn
 
+from masknorm._tracing import exporting, tracing
+
 _local = threading.local()
 
 MaskFn = Callable[[torch.Tensor], Optional[torch.Tensor]]
@@ -156,10 +158,6 @@ def _check_mask(mask: object, name: str, meaning: str = "True = valid") -> torch
     return mask
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
-
-
 def _resolution(lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], size: Optional[int],
                 source: str) -> Resolution:
     """The Resolution of exactly one of lengths (with size, default lengths.max()) or mask."""
@@ -172,12 +170,12 @@ def _resolution(lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], s
         sums = mask.sum(1)
         return Resolution(sums if _is_prefix(mask, sums) else None, mask, source)
     lengths = _check_lengths(lengths, "lengths")
-    if size is None and _tracing():
+    if size is None and tracing():
         raise ValueError("padding(lengths=...) inside torch.compile or torch.export needs size= (the padded "
                          "length, e.g. x.shape[-1]): lengths.max() is data the tracer cannot read")
     if size is None:
         size = int(lengths.max()) if lengths.numel() else 0
-    if lengths.numel() and not _tracing() and (int(lengths.min()) < 0 or int(lengths.max()) > size):
+    if lengths.numel() and not tracing() and (int(lengths.min()) < 0 or int(lengths.max()) > size):
         raise ValueError(f"lengths must lie in [0, {size}], got min {int(lengths.min())} max {int(lengths.max())}")
     return Resolution(lengths, prefix_mask(lengths, size), source)
 
@@ -187,7 +185,7 @@ def _dynamic(res: Resolution) -> Resolution:
     a compiled model then reads B and T off them as symbols, and a new batch size or length reuses
     the graph instead of compiling one per size."""
     dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is not None and not _tracing():
+    if dynamo is not None and not tracing():
         for t in (res.lengths, res.mask):
             for axis in range(0 if t is None else t.dim()):
                 dynamo.maybe_mark_dynamic(t, axis)
@@ -232,7 +230,7 @@ class Padding:
         return self
 
     def __enter__(self) -> "Padding":
-        frame = Frame(self.block, [r for r in (self.block, *self.added) if r is not None], self.rules, _tracing())
+        frame = Frame(self.block, [r for r in (self.block, *self.added) if r is not None], self.rules, tracing())
         self._frames.append(frame)
         _push(frame)
         return self
@@ -326,9 +324,9 @@ def block_for(module: nn.Module) -> Optional[Frame]:
     run time. Both raise. A converted norm in training mode outside any block warns once (in eager
     mode: under torch.compile nothing is warned, so that the graph has no break)."""
     frame = current()
-    if frame is None and module.training and getattr(module, "_masknorm_converted", False) and not _tracing():
+    if frame is None and module.training and getattr(module, "_masknorm_converted", False) and not tracing():
         _warn_unpadded(module)
-    if torch.compiler.is_exporting():
+    if exporting():
         if frame is None:
             raise RuntimeError(
                 f"masknorm: {module_name(module)} is exported without a mask and outside masknorm.padding: the "

@@ -32,7 +32,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from masknorm._padding import Padding, _tracing, current
+from masknorm._padding import Padding, current
+from masknorm._tracing import tracing
 
 CONVENTIONS: Dict[str, str] = {
     "valid_mask": "(B, T) bool or integer, True / nonzero = valid (transformers' attention_mask)",
@@ -118,10 +119,10 @@ class FromArgument:
                     "relative_lengths": "; frame counts take the convention 'lengths'"}[self.convention]
             raise TypeError(where + (hint if value.dim() == 1 and value.dtype != torch.bool else ""))
         if self.convention == "relative_lengths":
-            if not _tracing() and value.numel() and (float(value.min()) < 0 or float(value.max()) > 1):
+            if not tracing() and value.numel() and (float(value.min()) < 0 or float(value.max()) > 1):
                 raise ValueError(f"{where} (min {float(value.min()):.3g}, max {float(value.max()):.3g})")
             value = torch.round(value * size).long()
-        elif not _tracing() and value.numel() and int(value.max()) > size:
+        elif not tracing() and value.numel() and int(value.max()) > size:
             raise ValueError(f"padding_from=({self.argument!r}, {self.convention!r}): lengths up to "
                              f"{int(value.max())} exceed T = {size}, the size of argument {self.input!r} along "
                              f"time_axis={self.time_axis}; pass convert(..., time_axis=) where T is")

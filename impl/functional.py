@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
 from masknorm._contract import check_args
+from masknorm._tracing import exporting
 from masknorm.fast import channel as fast_channel, group as fast_group, ops as fast_ops, token as fast_token
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -157,7 +158,7 @@ def _compiling_with_ops(x: torch.Tensor) -> bool:
     operators (fast.ops), which the tracer sees as one opaque call each."""
     return (
         torch.compiler.is_compiling()
-        and not torch.compiler.is_exporting()
+        and not exporting()
         and not torch._C._are_functorch_transforms_active()
         and x.device.type == "cpu"
     )
