@@ -281,7 +281,7 @@ def run_case(case: Case, repeats: int, warmup: int, clock: Callable[[], float] =
 def _print_case(case: Case, result: dict) -> None:
     native = result["median_ms"][result["native"]]
     print(f"\n{case.name}")
-    bandwidth = result["gb_per_s"]
+    bandwidth = result.get("gb_per_s")  # on CUDA only
     print(f"  {'implementation':<24} {'median ms':>10} {'spread':>7} {'vs native':>10} {'saved/x':>8}"
           + (f" {'GB/s':>8}" if bandwidth else ""))
     for name, ms in result["median_ms"].items():
