@@ -155,8 +155,8 @@ def _rms_case(gen: torch.Generator, device: str, scale: float, B: int = 8, T: in
     tokens = _lengths_mask(gen, B, T).to(device)
     w = torch.ones(D, device=device, dtype=dtype, requires_grad=True)
     name = "" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}"
-    return Case(f"RMS norm B={B} T={T} D={D}{name}, token mask ({_percent(tokens)} padding)", x, tokens.unsqueeze(-1), (-1,),
-                w, None, "F.rms_norm", lambda t: F.rms_norm(t, (D,), w, 1e-5),
+    return Case(f"RMS norm B={B} T={T} D={D}{name}, token mask ({_percent(tokens)} padding)", x, tokens.unsqueeze(-1),
+                (-1,), w, None, "F.rms_norm", lambda t: F.rms_norm(t, (D,), w, 1e-5),
                 lambda t: masked_norm(t, tokens.unsqueeze(-1), -1, center=False, weight=w), plain=False)
 
 

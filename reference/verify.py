@@ -191,7 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("backend triton: the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)",
                   flush=True)
         families = run(args.thorough, _progress, "triton")
-        rows = families + [Row("weight_norm", float("nan"), float("nan"), skipped="not a normalization the kernels run")]
+        skipped = Row("weight_norm", float("nan"), float("nan"), skipped="not a normalization the kernels run")
+        rows = families + [skipped]
     else:
         print(f"torch implementation: {describe()}", flush=True)
         families = run(args.thorough, _progress, args.backend)

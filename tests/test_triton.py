@@ -24,8 +24,9 @@ from test_impl_accuracy import (
     forward_error, jvp_error, vjp_errors,
 )
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (gpu extra)")
-if importlib.util.find_spec("triton") is not None:
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (gpu extra)")
+if HAS_TRITON:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 on_triton = functools.partial(masknorm.masked_norm, backend="triton")

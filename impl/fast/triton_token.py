@@ -54,10 +54,28 @@ def _rounded(v, like, BF16_BY_HAND: tl.constexpr):
 
 
 @triton.jit
+def _div(a, b, ACC: tl.constexpr):
+    """a / b correctly rounded (a GPU's float32 `/` is approximate; float64's is exact)."""
+    if ACC == tl.float32:
+        return tl.div_rn(a, b)
+    return a / b
+
+
+@triton.jit
+def _sqrt(v, ACC: tl.constexpr):
+    """sqrt(v) correctly rounded (a GPU's float32 sqrt is approximate; float64's is exact)."""
+    if ACC == tl.float32:
+        return tl.sqrt_rn(v)
+    return tl.sqrt(v)
+
+
+@triton.jit
 def _row_statistics(X, VALID, P, row, D, CENTER: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """(x as stored, x in ACC with a padded row's zeroed, valid, degenerate, scale, shift, inv_s) of one
     row: y_hat = (x * scale - shift) * inv_s.
-    P holds (eps, 1/sqrt(eps) or 0, nu = D - c, lo, hi) in ACC: the clamp of e is [lo, hi]."""
+    P holds (eps, 1/sqrt(eps) or 0, nu = D - c, lo, hi, D) in ACC: the clamp of e is [lo, hi]. Row
+    scalars are divided and square-rooted correctly rounded (div_rn, sqrt_rn: on a GPU `/` and
+    sqrt of float32 are approximate), as the interpreter, which verifies them, computes them."""
     cols = tl.arange(0, BLOCK)
     inside = cols < D
     x_raw = tl.load(X + tl.cast(row, tl.int64) * D + cols, mask=inside, other=0.0)
@@ -68,16 +86,17 @@ def _row_statistics(X, VALID, P, row, D, CENTER: tl.constexpr, ACC: tl.constexpr
     x = tl.where(valid & inside, x_raw.to(ACC), 0.0)
     amax = tl.max(tl.abs(x), axis=0)
     e = tl.where(amax > 0, tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0))) + 1, lo)
-    inv_a = tl.exp2(-tl.minimum(tl.maximum(e, lo), tl.load(P + 4)))
+    e = tl.minimum(tl.maximum(e, lo), tl.load(P + 4))
+    inv_a = tl.exp2(-e)
     xs = x * inv_a
     if CENTER:
         c0_x = tl.sum(tl.where(cols == 0, x, 0.0), axis=0)
         c0 = c0_x * inv_a
         d = tl.where(inside, xs - c0, 0.0)
-        shift = tl.sum(d, axis=0) / D
+        shift = _div(tl.sum(d, axis=0), tl.load(P + 5), ACC)
         d = tl.where(inside, d - shift, 0.0)
         mu_s = c0 + shift
-        mu = c0_x + shift / inv_a
+        mu = c0_x + shift * tl.exp2(e)
     else:
         d = xs
         mu_s = tl.zeros_like(amax)
@@ -85,8 +104,9 @@ def _row_statistics(X, VALID, P, row, D, CENTER: tl.constexpr, ACC: tl.constexpr
     ss = tl.sum(d * d, axis=0)
     constant = ss == 0
     degenerate = (tl.load(VALID + row) == 0) | (nu <= 0) | ((eps == 0) & constant)
-    var_s = tl.where(degenerate | constant, 1.0, ss / tl.where(degenerate, 1.0, nu))
-    inv_s = tl.where(constant, tl.load(P + 1), 1.0 / tl.sqrt(var_s + eps * inv_a * inv_a))
+    var_s = tl.where(degenerate | constant, 1.0, _div(ss, tl.where(degenerate, 1.0, nu), ACC))
+    inv_s_scaled = _div(tl.full([], 1.0, ACC), _sqrt(var_s + eps * inv_a * inv_a, ACC), ACC)
+    inv_s = tl.where(constant, tl.load(P + 1), inv_s_scaled)
     return x_raw, x, valid, degenerate, tl.where(constant, 1.0, inv_a), tl.where(constant, mu, mu_s), inv_s
 
 
@@ -138,9 +158,9 @@ def _backward_kernel(DY, X, VALID, W, P, SCALE, SHIFT, INV_S, DEGENERATE, DX, DW
         g = dy
         if HAS_W:
             g = dy * w
-        core = g - tl.sum(g * y_hat, axis=0) * y_hat / nu
+        core = g - y_hat * _div(tl.sum(g * y_hat, axis=0), nu, ACC)
         if CENTER:
-            core = core - tl.sum(g, axis=0) / D
+            core = core - _div(tl.sum(g, axis=0), tl.load(P + 5), ACC)
         dx = tl.where(normalized, _rounded(inv_s * core * scale, dy_raw, BF16_BY_HAND), dy_raw)
         if ZERO:
             dx = tl.where(tl.load(VALID + row) != 0, dx, tl.zeros_like(dx))
@@ -179,11 +199,11 @@ def per_feature(t: Optional[torch.Tensor], x: torch.Tensor, ndims: int) -> Optio
     return t.reshape(trailing).expand(nshape).contiguous().reshape(-1)
 
 
-def _params(ct: torch.dtype, eps: float, nu: int, device: torch.device) -> torch.Tensor:
-    """The kernels' P: (eps, 1/sqrt(eps) or 0, nu, lo, hi) in the computation dtype (a float kernel
+def _params(ct: torch.dtype, eps: float, nu: int, D: int, device: torch.device) -> torch.Tensor:
+    """The kernels' P: (eps, 1/sqrt(eps) or 0, nu, lo, hi, D) in the computation dtype (a float kernel
     argument would be float32): 1/a = 2^-e with e clamped to [lo, hi] keeps 1/a normal and eps/a^2 finite."""
     lo, hi = exponent_bounds(ct, eps)
-    return torch.tensor([eps, eps**-0.5 if eps > 0 else 0.0, nu, lo, min(hi, _normal_exponent(ct))], dtype=ct,
+    return torch.tensor([eps, eps**-0.5 if eps > 0 else 0.0, nu, lo, min(hi, _normal_exponent(ct)), D], dtype=ct,
                         device=device)
 
 
@@ -202,7 +222,7 @@ def forward(x: torch.Tensor, valid: torch.Tensor, weight, bias, ndims: int, corr
     w, b = per_feature(weight, x, ndims), per_feature(bias, x, ndims)
     block = triton.next_power_of_2(D)
     _forward_kernel[(n_rows,)](
-        x2, flags, x2 if w is None else w, x2 if b is None else b, _params(ct, eps, D - correction, x.device), y,
+        x2, flags, x2 if w is None else w, x2 if b is None else b, _params(ct, eps, D - correction, D, x.device), y,
         scale, shift, inv_s, degenerate, D, CENTER=center,
         ZERO=masked == "zero", HAS_W=w is not None, HAS_B=b is not None, ACC=_ACC[ct], BLOCK=block,
         BF16_BY_HAND=_bf16_by_hand(x.dtype), num_warps=_num_warps(block),
@@ -234,10 +254,11 @@ def backward(g_out: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, weight, 
     block = triton.next_power_of_2(D)
     programs = _programs(x, n_rows)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    params = _params(ct, 0.0, max(D - correction, 1), x.device)  # read: nu, of normalized rows only (nu > 0)
+    params = _params(ct, 0.0, max(D - correction, 1), D, x.device)  # read: nu, of normalized rows only (nu > 0)
     dw, db = (torch.empty(programs, block, dtype=ct, device=x.device) for _ in range(2))
     _backward_kernel[(programs,)](
-        g_out.contiguous(), x.contiguous(), valid.reshape(-1).contiguous(), x if w is None else w, params, st.scale.reshape(-1), st.shift_scaled.reshape(-1), st.inv_s_scaled.reshape(-1),
+        g_out.contiguous(), x.contiguous(), valid.reshape(-1).contiguous(), x if w is None else w, params,
+        st.scale.reshape(-1), st.shift_scaled.reshape(-1), st.inv_s_scaled.reshape(-1),
         st.degenerate.reshape(-1).to(torch.int8), dx, dw, db, n_rows, D, programs, CENTER=center,
         ZERO=masked == "zero", HAS_W=w is not None, ACC=_ACC[ct], BLOCK=block, BF16_BY_HAND=_bf16_by_hand(x.dtype),
         num_warps=_num_warps(block),
