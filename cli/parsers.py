@@ -41,6 +41,9 @@ def verify() -> argparse.ArgumentParser:
     p.add_argument("--skip-derive", action="store_true", help="do not check the generated spec files first")
     p.add_argument("--rederive", action="store_true",
                    help="always re-derive with sympy (`derive --check`, minutes), even when the fingerprint matches")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="masked_norm's backend; triton: the cases the Triton kernels take, on CPU tensors under "
+                        "TRITON_INTERPRET=1, the others listed as skipped (default auto)")
     return p
 
 

@@ -8,6 +8,11 @@ small), batch norm, group and instance norm over time (wav2vec2's (8, 32, 1599),
 bfloat16), RMS norm with a token mask, layer norm with an elementwise mask, a conformer block (bench_conformer.py); --compiled adds
 torch.compile of the module cases on both sides.
 
+On CUDA (--device cuda) masknorm's padded-token layer/RMS norm runs on the Triton kernels (backend
+"auto"); each case also times masknorm with backend="torch" where that differs, adds layer and RMS
+norm at 16384 tokens x 4096 in bfloat16, and reports achieved memory bandwidth: the least traffic of
+a fused fwd+bwd norm (read x, write y; read dy and x, write dx: 5 x the bytes of x) over the time.
+
 Large CPU tensors spend much of their time page-faulting fresh memory; glibc returns big
 blocks to the OS (munmap, or trimming the heap) unless MALLOC_MMAP_THRESHOLD_ and
 MALLOC_TRIM_THRESHOLD_ are raised. The benchmark re-executes itself with both set (unless
@@ -84,6 +89,13 @@ def _layer_cases(gen: torch.Generator, device: str, B: int, T: int, D: int, scat
     ]
 
 
+def _cuda_cases(gen: torch.Generator, device: str, scale: float) -> List[Case]:
+    """The issue's transformer sizes: layer and RMS norm over 4096 features, 16384 tokens in bfloat16."""
+    T = max(1, int(4096 * scale))
+    layer = _layer_cases(gen, device, 4, T, 4096, scattered_too=False, dtype=torch.bfloat16)[0]
+    return [layer, _rms_case(gen, device, scale, B=4, T=T, D=4096, dtype=torch.bfloat16)]
+
+
 def _cases(device: str, scale: float) -> List[Case]:
     gen = torch.Generator().manual_seed(0)
     layer = _layer_cases(gen, device, 32, max(1, int(512 * scale)), 768, scattered_too=True)
@@ -104,7 +116,7 @@ def _cases(device: str, scale: float) -> List[Case]:
     return [*layer, batch, modules, *small, *_time_cases(gen, device, scale), _rms_case(gen, device, scale),
             _elementwise_case(gen, device, scale),
             _layer_cases(gen, device, 8, max(1, int(128 * scale)), 256, scattered_too=False, dtype=torch.bfloat16)[0],
-            _conformer_case(gen, device, scale)]
+            _conformer_case(gen, device, scale), *(_cuda_cases(gen, device, scale) if device == "cuda" else [])]
 
 
 def _lengths_mask(gen: torch.Generator, B: int, T: int) -> torch.Tensor:
@@ -135,14 +147,16 @@ def _time_cases(gen: torch.Generator, device: str, scale: float) -> List[Case]:
     return out
 
 
-def _rms_case(gen: torch.Generator, device: str, scale: float) -> Case:
-    """RMS norm over D of (B, T, D) with a token mask, against F.rms_norm."""
-    B, T, D = 8, max(1, int(512 * scale)), 512
-    x = torch.randn(B, T, D, generator=gen).to(device).requires_grad_()
+def _rms_case(gen: torch.Generator, device: str, scale: float, B: int = 8, T: int = 0, D: int = 512,
+              dtype: torch.dtype = torch.float32) -> Case:
+    """RMS norm over D of (B, T, D) (T = 512 * scale by default) with a token mask, against F.rms_norm."""
+    T = T or max(1, int(512 * scale))
+    x = torch.randn(B, T, D, generator=gen).to(device, dtype).requires_grad_()
     tokens = _lengths_mask(gen, B, T).to(device)
-    w = torch.ones(D, device=device, requires_grad=True)
-    return Case(f"RMS norm B={B} T={T} D={D}, token mask ({_percent(tokens)} padding)", x, tokens.unsqueeze(-1), (-1,),
-                w, None, "F.rms_norm", lambda t: F.rms_norm(t, (D,), w, 1e-5),
+    w = torch.ones(D, device=device, dtype=dtype, requires_grad=True)
+    name = "" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}"
+    return Case(f"RMS norm B={B} T={T} D={D}{name}, token mask ({_percent(tokens)} padding)", x, tokens.unsqueeze(-1),
+                (-1,), w, None, "F.rms_norm", lambda t: F.rms_norm(t, (D,), w, 1e-5),
                 lambda t: masked_norm(t, tokens.unsqueeze(-1), -1, center=False, weight=w), plain=False)
 
 
@@ -231,9 +245,13 @@ def run_case(case: Case, repeats: int, warmup: int, clock: Callable[[], float] =
         with _native.kernels(False):
             return masknorm()
 
+    def ours_on_torch():
+        return masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias, backend="torch")
+
     impls = {
         "masknorm": masknorm,
-        **({"masknorm, kernels off": ours_without_kernels} if case.uses_fused_kernel else {}),
+        **({"masknorm, kernels off": ours_without_kernels} if case.uses_fused_kernel and not case.x.is_cuda else {}),
+        **({"masknorm, backend torch": ours_on_torch} if case.x.is_cuda and case.masknorm is None else {}),
         case.native_name: lambda: case.native(case.x),
         **({"plain torch (masked)": lambda: plain_masked_norm(case.x, case.mask, case.dims, 1e-5, case.weight,
                                                               case.bias)} if case.plain else {}),
@@ -255,18 +273,23 @@ def run_case(case: Case, repeats: int, warmup: int, clock: Callable[[], float] =
         "spread": {name: spread(s) for name, s in samples.items()},
         "saved_over_x": {name: _saved_bytes(fn) / x_bytes for name, fn in impls.items()},
         "native": case.native_name,
+        "gb_per_s": ({name: 5 * x_bytes / 1e6 / ms for name, ms in ((n, _median_ms(s)) for n, s in samples.items())}
+                     if case.x.is_cuda else None),
     }
 
 
 def _print_case(case: Case, result: dict) -> None:
     native = result["median_ms"][result["native"]]
     print(f"\n{case.name}")
-    print(f"  {'implementation':<24} {'median ms':>10} {'spread':>7} {'vs native':>10} {'saved/x':>8}")
+    bandwidth = result.get("gb_per_s")  # on CUDA only
+    print(f"  {'implementation':<24} {'median ms':>10} {'spread':>7} {'vs native':>10} {'saved/x':>8}"
+          + (f" {'GB/s':>8}" if bandwidth else ""))
     for name, ms in result["median_ms"].items():
         ratio = ms / native
         goal = "  over the 1.2x goal" if name == "masknorm" and ratio > GOAL else ""
+        achieved = f" {bandwidth[name]:>8.0f}" if bandwidth else ""
         print(f"  {name:<24} {ms:>10.2f} {100 * result['spread'][name]:>6.0f}% {ratio:>9.2f}x "
-              f"{result['saved_over_x'][name]:>7.2f}x{goal}")
+              f"{result['saved_over_x'][name]:>7.2f}x{achieved}{goal}")
     noisy = max(result["spread"].values())
     if noisy > NOISY:
         print(f"  WARNING: too noisy to compare: runs of one implementation differ by up to {100 * noisy:.0f}% "
@@ -276,6 +299,14 @@ def _print_case(case: Case, result: dict) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parsers.bench().parse_args(argv)
+    if args.device not in ("cpu", "cuda"):
+        print(f"masknorm bench: --device is cpu or cuda, got {args.device!r}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"masknorm bench --device cuda: no CUDA device here (torch {torch.__version__}, built with CUDA "
+              f"{torch.version.cuda or 'none'}); run it on a machine with an NVIDIA GPU and a CUDA build of torch",
+              file=sys.stderr)
+        return 2
     if args.allocator == "tuned" and not _ALLOCATOR.keys() <= os.environ.keys() and args.device == "cpu":
         env = dict(os.environ, **_ALLOCATOR)
         cmd = [sys.executable, "-m", "masknorm.bench", *(sys.argv[1:] if argv is None else argv)]

@@ -11,7 +11,8 @@ from torch._subclasses.fake_tensor import is_fake
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
 from masknorm._contract import check_args
 from masknorm._tracing import exporting
-from masknorm.fast import channel as fast_channel, group as fast_group, ops as fast_ops, token as fast_token
+from masknorm.fast import backend as fast_backend, channel as fast_channel, group as fast_group, ops as fast_ops
+from masknorm.fast import token as fast_token
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -43,6 +44,7 @@ def masked_norm(
     weight: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     masked: str = "normalize",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Normalize x over the axes `dim`, with statistics taken over the positions where `mask` is True.
 
@@ -59,12 +61,17 @@ def masked_norm(
         weight, bias: gamma/beta, broadcastable to x without changing its shape.
         masked: output at masked-out positions: "normalize" (gamma*(x-mu)/s + beta),
             "keep" (x) or "zero" (0).
+        backend: "torch" (torch's kernels, and masknorm's fused CPU kernels where they apply),
+            "triton" (the Triton kernels of the padded-token layer/RMS norm: trailing axes, one
+            mask flag per row; eager mode; on CPU tensors only under TRITON_INTERPRET=1; a call
+            they cannot run raises ValueError saying why) or "auto" (default): "triton" for CUDA
+            tensors in eager mode when triton is installed and the layout fits, else "torch".
 
     A degenerate group (k - c <= 0, or eps = 0 and all valid values equal; RMS: all zero)
     passes x through unchanged with no affine (0 at masked-out positions under "zero").
     Values at masked-out positions never affect other positions' outputs or gradients.
     """
-    return _normalize(x, mask, dim, correction, eps, center, weight, bias, masked)[0]
+    return _normalize(x, mask, dim, correction, eps, center, weight, bias, masked, backend)[0]
 
 
 def masked_norm_with_moments(
@@ -84,7 +91,8 @@ def masked_norm_with_moments(
     return _normalize(x, mask, dim, 0, eps, True, weight, bias, masked)
 
 
-def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked) -> Tuple[torch.Tensor, Optional[Moments]]:
+def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
+               backend: str = "auto") -> Tuple[torch.Tensor, Optional[Moments]]:
     """Check the arguments (before any work), then dispatch to a fast path or the general one."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -93,6 +101,7 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked) -> T
     _check_tensor("mask", mask, x, boolean=True)
     _check_tensor("weight", weight, x)
     _check_tensor("bias", bias, x)
+    fast_backend.check_backend(backend)
     args = check_args(
         x.shape,
         None if mask is None else mask.shape,
@@ -108,7 +117,13 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked) -> T
         mask = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
     if x.numel() == 0:  # no group has a position (or there is no group): nothing to normalize
         return _empty(x, weight, bias), None
-    if _eager_on_data(x):
+    eager = _eager_on_data(x)
+    if fast_backend.wanted(backend, x, traced=not eager) and (
+        out := fast_backend.run(x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked,
+                                forced=backend == "triton")
+    ) is not None:
+        return out, None
+    if eager:
         if fast_token.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
             out = fast_token.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
                                                           args.masked)

@@ -203,11 +203,17 @@ def test_fast_path_layouts_within_bound(layout, dtype, data):
 def test_wide_token_rows_within_bound(dtype, fused_kernel):
     """Rows of 1500 features (the fused kernel sums in blocks of 256; the strategies' rows are
     short), offset 1e3 (kappa ~ 1e3), a third of the tokens padded: forward and VJP within bound."""
+    assert_wide_token_rows_within_bound(dtype, fused_kernel=fused_kernel)
+
+
+def assert_wide_token_rows_within_bound(dtype: torch.dtype, **case_fields) -> None:
+    """Forward and VJP of layer norm over (2, 3, 1500) values offset by 1e3, weight and bias, two
+    tokens padded, within bound; case_fields: Case's fields that choose the implementation."""
     gen = torch.Generator().manual_seed(0)
     x = (1e3 + torch.randn(2, 3, 1500, generator=gen, dtype=torch.float64)).to(dtype)
     weight, bias = (torch.randn(1500, generator=gen, dtype=torch.float64).to(dtype) for _ in range(2))
     mask = torch.tensor([[True, False, True], [True, True, False]]).reshape(2, 3, 1)
-    case = Case(x, mask, -1, weight=weight, bias=bias, fused_kernel=fused_kernel)
+    case = Case(x, mask, -1, weight=weight, bias=bias, **case_fields)
     assert forward_error(case) <= FORWARD_BOUND[dtype]
     ex, ew, eb = vjp_errors(case, torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype))
     assert ex <= VJP_X_BOUND[dtype] and max(ew, eb) <= VJP_AFFINE_BOUND[dtype], (ex, ew, eb)

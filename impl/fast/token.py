@@ -29,8 +29,7 @@ import torch
 
 from masknorm import _native
 from masknorm._autograd import (
-    _cast, compose, compute_dtype, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups,
-    regions,
+    _cast, compose, compute_dtype, general_vjp, masked_norm_vjp, needs_general_backward, redo_groups, regions, saved_jvp,
 )
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 
@@ -346,9 +345,4 @@ class TokenLayerNormFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
-        x, mask, weight, *saved = ctx.saved_tensors
-        dims, _, _, center, masked = ctx.config
-        ct = compute_dtype(x.dtype)
-        y_dot = masked_norm_jvp(x.to(ct), x_dot.to(ct), mask, _cast(weight, ct), _cast(weight_dot, ct),
-                                _cast(bias_dot, ct), GroupStats(*saved), dims, center, masked)
-        return y_dot.to(x.dtype)
+        return saved_jvp(ctx, x_dot, weight_dot, bias_dot)
