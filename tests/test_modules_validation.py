@@ -105,3 +105,26 @@ def test_a_wrong_shaped_parameter_is_named_with_the_shapes(module, x, name):
         module.train(training)
         with pytest.raises(ValueError, match=rf"{type(module).__name__}: {name} has shape \(7,\), expected"):
             module(x)
+
+
+@pytest.mark.parametrize("make, x_shape, mask_shape", [
+    (lambda: masknorm.MaskedLayerNorm(4), (2, 5, 4), (2, 5)),
+    (lambda: masknorm.MaskedRMSNorm(4), (2, 5, 4), (2, 5)),
+    (lambda: masknorm.MaskedGroupNorm(2, 4), (2, 4, 5), (2, 5)),
+    (lambda: masknorm.MaskedBatchNorm1d(4), (2, 4, 5), (2, 5)),
+    (lambda: masknorm.MaskedInstanceNorm1d(4), (2, 4, 5), (2, 5)),
+    (lambda: masknorm.MaskedNorm("b t c", reduce="c", features="c", c=4), (2, 5, 4), (2, 5)),
+    (lambda: masknorm.MaskedSyncBatchNorm(4), (2, 4, 5), (2, 5)),
+])
+def test_padding_mask_is_the_mask_in_torchs_padding_convention(make, x_shape, mask_shape):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(x_shape, generator=gen, dtype=torch.float64)
+    valid = torch.rand(mask_shape, generator=gen) > 0.4
+    valid[:, 0] = True
+    module = make().double()
+    assert torch.equal(module(x, padding_mask=~valid), module(x, valid))
+    assert not torch.equal(module(x, padding_mask=valid), module(x, valid))
+    with pytest.raises(ValueError, match="not both"):
+        module(x, valid, padding_mask=~valid)
+    with pytest.raises(TypeError, match=r"padding_mask must be a bool tensor \(True = padding\)"):
+        module(x, padding_mask=(~valid).long())

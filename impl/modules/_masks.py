@@ -22,11 +22,22 @@ def check_policy(masked: str) -> str:
     return masked
 
 
-def check_mask_tensor(mask: torch.Tensor) -> None:
-    """TypeError unless mask is a bool tensor (True = valid)."""
+def check_mask_tensor(mask: torch.Tensor, name: str = "mask", meaning: str = "True = valid") -> None:
+    """TypeError unless mask is a bool tensor."""
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         kind = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a bool tensor (True = valid), got {kind}")
+        raise TypeError(f"{name} must be a bool tensor ({meaning}), got {kind}")
+
+
+def valid_mask(mask: Optional[torch.Tensor], padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The modules' mask (True = valid): `mask`, or ~padding_mask for a mask in torch's padding convention
+    (True = padding, as key_padding_mask); giving both is a ValueError."""
+    if padding_mask is None:
+        return mask
+    if mask is not None:
+        raise ValueError("give mask= (True = valid) or padding_mask= (True = padding), not both")
+    check_mask_tensor(padding_mask, "padding_mask", "True = padding")
+    return ~padding_mask
 
 
 def token_mask(x: torch.Tensor, mask: Optional[torch.Tensor], n_normalized: int) -> Optional[torch.Tensor]:

@@ -10,6 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from masknorm.modules._norm_base import MaskedRunningNorm
 from masknorm.modules._running import Moments, masked_moments, update_running
+from masknorm.modules._masks import valid_mask
 
 
 class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
@@ -51,7 +52,9 @@ class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
                 factor = 1.0 / self.num_batches_tracked.clamp(min=1).double()
         update_running(self.running_mean, self.running_var, batch.mean, batch.var, usable, factor)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = valid_mask(mask, padding_mask)
         self._check_input_dim(x)
         mask = self._prepare(x, mask)
         use_batch = self.training or (self.running_mean is None and self.running_var is None)

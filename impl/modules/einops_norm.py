@@ -9,7 +9,7 @@ from torch import nn
 
 from masknorm._contract import broadcasts_onto
 from masknorm.functional import masked_norm
-from masknorm.modules._masks import check_mask_tensor, check_policy
+from masknorm.modules._masks import check_mask_tensor, check_policy, valid_mask
 from masknorm.modules._validate import check_correction, check_eps, check_flag
 from masknorm.pattern import Layout, check_sizes, parse_axes, parse_pattern, resolve
 
@@ -100,7 +100,9 @@ class MaskedNorm(nn.Module):
             f"axes not in features ({kept_names}) = {kept_shape}, or a mask of x's rank that broadcasts to x"
         )
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = valid_mask(mask, padding_mask)
         layout = resolve(self.pattern, x.shape, self.sizes)
         out = masked_norm(
             x.reshape(layout.shape), self._mask(mask, x, layout), layout.positions(self.reduce),

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from masknorm.functional import masked_norm
-from masknorm.modules._masks import channel_mask, channel_view, check_policy
+from masknorm.modules._masks import channel_mask, channel_view, check_policy, valid_mask
 from masknorm.modules._norm_base import bias_kwarg
 from masknorm._padding import channel_block_mask
 from masknorm.modules._validate import check_affine, check_eps, check_groups
@@ -31,7 +31,9 @@ class MaskedGroupNorm(nn.GroupNorm):
         super().__init__(num_groups, num_channels, eps, affine, device, dtype, **bias_kwarg(bias))
         self.masked = check_policy(masked)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = valid_mask(mask, padding_mask)
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"x of shape {tuple(x.shape)} is not (B, C={self.num_channels}, *spatial)")
         check_affine(type(self).__name__, self.weight, self.bias, (self.num_channels,), "num_channels")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from masknorm.modules._masks import check_mask_tensor
+from masknorm.modules._masks import check_mask_tensor, valid_mask
 from masknorm.modules._norm_base import MaskedRunningNorm
 from masknorm.modules._running import masked_moments, pool_instances, update_running
 
@@ -36,7 +36,9 @@ class _MaskedInstanceNorm(MaskedRunningNorm, _InstanceNorm):
                  dtype: Optional[torch.dtype] = None, *, bias: bool = True, masked: str = "normalize") -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias, masked=masked)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = valid_mask(mask, padding_mask)
         self._check_input_dim(x)
         if x.dim() == self._no_batch_dim:
             if mask is not None:

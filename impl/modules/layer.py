@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from masknorm.functional import masked_norm
-from masknorm.modules._masks import check_policy, token_mask
+from masknorm.modules._masks import check_policy, token_mask, valid_mask
 from masknorm._padding import token_block_mask
 from masknorm.modules._validate import check_affine, check_eps, check_normalized_shape
 
@@ -17,6 +17,8 @@ _Shape = Union[int, List[int], torch.Size]
 _MASK_DOC = """
     Mask: given, else (mask=None inside `with masknorm.padding(...)`) the block's; one flag per token, x.shape[:-len(normalized_shape)] (the normalized axes are inserted), or
     any bool mask of x's rank that broadcasts to x; None = all valid, and the module equals torch's.
+    padding_mask= takes the same mask in torch's padding convention (True = padding, as
+    key_padding_mask) instead of mask=; every masknorm module accepts it.
     A token whose flags are all False has no valid value: it passes through unchanged under
     "normalize" and "keep", and is 0 under "zero". With an elementwise mask, masked-out positions
     of a token are normalized with the token's valid statistics ("normalize"), kept ("keep") or 0 ("zero").
@@ -47,7 +49,9 @@ class MaskedLayerNorm(nn.LayerNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.masked = check_policy(masked)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = valid_mask(mask, padding_mask)
         check_affine(type(self).__name__, self.weight, self.bias, self.normalized_shape, "normalized_shape")
         mask = token_block_mask(self, x, mask, len(self.normalized_shape))
         return last_axes_norm(x, mask, self.normalized_shape, eps=self.eps, center=True,
@@ -69,7 +73,9 @@ class MaskedRMSNorm(nn.RMSNorm):
         super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
         self.masked = check_policy(masked)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = valid_mask(mask, padding_mask)
         check_affine(type(self).__name__, self.weight, None, self.normalized_shape, "normalized_shape")
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         mask = token_block_mask(self, x, mask, len(self.normalized_shape))

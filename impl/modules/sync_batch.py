@@ -34,7 +34,7 @@ from masknorm._autograd import GroupStats, affine, as_dtype, compose, compute_dt
 from masknorm._contract import POLICIES
 from masknorm._merge import ACCUMULATE, LocalMoments, MergedMoments, local_moments, merge_moments
 from masknorm._stats import exponent_bounds
-from masknorm.modules._masks import channel_view
+from masknorm.modules._masks import channel_view, valid_mask
 from masknorm.modules._norm_base import bias_kwarg
 from masknorm.modules._running import Moments
 from masknorm.modules.batch import _MaskedBatchNorm
@@ -181,7 +181,9 @@ class MaskedSyncBatchNorm(_MaskedBatchNorm):
         _check_peers(_gather(mine, group)[:, 0], ("num_features",))
         self._checked_group = id(group)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = valid_mask(mask, padding_mask)
         group = self._sync_group()
         if group is None:
             return super().forward(x, mask)
