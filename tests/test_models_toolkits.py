@@ -2,7 +2,8 @@
 wav2vec 2.0, SpeechBrain's TDNN), converted in one line with padding_from and called as their users call
 them, with no masknorm.padding block: valid outputs and parameter gradients equal each sequence's alone
 (eval) and do not depend on the padding (train), to 1e-12 in float64; stock, they leak. A model that pads
-with F.pad before its convolutions raises instead of leaking.
+with F.pad before its convolutions raises instead of leaking. The real torchaudio Conformer and wav2vec2
+(group-norm extractor) run the same test where torchaudio is installed (CI's torch 2.11 environment).
 
     python tests/test_models_toolkits.py      # the figures: largest difference per model, stock and converted
 """
@@ -102,7 +103,10 @@ def differences(model: nn.Module, call: Call, shape: Tuple[int, ...], lengths: t
 @pytest.mark.parametrize("name", list(_models()))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_stock_leaks_and_converted_in_one_line_does_not(name, mode):
-    make, padding_from, call, shape, lengths = _models()[name]
+    _stock_leaks_converted_does_not(*_models()[name], mode)
+
+
+def _stock_leaks_converted_does_not(make, padding_from, call, shape, lengths, mode) -> None:
     stock = differences(make(), call, shape, lengths, mode)
     assert max(stock) > 1e-3, stock
     converted = differences(masknorm.convert(make(), padding_from=padding_from), call, shape, lengths, mode)
@@ -146,3 +150,39 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _torchaudio_models() -> Dict[str, Tuple[Callable[[], nn.Module], object, Call, Tuple[int, ...], torch.Tensor]]:
+    """The real torchaudio models (tiny random configs, nothing downloaded): torchaudio's wheels pin one
+    torch release, so these run where one matches (CI's torch 2.11 environment installs torchaudio 2.11)."""
+    models = pytest.importorskip("torchaudio.models")
+
+    def conformer(group_norm: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return models.Conformer(input_dim=16, num_heads=2, ffn_dim=32, num_layers=2, depthwise_conv_kernel_size=3,
+                                use_group_norm=group_norm)
+
+    def wav2vec2() -> nn.Module:
+        torch.manual_seed(0)
+        return models.wav2vec2_model(
+            extractor_mode="group_norm", extractor_conv_layer_config=[(8, 10, 5), (8, 3, 2)], extractor_conv_bias=False,
+            encoder_embed_dim=16, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=3, encoder_pos_conv_groups=2,
+            encoder_num_layers=1, encoder_num_heads=2, encoder_attention_dropout=0.0, encoder_ff_interm_features=32,
+            encoder_ff_interm_dropout=0.0, encoder_dropout=0.0, encoder_layer_norm_first=False, encoder_layer_drop=0.0,
+            aux_num_out=None)
+
+    return {
+        "torchaudio Conformer (BatchNorm1d)": (lambda: conformer(False), "lengths", conformer_call, (3, 29, 16),
+                                               torch.tensor([29, 21, 12])),
+        "torchaudio Conformer (GroupNorm)": (lambda: conformer(True), "lengths", conformer_call, (3, 29, 16),
+                                             torch.tensor([29, 21, 12])),
+        "torchaudio wav2vec2 (group-norm extractor)": (wav2vec2, "lengths", conformer_call, (3, 300),
+                                                       torch.tensor([300, 231, 160])),
+    }
+
+
+@pytest.mark.parametrize("name", ["torchaudio Conformer (BatchNorm1d)", "torchaudio Conformer (GroupNorm)",
+                                  "torchaudio wav2vec2 (group-norm extractor)"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_real_torchaudio_models_converted_in_one_line(name, mode):
+    _stock_leaks_converted_does_not(*_torchaudio_models()[name], mode)
