@@ -64,8 +64,8 @@ def masked_norm(
         backend: "torch" (torch's kernels, and masknorm's fused CPU kernels where they apply),
             "triton" (the Triton kernels of the padded-token layer/RMS norm: trailing axes, one
             mask flag per row; eager mode; on CPU tensors only under TRITON_INTERPRET=1; a call
-            they cannot run raises ValueError saying why) or "auto" (default): "triton" for CUDA
-            tensors in eager mode when triton is installed and the layout fits, else "torch".
+            they cannot run raises ValueError saying why) or "auto" (default): "torch" until the
+            Triton kernels have run on a GPU (they are verified under Triton's interpreter only).
 
     A degenerate group (k - c <= 0, or eps = 0 and all valid values equal; RMS: all zero)
     passes x through unchanged with no affine (0 at masked-out positions under "zero").
@@ -118,11 +118,9 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
     if x.numel() == 0:  # no group has a position (or there is no group): nothing to normalize
         return _empty(x, weight, bias), None
     eager = _eager_on_data(x)
-    if fast_backend.wanted(backend, x, traced=not eager) and (
-        out := fast_backend.run(x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked,
-                                forced=backend == "triton")
-    ) is not None:
-        return out, None
+    if fast_backend.wanted(backend, traced=not eager):
+        return fast_backend.run(x, mask, weight, bias, args.dims, args.correction, args.eps, args.center,
+                                args.masked), None
     if eager:
         if fast_token.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
             out = fast_token.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,

@@ -3,8 +3,9 @@
 "torch": the CPU fast paths and the general path (torch's kernels), as before Triton existed here.
 "triton": the Triton kernels of masknorm.fast.triton_token; a call they cannot run raises (a
 ValueError naming what is unsupported, an ImportError without triton), never falls back.
-"auto": "triton" for CUDA tensors in eager mode when triton is installed and the layout is one the
-kernels run, "torch" otherwise (so on CPU, "torch" always).
+"auto": "torch", for now: the Triton kernels have run only under Triton's interpreter, never on a
+GPU, and a default must not be code that has never run where it would run. Once they are tested
+on a GPU, "auto" is meant to pick them for eager CUDA calls whose layout they take.
 
 The kernels' layout: layer or RMS norm over the trailing axes, a mask constant along them (one flag
 per row, padded tokens), weight and bias varying along the normalized axes only, rows of at most
@@ -59,31 +60,27 @@ def unsupported(x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[
     return None
 
 
-def wanted(backend: str, x: torch.Tensor, traced: bool) -> bool:
-    """True when the call should run on the Triton kernels (then the caller checks the layout with
-    require): "triton", or "auto" on an eager CUDA call with triton installed. `traced`: under
+def wanted(backend: str, traced: bool) -> bool:
+    """True when the call should run on the Triton kernels (then run() checks the layout): only when
+    forced, backend "triton" ("auto" is "torch" until the kernels have run on a GPU). `traced`: under
     torch.compile/export, a torch.func transform, or on a tensor without data."""
     if backend == "triton":
         if traced:
             raise ValueError("backend='triton' runs in eager mode on tensors with data; under torch.compile, "
                              "torch.export or torch.func use backend='auto'")
         return True
-    return backend == "auto" and not traced and x.device.type == "cuda" and installed()
+    return False
 
 
-def run(x, mask, weight, bias, dims: Sequence[int], correction: int, eps: float, center: bool, masked: str,
-        forced: bool) -> Optional[torch.Tensor]:
-    """The output from the Triton kernels, or None where they do not apply and the call is not
-    forced (backend "auto"); forced: raise instead."""
+def run(x, mask, weight, bias, dims: Sequence[int], correction: int, eps: float, center: bool,
+        masked: str) -> torch.Tensor:
+    """The output from the Triton kernels; ValueError naming what they do not take, ImportError
+    without triton."""
     reason = unsupported(x, mask, weight, bias, dims)
-    if reason is None and not installed():
-        reason = "triton is not installed"
     if reason is not None:
-        if not forced:
-            return None
-        if reason.startswith("triton is not installed"):
-            raise ImportError("backend='triton' needs triton: pip install 'masknorm[gpu]'")
         raise ValueError(f"backend='triton' cannot run this call: {reason}")
+    if not installed():
+        raise ImportError("backend='triton' needs triton: pip install 'masknorm[gpu]'")
     from masknorm.fast import triton_token
 
     if x.device.type == "cpu" and not triton_token.interpreted():
