@@ -47,13 +47,23 @@ class Direction(NamedTuple):
         return g * self.inv_a / self.r_scaled
 
 
+def _sum(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """sum over dims (keepdim); no dims: t itself (torch's sum over () would reduce every axis)."""
+    return t.sum(tuple(dims), keepdim=True) if dims else t
+
+
+def _amax(t: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """amax over dims (keepdim); no dims: t itself, as _sum."""
+    return torch.amax(t, tuple(dims), keepdim=True) if dims else t
+
+
 def direction(v: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[int]) -> Direction:
     """u = m v / ||m v|| over dims (keepdim), computed on v / a; differentiable in v (a is detached,
     its derivative cancels exactly)."""
     vm = v if mask is None else where_or_zero(mask, v)
-    inv_a = inverse_power_of_two(torch.amax(vm.detach().abs(), dims, keepdim=True), *exponent_bounds(v.dtype, 0.0))
+    inv_a = inverse_power_of_two(_amax(vm.detach().abs(), dims), *exponent_bounds(v.dtype, 0.0))
     scaled = vm * inv_a
-    squares = (scaled * scaled).sum(dims, keepdim=True)
+    squares = _sum(scaled * scaled, dims)
     zero = squares == 0
     r_scaled = torch.sqrt(torch.where(zero, 1.0, squares))
     return Direction(scaled / r_scaled, inv_a, r_scaled, zero)
@@ -88,7 +98,7 @@ class WeightNormFunction(torch.autograd.Function):
         dims = _reduced_dims(v.dim(), ctx.dim)
         d = direction(v.to(compute_dtype(v.dtype)), mask, dims)
         gw = grad_w.to(d.u.dtype) if mask is None else where_or_zero(mask, grad_w.to(d.u.dtype))
-        total = (gw * d.u).sum(dims, keepdim=True)
+        total = _sum(gw * d.u, dims)
         grad_v = torch.where(d.zero, 0.0, wf.weight_norm_vjp_v(gw, 1, d.u, total, d.gain(g.to(d.u.dtype)), 1))
         grad_g = torch.where(d.zero, 0.0, wf.weight_norm_vjp_g(total)).reshape(g.shape)
         return grad_g.to(g.dtype), grad_v.to(v.dtype), None, None
@@ -101,7 +111,7 @@ class WeightNormFunction(torch.autograd.Function):
         vd = torch.zeros_like(d.u) if v_dot is None else v_dot.to(d.u.dtype)
         vd = vd if mask is None else where_or_zero(mask, vd)
         gd = torch.zeros_like(g, dtype=d.u.dtype) if g_dot is None else g_dot.to(d.u.dtype)
-        total = (d.u * vd).sum(dims, keepdim=True)
+        total = _sum(d.u * vd, dims)
         w_dot = wf.weight_norm_jvp(vd, 1, d.u, total, d.gain(g.to(d.u.dtype)), gd, 1)
         return torch.where(d.zero, 0.0, w_dot).to(v.dtype)
 
@@ -125,7 +135,7 @@ class MaskedWeightNorm(nn.Module):
             d = direction(weight.to(compute_dtype(weight.dtype)), self.mask, dims)
             g = torch.where(d.zero, 0.0, d.r_scaled / d.inv_a).to(weight.dtype)
             taking_part = weight if self.mask is None else where_or_zero(self.mask, weight)
-            lost = torch.isinf(g) & torch.isfinite(torch.amax(taking_part.abs(), dims, keepdim=True))
+            lost = torch.isinf(g) & torch.isfinite(_amax(taking_part.abs(), dims))
             if lost.any():
                 rows = lost.flatten().nonzero().flatten().tolist()
                 largest = max(r / ia for r, ia in zip(d.r_scaled[lost].tolist(), d.inv_a[lost].tolist()))

@@ -243,3 +243,24 @@ def test_torch_func_transforms_and_compile():
     assert all(torch.allclose(grads[name], p.grad, rtol=1e-14, atol=0) for name, p in module.named_parameters())
     compiled = torch.compile(module, backend="aot_eager")
     assert torch.allclose(compiled(x), module(x), rtol=1e-14, atol=0)
+
+
+def test_a_one_dimensional_weight_has_one_g_per_entry_along_dim_0_as_torchs():
+    """dim=0 of a 1-D weight leaves no axis to reduce: each entry is its own row (torch's g has the
+    weight's shape); a sum over no axes must not become the whole tensor's norm."""
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.tensor([3.0, -4.0, 0.5], dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.weight
+
+    ours, theirs = masknorm.weight_norm(Scale(), dim=0), torch.nn.utils.parametrizations.weight_norm(Scale(), dim=0)
+    assert ours.parametrizations.weight.original0.shape == theirs.parametrizations.weight.original0.shape == (3,)
+    x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for m in (ours, theirs):
+        m(x).pow(2).sum().backward()
+    torch.testing.assert_close(ours.weight, theirs.weight)
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)
