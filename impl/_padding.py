@@ -97,7 +97,7 @@ class Frame:
 
     def state(self, res: Resolution) -> None:
         """Add or replace the resolution of res.size."""
-        self.resolutions = [r for r in self.resolutions if not r.size == res.size] + [res]
+        self.resolutions = [r for r in self.resolutions if r.size != res.size] + [res]
 
     def record(self, size: int, lengths: Optional[torch.Tensor], key: Hashable, source: str) -> None:
         """Learn the resolution `size` from a derivation; a second, different derivation makes it ambiguous."""
