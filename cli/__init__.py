@@ -15,13 +15,13 @@ from masknorm_cli import parsers
 
 # name -> the module:function that runs it, taking argv
 SUBCOMMANDS = {
-    "verify": "masknorm.reference.verify:main",
-    "derive": "masknorm.spec.derive:main",
-    "prove": "masknorm.proofs.cli:main",
-    "check": "masknorm.reference.oracle.cli:main",
-    "bench": "masknorm.bench:main",
-    "build": "masknorm._native:main",
-    "invariance": "masknorm.invariance_cli:main",
+    "verify": "masknorm_cli.verify:main",
+    "derive": "masknorm_cli.derive:main",
+    "prove": "masknorm_cli.prove:main",
+    "check": "masknorm_cli.check:main",
+    "bench": "masknorm_cli.bench:main",
+    "build": "masknorm_cli.build:main",
+    "invariance": "masknorm_cli.invariance:main",
 }
 VERIFY_EXTRAS = {"sympy", "mpmath", "hypothesis", "numpy"}
 

@@ -21,8 +21,9 @@ SUMMARIES = {
 }
 BENCH_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 CHECK_DTYPES = ("float64", "float32", "bfloat16", "float16")
-# The oracle's choices and defaults, defined here so that `masknorm check --help` needs no torch;
-# masknorm.reference.oracle imports them from here.
+# Torch-free copies of the oracle's choices and defaults (masknorm.reference.oracle: semantics.DEGENERATE,
+# run.EXAMPLES, run.SHRINKS, the frameworks of .frameworks), so that `masknorm check --help` imports
+# no torch; tests/cli/test_cli_help.py checks that they equal the library's.
 CHECK_FRAMEWORKS = ("torch", "numpy", "jax", "keras")
 CHECK_DEGENERATE = ("passthrough", "zero", "nan", "unchecked")
 CHECK_EXAMPLES = 100  # per property

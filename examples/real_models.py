@@ -83,7 +83,7 @@ def cost(repeats: int = 9) -> None:
 
 
 def main() -> None:
-    from masknorm.invariance import check_padding_invariance
+    from masknorm.models.invariance import check_padding_invariance
 
     if "--cost" in sys.argv:
         cost()

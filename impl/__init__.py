@@ -11,10 +11,10 @@ Importing masknorm imports torch only; the verification side (masknorm.spec, .re
 __version__ = "0.1.0"
 
 from masknorm import modules
-from masknorm._padding import checkpoint_context, padding
+from masknorm.models.padding_context import checkpoint_context, padding
 from masknorm._weight_norm import weight_norm
 from masknorm.functional import masked_norm
-from masknorm.models import convert
+from masknorm.models.conversion import convert
 from masknorm.modules import (
     MaskedBatchNorm1d,
     MaskedBatchNorm2d,

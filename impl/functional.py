@@ -11,8 +11,8 @@ from torch._subclasses.fake_tensor import is_fake
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
 from masknorm._contract import check_args
 from masknorm._tracing import exporting
-from masknorm.fast import backend as fast_backend, channel as fast_channel, group as fast_group, ops as fast_ops
-from masknorm.fast import token as fast_token
+from masknorm.fast import backend as fast_backend, masked_positions, ops as fast_ops, per_channel
+from masknorm.fast import padded_rows
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -122,17 +122,17 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
         return fast_backend.run(x, mask, weight, bias, args.dims, args.correction, args.eps, args.center,
                                 args.masked), None
     if eager:
-        if fast_token.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
-            out = fast_token.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
+        if padded_rows.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
+            out = padded_rows.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
                                                           args.masked)
             return out, None
-        if fast_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
-            out, *moments = fast_channel.ChannelNormFunction.apply(
+        if per_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
+            out, *moments = per_channel.ChannelNormFunction.apply(
                 x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
             )
             return out, tuple(moments)
-        if (lay := fast_group.layout(x, mask, weight, bias, args.dims)) is not None:
-            return fast_group.GroupNormFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
+        if (lay := masked_positions.layout(x, mask, weight, bias, args.dims)) is not None:
+            return masked_positions.GroupNormFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
                                                       args.center, args.masked), None
     elif _compiling_with_ops(x) and (routed := fast_ops.traced(x, mask, weight, bias, args)) is not None:
         return routed

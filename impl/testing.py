@@ -3,13 +3,13 @@
     check(fn, Semantics(dim=-1, ...)) -> Report;  assert_conforms(...) raises with the report
     weight_norm_errors(w, grad_v, grad_g, v, g, grad_w, mask, dim, dtype=...) -> (forward, gradient) in u
     check_padding_invariance(model, x, lengths, ...) -> InvarianceReport   (a whole model; torch only,
-    also importable as masknorm.invariance without the extras)
+    also importable as masknorm.models.invariance without the extras)
 
 Re-exports masknorm.reference.oracle and its strategies (needs the `verify`
 extras: mpmath, hypothesis); `import masknorm` alone never imports this module.
 """
 
-from masknorm.invariance import InvarianceReport, check_padding_invariance
+from masknorm.models.invariance import InvarianceReport, check_padding_invariance
 from masknorm.reference import oracle
 from masknorm.reference.oracle import (
     FORWARD_BOUND,

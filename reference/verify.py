@@ -22,24 +22,17 @@ with the reason. A summary gives the worst errors per dtype.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from masknorm import masked_norm
 from masknorm.fast import backend as fast_backend
-from masknorm_cli import parsers
-from masknorm._native import describe
 from masknorm.reference.derivatives import vjp
 from masknorm.reference.error import kappa, unit_roundoff
 from masknorm.reference.forward import masked_norm as reference_norm
-from masknorm.reference import verify_weight_norm
 from masknorm.reference.oracle.compare import forward_error, normwise_error
 
 # Worst over `masknorm verify --thorough` on 2026-11-21 (torch 2.13 CPU): forward 3.4, gradient 3.9.
@@ -151,64 +144,3 @@ def worst_per_dtype(rows: Sequence[Row]) -> List[str]:
             lines.append(f"  {dtype:<9} forward {max(r.forward for r in ran):.3g}, gradient "
                          f"{max(r.gradient for r in ran):.3g} u*kappa over {len(ran)} cases")
     return lines
-
-def _progress(line: str) -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write(f"\r\033[K{line}")
-    else:
-        sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
-def _spec_is_current(rederive: bool) -> bool:
-    """The generated spec files are what the derivation writes: by the recorded fingerprint when it
-    still holds (milliseconds), else (or with --rederive) by re-deriving with sympy (`derive --check`)."""
-    from masknorm.spec import fingerprint
-
-    reasons = ["--rederive"] if rederive else fingerprint.stale()
-    if not reasons:
-        record = fingerprint.recorded()
-        print(f"spec: {', '.join(fingerprint.GENERATED)} match the recorded derivation (sources "
-              f"{record['sources'][:12]}, sympy {record['sympy']}); not re-derived (`--rederive` forces it)",
-              flush=True)
-        return True
-    from masknorm.spec.derive import main as derive_main
-
-    print(f"spec: re-deriving ({'; '.join(reasons)}): masknorm derive --check", flush=True)
-    if derive_main(["--check"]) != 0:
-        print("FAIL: the committed derivations differ from the spec", flush=True)
-        return False
-    return True
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parsers.verify().parse_args(argv)
-    start = time.perf_counter()
-    if not args.skip_derive and not _spec_is_current(args.rederive):
-        return 1
-    if args.backend == "triton":
-        if os.environ.setdefault("TRITON_INTERPRET", "1") == "1":
-            print("backend triton: the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1)",
-                  flush=True)
-        families = run(args.thorough, _progress, "triton")
-        skipped = Row("weight_norm", float("nan"), float("nan"), skipped="not a normalization the kernels run")
-        rows = families + [skipped]
-    else:
-        print(f"torch implementation: {describe()}", flush=True)
-        families = run(args.thorough, _progress, args.backend)
-        rows = families + [Row(*case) for case in verify_weight_norm.run(args.thorough, _progress)]
-    _progress("")
-    print(f"\n{'family / policy / dtype / seed':<37} {'forward u*kappa':>16} {'gradient u*kappa':>17}  result")
-    for row in rows:
-        figures = f"{'-':>16} {'-':>17}" if row.skipped else f"{row.forward:>16.3g} {row.gradient:>17.3g}"
-        print(f"{row.case:<37} {figures}  {row.result}")
-    print("\nworst per dtype (families):\n" + "\n".join(worst_per_dtype(families)))
-    failed = sum(not r.passed for r in rows)
-    skipped = sum(bool(r.skipped) for r in rows)
-    print(f"\n{len(rows) - failed - skipped} passed, {failed} failed, {skipped} skipped (bounds: forward "
-          f"{FORWARD_BOUND}, gradient {GRADIENT_BOUND} u*kappa) in {time.perf_counter() - start:.1f} s")
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

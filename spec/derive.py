@@ -4,14 +4,11 @@ elsewhere)."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Optional, TypeVar
 
-from masknorm.spec import derivation, expansion, fingerprint, render, weight_norm
-from masknorm_cli import parsers
+from masknorm.spec import derivation, expansion, render, weight_norm
 
 SPEC_DIR = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -32,7 +29,7 @@ def _progress(size: int) -> Callable[[int, int], None]:
     return report
 
 
-def _checkout_spec_dir() -> Optional[Path]:
+def checkout_spec_dir() -> Optional[Path]:
     """spec/ when masknorm runs from a checkout (pyproject.toml beside it), None from a wheel install."""
     return SPEC_DIR if (SPEC_DIR.parent / "pyproject.toml").is_file() else None
 
@@ -60,41 +57,5 @@ def derive() -> render.Results:
     return render.Results(forms, checks, tuple(expansions), weight_norm_forms, weight_norm_expansions)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry of `masknorm derive`; 0 on success, 1 when --check finds a file that differs."""
-    args = parsers.derive().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.out is None:
-        args.out = SPEC_DIR if args.check else _checkout_spec_dir()
-    if args.out is None:
-        print(f"masknorm derive: masknorm is installed as a package ({SPEC_DIR}); it writes into a checkout only. "
-              "Pass --out DIR to write the generated files there, or --check to compare.", file=sys.stderr)
-        return 2
-    start = time.perf_counter()
-    print("masknorm derive:")
-    results = derive()
-    forms = len(results.forms) + len(results.weight_norm_forms)
-    identities = sum(e.identities for e in results.expansions + results.weight_norm_expansions)
-    print(f"  {forms} closed forms, {len(results.generic_checks)} generic checks, {identities} expanded identities "
-          f"in {time.perf_counter() - start:.2f} s")
-    generated = render.files(results)
-    if args.check:
-        differing = [name for name, text in sorted(generated.items()) if _read(args.out / name) != text]
-        for name in differing:
-            print(f"masknorm derive --check: {args.out / name} differs from the derivation "
-                  "(run `masknorm derive`)", file=sys.stderr)
-        if not differing:
-            print(f"  up to date: {', '.join(sorted(generated))}")
-            if fingerprint.current(generated) != fingerprint.recorded(args.out):
-                print(f"  (the fingerprint in {args.out / fingerprint.RECORD} is not current: `masknorm derive` "
-                      "records it, so that `masknorm verify` can skip re-deriving)")
-        return 1 if differing else 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in sorted(generated.items()):
-        (args.out / name).write_text(text, encoding="utf-8")
-        print(f"  wrote {args.out / name}")
-    print(f"  wrote {fingerprint.write(args.out, generated)}")
-    return 0
-
-
-def _read(path: Path) -> Optional[str]:
+def read_generated(path: Path) -> Optional[str]:
     return path.read_text(encoding="utf-8") if path.is_file() else None

@@ -11,7 +11,7 @@ of all the values together are
 
 `masknorm prove` (theorem parallel_merge) proves both equal the concatenated values' statistics for
 generic sizes. Plain arithmetic on sequences (Python's sum), so the same code runs on sympy symbols,
-mpmath numbers and torch tensors stacked per process (masknorm._merge, masknorm.reference.merge);
+mpmath numbers and torch tensors stacked per process (masknorm.modules._merge, masknorm.reference.merge);
 k > 0 is the caller's to ensure (the rule divides by it).
 """
 

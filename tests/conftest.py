@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from hypothesis import HealthCheck, settings
 
@@ -21,9 +22,9 @@ settings.register_profile("thorough", max_examples=1000, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 SLOW = {
-    "test_spec_derive.py", "test_check_cli.py", "test_proofs_cli.py", "test_bench_cli.py", "test_oracle_bugs.py",
+    "test_spec_derive.py", "test_cli_check.py", "test_cli_prove.py", "test_cli_bench.py", "test_oracle_bugs.py",
     "test_oracle_conformance.py", "test_modules_compile.py", "test_impl_compiled.py", "test_impl_deployed.py",
-    "test_impl_at_scale.py", "test_sync_batch_norm.py", "test_models_transformers.py", "test_fast_ops.py",
+    "test_impl_at_scale.py", "test_modules_sync_batch_norm.py", "test_models_transformers.py", "test_fast_ops.py",
     "test_portability.py",
     "test_oracle_parts.py::test_strategies_reach_the_edge_cases",
     "test_spec_expansion.py::test_generic_closed_forms_equal_the_expansion",
@@ -44,3 +45,12 @@ def pytest_collection_modifyitems(config, items):
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = [item for item in items if not item.get_closest_marker("thorough")]
+
+
+@pytest.fixture
+def compile_strictly():
+    """Recompiles are errors within the test (no silent fallback to eager at the recompile limit)."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=10_000, fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()

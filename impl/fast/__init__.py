@@ -1,4 +1,4 @@
-"""The fast paths: fused kernels (impl/kernels/, built by masknorm._native) and host-synced range
+"""The fast paths: fused kernels (impl/fast/kernels/, built by masknorm.fast.native) and host-synced range
 checks, for the layouts where they apply. functional._normalize reaches each in one hop.
 
 group: groups x positions with one validity flag per (sample, position): group and instance

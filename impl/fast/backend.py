@@ -1,7 +1,7 @@
 """The backend choice of masked_norm: "auto", "torch" or "triton", without importing triton.
 
 "torch": the CPU fast paths and the general path (torch's kernels), as before Triton existed here.
-"triton": the Triton kernels of masknorm.fast.triton_token; a call they cannot run raises (a
+"triton": the Triton kernels of masknorm.fast.triton_padded_rows; a call they cannot run raises (a
 ValueError naming what is unsupported, an ImportError without triton), never falls back.
 "auto": "torch", for now: the Triton kernels have run only under Triton's interpreter, never on a
 GPU, and a default must not be code that has never run where it would run. Once they are tested
@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
-MAX_D = 65536  # masknorm.fast.triton_token.MAX_D (kept here so that checking needs no triton)
+MAX_D = 65536  # masknorm.fast.triton_padded_rows.MAX_D (kept here so that checking needs no triton)
 
 
 def check_backend(backend: str) -> None:
@@ -81,13 +81,13 @@ def run(x, mask, weight, bias, dims: Sequence[int], correction: int, eps: float,
         raise ValueError(f"backend='triton' cannot run this call: {reason}")
     if not installed():
         raise ImportError("backend='triton' needs triton: pip install 'masknorm[gpu]'")
-    from masknorm.fast import triton_token
+    from masknorm.fast import triton_padded_rows
 
-    if x.device.type == "cpu" and not triton_token.interpreted():
+    if x.device.type == "cpu" and not triton_padded_rows.interpreted():
         raise ValueError("backend='triton' on CPU tensors: TRITON_INTERPRET=1 was set after masknorm's Triton "
                          "kernels were defined; set it before the first call")
     ndims = len(dims)
     keepdim = (*x.shape[: x.dim() - ndims], *[1] * ndims)
     valid = torch.ones(keepdim, dtype=torch.bool, device=x.device) if mask is None else mask.expand(keepdim)
-    return triton_token.TritonTokenNormFunction.apply(x, valid, mask, weight, bias, ndims, correction, eps, center,
+    return triton_padded_rows.TritonTokenNormFunction.apply(x, valid, mask, weight, bias, ndims, correction, eps, center,
                                                       masked)

@@ -6,9 +6,9 @@ backward is another custom op. A tracer sees one opaque call; the implementation
 real tensors, so the host-synced range checks (groups redone with the general statistics) stay
 inside it. Results are those of the eager fast path, bit for bit: both call the same functions.
 
-    masknorm::group_norm(x, mask, weight, bias, layout, ...) -> (out, mean, rstd, state)   fast.group
-    masknorm::channel_norm(x, mask, weight, bias, ...) -> (out, 3 moments, 5 for backward)  fast.channel
-    masknorm::padded_layer_norm(x, mask, weight, bias, ndims, ...) -> (out, mean, rstd, redo)  fast.token (layer, RMS)
+    masknorm::group_norm(x, mask, weight, bias, layout, ...) -> (out, mean, rstd, state)   fast.masked_positions
+    masknorm::channel_norm(x, mask, weight, bias, ...) -> (out, 3 moments, 5 for backward)  fast.per_channel
+    masknorm::padded_layer_norm(x, mask, weight, bias, ndims, ...) -> (out, mean, rstd, redo)  fast.padded_rows (layer, RMS)
     masknorm::<each>_backward(g_out, x, mask, weight, bias, <what the forward saved>, ...) -> (gx, gw, gb)
 
 The backward recomputes the redone groups' general statistics from x (a rare case) rather than
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from masknorm._autograd import compute_dtype
 from masknorm._contract import NormArgs
-from masknorm.fast import channel as fast_channel, group as fast_group, token as fast_token
+from masknorm.fast import masked_positions, padded_rows, per_channel
 
 
 def _register(op, backward_op, saved_from: int) -> None:
@@ -83,15 +83,15 @@ def group_norm(
     x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], layout: List[int],
     correction: int, eps: float, center: bool, masked: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """fast.group's forward on x viewed by Layout(*layout): (out, per-group mean, rstd, state)."""
-    lay = fast_group.of_spec(layout, x.shape)
-    out, _, mean, rstd, state, _ = fast_group.fused_forward(x, mask, weight, bias, lay, correction, eps, center, masked)
+    """fast.masked_positions's forward on x viewed by Layout(*layout): (out, per-group mean, rstd, state)."""
+    lay = masked_positions.of_spec(layout, x.shape)
+    out, _, mean, rstd, state, _ = masked_positions.fused_forward(x, mask, weight, bias, lay, correction, eps, center, masked)
     return out.contiguous(), _own(mean), _own(rstd), _own(state)
 
 
 @group_norm.register_fake
 def _group_norm_fake(x, mask, weight, bias, layout, correction, eps, center, masked):
-    B, G, _, _ = fast_group.of_spec(layout, x.shape).sizes()
+    B, G, _, _ = masked_positions.of_spec(layout, x.shape).sizes()
     acc = compute_dtype(x.dtype)
     return (x.new_empty(x.shape), x.new_empty((B, G), dtype=acc), x.new_empty((B, G), dtype=acc),
             x.new_empty((B, G), dtype=torch.int8))
@@ -103,12 +103,12 @@ def group_norm_backward(
     rstd: Tensor, state: Tensor, layout: List[int], correction: int, eps: float, center: bool, masked: str,
     want_w: bool, want_b: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """fast.group's backward: (grad x, grad weight or empty, grad bias or empty)."""
-    lay = fast_group.of_spec(layout, x.shape)
+    """fast.masked_positions's backward: (grad x, grad weight or empty, grad bias or empty)."""
+    lay = masked_positions.of_spec(layout, x.shape)
     m2 = lay.mask2(mask)
-    redone = fast_group.redone_stats(x, mask, lay, m2, mean, rstd, state, correction, eps, center)
+    redone = masked_positions.redone_stats(x, mask, lay, m2, mean, rstd, state, correction, eps, center)
     bias_shape = None if bias is None else (bias.shape, bias.dtype)
-    gx, gw, gb = fast_group.fused_backward(g_out, x, mask, weight, bias_shape, lay, m2, mean, rstd, state, redone,
+    gx, gw, gb = masked_positions.fused_backward(g_out, x, mask, weight, bias_shape, lay, m2, mean, rstd, state, redone,
                                            correction, center, masked, want_w, want_b)
     return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
 
@@ -121,11 +121,11 @@ def channel_norm(
     x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], correction: int, eps: float,
     masked: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """fast.channel's forward: (out, the batch's mean, unbiased variance and count per channel, then
+    """fast.per_channel's forward: (out, the batch's mean, unbiased variance and count per channel, then
     what the backward needs: var, shift, inv_s, the redone channels (all False if none) and the
     padding bound (0-d float64))."""
     dims = _channel_dims(x)
-    out, var, st, bound, redo, moments = fast_channel.fused_forward(x, mask, weight, bias, dims, correction, eps,
+    out, var, st, bound, redo, moments = per_channel.fused_forward(x, mask, weight, bias, dims, correction, eps,
                                                                     masked)
     redo = torch.zeros_like(st.degenerate) if redo is None else redo
     return (out.contiguous(), *map(_own, moments), _own(var), _own(st.shift_scaled), _own(st.inv_s), _own(redo),
@@ -147,12 +147,12 @@ def channel_norm_backward(
     shift: Tensor, inv_s: Tensor, redo: Tensor, bound: Tensor, correction: int, eps: float, masked: str,
     want_w: bool, want_b: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """fast.channel's backward: (grad x, grad weight or empty, grad bias or empty)."""
+    """fast.per_channel's backward: (grad x, grad weight or empty, grad bias or empty)."""
     dims = _channel_dims(x)
     redo = redo if bool(redo.any()) else None
-    st = fast_channel.stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
+    st = per_channel.stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
     bias_shape = None if bias is None else (bias.shape, bias.dtype)
-    gx, gw, gb = fast_channel.fused_backward(g_out, x, mask, weight, bias_shape, var, float(bound), st, redo,
+    gx, gw, gb = per_channel.fused_backward(g_out, x, mask, weight, bias_shape, var, float(bound), st, redo,
                                              (dims, correction, eps, True, masked), want_w, want_b)
     return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
 
@@ -169,9 +169,9 @@ def padded_layer_norm(
     x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], ndims: int, eps: float,
     center: bool, masked: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """fast.token's forward over the last ndims axes: (out, per-group mean, rstd, the redone groups
+    """fast.padded_rows's forward over the last ndims axes: (out, per-group mean, rstd, the redone groups
     (all False if none)), the statistics in keepdim shape and x's computation dtype."""
-    out, st, _, _, redo = fast_token.fused_forward(x, mask, weight, bias, ndims, eps, center, masked)
+    out, st, _, _, redo = padded_rows.fused_forward(x, mask, weight, bias, ndims, eps, center, masked)
     redo = torch.zeros_like(st.degenerate) if redo is None else redo
     return out.contiguous(), _own(st.shift_scaled), _own(st.inv_s), _own(redo)
 
@@ -189,12 +189,12 @@ def padded_layer_norm_backward(
     g_out: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
     rstd: Tensor, redo: Tensor, ndims: int, eps: float, center: bool, masked: str, want_w: bool, want_b: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """fast.token's backward: (grad x, grad weight or empty, grad bias or empty)."""
+    """fast.padded_rows's backward: (grad x, grad weight or empty, grad bias or empty)."""
     redo = redo if bool(redo.any()) else None
-    st = fast_token.stats_again(x, mask, ndims, eps, center, mean, rstd, redo)
-    kernel, padded = fast_token.kernel_and_padding(x, mask, ndims)
+    st = padded_rows.stats_again(x, mask, ndims, eps, center, mean, rstd, redo)
+    kernel, padded = padded_rows.kernel_and_padding(x, mask, ndims)
     bias_shape = None if bias is None else (bias.shape, bias.dtype)
-    gx, gw, gb = fast_token.fused_backward(g_out, x, mask, weight, bias_shape, st, redo, padded, kernel,
+    gx, gw, gb = padded_rows.fused_backward(g_out, x, mask, weight, bias_shape, st, redo, padded, kernel,
                                            tuple(range(x.dim() - ndims, x.dim())), center, masked,
                                            (True, False, want_w, want_b))
     return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
@@ -207,12 +207,12 @@ def traced(x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Op
     """(out, moments) through the operator of the fast path that eager mode would take, or None for
     the general path. Called while torch.compile traces: every test is on shapes, dtypes and
     Python arguments (guards), none reads data or turns a size into an int."""
-    if fast_token.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
+    if padded_rows.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
         return padded_layer_norm(x, mask, weight, bias, len(args.dims), args.eps, args.center, args.masked)[0], None
-    if fast_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
+    if per_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
         out, *moments = channel_norm(x, mask, weight, bias, args.correction, args.eps, args.masked)[:4]
         return out, tuple(moments)
-    lay = fast_group.layout(x, mask, weight, bias, args.dims)
+    lay = masked_positions.layout(x, mask, weight, bias, args.dims)
     if lay is None:
         return None
     out = group_norm(x, mask, weight, bias, lay.spec(), args.correction, args.eps, args.center,

@@ -11,7 +11,7 @@ from masknorm._contract import broadcasts_onto
 from masknorm.functional import masked_norm
 from masknorm.modules._masks import check_mask_tensor, check_policy, valid_mask
 from masknorm.modules._validate import check_correction, check_eps, check_flag
-from masknorm.pattern import Layout, check_sizes, parse_axes, parse_pattern, resolve
+from masknorm.modules._pattern import Layout, check_sizes, parse_axes, parse_pattern, resolve
 
 
 class MaskedNorm(nn.Module):

@@ -3,7 +3,7 @@
 Training, with an initialized process group of more than one process (any backend, CPU included):
 
     forward   each process computes per channel (k, mu, sqrt(M2)) of its valid values (float64,
-              masknorm._merge.local_moments); ONE all_gather exchanges them, with two header entries
+              masknorm.modules._merge.local_moments); ONE all_gather exchanges them, with two header entries
               (the `masked` policy, x's rank); every process merges them by counts
               (merge_moments, Chan et al.) and normalizes its own x with the global statistics
     backward  the closed-form VJP of masked_norm with sum_P g and sum_P g*y_hat all-reduced
@@ -32,7 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from masknorm._autograd import GroupStats, affine, as_dtype, compose, compute_dtype, general_vjp, normalized, regions
 from masknorm._contract import POLICIES
-from masknorm._merge import ACCUMULATE, LocalMoments, MergedMoments, local_moments, merge_moments
+from masknorm.modules._merge import ACCUMULATE, LocalMoments, MergedMoments, local_moments, merge_moments
 from masknorm._stats import exponent_bounds
 from masknorm.modules._masks import channel_view, valid_mask
 from masknorm.modules._norm_base import bias_kwarg

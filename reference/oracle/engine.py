@@ -6,7 +6,7 @@ cap on shrinking that does not depend on the machine's speed.
     156 calls); while `controlled` is active no local constant is used. Shrinking stops after a
     number of successful shrinks (deterministic: a time limit made the shrunk example depend on the
     load), with a time limit only as a safety net. These knobs are hypothesis internals (checked
-    with hypothesis 6.170); tests/test_oracle_options.py fails if they move.
+    with hypothesis 6.170); tests/oracle/test_oracle_options.py fails if they move.
 """
 
 from __future__ import annotations

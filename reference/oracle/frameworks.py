@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import numpy as np
 import torch
-from masknorm_cli.parsers import CHECK_FRAMEWORKS as NAMES  # one definition, torch-free for --help
+NAMES = ("torch", "numpy", "jax", "keras")
 
 
 class Framework:

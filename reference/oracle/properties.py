@@ -9,7 +9,7 @@ square root, NaN leaking from padding) changes the output by a relative O(1), i.
 units (~1e16 in float64, ~1e7 in float32). 64 is 16x the worst honest implementation measured and
 far below any such bug. In bfloat16 1/u is only 256: there only relative errors above 1/4 fail.
 Measured 2026-11-21 (torch 2.13 CPU), worst over 60 hypothesis examples per property, the families
-and wrappers of tests/test_oracle_conformance.py:
+and wrappers of tests/oracle/test_oracle_conformance.py:
     masknorm.masked_norm, 6 families x 3 policies x float64/float32/bfloat16:  forward 3.97, gradient 3.68
       (except the batch-norm fast path's NaN gradient at huge padding, a bug, see that test file)
     torch F.layer_norm / rms_norm / group_norm / batch_norm, float64/float32:    forward 4.0,  gradient 3.99

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 from typing import Sequence, Tuple, Union
 
 from masknorm._contract import check_args
-from masknorm_cli.parsers import CHECK_DEGENERATE
 
-DEGENERATE = CHECK_DEGENERATE  # defined with the command line, torch-free
+DEGENERATE = ("passthrough", "zero", "nan", "unchecked")
 
 
 @dataclass(frozen=True)

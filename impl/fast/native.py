@@ -1,0 +1,154 @@
+"""The fused CPU kernels (kernels/*.cpp, one library), built on first use or by `masknorm build`.
+
+torch's own kernels need extra passes for padding (see fast.padded_rows); the token layer-norm kernel
+normalizes a valid row, copies a padded one and sums the weight and bias gradients over valid rows,
+in one pass over memory each way. torch.utils.cpp_extension compiles every kernels/*.cpp into one
+library the first time a CPU layer norm needs it (with a C++ compiler, ninja and setuptools: the
+`fast` extra), announcing it on stderr; `masknorm build` does it ahead of time (a container image's
+build step). _kernel_cache says where the build is kept and how a killed build is recovered from.
+If it cannot be built, masknorm warns once, naming the cause, and uses torch's kernels.
+
+MASKNORM_KERNELS: unset/auto (build if possible), 0/false/off/no (torch's kernels only),
+1/true/on/yes (a failed build is an error, on every call). Anything else is a ValueError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from masknorm.fast import kernel_cache
+
+BUILD_S, BUILD_CPU_S = 60, 60  # the first build on a 2-core AVX2 machine, wall and CPU (README, "Set-up"): 23-134 s, 40-66 s
+_OFF, _ON = {"0", "false", "off", "no"}, {"1", "true", "on", "yes"}
+
+
+class _State:
+    lock = threading.Lock()
+    ops: Optional[object] = None
+    tried = False
+    why_not = ""
+    error: Optional[BaseException] = None
+    enabled: Optional[bool] = None  # None: as MASKNORM_KERNELS says; kernels() overrides it
+
+
+def mode() -> str:
+    """MASKNORM_KERNELS read as "off", "auto" or "required"."""
+    raw = os.environ.get("MASKNORM_KERNELS", "")
+    value = raw.strip().lower()
+    if value in ("", "auto"):
+        return "auto"
+    if value in _OFF:
+        return "off"
+    if value in _ON:
+        return "required"
+    raise ValueError(f"MASKNORM_KERNELS must be auto, one of {sorted(_ON)} (a failed build is an error) or one of "
+                     f"{sorted(_OFF)} (torch's kernels only); got {raw!r}")
+
+
+def _wanted() -> str:
+    """mode(), unless kernels() overrides it."""
+    if _State.enabled is None:
+        return mode()
+    return "auto" if _State.enabled else "off"
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def announce() -> None:
+    say(f"masknorm: building masknorm's CPU kernel, once, about {BUILD_S} s ({BUILD_CPU_S} s of CPU; into "
+         f"{kernel_cache.library().parent}; `masknorm build` does it ahead of time)")
+
+
+def _build() -> object:
+    kernel_cache.obtain(announce, say)
+    return torch.ops.masknorm
+
+
+def cause(error: BaseException) -> str:
+    """One line naming why a build failed: the compiler's error line, not the ninja command's first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for pattern in (r"\berror\b:", r"not found|No such file|Permission denied|cannot|ninja"):
+        found = next((line for line in lines if re.search(pattern, line, re.IGNORECASE)), None)
+        if found:
+            return f"{type(error).__name__}: {found}"
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel for the first caller outside masknorm and torch: the user's call."""
+    skip = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _required_error() -> RuntimeError:
+    error = RuntimeError(f"masknorm: the fused CPU kernel could not be built ({_State.why_not}) and "
+                         "MASKNORM_KERNELS requires it")
+    error.__cause__ = _State.error
+    return error
+
+
+def token_ops() -> Optional[object]:
+    """torch.ops.masknorm (token_layer_norm and its backward) when the kernel is on and built, else None."""
+    wanted = _wanted()
+    if wanted == "off":
+        return None
+    if not _State.tried:
+        with _State.lock:
+            if not _State.tried:
+                try:
+                    _State.ops = _build()
+                except Exception as error:  # no compiler, no ninja, a failed build: torch's kernels do the work
+                    _State.why_not, _State.error = cause(error), error
+                    if wanted != "required":
+                        warnings.warn(f"masknorm: the fused CPU kernel could not be built ({_State.why_not}); "
+                                      "using torch's kernels", RuntimeWarning, stacklevel=_user_stacklevel())
+                _State.tried = True
+    if _State.ops is None and wanted == "required":
+        raise _required_error()
+    return _State.ops
+
+
+def available() -> bool:
+    """token_ops() is not None; torch.compile calls it eagerly and takes the answer as a constant
+    (a build or a lock is nothing a tracer can follow)."""
+    return token_ops() is not None
+
+
+# What torch.compiler.assume_constant_result(available) sets, without its import of torch._dynamo
+# (and sympy) at `import masknorm`: measured 3 s -> 7 s. tests/fast/test_fast_ops.py checks that the
+# public decorator still marks a function this way and nothing more.
+available._dynamo_marked_constant = True
+
+
+@contextlib.contextmanager
+def kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, use the fused kernel (if it builds) or torch's kernels only."""
+    before = _State.enabled
+    _State.enabled = enabled
+    try:
+        yield
+    finally:
+        _State.enabled = before
+
+
+def describe() -> str:
+    """One line for command-line headers: whether the fused kernel is in use."""
+    if _wanted() == "off":
+        return "fused CPU kernel: off (MASKNORM_KERNELS), torch's kernels"
+    if token_ops() is None:
+        return f"fused CPU kernel: unavailable ({_State.why_not}), torch's kernels"
+    return f"fused CPU kernel: on ({torch.backends.cpu.get_cpu_capability()})"
