@@ -203,12 +203,18 @@ def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b
 def saved_jvp(ctx, x_dot, weight_dot, bias_dot):
     """The output tangent (x's dtype) of a fast path's autograd.Function that saved (x, mask, weight,
     *GroupStats) for forward and keeps ctx.config = (dims, correction, eps, center, masked):
-    masked_norm_jvp in x's computation dtype with the statistics the forward computed."""
+    stats_jvp with the statistics the forward computed."""
     x, mask, weight, *saved = ctx.saved_tensors
-    dims, _, _, center, masked = ctx.config
+    return stats_jvp(x, mask, weight, GroupStats(*saved), ctx.config, x_dot, weight_dot, bias_dot)
+
+
+def stats_jvp(x, mask, weight, st: GroupStats, config, x_dot, weight_dot, bias_dot):
+    """masked_norm_jvp in x's computation dtype with the statistics st, as x's dtype; config =
+    (dims, correction, eps, center, masked)."""
+    dims, _, _, center, masked = config
     ct = compute_dtype(x.dtype)
     y_dot = masked_norm_jvp(x.to(ct), x_dot.to(ct), mask, _cast(weight, ct), _cast(weight_dot, ct),
-                            _cast(bias_dot, ct), GroupStats(*saved), dims, center, masked)
+                            _cast(bias_dot, ct), st, dims, center, masked)
     return y_dot.to(x.dtype)
 
 

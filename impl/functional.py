@@ -11,8 +11,7 @@ from torch._subclasses.fake_tensor import is_fake
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
 from masknorm._contract import check_args
 from masknorm._tracing import exporting
-from masknorm.fast import backend as fast_backend, masked_positions, ops as fast_ops, per_channel
-from masknorm.fast import padded_rows
+from masknorm.fast import backend as fast_backend, dispatch
 
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -121,21 +120,9 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
     if fast_backend.wanted(backend, traced=not eager):
         return fast_backend.run(x, mask, weight, bias, args.dims, args.correction, args.eps, args.center,
                                 args.masked), None
-    if eager:
-        if padded_rows.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
-            out = padded_rows.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
-                                                          args.masked)
-            return out, None
-        if per_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
-            out, *moments = per_channel.ChannelNormFunction.apply(
-                x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
-            )
-            return out, tuple(moments)
-        if (lay := masked_positions.layout(x, mask, weight, bias, args.dims)) is not None:
-            return masked_positions.GroupNormFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
-                                                      args.center, args.masked), None
-    elif _compiling_with_ops(x) and (routed := fast_ops.traced(x, mask, weight, bias, args)) is not None:
-        return routed
+    column = "eager" if eager else ("compiled" if _compiling_with_ops(x) else None)
+    if column is not None and (route := dispatch.route(x, mask, weight, bias, args)) is not None:
+        return dispatch.run(column, route, x, mask, weight, bias, args)
     function = MaskedNormFunction if torch.compiler.is_compiling() else MaskedNormFunctionWithJvp
     out, *_stats = function.apply(
         x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from masknorm._autograd import compute_dtype
-from masknorm._contract import NormArgs
 from masknorm.fast import masked_positions, padded_rows, per_channel
 
 
@@ -202,19 +201,3 @@ def padded_layer_norm_backward(
 
 _register(padded_layer_norm, padded_layer_norm_backward, saved_from=1)
 
-
-def traced(x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], args: NormArgs):
-    """(out, moments) through the operator of the fast path that eager mode would take, or None for
-    the general path. Called while torch.compile traces: every test is on shapes, dtypes and
-    Python arguments (guards), none reads data or turns a size into an int."""
-    if padded_rows.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
-        return padded_layer_norm(x, mask, weight, bias, len(args.dims), args.eps, args.center, args.masked)[0], None
-    if per_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
-        out, *moments = channel_norm(x, mask, weight, bias, args.correction, args.eps, args.masked)[:4]
-        return out, tuple(moments)
-    lay = masked_positions.layout(x, mask, weight, bias, args.dims)
-    if lay is None:
-        return None
-    out = group_norm(x, mask, weight, bias, lay.spec(), args.correction, args.eps, args.center,
-                     args.masked)[0]
-    return out, None

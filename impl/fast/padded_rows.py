@@ -26,10 +26,12 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd import forward_ad
 
 from masknorm.fast import native
 from masknorm._autograd import (
     _cast, compose, compute_dtype, general_vjp, masked_norm_vjp, needs_general_backward, redo_groups, regions, saved_jvp,
+    stats_jvp,
 )
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 
@@ -63,7 +65,7 @@ def applies(
     )
 
 
-def _kernel(x: torch.Tensor):
+def kernel_for(x: torch.Tensor):
     """The fused CPU kernel's ops for x, or None (not on CPU, empty, or the kernel is not built)."""
     return native.token_ops() if x.device.type == "cpu" and x.numel() > 0 else None
 
@@ -155,7 +157,7 @@ def _valid(x: torch.Tensor, mask: Optional[torch.Tensor], ndims: int) -> torch.T
 
 def kernel_and_padding(x: torch.Tensor, mask: Optional[torch.Tensor], ndims: int):
     """(the fused CPU kernel, None), or (None, the padded rows) where torch's kernels do the work."""
-    kernel = _kernel(x)
+    kernel = kernel_for(x)
     return kernel, (None if kernel is not None else PaddedRows(_valid(x, mask, ndims).reshape(-1)))
 
 
@@ -312,37 +314,71 @@ def fused_backward(g_out, x, mask, weight, bias_shape, st: GroupStats, redo, pad
     return gx, gw, gb
 
 
+def one_call(x, mask, weight, bias, ndims: int, eps: float, center: bool, masked: str) -> Optional[torch.Tensor]:
+    """The output of one fused-kernel call (padded_rows_norm) where no autograd is recorded (no
+    gradient wanted, no forward-mode AD), or None: then TokenLayerNormFunction runs, or the kernel
+    flagged a row as inaccurate (TokenLayerNormFunction redoes it)."""
+    if forward_ad._current_level >= 0 or (torch.is_grad_enabled() and (
+            x.requires_grad or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad))):
+        return None
+    y, _, _, inaccurate = native.token_ops().padded_rows_norm(x, mask, weight, bias, ndims, eps, center, masked == "zero")
+    return None if inaccurate.item() else y
+
+
 class TokenLayerNormFunction(torch.autograd.Function):
     """The fused-kernel twin of MaskedNormFunction.
 
-    Groups where the fused kernel is inaccurate are redone with the general statistics (a host
-    sync decides whether any are); every group's result depends on its own values only. The
-    statistics, and the redone groups' arithmetic, are in x's computation dtype (float32 for
-    float16/bfloat16).
+    On the CPU kernel, one call (padded_rows_norm) normalizes and checks accuracy; if it flags no
+    row, that is the forward (ctx.lean), and the backward is one call too. Otherwise groups where
+    the fused kernel is inaccurate are redone with the general statistics (a host sync decides
+    whether any are); every group's result depends on its own values only. The statistics, and
+    the redone groups' arithmetic, are in x's computation dtype (float32 for float16/bfloat16).
     """
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, ndims, eps, center, masked):
-        out, st, ctx.padded, ctx.kernel, redo = fused_forward(x, mask, weight, bias, ndims, eps, center, masked)
         ctx.config = (tuple(range(x.dim() - ndims, x.dim())), 0, eps, center, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
+        ctx.lean = kernel_for(x) is not None
+        if ctx.lean:
+            y, mean, rstd, inaccurate = native.token_ops().padded_rows_norm(x, mask, weight, bias, ndims, eps, center,
+                                                                     masked == "zero")
+            ctx.lean = not inaccurate.item()
+            if ctx.lean:
+                ctx.save_for_backward(x, mask, weight, mean, rstd)
+                ctx.save_for_forward(x, mask, weight, mean, rstd)
+                return y
+        out, st, ctx.padded, ctx.kernel, redo = fused_forward(x, mask, weight, bias, ndims, eps, center, masked)
         ctx.save_for_backward(x, mask, weight, redo, *st)
         ctx.save_for_forward(x, mask, weight, *st)
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        x, mask, weight, redo, *saved = ctx.saved_tensors
         dims, _, _, center, masked = ctx.config
         want = ctx.needs_input_grad
         nones = (None,) * 4
         if needs_general_backward(g_out):
+            x, mask, weight = ctx.saved_tensors[:3]
             gx, gw, gb = general_vjp(g_out, x, mask, weight, ctx.bias_shape, ctx.config, want)
             return gx, None, gw, gb, *nones
-        gx, gw, gb = fused_backward(g_out, x, mask, weight, ctx.bias_shape, GroupStats(*saved), redo, ctx.padded,
-                                    ctx.kernel, dims, center, masked, want)
+        if ctx.lean:
+            x, mask, weight, mean, rstd = ctx.saved_tensors
+            gx, gw, gb = native.token_ops().padded_rows_norm_backward(g_out, x, mask, mean, rstd, weight, len(dims), center,
+                                                               masked == "zero")
+            gw = gw.view(weight.shape) if want[2] else None
+            gb = gb.view(ctx.bias_shape[0]) if want[3] else None
+        else:
+            x, mask, weight, redo, *saved = ctx.saved_tensors
+            gx, gw, gb = fused_backward(g_out, x, mask, weight, ctx.bias_shape, GroupStats(*saved), redo, ctx.padded,
+                                        ctx.kernel, dims, center, masked, want)
         return (gx if want[0] else None), None, gw, gb, *nones
 
     @staticmethod
     def jvp(ctx, x_dot, _mask_dot, weight_dot, bias_dot, *_config_dots):
+        if ctx.lean:
+            x, mask, weight, mean, rstd = ctx.saved_tensors
+            st = _stats(x, mask, len(ctx.config[0]), mean, rstd)
+            return stats_jvp(x, mask, weight, st, ctx.config, x_dot, weight_dot, bias_dot)
         return saved_jvp(ctx, x_dot, weight_dot, bias_dot)

@@ -14,6 +14,13 @@
 // kBlock terms (float64 input: error ~ (kBlock / lanes + n / kBlock) u). dw and db are summed per
 // block of kRows rows into their own slot, then across slots: the result does not depend on the
 // number of threads.
+//
+// padded_rows_norm and its backward are the eager fast path's one call: x of any shape normalized
+// over its last ndims axes, the mask of x's rank (constant along them) or none (every row valid),
+// weight and bias of the normalized shape or none. The forward also counts the valid rows where the
+// fused arithmetic is not accurate (rstd outside [2^-40, 2^40], or kappa = |mu| rstd above 1/(4u)
+// in the statistics' type; a NaN fails both): the caller redoes the call on the general path when
+// there are any, so no extra pass over the statistics and no Python-level check are needed.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -22,6 +29,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 #include <tuple>
 
 namespace {
@@ -53,14 +62,25 @@ void pass_through(const T* src, T* dst, int64_t n, bool zero) {
   }
 }
 
+// True where the fused statistics of a valid row are accurate (fast.token._inaccurate's test).
+template <typename A>
+bool accurate(A m, A r) {
+  const A low = A(std::ldexp(1.0, -40)), high = A(std::ldexp(1.0, 40));
+  const A kappa = A(0.5) / std::numeric_limits<A>::epsilon();
+  return r >= low && r <= high && std::abs(m) * r <= kappa;
+}
+
+// valid == nullptr: every row is valid. inaccurate (may be nullptr): 1 where a valid row's
+// statistics fail accurate(), else 0.
 template <typename T, typename A = at::opmath_type<T>>
 void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A* mean, A* rstd, int64_t rows,
-                  int64_t n, double eps, bool center, bool zero) {
+                  int64_t n, double eps, bool center, bool zero, uint8_t* inaccurate = nullptr) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* xr = x + i * n;
       T* yr = y + i * n;
-      if (!valid[i]) {
+      if (inaccurate) inaccurate[i] = 0;
+      if (valid && !valid[i]) {
         pass_through(xr, yr, n, zero);
         mean[i] = A(0);
         rstd[i] = A(0);
@@ -74,6 +94,7 @@ void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A
       const A m = A(mu), r = A(1.0 / std::sqrt(ss / double(n) + eps));
       mean[i] = m;
       rstd[i] = r;
+      if (inaccurate) inaccurate[i] = !accurate(m, r);
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) yr[j] = T((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
     }
@@ -92,7 +113,7 @@ void backward_rows(const T* dy, const T* x, const bool* valid, const A* mean, co
         const T* dyr = dy + i * n;
         const T* xr = x + i * n;
         T* dxr = dx + i * n;
-        if (!valid[i]) {
+        if (valid && !valid[i]) {
           pass_through(dyr, dxr, n, zero);
           continue;
         }
@@ -174,6 +195,87 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_layer_norm_backward(const a
   return {dx, sums[0], sums[1]};
 }
 
+// The flag of each row of x (normalized over its last ndims axes) from a mask of x's rank that is
+// constant along those axes, as a contiguous bool vector; undefined when there is no mask.
+at::Tensor row_flags(const c10::optional<at::Tensor>& mask, const at::Tensor& x, int64_t ndims) {
+  if (!mask) return {};
+  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == x.dim(), "mask must be a bool tensor of x's rank ",
+              x.dim(), ", got ", mask->sizes(), " ", mask->scalar_type());
+  std::vector<int64_t> keep(x.sizes().begin(), x.sizes().end());
+  for (int64_t d = x.dim() - ndims; d < x.dim(); ++d) {
+    TORCH_CHECK(mask->size(d) == 1, "mask of shape ", mask->sizes(), " varies along the normalized axes of x ",
+                x.sizes());
+    keep[d] = 1;
+  }
+  return mask->expand(keep).contiguous().view({-1});
+}
+
+// x's shape with its last ndims axes of size 1.
+std::vector<int64_t> keepdim(const at::Tensor& x, int64_t ndims) {
+  std::vector<int64_t> keep(x.sizes().begin(), x.sizes().end());
+  for (int64_t d = x.dim() - ndims; d < x.dim(); ++d) keep[d] = 1;
+  return keep;
+}
+
+void check_ndims(const at::Tensor& x, int64_t ndims) {
+  TORCH_CHECK(x.device().is_cpu() && ndims >= 1 && ndims <= x.dim() && x.numel() > 0,
+              "x must be a non-empty CPU tensor with at least ndims = ", ndims, " axes, got ", x.sizes());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm(const at::Tensor& x_,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight_,
+    const c10::optional<at::Tensor>& bias_, int64_t ndims, double eps, bool center, bool zero) {
+  check_ndims(x_, ndims);
+  const auto valid = row_flags(mask, x_, ndims);
+  const auto keep = keepdim(x_, ndims);
+  const int64_t n = x_.numel() / c10::multiply_integers(keep);
+  const auto x = x_.contiguous().view({-1, n});
+  const auto weight = affine(weight_, x, 1.0, "weight"), bias = affine(bias_, x, 0.0, "bias");
+  const int64_t rows = x.size(0);
+  auto y = at::empty_like(x_, at::MemoryFormat::Contiguous);
+  const auto stats = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  auto mean = at::empty(keep, stats);
+  auto rstd = at::empty(keep, stats);
+  std::vector<uint8_t> inaccurate(rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "padded_rows_norm", [&] {
+    using A = at::opmath_type<scalar_t>;
+    forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), valid.defined() ? valid.const_data_ptr<bool>() : nullptr,
+                           weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
+                           y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(),
+                           rows, n, eps, center, zero, inaccurate.data());
+  });
+  int64_t count = 0;
+  for (const uint8_t flag : inaccurate) count += flag;
+  return {y, mean, rstd, at::scalar_tensor(count, x.options().dtype(at::kLong))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
+    const c10::optional<at::Tensor>& mask, const at::Tensor& mean_, const at::Tensor& rstd_,
+    const c10::optional<at::Tensor>& weight_, int64_t ndims, bool center, bool zero) {
+  check_ndims(x_, ndims);
+  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.dtype() == x_.dtype(), "dy must match x, got ", dy_.sizes());
+  const auto valid = row_flags(mask, x_, ndims);
+  const int64_t rows = c10::multiply_integers(keepdim(x_, ndims)), n = x_.numel() / rows;
+  TORCH_CHECK(mean_.numel() == rows && rstd_.numel() == rows, "mean and rstd need one value per row");
+  TORCH_CHECK(mean_.scalar_type() == at::toOpMathType(x_.scalar_type()) && rstd_.scalar_type() == mean_.scalar_type(),
+              "mean and rstd must be of x's computation type, got ", mean_.scalar_type(), " and ", rstd_.scalar_type());
+  const auto dy = dy_.contiguous().view({rows, n}), x = x_.contiguous().view({rows, n});
+  const auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
+  const auto weight = affine(weight_, x, 1.0, "weight");
+  auto dx = at::empty_like(x_, at::MemoryFormat::Contiguous);
+  auto slots = at::zeros({std::max<int64_t>(1, (rows + kRows - 1) / kRows), 2, n}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "padded_rows_norm_backward", [&] {
+    using A = at::opmath_type<scalar_t>;
+    backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                            valid.defined() ? valid.const_data_ptr<bool>() : nullptr, mean.const_data_ptr<A>(),
+                            rstd.const_data_ptr<A>(), weight.const_data_ptr<scalar_t>(),
+                            dx.mutable_data_ptr<scalar_t>(), slots.mutable_data_ptr<double>(), rows, n, center, zero);
+  });
+  const auto sums = slots.sum(0).to(x.scalar_type());
+  const auto nshape = x_.sizes().slice(x_.dim() - ndims);
+  return {dx, sums[0].view(nshape), sums[1].view(nshape)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(masknorm, m) {
@@ -181,9 +283,15 @@ TORCH_LIBRARY(masknorm, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("token_layer_norm_backward(Tensor dy, Tensor x, Tensor valid, Tensor mean, Tensor rstd, Tensor? weight,"
         " bool center, bool zero) -> (Tensor, Tensor, Tensor)");
+  m.def("padded_rows_norm(Tensor x, Tensor? mask, Tensor? weight, Tensor? bias, int ndims, float eps, bool center,"
+        " bool zero) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("padded_rows_norm_backward(Tensor dy, Tensor x, Tensor? mask, Tensor mean, Tensor rstd, Tensor? weight,"
+        " int ndims, bool center, bool zero) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
   m.impl("token_layer_norm", &token_layer_norm);
   m.impl("token_layer_norm_backward", &token_layer_norm_backward);
+  m.impl("padded_rows_norm", &padded_rows_norm);
+  m.impl("padded_rows_norm_backward", &padded_rows_norm_backward);
 }

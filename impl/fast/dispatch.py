@@ -1,0 +1,117 @@
+"""The one dispatch table of masked_norm's fast paths: which path a call takes, and what runs it.
+
+route() picks the path from shapes, dtypes and Python arguments only (torch.compile guards on
+them; no data is read), the same answer in eager mode and under torch.compile:
+
+    path               layout                                                  module
+    padded_rows        layer/RMS norm over trailing axes, one mask flag per row  fast.padded_rows
+    per_channel        batch norm: every axis but axis 1, eps > 0, centered      fast.per_channel
+    masked_positions   groups x positions, one flag per (sample, position);      fast.masked_positions
+                       elementwise-masked rows
+
+Each path has one implementation per column:
+
+    "eager"     the CPU native kernels on real data in eager mode; their accuracy checks are host
+                syncs (inside the kernel where it can count them)
+    "compiled"  the registered operators of fast.ops: what torch.compile traces, one opaque call
+    "triton"    the Triton kernels, where fast.backend registers them (register(path, "triton", fn));
+                empty until then
+
+An implementation takes (x, mask, weight, bias, args, layout) and returns (out, moments or None).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, NamedTuple, Optional
+
+import torch
+
+from masknorm._contract import NormArgs
+from masknorm.fast import masked_positions, ops as fast_ops, padded_rows, per_channel
+
+PADDED_ROWS, PER_CHANNEL, MASKED_POSITIONS = "padded_rows", "per_channel", "masked_positions"
+COLUMNS = ("eager", "compiled", "triton")
+
+Implementation = Callable[..., tuple]
+
+
+class Route(NamedTuple):
+    """The path a call takes, and its (B, G, Cg, L) layout for masked_positions (else None)."""
+
+    path: str
+    layout: Optional[masked_positions.Layout] = None
+
+
+def route(x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+          bias: Optional[torch.Tensor], args: NormArgs) -> Optional[Route]:
+    """The fast path for this call, or None for the general path (the mask is of x's rank)."""
+    if padded_rows.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
+        return Route(PADDED_ROWS)
+    if per_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
+        return Route(PER_CHANNEL)
+    lay = masked_positions.layout(x, mask, weight, bias, args.dims)
+    return None if lay is None else Route(MASKED_POSITIONS, lay)
+
+
+TABLE: Dict[str, Dict[str, Implementation]] = {PADDED_ROWS: {}, PER_CHANNEL: {}, MASKED_POSITIONS: {}}
+
+
+def register(path: str, column: str, implementation: Implementation) -> None:
+    """Fill TABLE[path][column]."""
+    if path not in TABLE or column not in COLUMNS:
+        raise ValueError(f"no path {path!r} or column {column!r} in the dispatch table")
+    TABLE[path][column] = implementation
+
+
+def run(column: str, r: Route, x, mask, weight, bias, args: NormArgs) -> tuple:
+    """(out, moments or None) from TABLE[r.path][column]."""
+    return TABLE[r.path][column](x, mask, weight, bias, args, r.layout)
+
+
+def _wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _eager_padded_rows(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
+    if padded_rows.kernel_for(x) is not None:
+        out = padded_rows.one_call(x, mask, weight, bias, len(args.dims), args.eps, args.center, args.masked)
+        if out is not None:  # no autograd to record, no row redone
+            return out, None
+    return padded_rows.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
+                                                   args.masked), None
+
+
+def _eager_per_channel(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
+    out, *moments = per_channel.ChannelNormFunction.apply(x, mask, weight, bias, args.dims, args.correction,
+                                                           args.eps, args.masked)
+    return out, tuple(moments)
+
+
+def _eager_masked_positions(x, mask, weight, bias, args: NormArgs, lay) -> tuple:
+    if not _wants_grad(x, weight, bias) and padded_rows.forward_ad._current_level < 0:
+        return masked_positions.fused_forward(x, mask, weight, bias, lay, args.correction, args.eps, args.center,
+                                        args.masked)[0], None
+    return masked_positions.GroupNormFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
+                                              args.center, args.masked), None
+
+
+def _compiled_padded_rows(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
+    return fast_ops.padded_layer_norm(x, mask, weight, bias, len(args.dims), args.eps, args.center,
+                                      args.masked)[0], None
+
+
+def _compiled_per_channel(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
+    out, *moments = fast_ops.channel_norm(x, mask, weight, bias, args.correction, args.eps, args.masked)[:4]
+    return out, tuple(moments)
+
+
+def _compiled_masked_positions(x, mask, weight, bias, args: NormArgs, lay) -> tuple:
+    return fast_ops.group_norm(x, mask, weight, bias, lay.spec(), args.correction, args.eps, args.center,
+                               args.masked)[0], None
+
+
+for _path, _eager, _compiled in ((PADDED_ROWS, _eager_padded_rows, _compiled_padded_rows),
+                                 (PER_CHANNEL, _eager_per_channel, _compiled_per_channel),
+                                 (MASKED_POSITIONS, _eager_masked_positions, _compiled_masked_positions)):
+    register(_path, "eager", _eager)
+    register(_path, "compiled", _compiled)
