@@ -21,8 +21,11 @@ def frozen_norm(
     bias: Optional[torch.Tensor], eps: float,
 ) -> torch.Tensor:
     """gamma (x - mean)/sqrt(var + eps) + beta with per-channel mean/var (axis 1) and the
-    padding-safe weight gradient of the module docstring."""
-    return FrozenNormFunction.apply(x, mean, var, weight, bias, eps)
+    padding-safe weight gradient of the module docstring; where no gradient is recorded, torch's
+    fused batch_norm alone (the same forward, one call)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return FrozenNormFunction.apply(x, mean, var, weight, bias, eps)
+    return F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
 
 
 def _channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
