@@ -6,7 +6,9 @@ layer (flagging masknorm above the 1.2x goal), and measures the bytes autograd s
 relative to the size of x. Cases: padded-token layer norm (float32 large and small, bfloat16
 small), batch norm, group and instance norm over time (wav2vec2's (8, 32, 1599), float32 and
 bfloat16), RMS norm with a token mask, layer norm with an elementwise mask, a conformer block (bench_conformer.py); --compiled adds
-torch.compile of the module cases on both sides.
+torch.compile of the module cases on both sides. On CPU, the small-input cases follow
+(bench_small.py): microseconds per call of modules on batch 1-2 inputs, eval under no_grad and
+training fwd / fwd+bwd, beside torch's modules.
 
 On CUDA (--device cuda) masknorm's padded-token layer/RMS norm runs on the Triton kernels (backend
 "auto"); each case also times masknorm with backend="torch" where that differs, adds layer and RMS
@@ -38,6 +40,7 @@ from masknorm_cli.bench_conformer import ConformerBlock
 from masknorm.functional import masked_norm
 from masknorm.modules import MaskedBatchNorm1d, MaskedGroupNorm, MaskedInstanceNorm1d
 from masknorm_cli import parsers
+from masknorm_cli.bench_small import print_header, print_small, run_small, small_cases, spread
 
 _ALLOCATOR = parsers.BENCH_ALLOCATOR
 NOISY = 0.2  # spread above which the ratios are not worth reading
@@ -224,14 +227,6 @@ def _median_ms(samples: List[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def spread(samples: List[float]) -> float:
-    """Interquartile range over median: how much the runs of one implementation disagree (0 for one run)."""
-    if len(samples) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return (q3 - q1) / statistics.median(samples)
-
-
 def run_case(case: Case, repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter) -> dict:
     """Interleaved timings (fwd+bwd) of masknorm, the native kernel and the plain masked norm."""
     grad = torch.randn_like(case.x)
@@ -327,6 +322,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for case in cases + (_compiled(cases) if args.compiled else []):
         if args.only in case.name:
             _print_case(case, run_case(case, args.repeats, args.warmup, clock))
+    if args.device == "cpu":
+        small = [case for case in small_cases() if args.only in case.name]
+        if small:
+            print_header()
+        for case in small:
+            print_small(case, run_small(case, args.repeats, args.warmup, clock))
     return 0
 
 
