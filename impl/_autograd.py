@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.autograd import forward_ad
 
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 from masknorm.spec import closed_forms
@@ -73,6 +74,14 @@ def redo_groups(out, st, redo, x, mask, weight, bias, dims, correction, eps, mas
     st = GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
     P, passthrough = regions(mask, st.degenerate, masked)
     return torch.where(redo, compose(affine(normalized(x, st), weight, bias), x, P, passthrough, masked), out), st
+
+
+def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
+    """True where autograd records a call on these tensors: grad mode is on and one of them
+    requires grad, or forward-mode AD (torch.autograd.forward_ad) is active. Where it is False, a
+    fast path's forward alone is the whole call: no autograd.Function is needed."""
+    return forward_ad._current_level >= 0 or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
 
 
 def needs_general_backward(g_out: torch.Tensor) -> bool:

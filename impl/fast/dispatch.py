@@ -26,6 +26,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
+from masknorm._autograd import records_autograd
 from masknorm._contract import NormArgs
 from masknorm.fast import masked_positions, ops as fast_ops, padded_rows, per_channel
 
@@ -68,27 +69,28 @@ def run(column: str, r: Route, x, mask, weight, bias, args: NormArgs) -> tuple:
     return TABLE[r.path][column](x, mask, weight, bias, args, r.layout)
 
 
-def _wants_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _eager_padded_rows(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
-    if padded_rows.kernel_for(x) is not None:
-        out = padded_rows.one_call(x, mask, weight, bias, len(args.dims), args.eps, args.center, args.masked)
-        if out is not None:  # no autograd to record, no row redone
+    kernel = padded_rows.kernel_for(x)
+    if kernel is not None and not records_autograd(x, weight, bias):
+        out = padded_rows.one_call(kernel, x, mask, weight, bias, len(args.dims), args.eps, args.center, args.masked)
+        if out is not None:  # no row redone
             return out, None
     return padded_rows.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
                                                    args.masked), None
 
 
 def _eager_per_channel(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
+    if not records_autograd(x, weight, bias):
+        out, *_, moments = per_channel.fused_forward(x, mask, weight, bias, args.dims, args.correction, args.eps,
+                                                     args.masked)
+        return out, moments
     out, *moments = per_channel.ChannelNormFunction.apply(x, mask, weight, bias, args.dims, args.correction,
                                                            args.eps, args.masked)
     return out, tuple(moments)
 
 
 def _eager_masked_positions(x, mask, weight, bias, args: NormArgs, lay) -> tuple:
-    if not _wants_grad(x, weight, bias) and padded_rows.forward_ad._current_level < 0:
+    if not records_autograd(x, weight, bias):
         return masked_positions.fused_forward(x, mask, weight, bias, lay, args.correction, args.eps, args.center,
                                         args.masked)[0], None
     return masked_positions.GroupNormFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,

@@ -68,8 +68,12 @@ class Layout:
         return (*[1] * self.s, *self.shape[self.s: self.q], *[1] * (nd - self.q))
 
     def channels(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """A weight or bias as the kernel's values per channel (G * Cg of them)."""
-        return None if t is None else t.expand(self.parameter_shape()).reshape(-1)
+        """A weight or bias as the kernel's values per channel (G * Cg of them): t itself where it
+        holds them all (the kernel reads it flat), else expanded."""
+        if t is None:
+            return None
+        shape = self.parameter_shape()
+        return t if t.numel() == math.prod(shape) else t.expand(shape).reshape(-1)
 
     def kernel_shape(self, m2: torch.Tensor) -> tuple:
         """The shape in which the kernel reads x: (B, G, Cg, L)."""

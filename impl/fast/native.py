@@ -25,6 +25,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from masknorm._autograd import compute_dtype
 from masknorm.fast import kernel_cache
 
 BUILD_S, BUILD_CPU_S = 60, 60  # the first build on a 2-core AVX2 machine, wall and CPU (README, "Set-up"): 23-134 s, 40-66 s
@@ -72,7 +73,28 @@ def announce() -> None:
 
 def _build() -> object:
     kernel_cache.obtain(announce, say)
+    _register_fakes()
     return torch.ops.masknorm
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels of the operators that eager code calls directly (padded_rows_norm and its
+    backward): output shapes and dtypes from the inputs' alone, so that opcheck and tracers can
+    reason about them. x is normalized over its last ndims axes; statistics in the computation type."""
+
+    def keepdim(x, ndims):
+        return (*x.shape[: x.dim() - ndims], *[1] * ndims)
+
+    @torch.library.register_fake("masknorm::padded_rows_norm")
+    def _forward(x, mask, weight, bias, ndims, eps, center, zero):
+        stats = compute_dtype(x.dtype)
+        return (x.new_empty(x.shape), x.new_empty(keepdim(x, ndims), dtype=stats),
+                x.new_empty(keepdim(x, ndims), dtype=stats), x.new_empty((), dtype=torch.long))
+
+    @torch.library.register_fake("masknorm::padded_rows_norm_backward")
+    def _backward(dy, x, mask, mean, rstd, weight, ndims, center, zero):
+        nshape = x.shape[x.dim() - ndims:]
+        return x.new_empty(x.shape), x.new_empty(nshape), x.new_empty(nshape)
 
 
 def cause(error: BaseException) -> str:

@@ -26,7 +26,6 @@ import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.autograd import forward_ad
 
 from masknorm.fast import native
 from masknorm._autograd import (
@@ -314,15 +313,11 @@ def fused_backward(g_out, x, mask, weight, bias_shape, st: GroupStats, redo, pad
     return gx, gw, gb
 
 
-def one_call(x, mask, weight, bias, ndims: int, eps: float, center: bool, masked: str) -> Optional[torch.Tensor]:
-    """The output of one fused-kernel call (padded_rows_norm) where no autograd is recorded (no
-    gradient wanted, no forward-mode AD), or None: then TokenLayerNormFunction runs, or the kernel
-    flagged a row as inaccurate (TokenLayerNormFunction redoes it)."""
-    if forward_ad._current_level >= 0 or (torch.is_grad_enabled() and (
-            x.requires_grad or (weight is not None and weight.requires_grad)
-            or (bias is not None and bias.requires_grad))):
-        return None
-    y, _, _, inaccurate = native.token_ops().padded_rows_norm(x, mask, weight, bias, ndims, eps, center, masked == "zero")
+def one_call(kernel, x, mask, weight, bias, ndims: int, eps: float, center: bool,
+             masked: str) -> Optional[torch.Tensor]:
+    """The output of one call of the fused kernel (padded_rows_norm), for a caller that records no
+    autograd; None where the kernel flags a row as inaccurate (TokenLayerNormFunction redoes it)."""
+    y, _, _, inaccurate = kernel.padded_rows_norm(x, mask, weight, bias, ndims, eps, center, masked == "zero")
     return None if inaccurate.item() else y
 
 
@@ -342,8 +337,8 @@ class TokenLayerNormFunction(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         ctx.lean = kernel_for(x) is not None
         if ctx.lean:
-            y, mean, rstd, inaccurate = native.token_ops().padded_rows_norm(x, mask, weight, bias, ndims, eps, center,
-                                                                     masked == "zero")
+            y, mean, rstd, inaccurate = native.token_ops().padded_rows_norm(x, mask, weight, bias, ndims, eps,
+                                                                            center, masked == "zero")
             ctx.lean = not inaccurate.item()
             if ctx.lean:
                 ctx.save_for_backward(x, mask, weight, mean, rstd)
@@ -365,8 +360,8 @@ class TokenLayerNormFunction(torch.autograd.Function):
             return gx, None, gw, gb, *nones
         if ctx.lean:
             x, mask, weight, mean, rstd = ctx.saved_tensors
-            gx, gw, gb = native.token_ops().padded_rows_norm_backward(g_out, x, mask, mean, rstd, weight, len(dims), center,
-                                                               masked == "zero")
+            gx, gw, gb = native.token_ops().padded_rows_norm_backward(g_out, x, mask, mean, rstd, weight, len(dims),
+                                                                      center, masked == "zero")
             gw = gw.view(weight.shape) if want[2] else None
             gb = gb.view(ctx.bias_shape[0]) if want[3] else None
         else:

@@ -272,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_backward(const a
                             dx.mutable_data_ptr<scalar_t>(), slots.mutable_data_ptr<double>(), rows, n, center, zero);
   });
   const auto sums = slots.sum(0).to(x.scalar_type());
-  const auto nshape = x_.sizes().slice(x_.dim() - ndims);
-  return {dx, sums[0].view(nshape), sums[1].view(nshape)};
+  const auto nshape = x_.sizes().slice(x_.dim() - ndims);  // dw and db as tensors of their own (no aliasing)
+  return {dx, sums[0].clone().view(nshape), sums[1].clone().view(nshape)};
 }
 
 }  // namespace

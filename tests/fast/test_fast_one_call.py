@@ -1,0 +1,103 @@
+"""Calls that record no autograd take the fast paths without an autograd.Function: the padded-rows
+path in one kernel call (padded_rows_norm, whose accuracy count sends flagged rows back to the
+full path), the masked-positions and per-channel paths through their forward alone, eval-mode
+batch norm through torch's batch_norm alone. Each must give the bits of the recorded call (the
+autograd.Function that the suite's accuracy and garbage tests exercise), and the padded-rows
+operators must pass opcheck."""
+
+import pytest
+import torch
+
+import masknorm
+from masknorm import masked_norm
+from masknorm.fast import native
+
+pytestmark = pytest.mark.skipif(native.token_ops() is None, reason="the fused CPU kernels could not be built")
+
+
+def _both(fn, *tensors):
+    """fn's output under no_grad and with every floating tensor requiring grad (recorded)."""
+    with torch.no_grad():
+        quiet = fn(*tensors)
+    recorded = fn(*[t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in tensors])
+    assert recorded.grad_fn is not None
+    return quiet, recorded.detach()
+
+
+def _same_bits(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _tokens(dtype, gen, B=3, T=7, D=24):
+    x = torch.randn(B, T, D, generator=gen).to(dtype)
+    x[0, -2:] = float("nan")  # garbage in the padding
+    mask = torch.ones(B, T, 1, dtype=torch.bool)
+    mask[0, -2:] = False
+    mask[2, 3] = False
+    return x, mask, torch.randn(D, generator=gen).to(dtype), torch.randn(D, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+@pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_padded_rows_without_grad_give_the_recorded_bits(dtype, masked, center, with_mask):
+    x, mask, w, b = _tokens(dtype, torch.Generator().manual_seed(0))
+    if not with_mask:
+        x, mask = torch.nan_to_num(x), None
+
+    def norm(x, w, b):
+        return masked_norm(x, mask, -1, weight=w, bias=b, center=center, masked=masked)
+
+    quiet, recorded = _both(norm, x, w, b)
+    _same_bits(quiet, recorded)
+
+
+def test_a_row_the_kernel_flags_is_redone_without_grad():
+    """A row with kappa = |mu|/sigma far above 1/(4u) (mean 1e6, spread 1e-3 in float32): the
+    kernel counts it, and the call without grad gives the recorded call's bits (its redo)."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 32, generator=gen)
+    x[1] = 1e6 + 1e-3 * torch.randn(32, generator=gen)
+    mask = torch.tensor([True, True, False, True]).unsqueeze(1)
+    _, _, _, flagged = native.token_ops().padded_rows_norm(x, mask, None, None, 1, 1e-5, True, False)
+    assert int(flagged) == 1
+    quiet, recorded = _both(lambda x: masked_norm(x, mask, -1), x)
+    _same_bits(quiet, recorded)
+
+
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+def test_group_and_batch_norm_without_grad_give_the_recorded_bits(masked):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 8, 10, generator=gen)
+    mask = torch.rand(3, 10, generator=gen) > 0.3
+    x = torch.where(mask.unsqueeze(1), x, torch.tensor(float("inf")))
+    group = masknorm.MaskedGroupNorm(2, 8, masked=masked)
+    batch = masknorm.MaskedBatchNorm1d(8, masked=masked, track_running_stats=False)
+    for module in (group, batch):
+        quiet, recorded = _both(lambda x: module(x, mask), x)
+        _same_bits(quiet, recorded)
+
+
+def test_eval_batch_norm_without_grad_gives_the_recorded_bits():
+    gen = torch.Generator().manual_seed(3)
+    bn = masknorm.MaskedBatchNorm1d(8).eval()
+    bn.running_mean.normal_(generator=gen)
+    bn.running_var.uniform_(0.5, 2.0, generator=gen)
+    x = torch.randn(2, 8, 5, generator=gen)
+    quiet, recorded = _both(lambda x: bn(x), x)
+    _same_bits(quiet, recorded)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_the_padded_rows_operators_pass_opcheck(dtype, with_mask):
+    gen = torch.Generator().manual_seed(4)
+    x, mask, w, b = _tokens(dtype, gen)
+    x = torch.nan_to_num(x)
+    mask = mask if with_mask else None
+    ops = native.token_ops()
+    torch.library.opcheck(ops.padded_rows_norm.default, (x, mask, w, None if with_mask else b, 1, 1e-5, True, False))
+    _, mean, rstd, _ = ops.padded_rows_norm(x, mask, w, b, 1, 1e-5, True, False)
+    dy = torch.randn(x.shape, generator=gen).to(dtype)
+    torch.library.opcheck(ops.padded_rows_norm_backward.default, (dy, x, mask, mean, rstd, w, 1, True, False))
