@@ -62,7 +62,7 @@ void pass_through(const T* src, T* dst, int64_t n, bool zero) {
   }
 }
 
-// True where the fused statistics of a valid row are accurate (fast.token._inaccurate's test).
+// True where the fused statistics of a valid row are accurate (fast.padded_rows._inaccurate's test).
 template <typename A>
 bool accurate(A m, A r) {
   const A low = A(std::ldexp(1.0, -40)), high = A(std::ldexp(1.0, 40));
