@@ -29,8 +29,8 @@ import torch
 
 from masknorm.fast import native
 from masknorm._autograd import (
-    _cast, compose, compute_dtype, general_vjp, masked_norm_vjp, needs_general_backward, redo_groups, regions, saved_jvp,
-    stats_jvp,
+    _cast, compose, compute_dtype, general_vjp, masked_norm_vjp, needs_general_backward, redo_groups, regions,
+    saved_jvp, stats_jvp,
 )
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 
@@ -362,8 +362,7 @@ class TokenLayerNormFunction(torch.autograd.Function):
             x, mask, weight, mean, rstd = ctx.saved_tensors
             gx, gw, gb = native.token_ops().padded_rows_norm_backward(g_out, x, mask, mean, rstd, weight, len(dims),
                                                                       center, masked == "zero")
-            gw = gw.view(weight.shape) if want[2] else None
-            gb = gb.view(ctx.bias_shape[0]) if want[3] else None
+            gw, gb = (gw if want[2] else None), (gb if want[3] else None)  # of the normalized shape (applies())
         else:
             x, mask, weight, redo, *saved = ctx.saved_tensors
             gx, gw, gb = fused_backward(g_out, x, mask, weight, ctx.bias_shape, GroupStats(*saved), redo, ctx.padded,
