@@ -109,7 +109,7 @@ def cause(error: BaseException) -> str:
 
 def _user_stacklevel() -> int:
     """warnings.warn's stacklevel for the first caller outside masknorm and torch: the user's call."""
-    skip = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
+    skip = (str(Path(__file__).parent.parent), str(Path(torch.__file__).parent), contextlib.__file__)
     frame, level = sys._getframe(2), 2
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
