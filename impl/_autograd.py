@@ -80,8 +80,12 @@ def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
     """True where autograd records a call on these tensors: grad mode is on and one of them
     requires grad, or forward-mode AD (torch.autograd.forward_ad) is active. Where it is False, a
     fast path's forward alone is the whole call: no autograd.Function is needed."""
-    return forward_ad._current_level >= 0 or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+    return forward_ad_active() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def forward_ad_active() -> bool:
+    """True inside torch.autograd.forward_ad.dual_level(): a call may carry tangents."""
+    return forward_ad._current_level >= 0
 
 
 def needs_general_backward(g_out: torch.Tensor) -> bool:

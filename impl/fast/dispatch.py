@@ -26,7 +26,7 @@ from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 
-from masknorm._autograd import records_autograd
+from masknorm._autograd import forward_ad_active, records_autograd
 from masknorm._contract import NormArgs
 from masknorm.fast import masked_positions, ops as fast_ops, padded_rows, per_channel
 
@@ -71,7 +71,7 @@ def run(column: str, r: Route, x, mask, weight, bias, args: NormArgs) -> tuple:
 
 def _eager_padded_rows(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
     kernel = padded_rows.kernel_for(x)
-    if kernel is not None and not records_autograd(x, weight, bias):
+    if kernel is not None and not forward_ad_active():
         out = padded_rows.one_call(kernel, x, mask, weight, bias, len(args.dims), args.eps, args.center, args.masked)
         if out is not None:  # no row redone
             return out, None

@@ -315,10 +315,30 @@ def fused_backward(g_out, x, mask, weight, bias_shape, st: GroupStats, redo, pad
 
 def one_call(kernel, x, mask, weight, bias, ndims: int, eps: float, center: bool,
              masked: str) -> Optional[torch.Tensor]:
-    """The output of one call of the fused kernel (padded_rows_norm), for a caller that records no
-    autograd; None where the kernel flags a row as inaccurate (TokenLayerNormFunction redoes it)."""
+    """The output of one call of the fused kernel (padded_rows_norm, whose Autograd kernel records a
+    C++ node where a gradient is wanted); None where the kernel flags a row as inaccurate
+    (TokenLayerNormFunction redoes it; what the call recorded is dropped). Not under forward-mode
+    AD: the operator has no jvp."""
     y, _, _, inaccurate = kernel.padded_rows_norm(x, mask, weight, bias, ndims, eps, center, masked == "zero")
     return None if inaccurate.item() else y
+
+
+def _general_backward(dy, x, mask, weight, ndims: int, eps: float, center: bool, zero: bool, bias: bool):
+    """padded_rows_norm's backward as the general closed form in differentiable torch ops, for its
+    Autograd kernel when the backward is itself recorded (double backward). With one mask flag per
+    row, "keep" and "normalize" agree (a padded row passes through under both). A parameter's
+    gradient that does not exist comes back empty."""
+    dims = tuple(range(x.dim() - ndims, x.dim()))
+    bias_shape = (x.shape[x.dim() - ndims:], x.dtype) if bias else None
+    gx, gw, gb = general_vjp(dy, x, mask, weight, bias_shape, (dims, 0, eps, center, "zero" if zero else "normalize"),
+                             (True, False, weight is not None, bias))
+    return gx, (x.new_empty(0) if gw is None else gw), (x.new_empty(0) if gb is None else gb)
+
+
+_LIBRARY = torch.library.Library("masknorm", "FRAGMENT")
+_LIBRARY.define("padded_rows_general_backward(Tensor dy, Tensor x, Tensor? mask, Tensor? weight, int ndims, float eps, "
+                "bool center, bool zero, bool bias) -> (Tensor, Tensor, Tensor)")
+_LIBRARY.impl("padded_rows_general_backward", _general_backward, "CompositeImplicitAutograd")
 
 
 class TokenLayerNormFunction(torch.autograd.Function):

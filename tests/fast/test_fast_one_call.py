@@ -3,7 +3,9 @@ path in one kernel call (padded_rows_norm, whose accuracy count sends flagged ro
 full path), the masked-positions and per-channel paths through their forward alone, eval-mode
 batch norm through torch's batch_norm alone. Each must give the bits of the recorded call (the
 autograd.Function that the suite's accuracy and garbage tests exercise), and the padded-rows
-operators must pass opcheck."""
+operators must pass opcheck. With a gradient wanted, the padded-rows operator's own Autograd
+kernel (C++) records the node: its gradients must be the Python Function's bits, and its double
+backward (the general closed form, registered from Python) must pass gradgradcheck."""
 
 import pytest
 import torch
@@ -101,3 +103,38 @@ def test_the_padded_rows_operators_pass_opcheck(dtype, with_mask):
     _, mean, rstd, _ = ops.padded_rows_norm(x, mask, w, b, 1, 1e-5, True, False)
     dy = torch.randn(x.shape, generator=gen).to(dtype)
     torch.library.opcheck(ops.padded_rows_norm_backward.default, (dy, x, mask, mean, rstd, w, 1, True, False))
+
+
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+@pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
+def test_the_operators_autograd_node_gives_the_python_functions_gradients(masked, center):
+    from masknorm.fast.padded_rows import TokenLayerNormFunction
+
+    x, mask, w, b = _tokens(torch.float32, torch.Generator().manual_seed(5))
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
+    grads = []
+    for node in ("operator", "function"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        if node == "operator":
+            out = masked_norm(leaves[0], mask, -1, weight=leaves[1], bias=leaves[2], center=center, masked=masked)
+            assert "PaddedRowsNorm" in out.grad_fn.name()
+        else:
+            out = TokenLayerNormFunction.apply(leaves[0], mask, leaves[1], leaves[2], 1, 1e-5, center, masked)
+        grads.append(torch.autograd.grad(out, leaves, g))
+    for a, b_ in zip(*grads):
+        _same_bits(a, b_)
+
+
+@pytest.mark.parametrize("masked", ["normalize", "zero"])
+def test_the_operators_double_backward_passes_gradgradcheck(masked):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [False] * 4]).unsqueeze(-1)
+
+    def norm(x, w, b):
+        return masked_norm(x, mask, -1, weight=w, bias=b, masked=masked)
+
+    assert "PaddedRowsNorm" in norm(x, w, b).grad_fn.name()
+    assert torch.autograd.gradgradcheck(norm, (x, w, b))

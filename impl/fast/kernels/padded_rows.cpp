@@ -25,6 +25,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -276,6 +277,66 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_backward(const a
   return {dx, sums[0].clone().view(nshape), sums[1].clone().view(nshape)};
 }
 
+// padded_rows_norm's Autograd kernel: the node is C++ (no Python autograd.Function on the way).
+// Its backward is padded_rows_norm_backward, or, when the backward is itself recorded (double
+// backward: grad mode on during backward), masknorm::padded_rows_general_backward, which
+// masknorm.fast.padded_rows registers from Python as a CompositeImplicitAutograd operator (the
+// general closed form in differentiable torch ops). mean, rstd and the count are not differentiable.
+class PaddedRowsNorm : public torch::autograd::Function<PaddedRowsNorm> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight,
+      const c10::optional<at::Tensor>& bias, int64_t ndims, double eps, bool center, bool zero) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // below autograd, through the dispatcher (fake tensors too)
+    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("masknorm::padded_rows_norm", "")
+        .typed<decltype(padded_rows_norm)>();
+    auto [y, mean, rstd, count] = op.call(x, mask, weight, bias, ndims, eps, center, zero);
+    ctx->save_for_backward({x, mask.value_or(at::Tensor()), weight.value_or(at::Tensor()), mean, rstd});
+    ctx->saved_data["ndims"] = ndims;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["center"] = center;
+    ctx->saved_data["zero"] = zero;
+    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
+    ctx->mark_non_differentiable({mean, rstd, count});
+    return {y, mean, rstd, count};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const c10::optional<at::Tensor> mask = saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+    const c10::optional<at::Tensor> weight = saved[2].defined() ? c10::optional<at::Tensor>(saved[2]) : c10::nullopt;
+    const int64_t ndims = ctx->saved_data["ndims"].toInt();
+    const bool center = ctx->saved_data["center"].toBool(), zero = ctx->saved_data["zero"].toBool();
+    const bool has_bias = ctx->saved_data["bias"].toBool();
+    const auto dy = grads[0].defined() ? grads[0] : at::zeros_like(x);
+    at::Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {
+      static auto general = c10::Dispatcher::singleton()
+          .findSchemaOrThrow("masknorm::padded_rows_general_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+              const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, double, bool, bool,
+              bool)>();
+      std::tie(dx, dw, db) = general.call(dy, x, mask, weight, ndims, ctx->saved_data["eps"].toDouble(), center,
+                                          zero, has_bias);
+    } else {
+      static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("masknorm::padded_rows_norm_backward", "")
+          .typed<decltype(padded_rows_norm_backward)>();
+      std::tie(dx, dw, db) = op.call(dy, x, mask, saved[3], saved[4], weight, ndims, center, zero);
+    }
+    return {dx, at::Tensor(), weight ? dw : at::Tensor(), has_bias ? db : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_autograd(const at::Tensor& x,
+    const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, int64_t ndims, double eps, bool center, bool zero) {
+  auto out = PaddedRowsNorm::apply(x, mask, weight, bias, ndims, eps, center, zero);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(masknorm, m) {
@@ -294,4 +355,8 @@ TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
   m.impl("token_layer_norm_backward", &token_layer_norm_backward);
   m.impl("padded_rows_norm", &padded_rows_norm);
   m.impl("padded_rows_norm_backward", &padded_rows_norm_backward);
+}
+
+TORCH_LIBRARY_IMPL(masknorm, Autograd, m) {
+  m.impl("padded_rows_norm", &padded_rows_norm_autograd);
 }
