@@ -75,7 +75,7 @@ def _eager_padded_rows(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
         out = padded_rows.one_call(kernel, x, mask, weight, bias, len(args.dims), args.eps, args.center, args.masked)
         if out is not None:  # no row redone
             return out, None
-    return padded_rows.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
+    return padded_rows.PaddedRowsFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
                                                    args.masked), None
 
 
@@ -84,7 +84,7 @@ def _eager_per_channel(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
         out, *_, moments = per_channel.fused_forward(x, mask, weight, bias, args.dims, args.correction, args.eps,
                                                      args.masked)
         return out, moments
-    out, *moments = per_channel.ChannelNormFunction.apply(x, mask, weight, bias, args.dims, args.correction,
+    out, *moments = per_channel.PerChannelFunction.apply(x, mask, weight, bias, args.dims, args.correction,
                                                            args.eps, args.masked)
     return out, tuple(moments)
 
@@ -93,7 +93,7 @@ def _eager_masked_positions(x, mask, weight, bias, args: NormArgs, lay) -> tuple
     if not records_autograd(x, weight, bias):
         return masked_positions.fused_forward(x, mask, weight, bias, lay, args.correction, args.eps, args.center,
                                         args.masked)[0], None
-    return masked_positions.GroupNormFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
+    return masked_positions.MaskedPositionsFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
                                               args.center, args.masked), None
 
 

@@ -123,7 +123,7 @@ def _required_error() -> RuntimeError:
     return error
 
 
-def token_ops() -> Optional[object]:
+def ops() -> Optional[object]:
     """torch.ops.masknorm (token_layer_norm and its backward) when the kernel is on and built, else None."""
     wanted = _wanted()
     if wanted == "off":
@@ -145,9 +145,9 @@ def token_ops() -> Optional[object]:
 
 
 def available() -> bool:
-    """token_ops() is not None; torch.compile calls it eagerly and takes the answer as a constant
+    """ops() is not None; torch.compile calls it eagerly and takes the answer as a constant
     (a build or a lock is nothing a tracer can follow)."""
-    return token_ops() is not None
+    return ops() is not None
 
 
 # What torch.compiler.assume_constant_result(available) sets, without its import of torch._dynamo
@@ -171,6 +171,6 @@ def describe() -> str:
     """One line for command-line headers: whether the fused kernel is in use."""
     if _wanted() == "off":
         return "fused CPU kernel: off (MASKNORM_KERNELS), torch's kernels"
-    if token_ops() is None:
+    if ops() is None:
         return f"fused CPU kernel: unavailable ({_State.why_not}), torch's kernels"
     return f"fused CPU kernel: on ({torch.backends.cpu.get_cpu_capability()})"

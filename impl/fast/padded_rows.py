@@ -66,7 +66,7 @@ def applies(
 
 def kernel_for(x: torch.Tensor):
     """The fused CPU kernel's ops for x, or None (not on CPU, empty, or the kernel is not built)."""
-    return native.token_ops() if x.device.type == "cpu" and x.numel() > 0 else None
+    return native.ops() if x.device.type == "cpu" and x.numel() > 0 else None
 
 
 def _rows(t: torch.Tensor, ndims: int) -> torch.Tensor:
@@ -317,7 +317,7 @@ def one_call(kernel, x, mask, weight, bias, ndims: int, eps: float, center: bool
              masked: str) -> Optional[torch.Tensor]:
     """The output of one call of the fused kernel (padded_rows_norm, whose Autograd kernel records a
     C++ node where a gradient is wanted); None where the kernel flags a row as inaccurate
-    (TokenLayerNormFunction redoes it; what the call recorded is dropped). Not under forward-mode
+    (PaddedRowsFunction redoes it; what the call recorded is dropped). Not under forward-mode
     AD: the operator has no jvp."""
     y, _, _, inaccurate = kernel.padded_rows_norm(x, mask, weight, bias, ndims, eps, center, masked == "zero")
     return None if inaccurate.item() else y
@@ -341,7 +341,7 @@ _LIBRARY.define("padded_rows_general_backward(Tensor dy, Tensor x, Tensor? mask,
 _LIBRARY.impl("padded_rows_general_backward", _general_backward, "CompositeImplicitAutograd")
 
 
-class TokenLayerNormFunction(torch.autograd.Function):
+class PaddedRowsFunction(torch.autograd.Function):
     """The fused-kernel twin of MaskedNormFunction.
 
     On the CPU kernel, one call (padded_rows_norm) normalizes and checks accuracy; if it flags no
@@ -357,7 +357,7 @@ class TokenLayerNormFunction(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
         ctx.lean = kernel_for(x) is not None
         if ctx.lean:
-            y, mean, rstd, inaccurate = native.token_ops().padded_rows_norm(x, mask, weight, bias, ndims, eps,
+            y, mean, rstd, inaccurate = native.ops().padded_rows_norm(x, mask, weight, bias, ndims, eps,
                                                                             center, masked == "zero")
             ctx.lean = not inaccurate.item()
             if ctx.lean:
@@ -380,7 +380,7 @@ class TokenLayerNormFunction(torch.autograd.Function):
             return gx, None, gw, gb, *nones
         if ctx.lean:
             x, mask, weight, mean, rstd = ctx.saved_tensors
-            gx, gw, gb = native.token_ops().padded_rows_norm_backward(g_out, x, mask, mean, rstd, weight, len(dims),
+            gx, gw, gb = native.ops().padded_rows_norm_backward(g_out, x, mask, mean, rstd, weight, len(dims),
                                                                       center, masked == "zero")
             gw, gb = (gw if want[2] else None), (gb if want[3] else None)  # of the normalized shape (applies())
         else:

@@ -215,7 +215,7 @@ def fused_backward(g_out, x, mask, weight, bias_shape, var, padding_bound: float
     return gx, gw, gb
 
 
-class ChannelNormFunction(torch.autograd.Function):
+class PerChannelFunction(torch.autograd.Function):
     """The fused-kernel twin of MaskedNormFunction for the batch-norm layout; returns the output and
     the batch's per-channel (mean, unbiased variance, valid count), the latter not differentiable.
 

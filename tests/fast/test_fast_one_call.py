@@ -14,7 +14,7 @@ import masknorm
 from masknorm import masked_norm
 from masknorm.fast import native
 
-pytestmark = pytest.mark.skipif(native.token_ops() is None, reason="the fused CPU kernels could not be built")
+pytestmark = pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
 
 
 def _both(fn, *tensors):
@@ -62,7 +62,7 @@ def test_a_row_the_kernel_flags_is_redone_without_grad():
     x = torch.randn(4, 32, generator=gen)
     x[1] = 1e6 + 1e-3 * torch.randn(32, generator=gen)
     mask = torch.tensor([True, True, False, True]).unsqueeze(1)
-    _, _, _, flagged = native.token_ops().padded_rows_norm(x, mask, None, None, 1, 1e-5, True, False)
+    _, _, _, flagged = native.ops().padded_rows_norm(x, mask, None, None, 1, 1e-5, True, False)
     assert int(flagged) == 1
     quiet, recorded = _both(lambda x: masked_norm(x, mask, -1), x)
     _same_bits(quiet, recorded)
@@ -98,7 +98,7 @@ def test_the_padded_rows_operators_pass_opcheck(dtype, with_mask):
     x, mask, w, b = _tokens(dtype, gen)
     x = torch.nan_to_num(x)
     mask = mask if with_mask else None
-    ops = native.token_ops()
+    ops = native.ops()
     torch.library.opcheck(ops.padded_rows_norm.default, (x, mask, w, None if with_mask else b, 1, 1e-5, True, False))
     _, mean, rstd, _ = ops.padded_rows_norm(x, mask, w, b, 1, 1e-5, True, False)
     dy = torch.randn(x.shape, generator=gen).to(dtype)
@@ -108,7 +108,7 @@ def test_the_padded_rows_operators_pass_opcheck(dtype, with_mask):
 @pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
 def test_the_operators_autograd_node_gives_the_python_functions_gradients(masked, center):
-    from masknorm.fast.padded_rows import TokenLayerNormFunction
+    from masknorm.fast.padded_rows import PaddedRowsFunction
 
     x, mask, w, b = _tokens(torch.float32, torch.Generator().manual_seed(5))
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(6))
@@ -119,7 +119,7 @@ def test_the_operators_autograd_node_gives_the_python_functions_gradients(masked
             out = masked_norm(leaves[0], mask, -1, weight=leaves[1], bias=leaves[2], center=center, masked=masked)
             assert "PaddedRowsNorm" in out.grad_fn.name()
         else:
-            out = TokenLayerNormFunction.apply(leaves[0], mask, leaves[1], leaves[2], 1, 1e-5, center, masked)
+            out = PaddedRowsFunction.apply(leaves[0], mask, leaves[1], leaves[2], 1, 1e-5, center, masked)
         grads.append(torch.autograd.grad(out, leaves, g))
     for a, b_ in zip(*grads):
         _same_bits(a, b_)
