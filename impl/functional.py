@@ -9,28 +9,13 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
-from masknorm._contract import check_args
+from masknorm._contract import FLOATING, check_args, check_tensor
 from masknorm._tracing import exporting
 from masknorm.fast import backend as fast_backend, masked_positions, ops as fast_ops, per_channel
 from masknorm.fast import padded_rows
 
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 Moments = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, unbiased variance, valid count
-
-
-def _check_tensor(name: str, t: Optional[torch.Tensor], x: torch.Tensor, *, boolean: bool = False) -> None:
-    """TypeError unless `t` is None or a tensor of the right kind on x's device."""
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if boolean and t.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = valid), got dtype {t.dtype} of shape {tuple(t.shape)}")
-    if not boolean and t.dtype not in _FLOATING:
-        raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype} of shape {tuple(t.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def masked_norm(
@@ -96,11 +81,11 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
     """Check the arguments (before any work), then dispatch to a fast path or the general one."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATING:
+    if x.dtype not in FLOATING:
         raise TypeError(f"x must be a floating tensor (float16/bfloat16/float32/float64), got dtype {x.dtype}")
-    _check_tensor("mask", mask, x, boolean=True)
-    _check_tensor("weight", weight, x)
-    _check_tensor("bias", bias, x)
+    check_tensor("mask", mask, x, boolean=True)
+    check_tensor("weight", weight, x)
+    check_tensor("bias", bias, x)
     fast_backend.check_backend(backend)
     args = check_args(
         x.shape,
@@ -123,16 +108,16 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
                                 args.masked), None
     if eager:
         if padded_rows.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
-            out = padded_rows.TokenLayerNormFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
+            out = padded_rows.PaddedRowsFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,
                                                           args.masked)
             return out, None
         if per_channel.applies(x, weight, bias, args.dims, args.eps, args.center):
-            out, *moments = per_channel.ChannelNormFunction.apply(
+            out, *moments = per_channel.PerChannelFunction.apply(
                 x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked
             )
             return out, tuple(moments)
         if (lay := masked_positions.layout(x, mask, weight, bias, args.dims)) is not None:
-            return masked_positions.GroupNormFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
+            return masked_positions.MaskedPositionsFunction.apply(x, mask, weight, bias, lay, args.dims, args.correction, args.eps,
                                                       args.center, args.masked), None
     elif _compiling_with_ops(x) and (routed := fast_ops.traced(x, mask, weight, bias, args)) is not None:
         return routed

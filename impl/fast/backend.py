@@ -89,5 +89,5 @@ def run(x, mask, weight, bias, dims: Sequence[int], correction: int, eps: float,
     ndims = len(dims)
     keepdim = (*x.shape[: x.dim() - ndims], *[1] * ndims)
     valid = torch.ones(keepdim, dtype=torch.bool, device=x.device) if mask is None else mask.expand(keepdim)
-    return triton_padded_rows.TritonTokenNormFunction.apply(x, valid, mask, weight, bias, ndims, correction, eps, center,
+    return triton_padded_rows.TritonPaddedRowsFunction.apply(x, valid, mask, weight, bias, ndims, correction, eps, center,
                                                       masked)

@@ -77,7 +77,7 @@ class Layout:
 
     def kernel(self, x, m2, weight, bias, correction: int, eps: float, center: bool, policy: int):
         """(y, mean, rstd, state) of the fused kernel: x's shape, then one value per group."""
-        y, mean, rstd, state = getattr(native.token_ops(), self.op)(
+        y, mean, rstd, state = getattr(native.ops(), self.op)(
             x.reshape(self.kernel_shape(m2)), m2, self.channels(weight), self.channels(bias), correction, eps, center,
             policy)
         return y.view(x.shape), mean, rstd, state
@@ -85,7 +85,7 @@ class Layout:
     def kernel_backward(self, g_out, x, m2, mean, rstd, state, weight, correction: int, center: bool, policy: int):
         """(grad x, per-channel grad weight, per-channel grad bias) of the fused kernel."""
         shape = self.kernel_shape(m2)
-        gx, gw, gb = getattr(native.token_ops(), self.op + "_backward")(
+        gx, gw, gb = getattr(native.ops(), self.op + "_backward")(
             g_out.reshape(shape), x.reshape(shape), m2, mean, rstd, state, self.channels(weight), correction, center,
             policy)
         return gx.view(x.shape), gw, gb
@@ -219,7 +219,7 @@ def fused_backward(g_out, x, mask, weight, bias_shape, lay: Layout, m2, mean, rs
     return gx, gw, gb
 
 
-class GroupNormFunction(torch.autograd.Function):
+class MaskedPositionsFunction(torch.autograd.Function):
     """masked_norm on the fused group kernel; see masknorm.masked_norm for the contract.
 
     Saved: x, the mask, the weight and the kernel's per-group (mean, rstd, state); the general

@@ -87,7 +87,7 @@ def cause(error: BaseException) -> str:
 
 def _user_stacklevel() -> int:
     """warnings.warn's stacklevel for the first caller outside masknorm and torch: the user's call."""
-    skip = (str(Path(__file__).parent), str(Path(torch.__file__).parent), contextlib.__file__)
+    skip = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent), contextlib.__file__)
     frame, level = sys._getframe(2), 2
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
@@ -101,8 +101,9 @@ def _required_error() -> RuntimeError:
     return error
 
 
-def token_ops() -> Optional[object]:
-    """torch.ops.masknorm (token_layer_norm and its backward) when the kernel is on and built, else None."""
+def ops() -> Optional[object]:
+    """torch.ops.masknorm (every fused kernel: padded rows, masked positions, masked rows) when the kernels are on
+    and built, else None."""
     wanted = _wanted()
     if wanted == "off":
         return None
@@ -123,9 +124,9 @@ def token_ops() -> Optional[object]:
 
 
 def available() -> bool:
-    """token_ops() is not None; torch.compile calls it eagerly and takes the answer as a constant
+    """ops() is not None; torch.compile calls it eagerly and takes the answer as a constant
     (a build or a lock is nothing a tracer can follow)."""
-    return token_ops() is not None
+    return ops() is not None
 
 
 # What torch.compiler.assume_constant_result(available) sets, without its import of torch._dynamo
@@ -149,6 +150,6 @@ def describe() -> str:
     """One line for command-line headers: whether the fused kernel is in use."""
     if _wanted() == "off":
         return "fused CPU kernel: off (MASKNORM_KERNELS), torch's kernels"
-    if token_ops() is None:
+    if ops() is None:
         return f"fused CPU kernel: unavailable ({_State.why_not}), torch's kernels"
     return f"fused CPU kernel: on ({torch.backends.cpu.get_cpu_capability()})"

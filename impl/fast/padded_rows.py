@@ -65,7 +65,7 @@ def applies(
 
 def _kernel(x: torch.Tensor):
     """The fused CPU kernel's ops for x, or None (not on CPU, empty, or the kernel is not built)."""
-    return native.token_ops() if x.device.type == "cpu" and x.numel() > 0 else None
+    return native.ops() if x.device.type == "cpu" and x.numel() > 0 else None
 
 
 def _rows(t: torch.Tensor, ndims: int) -> torch.Tensor:
@@ -312,7 +312,7 @@ def fused_backward(g_out, x, mask, weight, bias_shape, st: GroupStats, redo, pad
     return gx, gw, gb
 
 
-class TokenLayerNormFunction(torch.autograd.Function):
+class PaddedRowsFunction(torch.autograd.Function):
     """The fused-kernel twin of MaskedNormFunction.
 
     Groups where the fused kernel is inaccurate are redone with the general statistics (a host

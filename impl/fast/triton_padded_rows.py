@@ -277,7 +277,7 @@ def _parameter_grad(partial: torch.Tensor, shape_dtype, nshape, D: int) -> torch
     return partial.sum(0)[:D].reshape(nshape).sum_to_size(trailing).reshape(shape).to(dtype)
 
 
-class TritonTokenNormFunction(torch.autograd.Function):
+class TritonPaddedRowsFunction(torch.autograd.Function):
     """masked_norm on the Triton kernels (the padded-token layout); the twin of MaskedNormFunction.
 
     Double backward, and backward under torch.func, use the general closed form (torch ops); the

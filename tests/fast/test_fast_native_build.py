@@ -48,7 +48,7 @@ def test_masknorm_kernels_off_does_not_build(raw, monkeypatch):
     monkeypatch.setenv("MASKNORM_KERNELS", raw)
     monkeypatch.setattr(native._State, "tried", False)
     monkeypatch.setattr(native, "_build", lambda: pytest.fail("built although MASKNORM_KERNELS is off"))
-    assert native.token_ops() is None
+    assert native.ops() is None
     assert native.describe().startswith("fused CPU kernel: off")
 
 
@@ -191,7 +191,7 @@ def test_a_live_lock_is_waited_for_until_the_timeout_then_torchs_kernels_run(tmp
     monkeypatch.setattr(native, "_build", lambda: kernel_cache.obtain(lambda: None, lambda line: None) and 0)
     start = time.perf_counter()
     with pytest.warns(RuntimeWarning, match=f"delete {lock}"):
-        assert native.token_ops() is None
+        assert native.ops() is None
     assert 1.0 < time.perf_counter() - start < 10
 
 
@@ -207,7 +207,7 @@ def test_a_lock_whose_builder_finished_yields_the_built_library(tmp_path, monkey
 @pytest.mark.slow  # the real build (about 60 s when the cache is cold) and a subprocess
 def test_a_kernel_built_into_a_read_only_cache_is_used(tmp_path):
     """The build is loaded as it is: no lock, no write, no rebuild (the cache here is made read-only)."""
-    assert native.token_ops() is not None, native.describe()
+    assert native.ops() is not None, native.describe()
     built = kernel_cache.library().parent
     copy = tmp_path / "cache" / built.name
     shutil.copytree(built, copy)

@@ -17,7 +17,7 @@ import masknorm
 from masknorm.fast import masked_positions, native, padded_rows, per_channel
 from masknorm.modules import MaskedBatchNorm1d, MaskedGroupNorm, MaskedInstanceNorm1d, MaskedLayerNorm, MaskedRMSNorm
 
-pytestmark = [pytest.mark.skipif(native.token_ops() is None, reason="the fused CPU kernels could not be built"),
+pytestmark = [pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built"),
               pytest.mark.usefixtures("compile_strictly")]
 
 # name -> (module factory, x as (B, T, 4) rather than (B, 4, T), the fast path (its fused_forward

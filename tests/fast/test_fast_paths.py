@@ -37,7 +37,7 @@ def _token_case(rows=700, n=96, seed=0):
 
 def test_the_fused_kernel_is_built():
     """The suite's fused-kernel cases must not silently run on torch's kernels."""
-    assert native.token_ops() is not None, native.describe()
+    assert native.ops() is not None, native.describe()
     assert native.describe().startswith("fused CPU kernel: on")
 
 
@@ -181,10 +181,10 @@ def test_padded_token_layer_and_rms_norm_take_the_fused_kernel(dtype, center):
     others on the general path. (Their accuracy: test_impl_accuracy's padded-token layouts.)"""
     x, mask, _, weight, bias, _ = _token_case(rows=40, n=24)
     x, weight, bias = (t.to(dtype) for t in (x, weight, bias))
-    assert _path_of(x, mask, weight, bias, center) == "TokenLayerNormFunctionBackward"
+    assert _path_of(x, mask, weight, bias, center) == "PaddedRowsFunctionBackward"
     with native.kernels(False):
         assert _path_of(x, mask, weight, bias, center) == (
-            "TokenLayerNormFunctionBackward" if center and dtype == torch.float32 else "MaskedNormFunctionWithJvpBackward")
+            "PaddedRowsFunctionBackward" if center and dtype == torch.float32 else "MaskedNormFunctionWithJvpBackward")
 
 
 def _path_of(x, mask, weight, bias, center) -> str:

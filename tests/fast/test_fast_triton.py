@@ -215,7 +215,7 @@ def test_weight_broadcast_along_normalized_axes():
 def test_verify_backend_triton(capsys):
     """`masknorm verify --backend triton` runs the layer and RMS cases through the kernels within the
     bounds, lists the others as skipped with the reason and prints the worst errors per dtype."""
-    from masknorm.reference import verify
+    from masknorm_cli import verify
 
     assert verify.main(["--backend", "triton", "--skip-derive"]) == 0
     out = capsys.readouterr().out

@@ -320,7 +320,7 @@ def _operator_calls(monkeypatch, dtype):
 def test_every_operator_passes_opcheck(monkeypatch, dtype):
     from masknorm.fast import native
 
-    if native.token_ops() is None:
+    if native.ops() is None:
         pytest.skip("the fused CPU kernels could not be built")
     calls = _operator_calls(monkeypatch, dtype)
     names = [n for n in _Recorder.NAMES if dtype in (torch.float32, torch.float64) or n != "channel_norm"]  # BN: 32/64

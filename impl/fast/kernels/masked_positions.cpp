@@ -11,6 +11,9 @@
 //       A_ch = sum_{P_used} dy,   B_ch = sum_{P_used} dy xh        (per channel: dbias, dweight)
 //       dx = rstd (dy w_ch - [valid] (sum_ch w A)/k - [valid] xh (sum_ch w B)/nu)   on P
 //       dx = dy ("keep") or 0 ("zero") elsewhere
+//   That is spec/closed_forms.py's vjp_centered(g_j = dy w_ch, p_j, m_j = [valid], yhat_j = xh,
+//   sum_p_g = sum_ch w A, sum_p_g_yhat = sum_ch w B, k, nu, inv_s = rstd) (vjp_rms when !center);
+//   A and B are bias_grad and weight_grad summed per channel.
 //
 // Group states: 0 fused; 1 degenerate (nu <= 0): passed through, out = x (0 at masked-out
 // positions under "zero"), adds nothing to dw/db; 2 redo: statistics outside the range where this
