@@ -162,6 +162,7 @@ def test_garbage_in_pruned_entries_never_reaches_weights_or_gradients():
     assert torch.equal(module.weight, clean_module.weight)
     assert all(torch.equal(a, b) for a, b in zip(dirty, clean))
 
+@pytest.mark.theorem("weight_norm_closed_forms")
 
 def test_gradcheck_gradgradcheck_and_forward_ad():
     v, g, mask, _ = inputs(5, shape=(3, 4))
