@@ -24,6 +24,7 @@ from support.strategies import (
     cases,
     channels,
     degenerate,
+    grouped,
     impl_jvp,
     impl_vjp,
     like,
@@ -263,14 +264,8 @@ def test_masked_group_equals_its_valid_values_alone(data):
     valid values alone (a 1-d tensor, no mask, their weights and biases), up to rounding."""
     dtype = data.draw(st.sampled_from([torch.float64, F32]))
     case = data.draw(cases(dtype).filter(lambda c: c.mask is not None))
-    n = int(np.prod([case.x.shape[d] for d in case.dims]))
-    kept = [d for d in range(case.x.dim()) if d not in case.dims]
-
-    def grouped(t):
-        return None if t is None else t.expand(case.x.shape).permute(kept + list(case.dims)).reshape(-1, n)
-
-    out, x, m, w, b = (grouped(t) for t in (case.run(), case.x, case.full_mask, case.weight, case.bias))
-    kappa = grouped(torch.from_numpy(case.kappa()))
+    out, x, m, w, b = (grouped(case, t) for t in (case.run(), case.x, case.full_mask, case.weight, case.bias))
+    kappa = grouped(case, torch.from_numpy(case.kappa()))
     for g in range(x.shape[0]):
         valid = m[g]
         if not valid.any():
