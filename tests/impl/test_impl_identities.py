@@ -37,7 +37,10 @@ U64 = ref.unit_roundoff(torch.float64)
 
 
 def _plain(case: Case) -> Case:
-    """The case without weight and bias: its output is yhat on P."""
+    """The case without weight and bias: its output is yhat on P. Cases with subnormal inputs are
+    left out: those carry an absolute error that no relative bound covers (bounds.forward_error)."""
+    x = case.x.abs()
+    assume(bool(((x == 0) | (x >= torch.finfo(case.x.dtype).smallest_normal)).all()))
     return replace(case, weight=None, bias=None)
 
 
@@ -123,7 +126,8 @@ def test_gradient_orthogonality(dtype, data):
     """With eps = 0, for every non-degenerate group: |sum_P gx| <= sum_P D (centered) and
     |sum_P yhat gx| <= sum_P |yhat| D + u64 sum_P |yhat gx| (yhat: the reference's, rounded once
     to float64), D = VJP_X_BOUND u S; off V under "zero" gx is 0 and under "keep" the upstream
-    gradient, exactly (the orthogonal part there is 0: P is V)."""
+    gradient, exactly (the orthogonal part there is 0: P is V). Groups whose scale S exceeds the
+    dtype's range are left out: their gradients may rightly overflow."""
     case = _plain(data.draw(cases(dtype, eps_values=(0.0,))))
     upstream = like(data.draw, case.x)
     gx = impl_vjp(case, upstream)[0]
@@ -137,6 +141,8 @@ def test_gradient_orthogonality(dtype, data):
         grouped(case, t) for t in (gx, torch.from_numpy(case.y_hat()), allowed, draws_statistics(case)))
     for g in _live(case):
         p = normalized[g]
+        if not bool((within[g][p] <= torch.finfo(dtype).max).all()):
+            continue
         d, y, e = _exact(grads[g][p]), _exact(y_hat[g][p]), within[g][p].tolist()
         if case.center:
             assert abs(sum(d, Fraction(0))) <= math.fsum(e), f"group {g}: sum_P gx = {float(sum(d)):.3g}"
