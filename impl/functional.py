@@ -43,7 +43,8 @@ def masked_norm(
         correction: c >= 0, the variance divisor is k - c (k = valid positions in the group).
         eps: added to the variance, >= 0.
         center: subtract the mean (layer/batch norm) or not (RMS norm).
-        weight, bias: gamma/beta, broadcastable to x without changing its shape.
+        weight: gamma, broadcastable to x without changing its shape.
+        bias: beta, broadcastable to x without changing its shape.
         masked: output at masked-out positions: "normalize" (gamma*(x-mu)/s + beta),
             "keep" (x) or "zero" (0).
         backend: "torch" (torch's kernels, and masknorm's fused CPU kernels where they apply),

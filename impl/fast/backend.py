@@ -80,7 +80,7 @@ def run(x, mask, weight, bias, dims: Sequence[int], correction: int, eps: float,
     if reason is not None:
         raise ValueError(f"backend='triton' cannot run this call: {reason}")
     if not installed():
-        raise ImportError("backend='triton' needs triton: pip install 'masknorm[gpu]'")
+        raise ImportError("backend='triton' needs triton, the gpu extra (from a checkout: pip install '.[gpu]')")
     from masknorm.fast import triton_padded_rows
 
     if x.device.type == "cpu" and not triton_padded_rows.interpreted():
