@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from masknorm._heartbeat import while_quiet
 from masknorm.spec import fingerprint, render
 from masknorm.spec import derive as derivation
 from masknorm_cli import parsers
@@ -23,7 +24,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     start = time.perf_counter()
     print("masknorm derive:")
-    results = derivation.derive()
+    with while_quiet("  masknorm derive"):  # some steps are indivisible: a line at least every 10 s
+        results = derivation.derive()
     forms = len(results.forms) + len(results.weight_norm_forms)
     identities = sum(e.identities for e in results.expansions + results.weight_norm_expansions)
     print(f"  {forms} closed forms, {len(results.generic_checks)} generic checks, {identities} expanded identities "

@@ -27,7 +27,9 @@ import torch
 
 from masknorm.fast import kernel_cache
 
-BUILD_S, BUILD_CPU_S = 60, 60  # the first build on a 2-core AVX2 machine, wall and CPU (README, "Set-up"): 23-134 s, 40-66 s
+# The first build of both kernel sources on this project's machine kind (2-core x86_64 AVX2, shared: load 4-6),
+# `masknorm build` into an empty cache: 79 s and 87 s wall, 33 s and 34 s of CPU (docs/performance.md).
+BUILD_S, BUILD_CPU_S = 90, 35
 _OFF, _ON = {"0", "false", "off", "no"}, {"1", "true", "on", "yes"}
 
 
@@ -66,8 +68,8 @@ def say(line: str) -> None:
 
 
 def announce() -> None:
-    say(f"masknorm: building masknorm's CPU kernel, once, about {BUILD_S} s ({BUILD_CPU_S} s of CPU; into "
-         f"{kernel_cache.library().parent}; `masknorm build` does it ahead of time)")
+    say(f"masknorm: building masknorm's CPU kernel, once: about {BUILD_S} s on a shared 2-core machine ({BUILD_CPU_S} s "
+        f"of CPU), a line every 10 s; into {kernel_cache.library().parent}; `masknorm build` does it ahead of time")
 
 
 def _build() -> object:
