@@ -121,6 +121,21 @@ def test_gradient_when_the_sum_of_g_y_hat_overflows(dtype, layout, fused_kernel)
     assert ex <= VJP_X_BOUND[dtype]
 
 
+@pytest.mark.parametrize("weight", [0.0, 1e-20])
+def test_batch_norm_gradient_when_a_masked_out_y_hat_overflows(weight):
+    """The batch-norm layout (its own fast path, eps > 0): a masked-out 3e38 beside valid values
+    near 1e-3 has y_hat ~ 1e41; with weight 0 every exact gradient of x is 0 (was NaN), with 1e-20
+    they are finite (were -inf and NaN); the weight's gradient, ~6e38, is beyond float32 (inf)."""
+    x = torch.tensor([[[1e-3, 3e38]], [[2e-3, -1.0]]])
+    mask = torch.tensor([[[True, False]], [[True, True]]])
+    case = Case(x, mask, (0, 2), weight=torch.tensor([weight]), bias=torch.tensor([0.5]))
+    assert case.run(x=x.clone().requires_grad_()).grad_fn.name() == "PerChannelFunctionBackward"
+    assert forward_error(case) <= FORWARD_BOUND[torch.float32]
+    ex, ew, eb = vjp_errors(case, torch.ones_like(x))
+    assert ex <= VJP_X_BOUND[torch.float32] and max(ew, eb) <= VJP_AFFINE_BOUND[torch.float32], (ex, ew, eb)
+    assert jvp_error(case, torch.ones_like(x), torch.ones(1), torch.ones(1)) <= JVP_BOUND[torch.float32]
+
+
 def test_the_overflow_repair_under_torch_func_matches_eager():
     """Under torch.func the float64 repair runs unconditionally (no data-dependent check): the same
     outputs as eager, where it runs because a result was not finite, and finite gradients."""
