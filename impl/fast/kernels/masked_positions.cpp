@@ -199,6 +199,10 @@ double finite_xh(A h, A x, A m, A r) {
 template <typename T, typename A, typename Affine>
 void repair_overflow(const Row& row, T* out, const T* x, A m, A r, Affine affine) {
   using acc_t = at::opmath_type<T>;
+  acc_t probe = 0;  // NaN iff some output is not finite (inf * 0): one vectorized pass
+#pragma omp simd reduction(+ : probe)
+  for (int64_t j = 0; j < row.L; ++j) probe += acc_t(out[j]) * acc_t(0);
+  if (probe == acc_t(0)) return;
   for (int64_t j = 0; j < row.L; ++j)
     if (!row.m[j] && !std::isfinite(double(out[j])) && std::isfinite(double(x[j])))
       out[j] = T(acc_t(affine(j, wide_xh(acc_t(x[j]), m, r))));
