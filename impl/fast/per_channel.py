@@ -203,6 +203,8 @@ def fused_backward(g_out, x, mask, weight, bias_shape, var, padding_bound: float
     grads = _fused_vjp(*args, sanitize=False)
     if grads is None:
         grads = _fused_vjp(*args, sanitize=True)
+        if mask is not None and masked == "normalize" and not all(bool(torch.isfinite(t).all()) for t in grads):
+            grads = _closed_form_vjp(g_out, x, mask, weight, st, dims, masked)
     gx, gw, gb = grads
     if redo is not None:
         gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
@@ -213,6 +215,15 @@ def fused_backward(g_out, x, mask, weight, bias_shape, var, padding_bound: float
     gw = gw.reshape(weight.shape) if want_w else None
     gb = gb.reshape(bias_shape[0]) if want_b else None
     return gx, gw, gb
+
+
+def _closed_form_vjp(g_out, x, mask, weight, st: GroupStats, dims, masked: str):
+    """_fused_vjp's (gx, sum_P g_out y_hat, sum_P g_out) from the general closed form (masked_norm_vjp),
+    for a masked-out value so far from its channel that y_hat overflows ("normalize"): there the
+    regrouped sums are inf or NaN where the exact gradients need not be (one more host sync, only
+    after the sanitized pass)."""
+    gx, gy, g = masked_norm_vjp(g_out, x, mask, weight, st, dims, True, masked, True, True)
+    return gx, gy.sum(dims, keepdim=True), g.sum(dims, keepdim=True)
 
 
 class PerChannelFunction(torch.autograd.Function):
