@@ -235,14 +235,15 @@ def _backward_kernel(DY, X, M, W, STATS, DEGENERATE, P, DX, DW, DB, n_groups, G,
             dx = _rounded(inv_s * core * scale, dy_raw, BF16_BY_HAND)
             tl.store(DX + offsets, _by_policy(dx, dy_raw, inside, valid, degenerate, POLICY), mask=inside)
             if PARTIAL == 2:
-                tl.store(DW + pid * I + i, tl.sum(dy * y_hat, axis=0), mask=i < I)
-                tl.store(DB + pid * I + i, tl.sum(dy, axis=0), mask=i < I)
+                tl.store(DW + tl.cast(pid, tl.int64) * I + i, tl.sum(dy * y_hat, axis=0), mask=i < I)
+                tl.store(DB + tl.cast(pid, tl.int64) * I + i, tl.sum(dy, axis=0), mask=i < I)
             else:
                 row_w += tl.sum(dy * y_hat, axis=1)
                 row_b += tl.sum(dy, axis=1)
         if PARTIAL == 1:
-            tl.store(DW + pid * O + o0 + tl.arange(0, BO), row_w, mask=o0 + tl.arange(0, BO) < O)
-            tl.store(DB + pid * O + o0 + tl.arange(0, BO), row_b, mask=o0 + tl.arange(0, BO) < O)
+            rows = o0 + tl.arange(0, BO)
+            tl.store(DW + tl.cast(pid, tl.int64) * O + rows, row_w, mask=rows < O)
+            tl.store(DB + tl.cast(pid, tl.int64) * O + rows, row_b, mask=rows < O)
         total_w += tl.sum(row_w)
         total_b += tl.sum(row_b)
     if PARTIAL == 0:

