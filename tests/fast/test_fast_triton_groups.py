@@ -228,11 +228,14 @@ def test_gradcheck_float64(view, masked, center):
 
 
 def test_wide_groups_span_many_blocks():
-    """Instance norm over 3000 steps (three blocks of 1024) and batch norm over 40 x 70 values per
-    channel (blocks of 16 x 64): within a few u of the CPU path in float64, with padding."""
+    """Instance norm over 3000 steps (three blocks of 1024), batch norm over 40 x 70 values per
+    channel (blocks of 16 x 64) and padded-token layer norm over rows of 65600 values (wider than
+    the padded-token kernels take: 65 blocks of the group kernels): within a few u of the CPU path
+    in float64, with padding."""
     gen = torch.Generator().manual_seed(10)
     cases = [(torch.randn(2, 3, 3000, generator=gen, dtype=torch.float64) + 100, torch.rand(2, 1, 3000, generator=gen) > 0.2, (2,)),
-             (torch.randn(40, 2, 70, generator=gen, dtype=torch.float64) - 50, torch.rand(40, 1, 70, generator=gen) > 0.2, (0, 2))]
+             (torch.randn(40, 2, 70, generator=gen, dtype=torch.float64) - 50, torch.rand(40, 1, 70, generator=gen) > 0.2, (0, 2)),
+             (torch.randn(2, 65600, generator=gen, dtype=torch.float64) + 3, torch.tensor([[True], [False]]), (1,))]
     for x, mask, dims in cases:
         assert _view(x, mask, None, None, dims) in ("positions", "channels")
         grad = torch.randn(x.shape, generator=gen, dtype=torch.float64)
