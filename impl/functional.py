@@ -48,10 +48,11 @@ def masked_norm(
         masked: output at masked-out positions: "normalize" (gamma*(x-mu)/s + beta),
             "keep" (x) or "zero" (0).
         backend: "torch" (torch's kernels, and masknorm's fused CPU kernels where they apply),
-            "triton" (the Triton kernels of the padded-token layer/RMS norm: trailing axes, one
-            mask flag per row; eager mode; on CPU tensors only under TRITON_INTERPRET=1; a call
-            they cannot run raises ValueError saying why) or "auto" (default): "torch" until the
-            Triton kernels have run on a GPU (they are verified under Triton's interpreter only).
+            "triton" (the Triton kernels: trailing axes with a mask per row, per (sample, position)
+            or per element, and batch norm over every axis but 1 with any mask; eager mode; on CPU
+            tensors only under TRITON_INTERPRET=1; a call they cannot run raises ValueError saying
+            why, see masknorm.fast.backend) or "auto" (default): "torch", never the Triton kernels,
+            until they have run on a GPU (they are verified under Triton's interpreter only).
 
     A degenerate group (k - c <= 0, or eps = 0 and all valid values equal; RMS: all zero)
     passes x through unchanged with no affine (0 at masked-out positions under "zero").
@@ -69,12 +70,13 @@ def masked_norm_with_moments(
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     masked: str,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[Moments]]:
-    """masked_norm(x, mask, dim, eps=eps, weight=weight, bias=bias, masked=masked), and each group's
-    (mean, unbiased variance, valid count) of the valid values (keepdim shape, not differentiable)
-    when the batch-norm fast path computed them on its way, else None: the masked batch-norm
-    modules keep their running averages with them."""
-    return _normalize(x, mask, dim, 0, eps, True, weight, bias, masked)
+    """masked_norm(x, mask, dim, eps=eps, weight=weight, bias=bias, masked=masked, backend=backend), and
+    each group's (mean, unbiased variance, valid count) of the valid values (keepdim shape, not
+    differentiable) when the batch-norm fast path or the Triton group kernels computed them on their
+    way, else None: the masked batch-norm modules keep their running averages with them."""
+    return _normalize(x, mask, dim, 0, eps, True, weight, bias, masked, backend)
 
 
 def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
@@ -106,7 +108,7 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
     eager = _eager_on_data(x)
     if fast_backend.wanted(backend, traced=not eager):
         return fast_backend.run(x, mask, weight, bias, args.dims, args.correction, args.eps, args.center,
-                                args.masked), None
+                                args.masked)
     if eager:
         if padded_rows.applies(x, mask, weight, bias, args.dims, args.correction, args.center):
             out = padded_rows.PaddedRowsFunction.apply(x, mask, weight, bias, len(args.dims), args.eps, args.center,

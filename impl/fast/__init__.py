@@ -7,4 +7,7 @@ channel: batch norm over every axis but the channels, any mask.
 token: layer norm over trailing axes with one validity flag per group (padded tokens).
 ops: the same computations as registered operators (torch.library.custom_op), which is how
 torch.compile reaches them (docs/DECISIONS.md, item 1).
+backend: masked_norm's backend choice ("auto" = "torch", or "triton"), without importing triton;
+group_views: the Triton group kernels' layouts as strided groups; triton_padded_rows and
+triton_groups: the Triton kernels (they import triton; reached only through backend.run).
 """
