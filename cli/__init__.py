@@ -27,7 +27,7 @@ VERIFY_EXTRAS = {"sympy", "mpmath", "hypothesis", "numpy"}
 
 
 def _usage() -> str:
-    lines = ["usage: masknorm <command> [options]", "", "commands:"]
+    lines = ["usage: masknorm <command> [options]  |  masknorm --version", "", "commands:"]
     lines += [f"  {name:<11} {parsers.SUMMARIES[name]}" for name in SUBCOMMANDS]
     lines.append("\n'masknorm <command> --help' describes each command's options.")
     return "\n".join(lines)
@@ -38,6 +38,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
+    if args[0] == "--version":
+        import masknorm  # imports torch: only here, never for --help
+
+        print(f"masknorm {masknorm.__version__}")
+        return 0
     name, rest = args[0], args[1:]
     if name not in SUBCOMMANDS:
         print(f"masknorm: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
@@ -52,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if exc.name not in VERIFY_EXTRAS:
             raise
         print(f"masknorm {name} needs the verification extras (missing {exc.name}): "
-              "pip install 'masknorm[verify]'", file=sys.stderr)
+              "install the verify extra (from a checkout: pip install '.[verify]')", file=sys.stderr)
         return 2
     return int(entry(rest) or 0)
 

@@ -10,10 +10,12 @@ torch.compile of the module cases on both sides. On CPU, the small-input cases f
 (bench_small.py): microseconds per call of modules on batch 1-2 inputs, eval under no_grad and
 training fwd / fwd+bwd, beside torch's modules.
 
-On CUDA (--device cuda) masknorm's padded-token layer/RMS norm runs on the Triton kernels (backend
-"auto"); each case also times masknorm with backend="torch" where that differs, adds layer and RMS
-norm at 16384 tokens x 4096 in bfloat16, and reports achieved memory bandwidth: the least traffic of
-a fused fwd+bwd norm (read x, write y; read dy and x, write dx: 5 x the bytes of x) over the time.
+On CUDA (--device cuda) "masknorm" is backend "auto", which is "torch" there too until the Triton
+kernels have run on a GPU; every case that calls masked_norm on (x, mask, dims, weight, bias) also
+times masknorm with backend="triton" (every family has Triton kernels), layer and RMS norm at 16384
+tokens x 4096 in bfloat16 are added, and each implementation's achieved memory bandwidth is
+reported: the least traffic of a fused fwd+bwd norm (read x, write y; read dy and x, write dx: 5 x
+the bytes of x) over the time (bandwidth_gb_per_s).
 
 Large CPU tensors spend much of their time page-faulting fresh memory; glibc returns big
 blocks to the OS (munmap, or trimming the heap) unless MALLOC_MMAP_THRESHOLD_ and
@@ -70,6 +72,8 @@ class Case:
     uses_fused_kernel: bool = False  # also time masknorm with the fused CPU kernel off
     plain: bool = True  # also time the plain masked norm on the case's dims, weight and bias
     compiled_too: bool = False  # with --compiled: also time both sides under torch.compile
+    triton: bool = True  # on a GPU: also time masked_norm(x, mask, dims, weight, bias, backend="triton")
+    center: bool = True  # the masked_norm of the case: layer (True) or RMS norm
 
 
 def _layer_cases(gen: torch.Generator, device: str, B: int, T: int, D: int, scattered_too: bool,
@@ -160,7 +164,7 @@ def _rms_case(gen: torch.Generator, device: str, scale: float, B: int = 8, T: in
     name = "" if dtype == torch.float32 else f" {str(dtype).removeprefix('torch.')}"
     return Case(f"RMS norm B={B} T={T} D={D}{name}, token mask ({_percent(tokens)} padding)", x, tokens.unsqueeze(-1),
                 (-1,), w, None, "F.rms_norm", lambda t: F.rms_norm(t, (D,), w, 1e-5),
-                lambda t: masked_norm(t, tokens.unsqueeze(-1), -1, center=False, weight=w), plain=False)
+                lambda t: masked_norm(t, tokens.unsqueeze(-1), -1, center=False, weight=w), plain=False, center=False)
 
 
 def _elementwise_case(gen: torch.Generator, device: str, scale: float) -> Case:
@@ -186,7 +190,7 @@ def _conformer_case(gen: torch.Generator, device: str, scale: float) -> Case:
     theirs.load_state_dict(ours.state_dict())
     return Case(f"conformer block B={B} T={T} d={d} (attention, conv module with batch norm, feed-forward)", x,
                 mask, (-1,), None, None, "conformer, torch norms", lambda t: theirs(t, mask),
-                lambda t: ours(t, mask), uses_fused_kernel=True, plain=False, compiled_too=True)
+                lambda t: ours(t, mask), uses_fused_kernel=True, plain=False, compiled_too=True, triton=False)
 
 
 def _compiled(cases: List[Case]) -> List[Case]:
@@ -197,7 +201,7 @@ def _compiled(cases: List[Case]) -> List[Case]:
             continue
         out.append(Case(f"torch.compile: {case.name}", case.x, case.mask, case.dims, case.weight, case.bias,
                         f"compiled {case.native_name}", torch.compile(case.native), torch.compile(case.masknorm),
-                        plain=False))
+                        plain=False, triton=False))
     return out
 
 
@@ -227,8 +231,23 @@ def _median_ms(samples: List[float]) -> float:
     return 1e3 * statistics.median(samples)
 
 
-def run_case(case: Case, repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter) -> dict:
-    """Interleaved timings (fwd+bwd) of masknorm, the native kernel and the plain masked norm."""
+def least_traffic_bytes(x: torch.Tensor) -> int:
+    """The bytes any fused fwd+bwd norm of x moves at least: read x, write y (forward); read dy and x,
+    write dx (backward): 5 x the bytes of x (the mask, parameters and statistics are small beside it)."""
+    return 5 * x.numel() * x.element_size()
+
+
+def bandwidth_gb_per_s(traffic_bytes: int, ms: float) -> float:
+    """Achieved memory bandwidth in GB/s (10^9 bytes per second) of `traffic_bytes` moved in `ms` milliseconds."""
+    return traffic_bytes / 1e6 / ms
+
+
+def run_case(case: Case, repeats: int, warmup: int, clock: Callable[[], float] = time.perf_counter,
+             gpu: Optional[bool] = None) -> dict:
+    """Interleaved timings (fwd+bwd) of masknorm, the native kernel and the plain masked norm; with
+    gpu (default: x is on CUDA) also masknorm on the Triton kernels, and every implementation's
+    achieved bandwidth. (gpu on CPU tensors runs the same code under Triton's interpreter: tests.)"""
+    gpu = case.x.is_cuda if gpu is None else gpu
     grad = torch.randn_like(case.x)
 
     def ours():
@@ -240,13 +259,14 @@ def run_case(case: Case, repeats: int, warmup: int, clock: Callable[[], float] =
         with native.kernels(False):
             return masknorm()
 
-    def ours_on_torch():
-        return masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias, backend="torch")
+    def ours_on_triton():
+        return masked_norm(case.x, case.mask, case.dims, weight=case.weight, bias=case.bias, center=case.center,
+                           backend="triton")
 
     impls = {
         "masknorm": masknorm,
         **({"masknorm, kernels off": ours_without_kernels} if case.uses_fused_kernel and not case.x.is_cuda else {}),
-        **({"masknorm, backend torch": ours_on_torch} if case.x.is_cuda and case.masknorm is None else {}),
+        **({"masknorm, backend triton": ours_on_triton} if gpu and case.triton else {}),
         case.native_name: lambda: case.native(case.x),
         **({"plain torch (masked)": lambda: plain_masked_norm(case.x, case.mask, case.dims, 1e-5, case.weight,
                                                               case.bias)} if case.plain else {}),
@@ -263,13 +283,14 @@ def run_case(case: Case, repeats: int, warmup: int, clock: Callable[[], float] =
             if i >= warmup:
                 samples[name].append(clock() - start)
     x_bytes = case.x.numel() * case.x.element_size()
+    traffic = least_traffic_bytes(case.x)
     return {
         "median_ms": {name: _median_ms(s) for name, s in samples.items()},
         "spread": {name: spread(s) for name, s in samples.items()},
         "saved_over_x": {name: _saved_bytes(fn) / x_bytes for name, fn in impls.items()},
         "native": case.native_name,
-        "gb_per_s": ({name: 5 * x_bytes / 1e6 / ms for name, ms in ((n, _median_ms(s)) for n, s in samples.items())}
-                     if case.x.is_cuda else None),
+        "gb_per_s": ({name: bandwidth_gb_per_s(traffic, _median_ms(s)) for name, s in samples.items()}
+                     if gpu else None),
     }
 
 

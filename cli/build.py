@@ -24,6 +24,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.where:
         print(target)
         return 0
+    if target.exists():
+        print(f"masknorm build: already built, nothing to do: {target}")
+        return 0
     start, cpu = time.perf_counter(), _cpu_s()
     try:
         kernel_cache.obtain(native.announce, native.say)

@@ -12,6 +12,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from masknorm._heartbeat import Heartbeat
 from masknorm_cli import parsers
 from masknorm_cli.targets import UsageError as _UsageError, load
 
@@ -21,18 +22,27 @@ from masknorm.reference.oracle.semantics import Semantics
 
 class _Progress:
     """One status line on stderr with the estimate of the time left: rewritten in place on a
-    terminal, one line per property otherwise."""
+    terminal, one line per property otherwise, and the latest line again whenever 10 s pass without one."""
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
         self.last = None
+        self.latest = "starting"
+        self.heartbeat = Heartbeat(self._again, lambda: f"checking {self.latest}")
+
+    def _again(self, line: str) -> None:
+        sys.stderr.write(f"\r\033[K{line}\n" if self.tty else f"{line}\n")
+        sys.stderr.flush()
 
     def __call__(self, line: str) -> None:
+        self.latest = line
         if self.tty:
             sys.stderr.write(f"\r\033[K{line}")
+            self.heartbeat.said()
         elif line.split(":")[0] != self.last:
             self.last = line.split(":")[0]
             sys.stderr.write(f"checking {line}\n")
+            self.heartbeat.said()
         sys.stderr.flush()
 
     def done(self) -> None:
@@ -62,15 +72,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     progress = _Progress()
     try:
-        report = check(
-            fn, semantics, ndim=args.ndim, mask_dims=args.mask_dims, mask=not args.no_mask, grad=args.grad,
-            dtype=args.dtype, examples=args.examples, seed=args.seed, extreme=args.extreme,
-            min_group_size=args.min_group_size, min_valid=args.min_valid, sides=args.sides, squeeze_mask=args.squeeze_mask,
-            segments=args.segments,
-            framework_name=args.framework, jit=not args.no_jit,
-            shape_buckets=None if args.shapes is None else args.shapes == "buckets", shrinks=args.shrinks,
-            name=args.target, progress=progress,
-        )
+        with progress.heartbeat:
+            report = check(
+                fn, semantics, ndim=args.ndim, mask_dims=args.mask_dims, mask=not args.no_mask, grad=args.grad,
+                dtype=args.dtype, examples=args.examples, seed=args.seed, extreme=args.extreme,
+                min_group_size=args.min_group_size, min_valid=args.min_valid, sides=args.sides,
+                squeeze_mask=args.squeeze_mask, segments=args.segments,
+                framework_name=args.framework, jit=not args.no_jit,
+                shape_buckets=None if args.shapes is None else args.shapes == "buckets", shrinks=args.shrinks,
+                name=args.target, progress=progress,
+            )
     except (CallError, TypeError, ValueError) as err:
         progress.done()
         print(f"masknorm check: cannot check {args.target}: {err}", file=sys.stderr)

@@ -7,8 +7,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from masknorm._heartbeat import while_quiet
 from masknorm.spec import fingerprint, render
-from masknorm.spec.derive import SPEC_DIR, checkout_spec_dir, read_generated, derive
+from masknorm.spec import derive as derivation
 from masknorm_cli import parsers
 
 
@@ -16,21 +17,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry of `masknorm derive`; 0 on success, 1 when --check finds a file that differs."""
     args = parsers.derive().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.out is None:
-        args.out = SPEC_DIR if args.check else checkout_spec_dir()
+        args.out = derivation.SPEC_DIR if args.check else derivation.checkout_spec_dir()
     if args.out is None:
-        print(f"masknorm derive: masknorm is installed as a package ({SPEC_DIR}); it writes into a checkout only. "
+        print(f"masknorm derive: masknorm is installed as a package ({derivation.SPEC_DIR}); it writes into a checkout only. "
               "Pass --out DIR to write the generated files there, or --check to compare.", file=sys.stderr)
         return 2
     start = time.perf_counter()
     print("masknorm derive:")
-    results = derive()
+    with while_quiet("  masknorm derive"):  # some steps are indivisible: a line at least every 10 s
+        results = derivation.derive()
     forms = len(results.forms) + len(results.weight_norm_forms)
     identities = sum(e.identities for e in results.expansions + results.weight_norm_expansions)
     print(f"  {forms} closed forms, {len(results.generic_checks)} generic checks, {identities} expanded identities "
           f"in {time.perf_counter() - start:.2f} s")
     generated = render.files(results)
     if args.check:
-        differing = [name for name, text in sorted(generated.items()) if read_generated(args.out / name) != text]
+        differing = [name for name, text in sorted(generated.items()) if derivation.read_generated(args.out / name) != text]
         for name in differing:
             print(f"masknorm derive --check: {args.out / name} differs from the derivation "
                   "(run `masknorm derive`)", file=sys.stderr)

@@ -60,7 +60,8 @@ def derive() -> argparse.ArgumentParser:
 def prove() -> argparse.ArgumentParser:
     p = _new("prove")
     p.add_argument("names", nargs="*", metavar="THEOREM",
-                   help="prove only these (default: all but the explicit expansions, as the table lists)")
+                   help="prove only these, by number as the documentation numbers them (1-17; 11e and 12e are "
+                        "the explicit expansions of 11 and 12) or by name (default: 1-17)")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of the table")
     p.add_argument("--expanded", action="store_true",
                    help="also confirm theorems 11 and 12 by explicit expansion for small n (slow)")

@@ -308,12 +308,17 @@ def table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# Marks each reproduction for the suite that runs the documentation's Python blocks
+# (tests/docs/test_doc_blocks.py): it needs the peer's framework and `fn`.
+NOT_RUN = "<!-- not-run: needs the peer installed and `fn`, the callable examples/conformance.py builds for it -->"
+
+
 def counterexamples(rows: List[Dict[str, Any]]) -> str:
     out = []
     for r in rows:
         for name, reason, code, worst_reason in r["failures"]:
             out += [f"### {r['name']}: {name}", "", f"{reason}" + (f"; worst seen: {worst_reason}" if worst_reason else ""), ""]
-            out += ["```python", code or "", "```", ""]
+            out += [NOT_RUN, "```python", code or "", "```", ""]
     return "\n".join(out)
 
 

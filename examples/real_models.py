@@ -9,11 +9,12 @@ Tiny random configurations (no download), dropout and SpecAugment off so that tr
 deterministic. The stock models fail: their norms over time (the feature extractor's GroupNorm, the
 conformer conv module's BatchNorm1d) and the convolutions that read padded frames mix padding into
 valid outputs. masknorm.convert(model) plus `with masknorm.padding(...)` (the check enters the block)
-make them padding-invariant to rounding. Needs `pip install 'masknorm[models]'`.
+make them padding-invariant to rounding. Needs the `models` extra (transformers): `pip install ".[models]"` from a checkout.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import sys
 import time
@@ -82,19 +83,24 @@ def cost(repeats: int = 9) -> None:
               f"ratio {med['converted'] / med['stock']:.2f} (median of {repeats}, fwd+bwd, batch 8, 1 thread)")
 
 
-def main() -> None:
+def main() -> int:
     from masknorm.models.invariance import check_padding_invariance
 
+    if importlib.util.find_spec("transformers") is None:
+        print("examples/real_models.py needs transformers, the models extra: pip install '.[models]' from a checkout",
+              file=sys.stderr)
+        return 2
     if "--cost" in sys.argv:
         cost()
-        return
+        return 0
     for make in (wav2vec2_conformer, parakeet):
         case = make()
         print(check_padding_invariance(**case), "\n")
         masknorm.convert(case["model"])
         case["name"] += " after masknorm.convert"
         print(check_padding_invariance(**case), "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch.autograd import forward_ad
+from torch._subclasses.fake_tensor import is_fake
 
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 from masknorm.spec import closed_forms
@@ -60,6 +61,56 @@ def normalized(xc: torch.Tensor, st: GroupStats) -> torch.Tensor:
     return (xc * st.scale - st.shift_scaled) * st.inv_s_scaled
 
 
+def normalized_affine(xc, st: GroupStats, weight, bias, mask: Optional[torch.Tensor], masked: str) -> torch.Tensor:
+    """gamma * y_hat + beta, with its overflow at masked-out positions repaired (overflow_safe)."""
+    return overflow_safe(lambda xc, st, w, b: affine(normalized(xc, st), w, b), mask, masked, xc, st, weight, bias)
+
+
+def overflow_safe(fn, mask: Optional[torch.Tensor], masked: str, xc: torch.Tensor, st: GroupStats, *tensors):
+    """fn(xc, st, *tensors) (a tensor, or a tuple of tensors or None), recomputed in float64 where
+    its result is not finite, when a float32 computation may overflow where the exact result does not.
+
+    Under "normalize" a masked-out x_j is normalized with the valid positions' statistics, and
+    y_hat_j = (x_j - mu)/s is unbounded: beyond the float32 range (1 beside a single valid 1e-45,
+    eps = 0) it is inf, and gamma y_hat_j, the sums of g y_hat and the tangents become inf or
+    inf * 0 = NaN where the exact value is finite (gamma = 0: beta). In float64 every such
+    quantity of float32-range inputs is finite (|y_hat| below about 2^290, its products with the gradients
+    and the other factors below 2^800), so the float64 value rounded to float32 is the correct
+    result: finite where the exact one is, the matching infinity where it overflows. Finite results
+    keep their bits. float64 inputs have no wider type and are not repaired (their overflow needs
+    valid values near 1e-308 beside O(1) masked-out ones). On eager CPU data the float64 pass runs
+    only when a result is not finite (reading that is no device sync); elsewhere (CUDA, traced,
+    under torch.func) it always runs, a few times the cost of fn, so as not to add a host sync."""
+    out = fn(xc, st, *tensors)
+    if mask is None or masked != "normalize" or xc.dtype == torch.float64:
+        return out
+    parts = [out] if isinstance(out, torch.Tensor) else [t for t in out if t is not None]
+    if all(_known_finite(t) for t in parts):
+        return out
+    wide = fn(xc.double(), _wide_stats(st), *(None if t is None else t.double() for t in tensors))
+    if isinstance(out, torch.Tensor):
+        return _finite_or(out, wide)
+    return tuple(None if t is None else _finite_or(t, w) for t, w in zip(out, wide))
+
+
+def _known_finite(t: torch.Tensor) -> bool:
+    """True when t is eager CPU data (not traced, no torch.func transform, not fake) and finite."""
+    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or t.device.type != "cpu"
+            or t.is_meta or is_fake(t)):
+        return False
+    return bool(torch.isfinite(t).all())
+
+
+def _finite_or(t: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, wide.to(t.dtype))
+
+
+def _wide_stats(st: GroupStats) -> GroupStats:
+    """st with the factors of y_hat in float64 (exact: powers of two and float32 values)."""
+    return st._replace(scale=st.scale.double(), shift_scaled=st.shift_scaled.double(),
+                       inv_s_scaled=st.inv_s_scaled.double())
+
+
 def compose(norm_out: torch.Tensor, xc: torch.Tensor, P: torch.Tensor, passthrough: torch.Tensor, masked: str) -> torch.Tensor:
     """Select per position between the normalized output, x and 0 (NaN-safe: no multiplications)."""
     if masked == "zero":
@@ -73,7 +124,8 @@ def redo_groups(out, st, redo, x, mask, weight, bias, dims, correction, eps, mas
     general = group_stats(x, mask, dims, correction, eps, center)
     st = GroupStats(*(torch.where(redo, g, f) for g, f in zip(general, st)))
     P, passthrough = regions(mask, st.degenerate, masked)
-    return torch.where(redo, compose(affine(normalized(x, st), weight, bias), x, P, passthrough, masked), out), st
+    return torch.where(redo, compose(normalized_affine(x, st, weight, bias, mask, masked), x, P, passthrough, masked),
+                       out), st
 
 
 def records_autograd(*tensors: Optional[torch.Tensor]) -> bool:
@@ -121,7 +173,8 @@ class MaskedNormFunction(torch.autograd.Function):
         xc = x.to(ct)
         st = group_stats(xc, mask, dims, correction, eps, center)
         P, passthrough = regions(mask, st.degenerate, masked)
-        out = compose(affine(normalized(xc, st), _cast(weight, ct), _cast(bias, ct)), xc, P, passthrough, masked)
+        out = compose(normalized_affine(xc, st, _cast(weight, ct), _cast(bias, ct), mask, masked), xc, P, passthrough,
+                      masked)
         return (as_dtype(out, x.dtype), *st)
 
     @staticmethod
@@ -180,6 +233,15 @@ def general_vjp(grad_out, x, mask, weight, bias_shape, config, needs_input_grad,
 
 
 def masked_norm_vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b, reduce_sums=None):
+    """_vjp, with its overflow at masked-out positions repaired (overflow_safe); not with
+    reduce_sums (each process would have to take the same float64 recomputation)."""
+    if reduce_sums is not None:
+        return _vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b, reduce_sums)
+    return overflow_safe(lambda xc, st, g_out, w: _vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b),
+                         mask, masked, xc, st, g_out, w)
+
+
+def _vjp(g_out, xc, mask, w, st, dims, center, masked, want_w, want_b, reduce_sums=None):
     """(grad x, grad weight before summing to its shape, grad bias likewise), closed form:
 
     gx_j = (1/s) [ g_j [j in P] - (m_j/k) sum_P g - (m_j y_hat_j / nu) sum_P g y_hat ] + [j passes] g_out_j
@@ -232,6 +294,13 @@ def stats_jvp(x, mask, weight, st: GroupStats, config, x_dot, weight_dot, bias_d
 
 
 def masked_norm_jvp(xc, x_dot, mask, w, w_dot, b_dot, st, dims, center, masked):
+    """_jvp, with its overflow at masked-out positions repaired (overflow_safe)."""
+    return overflow_safe(lambda xc, st, x_dot, w, w_dot, b_dot: _jvp(xc, x_dot, mask, w, w_dot, b_dot, st, dims, center,
+                                                                     masked),
+                         mask, masked, xc, st, x_dot, w, w_dot, b_dot)
+
+
+def _jvp(xc, x_dot, mask, w, w_dot, b_dot, st, dims, center, masked):
     """Tangent of the output, closed form on P:
 
     y_hat_dot_p = (1/s) [ x_dot_p - (1/k) sum_V x_dot - (y_hat_p/nu) sum_V y_hat x_dot ]

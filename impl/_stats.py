@@ -57,11 +57,14 @@ def inverse_power_of_two(amax: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     return torch.exp2(-e)
 
 
-def valid_count(mask: Optional[torch.Tensor], shape: Sequence[int], dims: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
-    """k per group (keepdim shape, `dtype`): valid positions counted along the reduced axes."""
+def valid_count(mask: Optional[torch.Tensor], shape: Sequence[int], dims: Sequence[int], dtype: torch.dtype,
+                device: Optional[torch.device] = None) -> torch.Tensor:
+    """k per group (keepdim shape, `dtype`): valid positions counted along the reduced axes; on the
+    mask's device, or without a mask on `device` (default: the CPU), made there rather than copied
+    there on every call (on CUDA a copy from the host is a transfer the host waits for)."""
     if mask is None:
         n = _product([shape[d] for d in dims])
-        return torch.full([1] * len(shape), n, dtype=dtype)  # n may be a symbolic size: no float(n)
+        return torch.full([1] * len(shape), n, dtype=dtype, device=device)  # n may be a symbolic size: no float(n)
     wide = [d for d in dims if mask.shape[d] != 1]
     repeat = _product([shape[d] for d in dims if mask.shape[d] == 1])
     counts = mask.sum(wide, keepdim=True, dtype=torch.int64) if wide else mask.to(torch.int64)
@@ -102,7 +105,7 @@ def group_stats(
     """Masked statistics of x (a floating tensor in its compute dtype) per group."""
     dims = list(dims)
     xz = x if mask is None else where_or_zero(mask, x)
-    k = valid_count(mask, x.shape, dims, x.dtype).to(x.device)
+    k = valid_count(mask, x.shape, dims, x.dtype, x.device)
     nu = k - correction
     lo, hi = exponent_bounds(x.dtype, eps)
     inv_a = inverse_power_of_two(torch.amax(xz.detach().abs(), dims, keepdim=True), lo, hi)

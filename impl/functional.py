@@ -9,27 +9,12 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
-from masknorm._contract import check_args
+from masknorm._contract import FLOATING, check_args, check_tensor
 from masknorm._tracing import exporting
 from masknorm.fast import backend as fast_backend, dispatch
 
-_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 Moments = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, unbiased variance, valid count
-
-
-def _check_tensor(name: str, t: Optional[torch.Tensor], x: torch.Tensor, *, boolean: bool = False) -> None:
-    """TypeError unless `t` is None or a tensor of the right kind on x's device."""
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
-    if boolean and t.dtype != torch.bool:
-        raise TypeError(f"{name} must be a bool tensor (True = valid), got dtype {t.dtype} of shape {tuple(t.shape)}")
-    if not boolean and t.dtype not in _FLOATING:
-        raise TypeError(f"{name} must be a floating tensor, got dtype {t.dtype} of shape {tuple(t.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def masked_norm(
@@ -57,14 +42,16 @@ def masked_norm(
         correction: c >= 0, the variance divisor is k - c (k = valid positions in the group).
         eps: added to the variance, >= 0.
         center: subtract the mean (layer/batch norm) or not (RMS norm).
-        weight, bias: gamma/beta, broadcastable to x without changing its shape.
+        weight: gamma, broadcastable to x without changing its shape.
+        bias: beta, broadcastable to x without changing its shape.
         masked: output at masked-out positions: "normalize" (gamma*(x-mu)/s + beta),
             "keep" (x) or "zero" (0).
         backend: "torch" (torch's kernels, and masknorm's fused CPU kernels where they apply),
-            "triton" (the Triton kernels of the padded-token layer/RMS norm: trailing axes, one
-            mask flag per row; eager mode; on CPU tensors only under TRITON_INTERPRET=1; a call
-            they cannot run raises ValueError saying why) or "auto" (default): "torch" until the
-            Triton kernels have run on a GPU (they are verified under Triton's interpreter only).
+            "triton" (the Triton kernels: trailing axes with a mask per row, per (sample, position)
+            or per element, and batch norm over every axis but 1 with any mask; eager mode; on CPU
+            tensors only under TRITON_INTERPRET=1; a call they cannot run raises ValueError saying
+            why, see masknorm.fast.backend) or "auto" (default): "torch", never the Triton kernels,
+            until they have run on a GPU (they are verified under Triton's interpreter only).
 
     A degenerate group (k - c <= 0, or eps = 0 and all valid values equal; RMS: all zero)
     passes x through unchanged with no affine (0 at masked-out positions under "zero").
@@ -82,12 +69,13 @@ def masked_norm_with_moments(
     weight: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     masked: str,
+    backend: str = "auto",
 ) -> Tuple[torch.Tensor, Optional[Moments]]:
-    """masked_norm(x, mask, dim, eps=eps, weight=weight, bias=bias, masked=masked), and each group's
-    (mean, unbiased variance, valid count) of the valid values (keepdim shape, not differentiable)
-    when the batch-norm fast path computed them on its way, else None: the masked batch-norm
-    modules keep their running averages with them."""
-    return _normalize(x, mask, dim, 0, eps, True, weight, bias, masked)
+    """masked_norm(x, mask, dim, eps=eps, weight=weight, bias=bias, masked=masked, backend=backend), and
+    each group's (mean, unbiased variance, valid count) of the valid values (keepdim shape, not
+    differentiable) when the batch-norm fast path or the Triton group kernels computed them on their
+    way, else None: the masked batch-norm modules keep their running averages with them."""
+    return _normalize(x, mask, dim, 0, eps, True, weight, bias, masked, backend)
 
 
 def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
@@ -95,11 +83,11 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
     """Check the arguments (before any work), then dispatch to a fast path or the general one."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATING:
+    if x.dtype not in FLOATING:
         raise TypeError(f"x must be a floating tensor (float16/bfloat16/float32/float64), got dtype {x.dtype}")
-    _check_tensor("mask", mask, x, boolean=True)
-    _check_tensor("weight", weight, x)
-    _check_tensor("bias", bias, x)
+    check_tensor("mask", mask, x, boolean=True)
+    check_tensor("weight", weight, x)
+    check_tensor("bias", bias, x)
     fast_backend.check_backend(backend)
     args = check_args(
         x.shape,
@@ -119,7 +107,7 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
     eager = _eager_on_data(x)
     if fast_backend.wanted(backend, traced=not eager):
         return fast_backend.run(x, mask, weight, bias, args.dims, args.correction, args.eps, args.center,
-                                args.masked), None
+                                args.masked)
     column = "eager" if eager else ("compiled" if _compiling_with_ops(x) else None)
     if column is not None and (route := dispatch.route(x, mask, weight, bias, args)) is not None:
         return dispatch.run(column, route, x, mask, weight, bias, args)

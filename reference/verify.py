@@ -14,10 +14,11 @@ that garbage stays out of valid outputs and gradients. A case passes when both e
 the bounds below (the worst measured over the --thorough sweep, with margin). The inputs have
 kappa of a few units; the property suite covers kappa up to 1e6.
 
-`--backend triton` runs the cases the Triton kernels take (layer and RMS norm: trailing axes, one
-flag per token) through them, on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
-here when absent), float16 included; the other cases, and weight_norm's, are listed as skipped
-with the reason. A summary gives the worst errors per dtype.
+`--backend triton` runs every family's cases through the Triton kernels (layer and RMS norm on the
+padded-token kernels; batch, group and instance norm on the group kernels), on CPU tensors under
+Triton's interpreter (TRITON_INTERPRET=1, set here when absent), float16 included; a case they did
+not take would be listed as skipped with the reason, as weight_norm's are. A summary gives the
+worst errors per dtype.
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ Each path has one implementation per column:
     "eager"     the CPU native kernels on real data in eager mode; their accuracy checks are host
                 syncs (inside the kernel where it can count them)
     "compiled"  the registered operators of fast.ops: what torch.compile traces, one opaque call
-    "triton"    the Triton kernels, where fast.backend registers them (register(path, "triton", fn));
-                empty until then
+
+backend="triton" is not a column: its kernels take layouts and corrections these paths do not
+(any correction, strided groups), so fast.backend.plan routes its calls, and a call they cannot
+run raises instead of falling back to a row of this table.
 
 An implementation takes (x, mask, weight, bias, args, layout) and returns (out, moments or None).
 """
@@ -31,7 +33,7 @@ from masknorm._contract import NormArgs
 from masknorm.fast import masked_positions, ops as fast_ops, padded_rows, per_channel
 
 PADDED_ROWS, PER_CHANNEL, MASKED_POSITIONS = "padded_rows", "per_channel", "masked_positions"
-COLUMNS = ("eager", "compiled", "triton")
+COLUMNS = ("eager", "compiled")
 
 Implementation = Callable[..., tuple]
 

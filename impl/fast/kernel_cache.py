@@ -34,6 +34,8 @@ from typing import Callable, Iterator, List, Sequence
 
 import torch
 
+from masknorm._heartbeat import EVERY_S, Heartbeat
+
 NAME = "masknorm_kernels"
 KERNELS = Path(__file__).parent / "kernels"
 _ISA_FLAGS = {  # by torch.backends.cpu.get_cpu_capability(): what the compiler may assume
@@ -135,7 +137,7 @@ def build_lock(lock: Path, ready: Path, say: Callable[[str], None]) -> Iterator[
     Waits while a live process holds the lock; removes a stale one; raises BuildTimeout when the
     holder has had it longer than timeout_s().
     """
-    limit, waited = timeout_s(), False
+    limit, said_at = timeout_s(), -EVERY_S
     while not _try_take(lock):
         if ready.exists():
             yield False
@@ -151,9 +153,10 @@ def build_lock(lock: Path, ready: Path, say: Callable[[str], None]) -> Iterator[
             raise BuildTimeout(f"process {holder.get('pid', '?')} on {holder.get('host', '?')} has held the build "
                                f"lock for {held:.0f} s (limit {limit:.0f} s, MASKNORM_BUILD_TIMEOUT); if no build "
                                f"is running, delete {lock}")
-        if not waited:
-            say(f"masknorm: waiting for process {holder.get('pid', '?')}'s build of the CPU kernel (lock {lock})")
-            waited = True
+        if time.monotonic() - said_at >= EVERY_S:
+            say(f"masknorm: waiting for process {holder.get('pid', '?')}'s build of the CPU kernel (lock {lock}), "
+                f"{held:.0f} s so far")
+            said_at = time.monotonic()
         time.sleep(_POLL_S)
     try:
         yield True
@@ -196,7 +199,8 @@ def obtain(announce: Callable[[], None], say: Callable[[str], None],
     with build_lock(target.parent.with_suffix(".lock"), target, say) as mine:
         if mine and not target.exists():
             announce()
-            compile_(target, sources(), cflags())
+            with Heartbeat(say, "masknorm: building the CPU kernel"):
+                compile_(target, sources(), cflags())
             return target
     torch.ops.load_library(str(target))
     return target

@@ -26,7 +26,7 @@ from typing import ClassVar, List, Optional, Sequence
 
 import torch
 
-from masknorm.fast import native
+from masknorm.fast import group_views, native
 from masknorm._autograd import (
     _cast, compute_dtype, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups,
 )
@@ -149,17 +149,9 @@ def layout(
     r = nd - len(dims)
     if x.device.type != "cpu" or tuple(dims) != tuple(range(r, nd)):
         return None
-    params = [(1,) * (nd - t.dim()) + tuple(t.shape) for t in (weight, bias) if t is not None]
     if any(t.dtype != x.dtype for t in (weight, bias) if t is not None):
         return None
-    varying = [d for d in range(nd) if any(ps[d] != 1 for ps in params)]
-    first, last = (varying[0], varying[-1]) if varying else (nd, -1)
-    if mask is None:
-        s, q = min(r, first), max(r, last + 1)
-    else:
-        # lists, not max(..., default=) or next(...): torch.compile traces this (fast.ops)
-        s = max([0] + [i + 1 for i in range(r) if mask.shape[i] != 1])
-        q = min([nd] + [j for j in range(r, nd) if mask.shape[j] != 1])
+    first, last, s, q = group_views.spans(nd, r, mask, group_views.varying_axes(nd, weight, bias))
     if not native.available():
         return None
     if first >= s and last < q and not math.prod(x.shape[q:]) == 1 < math.prod(x.shape[r:q]):

@@ -28,7 +28,9 @@ import torch
 from masknorm._autograd import compute_dtype
 from masknorm.fast import kernel_cache
 
-BUILD_S, BUILD_CPU_S = 60, 60  # the first build on a 2-core AVX2 machine, wall and CPU (README, "Set-up"): 23-134 s, 40-66 s
+# The first build of both kernel sources on this project's machine kind (2-core x86_64 AVX2, shared: load 4-6),
+# `masknorm build` into an empty cache: 79 s and 87 s wall, 33 s and 34 s of CPU (docs/performance.md).
+BUILD_S, BUILD_CPU_S = 90, 35
 _OFF, _ON = {"0", "false", "off", "no"}, {"1", "true", "on", "yes"}
 
 
@@ -67,8 +69,8 @@ def say(line: str) -> None:
 
 
 def announce() -> None:
-    say(f"masknorm: building masknorm's CPU kernel, once, about {BUILD_S} s ({BUILD_CPU_S} s of CPU; into "
-         f"{kernel_cache.library().parent}; `masknorm build` does it ahead of time)")
+    say(f"masknorm: building masknorm's CPU kernel, once: about {BUILD_S} s on a shared 2-core machine ({BUILD_CPU_S} s "
+        f"of CPU), a line every 10 s; into {kernel_cache.library().parent}; `masknorm build` does it ahead of time")
 
 
 def _build() -> object:
@@ -109,7 +111,7 @@ def cause(error: BaseException) -> str:
 
 def _user_stacklevel() -> int:
     """warnings.warn's stacklevel for the first caller outside masknorm and torch: the user's call."""
-    skip = (str(Path(__file__).parent.parent), str(Path(torch.__file__).parent), contextlib.__file__)
+    skip = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent), contextlib.__file__)
     frame, level = sys._getframe(2), 2
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
@@ -124,7 +126,8 @@ def _required_error() -> RuntimeError:
 
 
 def ops() -> Optional[object]:
-    """torch.ops.masknorm (token_layer_norm and its backward) when the kernel is on and built, else None."""
+    """torch.ops.masknorm (every fused kernel: padded rows, masked positions, masked rows) when the kernels are on
+    and built, else None."""
     wanted = _wanted()
     if wanted == "off":
         return None

@@ -5,8 +5,8 @@ Per channel, with m the mask as 0/1 and sums over every position of the channel:
     mu = sum m x / k,   var = sum m (x - mu)^2 / nu      (two passes; per channel in float64)
     forward:  out = batch_norm_eval(x; mu, var, gamma, beta, eps)   (then the policy fix-up)
     backward: A = sum_P g_out,  B = sum_P g_out y_hat                 (batch_norm_eval_backward)
-              gx = (gamma/s) g_out - m (alpha + beta x),  beta = (gamma/s^2) B/nu,
-              alpha = (gamma/s) A/k - beta mu                           (the closed-form VJP)
+              gx = (gamma/s) g_out - m (offset + slope x),  slope = (gamma/s^2) B/nu,
+              offset = (gamma/s) A/k - slope mu      (spec/closed_forms.py's vjp_centered, regrouped)
 
 A mask constant along C (the usual (N, 1, L) padding mask) turns the masked sum of x into one
 matrix product with the mask, which reads x once and writes nothing of its size.
@@ -203,6 +203,8 @@ def fused_backward(g_out, x, mask, weight, bias_shape, var, padding_bound: float
     grads = _fused_vjp(*args, sanitize=False)
     if grads is None:
         grads = _fused_vjp(*args, sanitize=True)
+        if mask is not None and masked == "normalize" and not all(bool(torch.isfinite(t).all()) for t in grads):
+            grads = _closed_form_vjp(g_out, x, mask, weight, st, dims, masked)
     gx, gw, gb = grads
     if redo is not None:
         gx_r, gw_r, gb_r = masked_norm_vjp(where_or_zero(redo, g_out), x, mask, weight, st, dims, True, masked,
@@ -213,6 +215,15 @@ def fused_backward(g_out, x, mask, weight, bias_shape, var, padding_bound: float
     gw = gw.reshape(weight.shape) if want_w else None
     gb = gb.reshape(bias_shape[0]) if want_b else None
     return gx, gw, gb
+
+
+def _closed_form_vjp(g_out, x, mask, weight, st: GroupStats, dims, masked: str):
+    """_fused_vjp's (gx, sum_P g_out y_hat, sum_P g_out) from the general closed form (masked_norm_vjp),
+    for a masked-out value so far from its channel that y_hat overflows ("normalize"): there the
+    regrouped sums are inf or NaN where the exact gradients need not be (one more host sync, only
+    after the sanitized pass)."""
+    gx, gy, g = masked_norm_vjp(g_out, x, mask, weight, st, dims, True, masked, True, True)
+    return gx, gy.sum(dims, keepdim=True), g.sum(dims, keepdim=True)
 
 
 class PerChannelFunction(torch.autograd.Function):
@@ -258,7 +269,7 @@ def _fused_vjp(g_out, x, mask, weight, var, padding_bound: float, st, redo, conf
     batch-norm backward sums; channels flagged in redo hold placeholders, to be replaced.
 
     Unsanitized, masked-out positions are multiplied by 0, which is exact only for finite values:
-    None is returned when a sum is not finite or alpha + beta x could overflow there
+    None is returned when a sum is not finite or offset + slope x could overflow there
     (padding_bound bounds |x - mu|). Sanitized, a masked-out position's x is replaced by mu (and its upstream
     gradient by 0 under "keep"/"zero") before the sums, and the mask is applied with where; a
     position that adds 0 either way, so the bits are those finite padding gives.
@@ -279,14 +290,14 @@ def _fused_vjp(g_out, x, mask, weight, var, padding_bound: float, st, redo, conf
     )
     sum_gy, sum_g = sum_gy.reshape(mu.shape), sum_g.reshape(mu.shape)
     gamma_s = inv_s if weight is None else inv_s * weight.reshape(inv_s.shape)
-    beta = gamma_s * inv_s * sum_gy / st.nu
-    alpha = gamma_s * sum_g / st.k - beta * mu
+    slope = gamma_s * inv_s * sum_gy / st.nu
+    offset = gamma_s * sum_g / st.k - slope * mu
     if not sanitize:
         fits = torch.isfinite(sum_gy) & torch.isfinite(sum_g)
-        fits &= (alpha + beta * mu).abs() + beta.abs() * padding_bound < torch.finfo(x.dtype).max / 4
+        fits &= (offset + slope * mu).abs() + slope.abs() * padding_bound < torch.finfo(x.dtype).max / 4
         if not bool((fits if redo is None else fits | redo).all()):
             return None
-    gx = torch.addcmul(-alpha, x_p, -beta)
+    gx = torch.addcmul(-offset, x_p, -slope)
     if mask is not None:
         gx = where_or_zero(mask, gx) if sanitize else gx.mul_(mf)
     gx.addcmul_(g_p, gamma_s)

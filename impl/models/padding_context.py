@@ -39,6 +39,7 @@ from typing import Callable, Dict, Hashable, Iterator, List, Optional, Sequence,
 import torch
 from torch import nn
 
+from masknorm._contract import check_lengths, check_time_mask
 from masknorm._tracing import exporting, tracing
 
 _local = threading.local()
@@ -140,36 +141,18 @@ def _is_prefix(mask: torch.Tensor, lengths: torch.Tensor) -> bool:
     return bool(torch.equal(mask, prefix_mask(lengths, mask.shape[1])))
 
 
-def _check_lengths(lengths: object, name: str) -> torch.Tensor:
-    if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.dtype.is_floating_point \
-            or lengths.dtype == torch.bool or lengths.is_complex():
-        kind = f"a tensor of shape {tuple(lengths.shape)} and dtype {lengths.dtype}" \
-            if isinstance(lengths, torch.Tensor) else type(lengths).__name__
-        raise TypeError(f"{name} must be an integer tensor of shape (B,), got {kind}")
-    return lengths
-
-
-def _check_mask(mask: object, name: str, meaning: str = "True = valid") -> torch.Tensor:
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 2:
-        kind = f"a tensor of shape {tuple(mask.shape)} and dtype {mask.dtype}" \
-            if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"{name} must be a bool tensor of shape (B, T), {meaning} (an int mask: "
-                        f".bool()), got {kind}")
-    return mask
-
-
 def _resolution(lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], size: Optional[int],
                 source: str) -> Resolution:
     """The Resolution of exactly one of lengths (with size, default lengths.max()) or mask."""
     if (lengths is None) == (mask is None):
         raise ValueError("give exactly one of lengths=, mask= and padding_mask=")
     if mask is not None:
-        mask = _check_mask(mask, "mask")
+        mask = check_time_mask(mask, "mask")
         if size is not None and size != mask.shape[1]:
             raise ValueError(f"size={size} differs from mask of shape {tuple(mask.shape)}")
         sums = mask.sum(1)
         return Resolution(sums if _is_prefix(mask, sums) else None, mask, source)
-    lengths = _check_lengths(lengths, "lengths")
+    lengths = check_lengths(lengths, "lengths")
     if size is None and tracing():
         raise ValueError("padding(lengths=...) inside torch.compile or torch.export needs size= (the padded "
                          "length, e.g. x.shape[-1]): lengths.max() is data the tracer cannot read")
@@ -200,7 +183,7 @@ class Padding:
         if padding_mask is not None:
             if mask is not None:
                 raise ValueError("give mask= (True = valid) or padding_mask= (True = padding), not both")
-            mask = ~_check_mask(padding_mask, "padding_mask", "True = padding")
+            mask = ~check_time_mask(padding_mask, "padding_mask", "True = padding")
         unpadded = lengths is None and mask is None and size is None
         self.block = None if unpadded else _dynamic(_resolution(lengths, mask, size, "the block's input"))
         self.added: List[Resolution] = []

@@ -12,21 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from masknorm._contract import POLICIES, broadcasts_onto
-
-
-def check_policy(masked: str) -> str:
-    """`masked` if it is one of the contract's policies, else ValueError."""
-    if masked not in POLICIES:
-        raise ValueError(f"masked must be one of {POLICIES}, got {masked!r}")
-    return masked
-
-
-def check_mask_tensor(mask: torch.Tensor, name: str = "mask", meaning: str = "True = valid") -> None:
-    """TypeError unless mask is a bool tensor."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        kind = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"{name} must be a bool tensor ({meaning}), got {kind}")
+from masknorm._contract import broadcasts_onto, check_mask_tensor
 
 
 def valid_mask(mask: Optional[torch.Tensor], padding_mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -65,7 +65,7 @@ def local_moments(x: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[
         return LocalMoments(zeros, zeros, zeros)
     xd = x.detach().to(ACCUMULATE)
     xz = xd if mask is None else where_or_zero(mask, xd)
-    k = valid_count(mask, x.shape, dims, ACCUMULATE).to(x.device).expand(kept)
+    k = valid_count(mask, x.shape, dims, ACCUMULATE, x.device).expand(kept)
     inv_a = _inverse_power_of_two(torch.amax(xz.abs(), dims, keepdim=True))
     c0 = first_valid(xz, mask, dims) * inv_a
     d = xz * inv_a - c0

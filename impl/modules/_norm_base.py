@@ -10,9 +10,9 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from masknorm.functional import Moments, masked_norm_with_moments
 from masknorm.modules._frozen_stats import frozen_norm
-from masknorm.modules._masks import apply_policy, channel_mask, channel_view, check_policy
+from masknorm.modules._masks import apply_policy, channel_mask, channel_view
 from masknorm.models.padding_context import channel_block_mask
-from masknorm.modules._validate import check_affine, check_eps, check_momentum, check_positive_int
+from masknorm._contract import check_affine, check_eps, check_momentum, check_policy, check_positive_int
 
 
 def bias_kwarg(bias: bool) -> dict:

@@ -3,7 +3,8 @@
     mean = (1/k) sum_V x,   var = (1/(k-1)) sum_V (x - mean)^2,   k = |V|
 
 Masked-out values go through torch.where only, so whatever they hold never reaches a statistic;
-no boolean indexing and no host synchronisation, so the helpers trace under torch.compile.
+no boolean indexing and no host synchronisation, so the helpers trace under torch.compile. The
+moments themselves are _merge.local_moments': one routine for every running statistic.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import torch
 
 from masknorm._autograd import compute_dtype
+from masknorm.modules._merge import local_moments
 
 
 class Moments(NamedTuple):
@@ -25,16 +27,14 @@ class Moments(NamedTuple):
 
 @torch.no_grad()
 def masked_moments(x: torch.Tensor, mask: Optional[torch.Tensor], dims: Sequence[int]) -> Moments:
-    """Mean and unbiased variance of the valid values of x over `dims` (mask broadcastable to x)."""
-    xc = x.detach().to(compute_dtype(x.dtype))
-    dims = tuple(dims)
-    valid = torch.ones((), dtype=torch.bool, device=x.device) if mask is None else mask
-    valid = valid.expand(xc.shape)
-    k = valid.sum(dims, keepdim=True, dtype=xc.dtype)
-    mean = torch.where(valid, xc, 0).sum(dims, keepdim=True) / k.clamp(min=1)
-    dev = torch.where(valid, xc - mean, 0)
-    var = (dev * dev).sum(dims, keepdim=True) / (k - 1).clamp(min=1)
-    return Moments(mean, var, k)
+    """Mean and unbiased variance M2/(k-1) of the valid values of x over `dims` (mask broadcastable to
+    x), in x's computation dtype: the moments of masknorm.modules._merge.local_moments (float64,
+    scaled and shifted, so that equal values give a variance of exactly 0), the one masked-moments
+    routine of the running statistics, single-process and synchronized."""
+    k, mean, root_m2 = local_moments(x, mask, dims)
+    var = root_m2 * root_m2 / (k - 1).clamp(min=1)
+    dtype = compute_dtype(x.dtype)
+    return Moments(mean.to(dtype), var.to(dtype), k.to(dtype))
 
 
 @torch.no_grad()

@@ -7,10 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from masknorm._contract import broadcasts_onto
 from masknorm.functional import masked_norm
-from masknorm.modules._masks import check_mask_tensor, check_policy, valid_mask
-from masknorm.modules._validate import check_correction, check_eps, check_flag
+from masknorm.modules._masks import valid_mask
+from masknorm._contract import broadcasts_onto, check_correction, check_eps, check_flag, check_mask_tensor, check_policy
 from masknorm.modules._pattern import Layout, check_sizes, parse_axes, parse_pattern, resolve
 
 

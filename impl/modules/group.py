@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from masknorm.functional import masked_norm
-from masknorm.modules._masks import channel_mask, channel_view, check_policy, valid_mask
+from masknorm.modules._masks import channel_mask, channel_view, valid_mask
 from masknorm.modules._norm_base import bias_kwarg
 from masknorm.models.padding_context import channel_block_mask
-from masknorm.modules._validate import check_affine, check_eps, check_groups
+from masknorm._contract import check_affine, check_eps, check_groups, check_policy
 
 
 class MaskedGroupNorm(nn.GroupNorm):

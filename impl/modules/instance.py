@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from masknorm.modules._masks import check_mask_tensor, valid_mask
+from masknorm._contract import check_mask_tensor
+from masknorm.modules._masks import valid_mask
 from masknorm.modules._norm_base import MaskedRunningNorm
 from masknorm.modules._running import masked_moments, pool_instances, update_running
 

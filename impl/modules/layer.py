@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from masknorm.functional import masked_norm
-from masknorm.modules._masks import check_policy, token_mask, valid_mask
+from masknorm.modules._masks import token_mask, valid_mask
 from masknorm.models.padding_context import token_block_mask
-from masknorm.modules._validate import check_affine, check_eps, check_normalized_shape
+from masknorm._contract import check_affine, check_eps, check_normalized_shape, check_policy
 
 _Shape = Union[int, List[int], torch.Size]
 

@@ -10,6 +10,7 @@ failure to a minimal example, which the Report gives back as runnable code.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -177,7 +178,9 @@ def _detect(fn: Callable[..., Any], inp: MaskedInput, mask_arg: Callable[[Masked
         fw = framework(name)
         m = mask_arg(inp)
         try:
-            out = fn(fw.to_native(inp.x)) if m is None else fn(fw.to_native(inp.x), fw.to_native(m))
+            with warnings.catch_warnings():  # a trial call (a numpy fn on torch tensors): its warnings are noise
+                warnings.simplefilter("ignore")
+                out = fn(fw.to_native(inp.x)) if m is None else fn(fw.to_native(inp.x), fw.to_native(m))
         except Exception:  # noqa: BLE001 - try the next framework
             continue
         if detect(out) in accepted:

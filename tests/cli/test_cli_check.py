@@ -165,3 +165,16 @@ def test_the_readme_example_fails_by_name(capsys, monkeypatch):
     # zero-filled padding enters the statistics (an accuracy bug), but no padding value reaches the output
     assert re.search(r"padding garbage +[0-9]+ +0 +64 +[0-9.]+  pass", out)
     assert re.search(r"dtype and shape +10 +- +- +[0-9.]+  pass", out)
+
+
+def test_progress_names_the_latest_step_again_after_a_silence():
+    """A property that runs long between progress lines (a JAX compile) still gets a line every 10 s."""
+    from masknorm_cli.check import _Progress
+
+    progress = _Progress()
+    progress.heartbeat._start = progress.heartbeat._last = 0.0
+    progress("forward vs reference: example 3/100 (4 s, about 20 s left)")
+    progress.heartbeat.said(1.0)
+    assert progress.heartbeat.beat(5.0) is None
+    assert progress.heartbeat.beat(11.0) == ("checking forward vs reference: example 3/100 (4 s, about 20 s left): "
+                                             "still running, 11 s")

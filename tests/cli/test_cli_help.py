@@ -65,3 +65,13 @@ def test_the_oracles_choices_are_the_command_lines():
     assert frameworks.NAMES == parsers.CHECK_FRAMEWORKS
     assert semantics.DEGENERATE == parsers.CHECK_DEGENERATE
     assert (run.EXAMPLES, run.SHRINKS) == (parsers.CHECK_EXAMPLES, parsers.CHECK_SHRINKS)
+
+
+def test_version_prints_the_installed_distributions_version():
+    """`masknorm --version` reads masknorm.__version__, the one source pyproject's version comes from."""
+    import importlib.metadata
+
+    argv = [sys.executable, "-c", "import sys; from masknorm_cli import main; sys.exit(main(['--version']))"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"masknorm {importlib.metadata.version('masknorm')}\n"

@@ -37,10 +37,10 @@ def test_prove_all_prints_the_table_and_exits_0(capsys):
     assert cli.main([]) == 0
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0].split() == ["theorem", "scope", "status", "seconds"]
-    rows = lines[1:1 + len(THEOREMS)]
-    assert [row.split()[0] for row in rows] == [t.name for t in THEOREMS]
-    assert all(" proved " in row for row in rows)
+    assert lines[0].split() == ["#", "theorem", "status", "seconds", "scope"]
+    rows = [line.split() for line in lines[1:-1] if line.split()[0].isdigit()]
+    assert [row[:3] for row in rows] == [[str(n), t.name, "proved"] for n, t in enumerate(THEOREMS, start=1)]
+    assert max(len(line) for line in lines) <= cli.WIDTH
     assert lines[-1].startswith(f"{len(THEOREMS)} of {len(THEOREMS)} proved in ")
     assert err.count("proved (") == len(THEOREMS) and f"[{len(THEOREMS)}/{len(THEOREMS)}]" in err
 
@@ -62,6 +62,15 @@ def test_a_theorem_not_proved_is_reported_failed_and_exits_1(check, monkeypatch,
     statuses = {e["name"]: e["status"] for e in json.loads(out)}
     assert statuses == {"shift_invariance": "proved", check.__name__: "failed"}
     assert "failed (" in err
+
+
+def test_theorems_are_selected_by_the_documentations_numbers_or_by_name(capsys):
+    assert cli.main(["--json", "9", "shift_invariance"]) == 0
+    assert [e["name"] for e in json.loads(capsys.readouterr().out)] == ["shift_invariance", "inference_is_affine"]
+    numbered = cli.numbers()
+    assert [numbered[str(n)] for n in range(1, len(THEOREMS) + 1)] == list(THEOREMS)
+    assert numbered["11e"].name == "permutation_equivariance_expanded"
+    assert numbered["12e"].name == "valid_values_alone_expanded"
 
 
 def test_unknown_theorem_is_a_usage_error(capsys):

@@ -204,7 +204,7 @@ def test_a_lock_whose_builder_finished_yields_the_built_library(tmp_path, monkey
     assert lock.exists()  # still the other process's
 
 
-@pytest.mark.slow  # the real build (about 60 s when the cache is cold) and a subprocess
+@pytest.mark.slow  # the real build (about 90 s when the cache is cold) and a subprocess
 def test_a_kernel_built_into_a_read_only_cache_is_used(tmp_path):
     """The build is loaded as it is: no lock, no write, no rebuild (the cache here is made read-only)."""
     assert native.ops() is not None, native.describe()
@@ -231,3 +231,37 @@ def test_masknorm_build_where_prints_the_keyed_path(tmp_path):
                          env={**os.environ, "MASKNORM_KERNEL_CACHE": str(tmp_path)}, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(tmp_path / f"masknorm-{kernel_cache.key()}" / "masknorm_kernels.so")
+
+
+def test_masknorm_build_on_a_built_cache_says_so_and_does_nothing(tmp_path, monkeypatch, capsys):
+    from masknorm_cli import build
+
+    monkeypatch.setenv("MASKNORM_KERNEL_CACHE", str(tmp_path))
+    target = kernel_cache.library()
+    target.parent.mkdir(parents=True)
+    target.touch()
+    monkeypatch.setattr(kernel_cache, "obtain", lambda *a, **k: pytest.fail("built or loaded again"))
+    assert build.main([]) == 0
+    assert capsys.readouterr().out == f"masknorm build: already built, nothing to do: {target}\n"
+
+
+def test_a_long_build_says_it_is_still_running(tmp_path, monkeypatch):
+    """While the compiler runs, a line every heartbeat period (10 s; 0.01 s here)."""
+    from functools import partial
+
+    from masknorm._heartbeat import Heartbeat
+
+    monkeypatch.setenv("MASKNORM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernel_cache, "Heartbeat", partial(Heartbeat, every=0.01))
+    lines = []
+
+    def slow_compiler(target, files, flags):
+        deadline = time.monotonic() + 30
+        while not any("still running" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        target.touch()
+
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
+    kernel_cache.obtain(lambda: lines.append("announced"), lines.append, slow_compiler)
+    assert lines[0] == "announced"
+    assert lines[1].startswith("masknorm: building the CPU kernel: still running, ")

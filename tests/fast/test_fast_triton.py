@@ -179,15 +179,16 @@ def test_gradcheck_float64(center, masked):
 
 @needs_triton
 def test_unsupported_calls_raise():
-    """backend="triton" never falls back: a layout the kernels do not run, a traced call and an
-    unknown backend raise ValueError saying why."""
+    """backend="triton" never falls back: a layout the kernels do not run (a reduction that is neither
+    trailing nor every axis but 1, weight varying where the groups are kept apart, a non-channel
+    weight in batch norm), a traced call and an unknown backend raise ValueError saying why."""
     x = torch.randn(2, 3, 4)
-    with pytest.raises(ValueError, match="trailing axes only"):
-        on_triton(x, None, (0, 2))
-    with pytest.raises(ValueError, match="varies within the normalized axes"):
-        on_triton(x, torch.rand(2, 3, 4) > 0.5, -1)
-    with pytest.raises(ValueError, match="weight of shape \\(3, 4\\) varies along axes that are not normalized"):
-        on_triton(x, None, -1, weight=torch.ones(3, 4))
+    with pytest.raises(ValueError, match="reduces axes \\(0,\\) of a 3-d x"):
+        on_triton(x, None, 0)
+    with pytest.raises(ValueError, match="weight or bias varies along kept axes \\(1,\\) while the mask"):
+        on_triton(x, torch.rand(2, 3, 4) > 0.5, -1, weight=torch.ones(3, 4))
+    with pytest.raises(ValueError, match="over every axis but 1 the kernels take them per channel"):
+        on_triton(x, None, (0, 2), weight=torch.ones(3, 4))
     with pytest.raises(ValueError, match="eager mode"):
         torch.func.vmap(lambda t: on_triton(t, None, -1))(x)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -213,13 +214,14 @@ def test_weight_broadcast_along_normalized_axes():
 
 @needs_triton
 def test_verify_backend_triton(capsys):
-    """`masknorm verify --backend triton` runs the layer and RMS cases through the kernels within the
-    bounds, lists the others as skipped with the reason and prints the worst errors per dtype."""
-    from masknorm.reference import verify
+    """`masknorm verify --backend triton` runs every family's cases through the kernels (layer and
+    RMS on the padded-token kernels, batch, group and instance norm on the group kernels) within the
+    bounds, lists weight_norm as skipped and prints the worst errors per dtype."""
+    from masknorm_cli import verify
 
     assert verify.main(["--backend", "triton", "--skip-derive"]) == 0
     out = capsys.readouterr().out
-    assert "skipped: reduces axes (0, 2) of a 3-d x" in out and "skipped: the mask of shape (2, 1, 12) varies" in out
+    assert "skipped: not a normalization the kernels run" in out
     for dtype in ("float64", "float32", "bfloat16", "float16"):
-        assert f"  {dtype:<9} forward " in out
-    assert "24 passed, 0 failed, 49 skipped" in out
+        assert f"  {dtype:<9} forward " in out and "over 18 cases" in out
+    assert "72 passed, 0 failed, 1 skipped" in out

@@ -48,6 +48,7 @@ def test_forward_within_bound(dtype, data):
     assert err <= FORWARD_BOUND[dtype], f"forward error {err:.3g} u*kappa > {FORWARD_BOUND[dtype]}"
 
 
+@pytest.mark.theorem("closed_form_derivatives")
 @dtypes
 @given(data=st.data())
 def test_vjp_within_bound(dtype, data):
@@ -59,6 +60,7 @@ def test_vjp_within_bound(dtype, data):
     assert max(ew, eb) <= VJP_AFFINE_BOUND[dtype], f"grad_weight/bias errors {ew:.3g}/{eb:.3g} > {VJP_AFFINE_BOUND[dtype]}"
 
 
+@pytest.mark.theorem("closed_form_derivatives")
 @dtypes
 @given(data=st.data())
 def test_jvp_within_bound(dtype, data):

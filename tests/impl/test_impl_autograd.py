@@ -70,6 +70,7 @@ policies = pytest.mark.parametrize("masked", POLICIES)
 centers = pytest.mark.parametrize("center", [True, False], ids=["center", "rms"])
 
 
+@pytest.mark.theorem("closed_form_derivatives")
 @layouts
 @policies
 @centers
@@ -123,6 +124,7 @@ def test_forward_over_reverse_matches_reference(name, masked, center):
 ADJOINT_BOUND = 2.0
 
 
+@pytest.mark.theorem("adjointness")
 @given(data=st.data())
 def test_adjoint_identity(data):
     """<v, J u> = <J^T v, u> for torch.func.jvp and torch.func.vjp over (x, weight, bias), within

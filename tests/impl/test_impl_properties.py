@@ -24,6 +24,7 @@ from support.strategies import (
     cases,
     channels,
     degenerate,
+    grouped,
     impl_jvp,
     impl_vjp,
     like,
@@ -62,9 +63,10 @@ def grid_cases(draw, dtype=F32, eps_values=(0.0,), centers=(True, False)) -> Cas
     return replace(base, x=x.to(dtype))
 
 
+@pytest.mark.theorem("scale_invariance")
 @pytest.mark.parametrize("dtype", [F32, torch.float64], ids=["float32", "float64"])
 @given(data=st.data())
-def test_rescaling_invariance(dtype, data):
+def test_scale_invariance(dtype, data):
     """With eps = 0, masked_norm(a x) = masked_norm(x) up to rounding for a = m 2^k, k in [-100, 100]
     (1e-30 .. 1e30: squares of a x overflow or underflow float32), where x is normalized; pass-through
     positions give a x exactly, zeroed ones 0."""
@@ -79,6 +81,7 @@ def test_rescaling_invariance(dtype, data):
     assert err <= FORWARD_BOUND[dtype], f"y(a x) vs y(x): {err:.3g} u*kappa (a = {a:g})"
 
 
+@pytest.mark.theorem("shift_invariance")
 @pytest.mark.parametrize("dtype", [F32, torch.float64], ids=["float32", "float64"])
 @given(data=st.data())
 def test_shift_invariance(dtype, data):
@@ -95,6 +98,7 @@ def test_shift_invariance(dtype, data):
     assert err <= FORWARD_BOUND[dtype], f"y(x + b) vs y(x): {err:.3g} u*kappa (b = {b:g})"
 
 
+@pytest.mark.theorem("degenerate_passthrough")
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @given(data=st.data())
 def test_constant_groups_pass_through_bitwise(dtype, data):
@@ -157,6 +161,7 @@ def _assert_garbage_changes_nothing(clean: Case, junk: torch.Tensor, g: torch.Te
     assert torch.equal(impl_jvp(dirty, x_dot)[valid], impl_jvp(clean, x_dot)[valid])
 
 
+@pytest.mark.theorem("padding_invariance")
 @pytest.mark.parametrize("layout", [cases, padded_tokens, padded_tokens_on_torch_kernels, masked_rows, channels],
                          ids=["any", "padded-tokens", "padded-tokens-torch-kernels", "masked-rows", "channels"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
@@ -202,6 +207,7 @@ def _fixed_layout(name: str, dtype: torch.dtype, masked: str) -> Case:
                 fused_kernel=name != "padded-tokens-torch-kernels")
 
 
+@pytest.mark.theorem("padding_invariance")
 @pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
 @pytest.mark.parametrize("dtype", [torch.float64, F32], ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("name", ["general", "padded-tokens", "padded-tokens-torch-kernels", "masked-rows", "channels"])
@@ -231,6 +237,7 @@ def test_garbage_padding_where_the_true_gradient_overflows_float16():
     assert all(torch.equal(gr, grads[0]) for gr in grads[1:])
 
 
+@pytest.mark.theorem("permutation_equivariance")
 @given(data=st.data())
 def test_permutation_equivariance(data):
     """Permuting the positions along a reduced axis (x, mask, weight and bias together) permutes
@@ -250,20 +257,15 @@ def test_permutation_equivariance(data):
     assert err <= FORWARD_BOUND[dtype], f"permuted output vs output permuted: {err:.3g} u*kappa"
 
 
+@pytest.mark.theorem("valid_values_alone")
 @given(data=st.data())
 def test_masked_group_equals_its_valid_values_alone(data):
     """At the valid positions of a group, the output equals that of masked_norm on the group's
     valid values alone (a 1-d tensor, no mask, their weights and biases), up to rounding."""
     dtype = data.draw(st.sampled_from([torch.float64, F32]))
     case = data.draw(cases(dtype).filter(lambda c: c.mask is not None))
-    n = int(np.prod([case.x.shape[d] for d in case.dims]))
-    kept = [d for d in range(case.x.dim()) if d not in case.dims]
-
-    def grouped(t):
-        return None if t is None else t.expand(case.x.shape).permute(kept + list(case.dims)).reshape(-1, n)
-
-    out, x, m, w, b = (grouped(t) for t in (case.run(), case.x, case.full_mask, case.weight, case.bias))
-    kappa = grouped(torch.from_numpy(case.kappa()))
+    out, x, m, w, b = (grouped(case, t) for t in (case.run(), case.x, case.full_mask, case.weight, case.bias))
+    kappa = grouped(case, torch.from_numpy(case.kappa()))
     for g in range(x.shape[0]):
         valid = m[g]
         if not valid.any():

@@ -1,6 +1,10 @@
 """masknorm.weight_norm (the parametrization) against the mpmath reference, in units of u: forward
 and gradients per dtype, rows near overflow/underflow, zero rows, pruned entries holding garbage;
-gradcheck, double backward, forward AD; torch's state_dict layout; bad input."""
+gradcheck, double backward, forward AD; torch's state_dict layout; bad input; the theorems of
+proofs/weight_norm.py (scale invariance, row norm |g|, VJP orthogonal to v)."""
+
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -9,7 +13,7 @@ from torch.nn.utils import parametrizations
 
 import masknorm
 from masknorm._weight_norm import WeightNormFunction
-from masknorm.reference import weight_norm as reference_w, weight_norm_errors, weight_norm_jvp
+from masknorm.reference import unit_roundoff, weight_norm as reference_w, weight_norm_errors, weight_norm_jvp
 
 NAN, INF = float("nan"), float("inf")
 # Worst measured over 30 seeds per dtype, float32 also with rows of 1e20 and 1e-25 (2026-12-02, torch 2.13 CPU,
@@ -162,6 +166,7 @@ def test_garbage_in_pruned_entries_never_reaches_weights_or_gradients():
     assert torch.equal(module.weight, clean_module.weight)
     assert all(torch.equal(a, b) for a, b in zip(dirty, clean))
 
+@pytest.mark.theorem("weight_norm_closed_forms")
 
 def test_gradcheck_gradgradcheck_and_forward_ad():
     v, g, mask, _ = inputs(5, shape=(3, 4))
@@ -264,3 +269,68 @@ def test_a_one_dimensional_weight_has_one_g_per_entry_along_dim_0_as_torchs():
     torch.testing.assert_close(ours.weight, theirs.weight)
     for a, b in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+# ---- the theorems of proofs/weight_norm.py on masknorm.weight_norm, sums taken exactly (Fraction) ----------
+
+def _exact(t: torch.Tensor) -> list:
+    """Row i of t as exact rationals."""
+    return [[Fraction(x) for x in row] for row in t.detach().double().tolist()]
+
+
+theorem_dtypes = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+
+
+@pytest.mark.theorem("weight_norm_scale_invariance")
+@theorem_dtypes
+@pytest.mark.parametrize("a", [9 / 8 * 2.0**-90, 13 / 8 * 2.0**-7, 11 / 8 * 2.0**3, 15 / 8 * 2.0**60])
+def test_weight_norm_scale_invariance(dtype, a):
+    """w(a v, g) = w(v, g): v holds 11-bit integers times 2^-10 and a a 4-bit mantissa, so a v is
+    exact and both weights are within BOUND u |g| of the same exact w: |w(a v) - w(v)| <= 2 BOUND u |g|."""
+    gen = torch.Generator().manual_seed(13)
+    v = (torch.randint(-(2**10), 2**10 + 1, (4, 7), generator=gen) * 2.0**-10).to(dtype)
+    g = torch.randn(4, 1, generator=gen, dtype=torch.float64).to(dtype)
+    mask = torch.rand(4, 7, generator=gen) > 0.25
+    assert torch.equal((v * a).double(), v.double() * a)  # the scaling is exact
+    w, scaled = (parametrized(values, g, mask)[0].weight.detach() for values in (v, v * a))
+    allowed = 2 * BOUND * unit_roundoff(dtype) * g.double().abs()
+    assert bool(((scaled.double() - w.double()).abs() <= allowed).all()), (scaled - w).abs().max()
+
+
+@pytest.mark.theorem("weight_norm_row_norm")
+@theorem_dtypes
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e-25])
+@pytest.mark.parametrize("seed", range(3))
+def test_weight_norm_row_norm(dtype, scale, seed):
+    """Each row of w has norm |g|: with e = sqrt(k) BOUND u |g| (k entries take part, each within
+    BOUND u |g| of w*, so ||w - w*|| <= e, and ||w*|| = |g|), |sum w^2 - g^2| <= e (2 |g| + e);
+    pruned entries are 0 exactly."""
+    v, g, mask, _ = inputs(seed, scale=scale)
+    w = parametrized(v.to(dtype), g.to(dtype), mask)[0].weight
+    assert bool((w[~mask] == 0).all())
+    u = unit_roundoff(dtype)
+    for row, gain, k in zip(_exact(w), g.to(dtype).double().flatten().tolist(), mask.sum(1).tolist()):
+        e = math.sqrt(k) * BOUND * u * abs(gain)
+        gap = sum((x * x for x in row), Fraction(0)) - Fraction(gain) ** 2
+        assert abs(gap) <= e * (2 * abs(gain) + e), f"||w||^2 - g^2 = {float(gap):.3g}, bound {e * (2 * abs(gain) + e):.3g}"
+
+
+@pytest.mark.theorem("weight_norm_vjp_orthogonality")
+@theorem_dtypes
+@pytest.mark.parametrize("scale", [1.0, 1e20, 1e-25])
+@pytest.mark.parametrize("seed", range(3))
+def test_weight_norm_vjp_orthogonality(dtype, scale, seed):
+    """sum_j v_j grad_v_j = 0 per row: each grad_v_j is within BOUND u |g| ||m gw|| / r of grad_v*
+    (weight_norm_errors' gradient scale), so |<v, grad_v>| <= ||m v||_1 BOUND u |g| ||m gw|| / r
+    <= sqrt(k) BOUND u |g| ||m gw|| (Cauchy-Schwarz, r = ||m v||); grad_v is 0 at pruned entries."""
+    v, g, mask, grad_w = inputs(seed, scale=scale)
+    module, gp, vp = parametrized(v.to(dtype), g.to(dtype), mask)
+    _, grad_v = torch.autograd.grad(module.weight, (gp, vp), grad_w.to(dtype))
+    assert bool((grad_v[~mask] == 0).all())
+    u = unit_roundoff(dtype)
+    gw_norm = torch.where(mask, grad_w.to(dtype).double(), 0).norm(dim=1).tolist()
+    rows = zip(_exact(vp), _exact(grad_v), g.to(dtype).double().flatten().tolist(), mask.sum(1).tolist(), gw_norm)
+    for values, grads, gain, k, norm in rows:
+        paired = sum((a * b for a, b in zip(values, grads)), Fraction(0))
+        bound = math.sqrt(k) * BOUND * u * abs(gain) * norm
+        assert abs(paired) <= bound, f"<v, grad_v> = {float(paired):.3g}, bound {bound:.3g}"

@@ -140,6 +140,7 @@ def test_batch_norm_without_running_stats_uses_masked_batch_stats_in_eval():
     torch.testing.assert_close(m(x, mask), _batch_expected(x, mask, m.weight, m.bias, m.eps, "normalize"))
 
 
+@pytest.mark.theorem("inference_is_affine")
 @pytest.mark.parametrize("masked", POLICIES)
 def test_batch_norm_eval_uses_running_stats_everywhere(masked):
     gen = _gen(5)

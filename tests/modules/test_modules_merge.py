@@ -78,6 +78,7 @@ def _errors(stacked, merged, xs, masks, dtype):
     return worst
 
 
+@pytest.mark.theorem("parallel_merge")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_merge_matches_the_reference(dtype):
     """local_moments + merge_moments on 2-4 processes (some all padding, NaN in the padding) give the

@@ -76,3 +76,14 @@ def test_error_in_ukappa_non_finite():
     np.testing.assert_array_equal(error_in_ukappa(y, ref, k), [0, 0, INF, INF, INF, 0])
     # a difference on a zero scale is infinitely wrong
     assert error_in_ukappa(np.array([1.5]), np.array([1.0]), np.array([0.0]))[0] == INF
+
+
+def test_an_error_beyond_float64s_range_is_inf_without_a_warning():
+    """|y - y_ref| / (u kappa) overflows for a difference of 1e300 on a tiny kappa: the error is inf,
+    reported as such, and numpy's overflow warning (expected here) is not printed."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        err = error_in_ukappa(np.array([1e300, 1.0]), np.array([-1e300, 1.0]), np.array([1e-10, 1.0]))
+    assert err[0] == INF and err[1] == 0.0

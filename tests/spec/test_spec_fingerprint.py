@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from masknorm.reference import verify
 from masknorm.spec import derive, fingerprint
+from masknorm_cli import derive as derive_command, verify
 
 
 def _copy_generated(folder):
@@ -48,7 +48,7 @@ def test_a_changed_source_is_stale(tmp_path, monkeypatch):
 
 
 def test_verify_trusts_a_holding_record_and_says_so(monkeypatch, capsys):
-    monkeypatch.setattr(derive, "main", lambda argv: pytest.fail("re-derived although the record holds"))
+    monkeypatch.setattr(derive_command, "main", lambda argv: pytest.fail("re-derived although the record holds"))
     assert verify._spec_is_current(rederive=False)
     assert "not re-derived" in capsys.readouterr().out
 
@@ -58,7 +58,7 @@ def test_verify_trusts_a_holding_record_and_says_so(monkeypatch, capsys):
 def test_verify_rederives_when_asked_or_when_the_record_fails(rederive, reasons, shown, monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(fingerprint, "stale", lambda: reasons)
-    monkeypatch.setattr(derive, "main", lambda argv: calls.append(argv) or 0)
+    monkeypatch.setattr(derive_command, "main", lambda argv: calls.append(argv) or 0)
     assert verify._spec_is_current(rederive)
     assert calls == [["--check"]]
     assert f"spec: re-deriving ({shown}" in capsys.readouterr().out
@@ -66,15 +66,15 @@ def test_verify_rederives_when_asked_or_when_the_record_fails(rederive, reasons,
 
 def test_verify_fails_when_the_rederivation_differs(monkeypatch, capsys):
     monkeypatch.setattr(fingerprint, "stale", lambda: ["x"])
-    monkeypatch.setattr(derive, "main", lambda argv: 1)
+    monkeypatch.setattr(derive_command, "main", lambda argv: 1)
     assert not verify._spec_is_current(False)
     assert "FAIL" in capsys.readouterr().out
 
 
 def test_derive_refuses_to_write_into_an_installed_package(monkeypatch, capsys):
-    monkeypatch.setattr(derive, "_checkout_spec_dir", lambda: None)
+    monkeypatch.setattr(derive, "checkout_spec_dir", lambda: None)
     monkeypatch.setattr(derive, "derive", lambda: pytest.fail("derived before refusing"))
-    assert derive.main([]) == 2
+    assert derive_command.main([]) == 2
     assert "Pass --out DIR" in capsys.readouterr().err
 
 

@@ -159,6 +159,14 @@ def zeroed(case: Case) -> torch.Tensor:
     return ~case.full_mask if case.masked == "zero" else torch.zeros(case.x.shape, dtype=torch.bool)
 
 
+def grouped(case: Case, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """t (broadcasting to x) as a (groups, n) tensor: row g holds group g's positions (None stays None)."""
+    if t is None:
+        return None
+    kept = [d for d in range(case.x.dim()) if d not in case.dims]
+    n = math.prod(case.x.shape[d] for d in case.dims)
+    return t.expand(case.x.shape).permute(kept + list(case.dims)).reshape(-1, n)
+
 def draws_statistics(case: Case) -> torch.Tensor:
     """Where a position's value enters its group's statistics or its normalized output (x's shape):
     everywhere under "normalize", the valid positions otherwise."""

@@ -11,6 +11,9 @@
 //       A_ch = sum_{P_used} dy,   B_ch = sum_{P_used} dy xh        (per channel: dbias, dweight)
 //       dx = rstd (dy w_ch - [valid] (sum_ch w A)/k - [valid] xh (sum_ch w B)/nu)   on P
 //       dx = dy ("keep") or 0 ("zero") elsewhere
+//   That is spec/closed_forms.py's vjp_centered(g_j = dy w_ch, p_j, m_j = [valid], yhat_j = xh,
+//   sum_p_g = sum_ch w A, sum_p_g_yhat = sum_ch w B, k, nu, inv_s = rstd) (vjp_rms when !center);
+//   A and B are bias_grad and weight_grad summed per channel.
 //
 // Group states: 0 fused; 1 degenerate (nu <= 0): passed through, out = x (0 at masked-out
 // positions under "zero"), adds nothing to dw/db; 2 redo: statistics outside the range where this
@@ -175,6 +178,36 @@ auto squared_deviation(const T* xr, double mu) {
   };
 }
 
+// Under "normalize" a masked-out x_j far from its group has xh_j = (x_j - mu) rstd beyond acc_t's
+// range where w_j xh_j + b_j (w_j = 0: b_j), the sums of dy xh and the gradients need not be: acc_t
+// arithmetic gives inf there, and inf * 0 = NaN. Those values are formed in double instead, which
+// holds xh of any float input (|xh| < 2^(129 + 40)) and its products with float factors; with
+// float64 inputs acc_t is double already (no wider type: not repaired). Finite values keep their bits.
+template <typename A>
+double wide_xh(A x, A m, A r) {
+  return (double(x) - double(m)) * double(r);
+}
+
+// xh = h where finite, else in double from x (see wide_xh).
+template <typename A>
+double finite_xh(A h, A x, A m, A r) {
+  return std::isfinite(h) ? double(h) : wide_xh(x, m, r);
+}
+
+// A "normalize" row's outputs at masked-out positions that came out non-finite from a finite x,
+// recomputed in double: out_j = affine(j, xh_j) with xh_j = (x_j - m) r (see wide_xh).
+template <typename T, typename A, typename Affine>
+void repair_overflow(const Row& row, T* out, const T* x, A m, A r, Affine affine) {
+  using acc_t = at::opmath_type<T>;
+  acc_t probe = 0;  // NaN iff some output is not finite (inf * 0): one vectorized pass
+#pragma omp simd reduction(+ : probe)
+  for (int64_t j = 0; j < row.L; ++j) probe += acc_t(out[j]) * acc_t(0);
+  if (probe == acc_t(0)) return;
+  for (int64_t j = 0; j < row.L; ++j)
+    if (!row.m[j] && !std::isfinite(double(out[j])) && std::isfinite(double(x[j])))
+      out[j] = T(acc_t(affine(j, wide_xh(acc_t(x[j]), m, r))));
+}
+
 // A group's state from its statistics: degenerate (nu <= 0), fused, or redo (outside the exact range).
 inline int8_t classify(double nu, double mu, double ss, double rs, double kappa_limit) {
   const bool exact = ss > 0 && rs >= 0x1p-40 && rs <= 0x1p40 && std::abs(mu) * rs <= kappa_limit;
@@ -268,6 +301,8 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         const acc_t wc = w[g * Cg + c], bc = bias[g * Cg + c];
         auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T(((v ? acc_t(xr[j]) : m) - m) * r * wc + bc); };
         write_normalized(row, yr, xr, policy, normalized);
+        if (policy == kNormalize)
+          repair_overflow(row, yr, xr, m, r, [wc, bc](int64_t, double xh) { return xh * double(wc) + double(bc); });
       }
     }
   });
@@ -306,7 +341,8 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
         double a = 0, bsum = 0;
         auto dyv = [dyr](int64_t j, bool v) { return double(v ? dyr[j] : T(0)); };
         auto dyxh = [dyr, xr, m, r](int64_t j, bool v) {
-          return double(v ? dyr[j] : T(0)) * double(((v ? acc_t(xr[j]) : m) - m) * r);
+          const acc_t xj = v ? acc_t(xr[j]) : m;
+          return double(v ? dyr[j] : T(0)) * finite_xh((xj - m) * r, xj, m, r);
         };
         if (row.dense) {
           const bool* mr = row.m;
@@ -321,7 +357,8 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
           gap_sums(row, [dyr](int64_t j) { return dyr[j] != T(0) ? double(dyr[j]) : 0.0; },
                    [dyr, xr, m, r](int64_t j) {
                      const bool use = dyr[j] != T(0);
-                     return double(use ? dyr[j] : T(0)) * double(((use ? acc_t(xr[j]) : m) - m) * r);
+                     const acc_t xj = use ? acc_t(xr[j]) : m;
+                     return double(use ? dyr[j] : T(0)) * finite_xh((xj - m) * r, xj, m, r);
                    }, &a, &bsum);
         }
         slot[2 * c] += a;
@@ -330,7 +367,8 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
         sgy += double(w[g * Cg + c]) * bsum;
       }
       const double k = double(counts[b] * Cg), nu = k - double(correction);
-      const acc_t ma = center ? acc_t(sg / k) : acc_t(0), mb = acc_t(sgy / nu);
+      const double wa = center ? sg / k : 0.0, wb = sgy / nu;
+      const acc_t ma = acc_t(wa), mb = acc_t(wb);
       for (int64_t c = 0; c < Cg; ++c) {
         const T* dyr = dyg + c * L;
         const T* xr = xg + c * L;
@@ -339,8 +377,16 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
           const acc_t xh = ((v ? acc_t(xr[j]) : m) - m) * r;
           return T(r * (acc_t(v ? dyr[j] : T(0)) * wc - ma - xh * mb));
         };
+        auto valid_wide = [dyr, xr, m, r, wc, wa, wb](int64_t j, bool v) {  // sums beyond acc_t (see wide_xh)
+          const double xh = wide_xh(v ? acc_t(xr[j]) : m, m, r);
+          return T(acc_t(double(r) * (double(v ? dyr[j] : T(0)) * double(wc) - wa - xh * wb)));
+        };
         T* dxr = dxg + c * L;
-        write_policy(row, dxr, dyr, policy, valid, [dyr, r, wc](int64_t j) { return T(r * (acc_t(dyr[j]) * wc)); });
+        auto other = [dyr, r, wc](int64_t j) { return T(r * (acc_t(dyr[j]) * wc)); };
+        if (std::isfinite(ma) && std::isfinite(mb))
+          write_policy(row, dxr, dyr, policy, valid, other);
+        else
+          write_policy(row, dxr, dyr, policy, valid_wide, other);
       }
     }
   });
@@ -385,6 +431,8 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
         return T(((v ? acc_t(xr[j]) : m) - m) * r * w[j] + bias[j]);
       };
       write_normalized(row, yr, xr, policy, normalized);
+      if (policy == kNormalize)
+        repair_overflow(row, yr, xr, m, r, [w, bias](int64_t j, double xh) { return xh * double(w[j]) + double(bias[j]); });
     }
   });
 }
@@ -421,7 +469,7 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
 #pragma omp simd reduction(+ : acc_a, acc_b, acc_k)
           for (int64_t j = s; j < e; ++j) {
             const bool u = used(j);
-            const double d = u ? double(dyr[j]) : 0.0, dxh = d * double(xh(j, u));
+            const double d = u ? double(dyr[j]) : 0.0, dxh = d * finite_xh(xh(j, u), u ? acc_t(xr[j]) : m, m, r);
             acc_a += d * double(w[j]);
             acc_b += dxh * double(w[j]);
             acc_k += mr[j] ? 1.0 : 0.0;
@@ -432,11 +480,20 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
           bsum += acc_b;
           k += acc_k;
         }
-        const acc_t ma = center ? acc_t(a / k) : acc_t(0), mb = acc_t(bsum / (k - double(correction)));
+        const double wa = center ? a / k : 0.0, wb = bsum / (k - double(correction));
+        const acc_t ma = acc_t(wa), mb = acc_t(wb);
         auto valid = [dyr, w, r, ma, mb, xh](int64_t j, bool v) {
           return T(r * (acc_t(v ? dyr[j] : T(0)) * w[j] - ma - xh(j, v) * mb));
         };
-        write_policy(row, dxr, dyr, policy, valid, [dyr, r, w](int64_t j) { return T(r * (acc_t(dyr[j]) * w[j])); });
+        auto valid_wide = [dyr, xr, w, m, r, wa, wb](int64_t j, bool v) {  // sums beyond acc_t (see wide_xh)
+          const double xh = wide_xh(v ? acc_t(xr[j]) : m, m, r);
+          return T(acc_t(double(r) * (double(v ? dyr[j] : T(0)) * double(w[j]) - wa - xh * wb)));
+        };
+        auto other = [dyr, r, w](int64_t j) { return T(r * (acc_t(dyr[j]) * w[j])); };
+        if (std::isfinite(ma) && std::isfinite(mb))
+          write_policy(row, dxr, dyr, policy, valid, other);
+        else
+          write_policy(row, dxr, dyr, policy, valid_wide, other);
       }
     }
   });

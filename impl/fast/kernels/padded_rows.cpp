@@ -8,6 +8,10 @@
 //       dx = rstd (g - mean(g) - xh mean(g xh)),   dw += dy xh,   db += dy
 //   backward, padded row: dx = dy (or 0), and nothing is added to dw or db.
 //
+// These are spec/closed_forms.py's formulas with every position valid and P = V (k = nu = n, c = 0):
+// dx is vjp_centered(g_j, p_j = m_j = 1, yhat_j = xh, sum_p_g = n mean(g), sum_p_g_yhat = n mean(g xh),
+// k = nu = n, inv_s = rstd) (vjp_rms without the mean(g) term), dw is weight_grad, db is bias_grad.
+//
 // float16/bfloat16 rows are computed in float (at::opmath_type) and rounded once; mean and rstd are
 // returned in that type. One pass over the memory each way: a padded row is only copied, so
 // whatever it holds (NaN, Inf) never meets an arithmetic operation. Sums run in double, in blocks of
