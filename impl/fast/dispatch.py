@@ -100,17 +100,17 @@ def _eager_masked_positions(x, mask, weight, bias, args: NormArgs, lay) -> tuple
 
 
 def _compiled_padded_rows(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
-    return fast_ops.padded_layer_norm(x, mask, weight, bias, len(args.dims), args.eps, args.center,
+    return fast_ops.padded_rows_op(x, mask, weight, bias, len(args.dims), args.eps, args.center,
                                       args.masked)[0], None
 
 
 def _compiled_per_channel(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
-    out, *moments = fast_ops.channel_norm(x, mask, weight, bias, args.correction, args.eps, args.masked)[:4]
+    out, *moments = fast_ops.per_channel_op(x, mask, weight, bias, args.correction, args.eps, args.masked)[:4]
     return out, tuple(moments)
 
 
 def _compiled_masked_positions(x, mask, weight, bias, args: NormArgs, lay) -> tuple:
-    return fast_ops.group_norm(x, mask, weight, bias, lay.spec(), args.correction, args.eps, args.center,
+    return fast_ops.masked_positions_op(x, mask, weight, bias, lay.spec(), args.correction, args.eps, args.center,
                                args.masked)[0], None
 
 

@@ -44,7 +44,7 @@ class Layout:
     r: int
     q: int
     shape: torch.Size
-    op: ClassVar[str] = "masked_group_norm"  # the kernel (torch.ops.masknorm) and its "_backward"
+    op: ClassVar[str] = "masked_positions_norm"  # the kernel (torch.ops.masknorm) and its "_backward"
 
     def sizes(self) -> tuple:
         shape = self.shape

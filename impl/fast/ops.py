@@ -6,15 +6,15 @@ backward is another custom op. A tracer sees one opaque call; the implementation
 real tensors, so the host-synced range checks (groups redone with the general statistics) stay
 inside it. Results are those of the eager fast path, bit for bit: both call the same functions.
 
-    masknorm::group_norm(x, mask, weight, bias, layout, ...) -> (out, mean, rstd, state)   fast.masked_positions
-    masknorm::channel_norm(x, mask, weight, bias, ...) -> (out, 3 moments, 5 for backward)  fast.per_channel
-    masknorm::padded_layer_norm(x, mask, weight, bias, ndims, ...) -> (out, mean, rstd, redo)  fast.padded_rows (layer, RMS)
+    masknorm::masked_positions(x, mask, weight, bias, layout, ...) -> (out, mean, rstd, state)   fast.masked_positions
+    masknorm::per_channel(x, mask, weight, bias, ...) -> (out, 3 moments, 5 for backward)  fast.per_channel
+    masknorm::padded_rows(x, mask, weight, bias, ndims, ...) -> (out, mean, rstd, redo)  fast.padded_rows (layer, RMS)
     masknorm::<each>_backward(g_out, x, mask, weight, bias, <what the forward saved>, ...) -> (gx, gw, gb)
 
 The backward recomputes the redone groups' general statistics from x (a rare case) rather than
 receiving them, so every output has a shape fixed by the inputs' shapes. A parameter gradient
 that is not wanted comes back empty. The names differ from the C++ kernels' (masknorm::
-masked_group_norm, token_layer_norm): a second definition of a name aborts the process when the
+masked_positions_norm, rows_norm): a second definition of a name aborts the process when the
 kernel library loads. Double backward and forward-mode AD through these operators raise
 (no formula is registered for the backward operator, nor a jvp): never a wrong answer.
 
@@ -77,8 +77,8 @@ def _or_empty(grad: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty(0) if grad is None else _own(grad)
 
 
-@torch.library.custom_op("masknorm::group_norm", mutates_args=())
-def group_norm(
+@torch.library.custom_op("masknorm::masked_positions", mutates_args=())
+def masked_positions_op(
     x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], layout: List[int],
     correction: int, eps: float, center: bool, masked: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -88,16 +88,16 @@ def group_norm(
     return out.contiguous(), _own(mean), _own(rstd), _own(state)
 
 
-@group_norm.register_fake
-def _group_norm_fake(x, mask, weight, bias, layout, correction, eps, center, masked):
+@masked_positions_op.register_fake
+def _masked_positions_fake(x, mask, weight, bias, layout, correction, eps, center, masked):
     B, G, _, _ = masked_positions.of_spec(layout, x.shape).sizes()
     acc = compute_dtype(x.dtype)
     return (x.new_empty(x.shape), x.new_empty((B, G), dtype=acc), x.new_empty((B, G), dtype=acc),
             x.new_empty((B, G), dtype=torch.int8))
 
 
-@torch.library.custom_op("masknorm::group_norm_backward", mutates_args=())
-def group_norm_backward(
+@torch.library.custom_op("masknorm::masked_positions_backward", mutates_args=())
+def masked_positions_backward_op(
     g_out: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
     rstd: Tensor, state: Tensor, layout: List[int], correction: int, eps: float, center: bool, masked: str,
     want_w: bool, want_b: bool,
@@ -112,11 +112,11 @@ def group_norm_backward(
     return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
 
 
-_register(group_norm, group_norm_backward, saved_from=1)
+_register(masked_positions_op, masked_positions_backward_op, saved_from=1)
 
 
-@torch.library.custom_op("masknorm::channel_norm", mutates_args=())
-def channel_norm(
+@torch.library.custom_op("masknorm::per_channel", mutates_args=())
+def per_channel_op(
     x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], correction: int, eps: float,
     masked: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -131,8 +131,8 @@ def channel_norm(
             torch.tensor(bound, dtype=torch.float64))
 
 
-@channel_norm.register_fake
-def _channel_norm_fake(x, mask, weight, bias, correction, eps, masked):
+@per_channel_op.register_fake
+def _per_channel_fake(x, mask, weight, bias, correction, eps, masked):
     keep = [1] * x.dim()
     keep[1] = x.shape[1]
     per_channel = [x.new_empty(keep) for _ in range(6)]
@@ -140,8 +140,8 @@ def _channel_norm_fake(x, mask, weight, bias, correction, eps, masked):
             x.new_empty((), dtype=torch.float64))
 
 
-@torch.library.custom_op("masknorm::channel_norm_backward", mutates_args=())
-def channel_norm_backward(
+@torch.library.custom_op("masknorm::per_channel_backward", mutates_args=())
+def per_channel_backward_op(
     g_out: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], var: Tensor,
     shift: Tensor, inv_s: Tensor, redo: Tensor, bound: Tensor, correction: int, eps: float, masked: str,
     want_w: bool, want_b: bool,
@@ -156,15 +156,15 @@ def channel_norm_backward(
     return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
 
 
-_register(channel_norm, channel_norm_backward, saved_from=4)
+_register(per_channel_op, per_channel_backward_op, saved_from=4)
 
 
 def _channel_dims(x: Tensor) -> Tuple[int, ...]:
     return tuple(d for d in range(x.dim()) if d != 1)
 
 
-@torch.library.custom_op("masknorm::padded_layer_norm", mutates_args=())
-def padded_layer_norm(
+@torch.library.custom_op("masknorm::padded_rows", mutates_args=())
+def padded_rows_op(
     x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], ndims: int, eps: float,
     center: bool, masked: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -175,16 +175,16 @@ def padded_layer_norm(
     return out.contiguous(), _own(st.shift_scaled), _own(st.inv_s), _own(redo)
 
 
-@padded_layer_norm.register_fake
-def _padded_layer_norm_fake(x, mask, weight, bias, ndims, eps, center, masked):
+@padded_rows_op.register_fake
+def _padded_rows_fake(x, mask, weight, bias, ndims, eps, center, masked):
     keep = (*x.shape[: x.dim() - ndims], *[1] * ndims)
     acc = compute_dtype(x.dtype)
     return (x.new_empty(x.shape), x.new_empty(keep, dtype=acc), x.new_empty(keep, dtype=acc),
             x.new_empty(keep, dtype=torch.bool))
 
 
-@torch.library.custom_op("masknorm::padded_layer_norm_backward", mutates_args=())
-def padded_layer_norm_backward(
+@torch.library.custom_op("masknorm::padded_rows_backward", mutates_args=())
+def padded_rows_backward_op(
     g_out: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
     rstd: Tensor, redo: Tensor, ndims: int, eps: float, center: bool, masked: str, want_w: bool, want_b: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -199,5 +199,5 @@ def padded_layer_norm_backward(
     return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
 
 
-_register(padded_layer_norm, padded_layer_norm_backward, saved_from=1)
+_register(padded_rows_op, padded_rows_backward_op, saved_from=1)
 

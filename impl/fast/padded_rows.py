@@ -130,7 +130,7 @@ def _forward(xc, mask, weight, bias, ndims, eps, center, masked):
     valid = _valid(xc, mask, ndims)
     kernel, padded = kernel_and_padding(xc, mask, ndims)
     if kernel is not None:
-        y2, mean, rstd = kernel.token_layer_norm(_rows(xc, ndims), valid.reshape(-1), _flat(weight), _flat(bias), eps,
+        y2, mean, rstd = kernel.rows_norm(_rows(xc, ndims), valid.reshape(-1), _flat(weight), _flat(bias), eps,
                                                  center, masked == "zero")
         y, mean, rstd = y2.view(xc.shape), mean.view(valid.shape), rstd.view(valid.shape)
     else:
@@ -170,7 +170,7 @@ def _kernel_backward(kernel, g_out, x, weight, st, fused, ndims, center, masked,
     differentiated, the others passed through (dy, or 0 under "zero") and left out of the sums;
     None for a gradient not wanted."""
     g2, x2 = _rows(g_out, ndims), _rows(x, ndims)
-    gx, gw, gb = kernel.token_layer_norm_backward(
+    gx, gw, gb = kernel.rows_norm_backward(
         g2, x2, fused.reshape(-1), st.shift_scaled.reshape(-1), st.inv_s.reshape(-1), _flat(weight), center,
         masked == "zero"
     )

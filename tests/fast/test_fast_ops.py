@@ -23,11 +23,11 @@ pytestmark = [pytest.mark.skipif(native.ops() is None, reason="the fused CPU ker
 # name -> (module factory, x as (B, T, 4) rather than (B, 4, T), the fast path (its fused_forward
 # and fused_backward run the computation), the operator)
 MODULES = {
-    "group": (lambda: MaskedGroupNorm(2, 4, masked="keep"), False, masked_positions, "group_norm"),
-    "instance": (lambda: MaskedInstanceNorm1d(4, affine=True), False, masked_positions, "group_norm"),
-    "batch": (lambda: MaskedBatchNorm1d(4, masked="zero"), False, per_channel, "channel_norm"),
-    "layer": (lambda: MaskedLayerNorm(4), True, padded_rows, "padded_layer_norm"),
-    "rms": (lambda: MaskedRMSNorm(4), True, padded_rows, "padded_layer_norm"),
+    "group": (lambda: MaskedGroupNorm(2, 4, masked="keep"), False, masked_positions, "masked_positions"),
+    "instance": (lambda: MaskedInstanceNorm1d(4, affine=True), False, masked_positions, "masked_positions"),
+    "batch": (lambda: MaskedBatchNorm1d(4, masked="zero"), False, per_channel, "per_channel"),
+    "layer": (lambda: MaskedLayerNorm(4), True, padded_rows, "padded_rows"),
+    "rms": (lambda: MaskedRMSNorm(4), True, padded_rows, "padded_rows"),
 }
 
 
@@ -117,12 +117,12 @@ def test_the_huge_case_is_redone():
     general statistics, so the bitwise comparisons above covered the redo."""
     x, mask, _ = _inputs(4, 9, 2, huge=True)
     lay = masked_positions.layout(x, mask[:, None], None, None, (2,))
-    state = torch.ops.masknorm.group_norm(x, mask[:, None], None, None, lay.spec(), 0, 1e-5, True, "keep")[3]
+    state = torch.ops.masknorm.masked_positions(x, mask[:, None], None, None, lay.spec(), 0, 1e-5, True, "keep")[3]
     assert int(state.max()) == 2  # _REDO
-    redo = torch.ops.masknorm.channel_norm(x, mask[:, None], None, None, 0, 1e-5, "zero")[7]
+    redo = torch.ops.masknorm.per_channel(x, mask[:, None], None, None, 0, 1e-5, "zero")[7]
     assert redo.flatten().tolist() == [True, False, False, False]
     x, mask, _ = _inputs(4, 9, 2, huge=True, tokens=True)
-    redo = torch.ops.masknorm.padded_layer_norm(x, mask[..., None], None, None, 1, 1e-5, True, "normalize")[3]
+    redo = torch.ops.masknorm.padded_rows(x, mask[..., None], None, None, 1, 1e-5, True, "normalize")[3]
     assert redo.flatten().nonzero().flatten().tolist() == [0]
 
 
@@ -189,4 +189,4 @@ def test_compiled_elementwise_mask_runs_the_row_kernel(dynamic):
             results.append((out.detach(), *torch.autograd.grad(out, leaf, g)))
         for a, e in zip(*results):
             same_bits(a, e)
-    assert torch.ops.masknorm.group_norm.default in recorder.targets
+    assert torch.ops.masknorm.masked_positions.default in recorder.targets

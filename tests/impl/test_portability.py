@@ -266,7 +266,7 @@ def test_padding_from_export_with_dynamic_batch_and_length_equals_eager():
 class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
     """Records each call of a masknorm:: fast-path operator (fast/ops.py) with its arguments."""
 
-    NAMES = ("group_norm", "channel_norm", "padded_layer_norm")
+    NAMES = ("masked_positions", "per_channel", "padded_rows")
 
     def __init__(self):
         super().__init__()
@@ -323,7 +323,7 @@ def test_every_operator_passes_opcheck(monkeypatch, dtype):
     if native.ops() is None:
         pytest.skip("the fused CPU kernels could not be built")
     calls = _operator_calls(monkeypatch, dtype)
-    names = [n for n in _Recorder.NAMES if dtype in (torch.float32, torch.float64) or n != "channel_norm"]  # BN: 32/64
+    names = [n for n in _Recorder.NAMES if dtype in (torch.float32, torch.float64) or n != "per_channel"]  # BN: 32/64
     assert {func._schema.name for func, _, _ in calls} == {f"masknorm::{n}{s}" for n in names for s in ("", "_backward")}
     for func, args, kwargs in calls:
         args = [a.detach().requires_grad_(a.is_floating_point() and not func._schema.name.endswith("_backward"))

@@ -519,7 +519,7 @@ at::ScalarType acc_type(const at::Tensor& x) {
   return at::toOpMathType(x.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_group_norm(const at::Tensor& x_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_positions_norm(const at::Tensor& x_,
     const at::Tensor& mask_, const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
     int64_t correction, double eps, bool center, int64_t policy) {
   check_layout(x_, mask_, policy);
@@ -531,7 +531,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_group_norm(con
   auto mean = at::empty({B, G}, x.options().dtype(acc));
   auto rstd = at::empty({B, G}, x.options().dtype(acc));
   auto state = at::empty({B, G}, x.options().dtype(at::kChar));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_group_norm", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_positions_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_groups<scalar_t>(x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(), weight.const_data_ptr<acc_t>(),
                              bias.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
@@ -541,7 +541,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_group_norm(con
   return {y, mean, rstd, state};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_group_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_positions_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
     const at::Tensor& mask_, const at::Tensor& mean_, const at::Tensor& rstd_, const at::Tensor& state_,
     const c10::optional<at::Tensor>& weight_, int64_t correction, bool center, int64_t policy) {
   check_layout(x_, mask_, policy);
@@ -550,13 +550,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_group_norm_backward(const 
   const auto acc = acc_type(x_);
   TORCH_CHECK(mean_.numel() == B * G && rstd_.numel() == B * G && state_.numel() == B * G &&
                   mean_.scalar_type() == acc && rstd_.scalar_type() == acc && state_.scalar_type() == at::kChar,
-              "mean, rstd and state need one value per group, as masked_group_norm returns them");
+              "mean, rstd and state need one value per group, as masked_positions_norm returns them");
   const auto dy = dy_.contiguous(), x = x_.contiguous(), mask = mask_.contiguous();
   const auto mean = mean_.contiguous(), rstd = rstd_.contiguous(), state = state_.contiguous();
   const auto weight = channels(weight_, x, acc, 1.0, "weight");
   auto dx = at::empty_like(x);
   auto slots = at::zeros({(B + kSamples - 1) / kSamples, G * Cg, 2}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_group_norm_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_positions_norm_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     backward_groups<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), mask.const_data_ptr<bool>(),
                               mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(),
@@ -647,19 +647,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_row_norm_backward(const at
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(masknorm, m) {
-  m.def("masked_group_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
+  m.def("masked_positions_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
         " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("masked_row_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
         " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("masked_row_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor rstd, Tensor state,"
         " Tensor? weight, int correction, bool center, int policy) -> (Tensor, Tensor, Tensor)");
-  m.def("masked_group_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor rstd, Tensor state,"
+  m.def("masked_positions_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor rstd, Tensor state,"
         " Tensor? weight, int correction, bool center, int policy) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
-  m.impl("masked_group_norm", &masked_group_norm);
-  m.impl("masked_group_norm_backward", &masked_group_norm_backward);
+  m.impl("masked_positions_norm", &masked_positions_norm);
+  m.impl("masked_positions_norm_backward", &masked_positions_norm_backward);
   m.impl("masked_row_norm", &masked_row_norm);
   m.impl("masked_row_norm_backward", &masked_row_norm_backward);
 }

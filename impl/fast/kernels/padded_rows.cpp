@@ -154,7 +154,7 @@ at::Tensor affine(const c10::optional<at::Tensor>& t, const at::Tensor& x, doubl
   return t->contiguous().view({-1});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_layer_norm(const at::Tensor& x_, const at::Tensor& valid_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm(const at::Tensor& x_, const at::Tensor& valid_,
     const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_, double eps, bool center,
     bool zero) {
   check_rows(x_, valid_);
@@ -165,7 +165,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_layer_norm(const at::Tensor
   const auto stats = x.options().dtype(at::toOpMathType(x.scalar_type()));
   auto mean = at::empty({rows, 1}, stats);
   auto rstd = at::empty({rows, 1}, stats);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "token_layer_norm", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rows_norm", [&] {
     using A = at::opmath_type<scalar_t>;
     forward_rows<scalar_t>(x.const_data_ptr<scalar_t>(), valid.const_data_ptr<bool>(),
                            weight.const_data_ptr<scalar_t>(), bias.const_data_ptr<scalar_t>(),
@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_layer_norm(const at::Tensor
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> token_layer_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
     const at::Tensor& valid_, const at::Tensor& mean_, const at::Tensor& rstd_,
     const c10::optional<at::Tensor>& weight_, bool center, bool zero) {
   check_rows(x_, valid_);
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_layer_norm_backward(const a
   const int64_t rows = x.size(0), n = x.size(1);
   auto dx = at::empty_like(x);
   auto slots = at::zeros({std::max<int64_t>(1, (rows + kRows - 1) / kRows), 2, n}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "token_layer_norm_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rows_norm_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                             valid.const_data_ptr<bool>(), mean.const_data_ptr<A>(),
@@ -344,9 +344,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_auto
 }  // namespace
 
 TORCH_LIBRARY(masknorm, m) {
-  m.def("token_layer_norm(Tensor x, Tensor valid, Tensor? weight, Tensor? bias, float eps, bool center, bool zero)"
+  m.def("rows_norm(Tensor x, Tensor valid, Tensor? weight, Tensor? bias, float eps, bool center, bool zero)"
         " -> (Tensor, Tensor, Tensor)");
-  m.def("token_layer_norm_backward(Tensor dy, Tensor x, Tensor valid, Tensor mean, Tensor rstd, Tensor? weight,"
+  m.def("rows_norm_backward(Tensor dy, Tensor x, Tensor valid, Tensor mean, Tensor rstd, Tensor? weight,"
         " bool center, bool zero) -> (Tensor, Tensor, Tensor)");
   m.def("padded_rows_norm(Tensor x, Tensor? mask, Tensor? weight, Tensor? bias, int ndims, float eps, bool center,"
         " bool zero) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -355,8 +355,8 @@ TORCH_LIBRARY(masknorm, m) {
 }
 
 TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
-  m.impl("token_layer_norm", &token_layer_norm);
-  m.impl("token_layer_norm_backward", &token_layer_norm_backward);
+  m.impl("rows_norm", &rows_norm);
+  m.impl("rows_norm_backward", &rows_norm_backward);
   m.impl("padded_rows_norm", &padded_rows_norm);
   m.impl("padded_rows_norm_backward", &padded_rows_norm_backward);
 }
