@@ -107,13 +107,13 @@ def _statistics(X, M, P, x_base, m_base, O, I, xo, mo, mi, CENTER: tl.constexpr,
             for i0 in range(0, I, BI):
                 _, o, i, inside, valid, x_raw = _block(X, M, x_base, m_base, o0, i0, O, I, xo, mo, mi, HAS_MASK, BO,
                                                        BI)
-                total += tl.sum(tl.where(valid, x_raw.to(ACC) * inv_a - c0, 0.0))
+                total += tl.sum(tl.where(valid, tl.where(valid, x_raw.to(ACC), 0.0) * inv_a - c0, 0.0))
         shift = _div(total, k_safe, ACC)
     ss = tl.zeros([], dtype=ACC)
     for o0 in range(0, O, BO):
         for i0 in range(0, I, BI):
             _, o, i, inside, valid, x_raw = _block(X, M, x_base, m_base, o0, i0, O, I, xo, mo, mi, HAS_MASK, BO, BI)
-            xs = x_raw.to(ACC) * inv_a
+            xs = tl.where(valid, x_raw.to(ACC), 0.0) * inv_a  # padding selected away before any arithmetic
             if CENTER:
                 d = tl.where(valid, (xs - c0) - shift, 0.0)
             else:
