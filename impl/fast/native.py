@@ -28,9 +28,10 @@ import torch
 from masknorm._autograd import compute_dtype
 from masknorm.fast import kernel_cache
 
-# The first build of both kernel sources on this project's machine kind (2-core x86_64 AVX2, shared: load 4-6),
-# `masknorm build` into an empty cache: 79 s and 87 s wall, 33 s and 34 s of CPU (docs/performance.md).
-BUILD_S, BUILD_CPU_S = 90, 35
+# The first build of both kernel sources on this project's machine kind, `masknorm build` into an empty cache
+# (docs/performance.md): 18-20 s wall idle (AVX-512), 79-87 s wall shared with other jobs (AVX2, load 4-6);
+# 29-37 s of CPU.
+BUILD_IDLE_S, BUILD_SHARED_S, BUILD_CPU_S = 20, 90, 35
 _OFF, _ON = {"0", "false", "off", "no"}, {"1", "true", "on", "yes"}
 
 
@@ -69,8 +70,9 @@ def say(line: str) -> None:
 
 
 def announce() -> None:
-    say(f"masknorm: building masknorm's CPU kernel, once: about {BUILD_S} s on a shared 2-core machine ({BUILD_CPU_S} s "
-        f"of CPU), a line every 10 s; into {kernel_cache.library().parent}; `masknorm build` does it ahead of time")
+    say(f"masknorm: building masknorm's CPU kernel, once: about {BUILD_IDLE_S} s on an idle 2-core machine, "
+        f"{BUILD_SHARED_S} s on a shared one ({BUILD_CPU_S} s of CPU), a line every 10 s; into "
+        f"{kernel_cache.library().parent}; `masknorm build` does it ahead of time")
 
 
 def _build() -> object:

@@ -204,7 +204,7 @@ def test_a_lock_whose_builder_finished_yields_the_built_library(tmp_path, monkey
     assert lock.exists()  # still the other process's
 
 
-@pytest.mark.slow  # the real build (about 90 s when the cache is cold) and a subprocess
+@pytest.mark.slow  # the real build (20-90 s when the cache is cold) and a subprocess
 def test_a_kernel_built_into_a_read_only_cache_is_used(tmp_path):
     """The build is loaded as it is: no lock, no write, no rebuild (the cache here is made read-only)."""
     assert native.ops() is not None, native.describe()
