@@ -91,18 +91,28 @@ def test_eval_batch_norm_without_grad_gives_the_recorded_bits():
     _same_bits(quiet, recorded)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def _token_layouts(x):
+    """x (B, T, D) as the memory layouts a caller may hand over: contiguous, time-first
+    (transposed), sliced along D, expanded along B."""
+    yield x
+    yield x.transpose(0, 1).contiguous().transpose(0, 1)
+    yield torch.cat([x, x], 2)[:, :, ::2]
+    yield x[:1].expand(x.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
 def test_the_padded_rows_operators_pass_opcheck(dtype, with_mask):
+    """Every dtype, and x contiguous, transposed, sliced and expanded."""
     gen = torch.Generator().manual_seed(4)
     x, mask, w, b = _tokens(dtype, gen)
-    x = torch.nan_to_num(x)
     mask = mask if with_mask else None
     ops = native.ops()
-    torch.library.opcheck(ops.padded_rows_norm.default, (x, mask, w, None if with_mask else b, 1, 1e-5, True, False))
-    _, mean, rstd, _ = ops.padded_rows_norm(x, mask, w, b, 1, 1e-5, True, False)
-    dy = torch.randn(x.shape, generator=gen).to(dtype)
-    torch.library.opcheck(ops.padded_rows_norm_backward.default, (dy, x, mask, mean, rstd, w, 1, True, False))
+    for xl in _token_layouts(torch.nan_to_num(x)):
+        torch.library.opcheck(ops.padded_rows_norm.default, (xl, mask, w, None if with_mask else b, 1, 1e-5, True, False))
+        _, mean, rstd, _ = ops.padded_rows_norm(xl, mask, w, b, 1, 1e-5, True, False)
+        dy = torch.randn(xl.shape, generator=gen).to(dtype)
+        torch.library.opcheck(ops.padded_rows_norm_backward.default, (dy, xl, mask, mean, rstd, w, 1, True, False))
 
 
 @pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
