@@ -16,9 +16,9 @@ from typing import Optional, Tuple
 
 import torch
 from torch.autograd import forward_ad
-from torch._subclasses.fake_tensor import is_fake
 
 from masknorm._stats import GroupStats, group_stats, where_or_zero
+from masknorm._tracing import eager_on_data
 from masknorm.spec import closed_forms
 
 
@@ -95,10 +95,7 @@ def overflow_safe(fn, mask: Optional[torch.Tensor], masked: str, xc: torch.Tenso
 
 def _known_finite(t: torch.Tensor) -> bool:
     """True when t is eager CPU data (not traced, no torch.func transform, not fake) and finite."""
-    if (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active() or t.device.type != "cpu"
-            or t.is_meta or is_fake(t)):
-        return False
-    return bool(torch.isfinite(t).all())
+    return eager_on_data(t) and t.device.type == "cpu" and bool(torch.isfinite(t).all())
 
 
 def _finite_or(t: torch.Tensor, wide: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Which tracer, if any, is running masknorm's Python code."""
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 
 def exporting() -> bool:
@@ -14,3 +15,25 @@ def exporting() -> bool:
 def tracing() -> bool:
     """True under torch.compile or torch.export: sizes may be symbolic and data cannot be read."""
     return torch.compiler.is_compiling() or exporting()
+
+
+def eager_on_data(x: torch.Tensor) -> bool:
+    """True where the fast paths may run: eager mode (not traced by torch.compile/export, no
+    torch.func transform) on a tensor with data (not meta, not fake). Their safety checks are
+    host syncs, which tracers cannot follow and meta/fake tensors cannot answer."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or x.is_meta
+        or (_maybe_fake(x) and is_fake(x))
+    )
+
+
+def _maybe_fake(x: torch.Tensor) -> bool:
+    """False only where is_fake(x) is False: a plain tensor that wraps nothing (FakeTensor and the
+    wrappers is_fake looks into are subclasses, functional tensors or functorch wrappers)."""
+    return (
+        type(x) is not torch.Tensor
+        or torch._is_functional_tensor(x)
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )

@@ -6,11 +6,9 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from torch._subclasses.fake_tensor import is_fake
-
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
 from masknorm._contract import FLOATING, check_args, check_tensor
-from masknorm._tracing import exporting
+from masknorm._tracing import eager_on_data as _eager_on_data, exporting
 from masknorm.fast import backend as fast_backend, dispatch
 
 
@@ -116,28 +114,6 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
         x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked
     )
     return out, None
-
-
-def _eager_on_data(x: torch.Tensor) -> bool:
-    """True where the fast paths may run: eager mode (not traced by torch.compile/export, no
-    torch.func transform) on a tensor with data (not meta, not fake). Their safety checks are
-    host syncs, which tracers cannot follow and meta/fake tensors cannot answer."""
-    return not (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
-        or x.is_meta
-        or (_maybe_fake(x) and is_fake(x))
-    )
-
-
-def _maybe_fake(x: torch.Tensor) -> bool:
-    """False only where is_fake(x) is False: a plain tensor that wraps nothing (FakeTensor and the
-    wrappers is_fake looks into are subclasses, functional tensors or functorch wrappers)."""
-    return (
-        type(x) is not torch.Tensor
-        or torch._is_functional_tensor(x)
-        or torch._C._functorch.is_functorch_wrapped_tensor(x)
-    )
 
 
 def _compiling_with_ops(x: torch.Tensor) -> bool:

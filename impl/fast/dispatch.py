@@ -33,7 +33,6 @@ from masknorm._contract import NormArgs
 from masknorm.fast import masked_positions, ops as fast_ops, padded_rows, per_channel
 
 PADDED_ROWS, PER_CHANNEL, MASKED_POSITIONS = "padded_rows", "per_channel", "masked_positions"
-COLUMNS = ("eager", "compiled")
 
 Implementation = Callable[..., tuple]
 
@@ -54,16 +53,6 @@ def route(x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[torch.
         return Route(PER_CHANNEL)
     lay = masked_positions.layout(x, mask, weight, bias, args.dims)
     return None if lay is None else Route(MASKED_POSITIONS, lay)
-
-
-TABLE: Dict[str, Dict[str, Implementation]] = {PADDED_ROWS: {}, PER_CHANNEL: {}, MASKED_POSITIONS: {}}
-
-
-def register(path: str, column: str, implementation: Implementation) -> None:
-    """Fill TABLE[path][column]."""
-    if path not in TABLE or column not in COLUMNS:
-        raise ValueError(f"no path {path!r} or column {column!r} in the dispatch table")
-    TABLE[path][column] = implementation
 
 
 def run(column: str, r: Route, x, mask, weight, bias, args: NormArgs) -> tuple:
@@ -114,8 +103,8 @@ def _compiled_masked_positions(x, mask, weight, bias, args: NormArgs, lay) -> tu
                                args.masked)[0], None
 
 
-for _path, _eager, _compiled in ((PADDED_ROWS, _eager_padded_rows, _compiled_padded_rows),
-                                 (PER_CHANNEL, _eager_per_channel, _compiled_per_channel),
-                                 (MASKED_POSITIONS, _eager_masked_positions, _compiled_masked_positions)):
-    register(_path, "eager", _eager)
-    register(_path, "compiled", _compiled)
+TABLE: Dict[str, Dict[str, Implementation]] = {
+    PADDED_ROWS: {"eager": _eager_padded_rows, "compiled": _compiled_padded_rows},
+    PER_CHANNEL: {"eager": _eager_per_channel, "compiled": _compiled_per_channel},
+    MASKED_POSITIONS: {"eager": _eager_masked_positions, "compiled": _compiled_masked_positions},
+}

@@ -1,7 +1,7 @@
 """Fast path: layer or RMS norm over trailing axes with one validity flag per group (padded tokens).
 
 When the mask is constant along the reduced axes, every group is either fully valid (plain layer
-norm) or fully masked (degenerate: passed through). On CPU, masknorm's fused kernel (_native)
+norm) or fully masked (degenerate: passed through). On CPU, masknorm's fused kernel (kernels/padded_rows.cpp)
 normalizes the valid rows and copies the padded ones, one pass over memory each way: layer and RMS
 norm, float64/float32, and float16/bfloat16 computed in float32. Otherwise (CUDA, or the kernel
 could not be built) layer norm in float32/float64 runs on torch's fused kernels, every row, and the
@@ -355,10 +355,11 @@ class PaddedRowsFunction(torch.autograd.Function):
     def forward(ctx, x, mask, weight, bias, ndims, eps, center, masked):
         ctx.config = (tuple(range(x.dim() - ndims, x.dim())), 0, eps, center, masked)
         ctx.bias_shape = None if bias is None else (bias.shape, bias.dtype)
-        ctx.lean = kernel_for(x) is not None
-        if ctx.lean:
-            y, mean, rstd, inaccurate = native.ops().padded_rows_norm(x, mask, weight, bias, ndims, eps,
-                                                                            center, masked == "zero")
+        ctx.kernel = kernel_for(x)
+        ctx.lean = False
+        if ctx.kernel is not None:
+            y, mean, rstd, inaccurate = ctx.kernel.padded_rows_norm(x, mask, weight, bias, ndims, eps, center,
+                                                                    masked == "zero")
             ctx.lean = not inaccurate.item()
             if ctx.lean:
                 ctx.save_for_backward(x, mask, weight, mean, rstd)
@@ -380,8 +381,8 @@ class PaddedRowsFunction(torch.autograd.Function):
             return gx, None, gw, gb, *nones
         if ctx.lean:
             x, mask, weight, mean, rstd = ctx.saved_tensors
-            gx, gw, gb = native.ops().padded_rows_norm_backward(g_out, x, mask, mean, rstd, weight, len(dims),
-                                                                      center, masked == "zero")
+            gx, gw, gb = ctx.kernel.padded_rows_norm_backward(g_out, x, mask, mean, rstd, weight, len(dims), center,
+                                                              masked == "zero")
             gw, gb = (gw if want[2] else None), (gb if want[3] else None)  # of the normalized shape (applies())
         else:
             x, mask, weight, redo, *saved = ctx.saved_tensors

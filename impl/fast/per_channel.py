@@ -96,7 +96,7 @@ def _statistics(x: torch.Tensor, mask: Optional[torch.Tensor], dims, correction:
     for each correction of the mean on long rows with a large mean)."""
     keep = [1] * x.dim()
     keep[1] = x.shape[1]
-    k = valid_count(mask, x.shape, dims, torch.float64).to(x.device).expand(keep).reshape(-1)
+    k = valid_count(mask, x.shape, dims, torch.float64, x.device).expand(keep).reshape(-1)
     nu = k - correction
     bound = 0.0 if mask is None else math.sqrt(torch.finfo(x.dtype).max)  # a finite square is below max
     sums = _ValidSums(x, mask)
@@ -185,7 +185,7 @@ def stats_again(x, mask, dims, correction: int, eps: float, shift, inv_s, redo) 
     """fused_forward's stats from its (shift, inv_s, redo) without keeping the rest: the placeholder
     form, with the redone channels' general statistics (group_stats is deterministic: the same bits)."""
     keep = shift.shape
-    k = valid_count(mask, x.shape, dims, torch.float64).to(x.device).expand(keep)
+    k = valid_count(mask, x.shape, dims, torch.float64, x.device).expand(keep)
     st = GroupStats(torch.ones_like(shift), shift, inv_s, inv_s, k.to(x.dtype), (k - correction).to(x.dtype),
                     torch.zeros(keep, dtype=torch.bool, device=x.device))
     if redo is None:
