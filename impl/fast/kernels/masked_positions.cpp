@@ -526,13 +526,21 @@ void check_layout(const at::Tensor& x, const at::Tensor& mask, int64_t policy) {
   TORCH_CHECK(policy >= kNormalize && policy <= kZero, "policy must be 0 (normalize), 1 (keep) or 2 (zero)");
 }
 
-// A per-channel parameter as G * Cg contiguous values of the accumulation dtype; `fill` when absent.
+// n parameter values as contiguous values of the accumulation dtype (read flat: t itself where it is
+// so already, with no operator call); `fill` when absent.
+at::Tensor flat_values(const c10::optional<at::Tensor>& t, int64_t n, const at::Tensor& x, at::ScalarType acc,
+                       double fill) {
+  if (!t) return at::full({n}, fill, x.options().dtype(acc));
+  if (t->scalar_type() == acc && t->is_contiguous()) return *t;
+  return t->reshape({n}).to(acc).contiguous();
+}
+
+// A per-channel parameter as G * Cg values (flat_values).
 at::Tensor channels(const c10::optional<at::Tensor>& t, const at::Tensor& x, at::ScalarType acc, double fill,
                     const char* name) {
   const int64_t n = x.size(1) * x.size(2);
-  if (!t) return at::full({n}, fill, x.options().dtype(acc));
-  TORCH_CHECK(t->numel() == n, name, " must have G * Cg = ", n, " elements, got ", t->sizes());
-  return t->reshape({n}).to(acc).contiguous();
+  TORCH_CHECK(!t || t->numel() == n, name, " must have G * Cg = ", n, " elements, got ", t->sizes());
+  return flat_values(t, n, x, acc, fill);
 }
 
 at::ScalarType acc_type(const at::Tensor& x) {
@@ -605,13 +613,12 @@ void check_rows(const at::Tensor& x, const at::Tensor& mask, int64_t policy) {
   TORCH_CHECK(policy >= kNormalize && policy <= kZero, "policy must be 0 (normalize), 1 (keep) or 2 (zero)");
 }
 
-// A per-column parameter as n contiguous values of the accumulation dtype; `fill` when absent.
+// A per-column parameter as n values (flat_values).
 at::Tensor columns(const c10::optional<at::Tensor>& t, const at::Tensor& x, at::ScalarType acc, double fill,
                    const char* name) {
   const int64_t n = x.size(1);
-  if (!t) return at::full({n}, fill, x.options().dtype(acc));
-  TORCH_CHECK(t->numel() == n, name, " must have n = ", n, " elements, got ", t->sizes());
-  return t->reshape({n}).to(acc).contiguous();
+  TORCH_CHECK(!t || t->numel() == n, name, " must have n = ", n, " elements, got ", t->sizes());
+  return flat_values(t, n, x, acc, fill);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_row_norm(const at::Tensor& x_,
