@@ -77,23 +77,28 @@ class GroupView:
         return values.reshape(self.param_shape).sum_to_size(shape).to(dtype)
 
 
-def varying_axes(nd: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> List[int]:
-    """The axes of an nd-d x along which weight or bias varies."""
-    params = [(1,) * (nd - t.dim()) + tuple(t.shape) for t in (weight, bias) if t is not None]
+def varying_axes(nd: int, *shapes: Optional[Sequence[int]]) -> List[int]:
+    """The axes of an nd-d x along which the weight or bias of these shapes (None: absent) varies."""
+    params = [(1,) * (nd - len(p)) + tuple(p) for p in shapes if p is not None]
     return [d for d in range(nd) if any(p[d] != 1 for p in params)]
 
 
-def spans(nd: int, r: int, mask: Optional[torch.Tensor], varying: Sequence[int]) -> Tuple[int, int, int, int]:
+def shape_of(t: Optional[torch.Tensor]) -> Optional[torch.Size]:
+    """t's shape, None for None."""
+    return None if t is None else t.shape
+
+
+def spans(nd: int, r: int, mask_shape: Optional[Sequence[int]], varying: Sequence[int]) -> Tuple[int, int, int, int]:
     """(first, last, s, q) of an nd-d x reduced over its axes from r on: the first and last axis
     along which weight/bias vary (nd and -1 if none), and the (B, G, Cg, L) split at s and q
     (B = shape[:s], L = shape[q:]): with a mask, B and L as small as the mask allows; without one,
     as large as the weight and bias allow."""
     first, last = (varying[0], varying[-1]) if varying else (nd, -1)
-    if mask is None:
+    if mask_shape is None:
         return first, last, min(r, first), max(r, last + 1)
     # lists, not max(..., default=) or next(...): torch.compile traces this (fast.ops)
-    s = max([0] + [i + 1 for i in range(r) if mask.shape[i] != 1])
-    q = min([nd] + [j for j in range(r, nd) if mask.shape[j] != 1])
+    s = max([0] + [i + 1 for i in range(r) if mask_shape[i] != 1])
+    q = min([nd] + [j for j in range(r, nd) if mask_shape[j] != 1])
     return first, last, s, q
 
 
@@ -102,7 +107,7 @@ def view_for(x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[tor
     """The GroupView the kernels take for this call (the mask of x's rank), or why there is none."""
     nd = x.dim()
     dims = tuple(dims)
-    varying = varying_axes(nd, weight, bias)
+    varying = varying_axes(nd, shape_of(weight), shape_of(bias))
     if dims == tuple(range(nd - len(dims), nd)):
         return _trailing(x.shape, mask, dims, varying)
     if nd >= 2 and dims == tuple(d for d in range(nd) if d != 1):
@@ -116,7 +121,7 @@ def view_for(x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[tor
 def _trailing(shape: torch.Size, mask: Optional[torch.Tensor], dims: Tuple[int, ...], varying) -> Union[GroupView, str]:
     nd = len(shape)
     r = nd - len(dims)
-    first, last, s, q = spans(nd, r, mask, varying)
+    first, last, s, q = spans(nd, r, shape_of(mask), varying)
     if first >= s and last < q:
         return _positions(shape, dims, s, r, q)
     if first >= r:

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Sequence
+from functools import cached_property
+from typing import ClassVar, Dict, List, Optional, Sequence
 
 import torch
 
@@ -38,7 +39,10 @@ _DEGENERATE, _REDO = 1, 2  # the kernel's group states (0: fused)
 
 @dataclass(frozen=True)
 class Layout:
-    """x as (B, G, Cg, L): B = prod(shape[:s]), G = prod(shape[s:r]), Cg = prod(shape[r:q]), L = prod(shape[q:])."""
+    """x as (B, G, Cg, L): B = prod(shape[:s]), G = prod(shape[s:r]), Cg = prod(shape[r:q]), L = prod(shape[q:]).
+
+    A layout depends on shapes only; layout() keeps one per call signature, so the derived shapes
+    below are computed once per signature (cached_property)."""
 
     s: int
     r: int
@@ -47,6 +51,10 @@ class Layout:
     op: ClassVar[str] = "masked_positions_norm"  # the kernel (torch.ops.masknorm) and its "_backward"
 
     def sizes(self) -> tuple:
+        return self._sizes
+
+    @cached_property
+    def _sizes(self) -> tuple:
         shape = self.shape
         return (math.prod(shape[: self.s]), math.prod(shape[self.s: self.r]), math.prod(shape[self.r: self.q]),
                 math.prod(shape[self.q:]))
@@ -64,24 +72,36 @@ class Layout:
 
     def parameter_shape(self) -> tuple:
         """The shape (of x's rank) in which the kernel's weight, bias and their gradients vary."""
+        return self._parameter_shape
+
+    @cached_property
+    def _parameter_shape(self) -> tuple:
         nd = len(self.shape)
         return (*[1] * self.s, *self.shape[self.s: self.q], *[1] * (nd - self.q))
+
+    @cached_property
+    def _parameter_numel(self) -> int:
+        return math.prod(self.parameter_shape())
 
     def channels(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """A weight or bias as the kernel's values per channel (G * Cg of them): t itself where it
         holds them all (the kernel reads it flat), else expanded."""
         if t is None:
             return None
-        shape = self.parameter_shape()
-        return t if t.numel() == math.prod(shape) else t.expand(shape).reshape(-1)
+        return t if t.numel() == self._parameter_numel else t.expand(self.parameter_shape()).reshape(-1)
 
     def kernel_shape(self, m2: torch.Tensor) -> tuple:
         """The shape in which the kernel reads x: (B, G, Cg, L)."""
-        return self.sizes()
+        return self._sizes
+
+    @cached_property
+    def _ops(self) -> tuple:
+        """The kernel's operator overloads (forward, backward); layout() found the kernels built."""
+        return getattr(torch.ops.masknorm, self.op).default, getattr(torch.ops.masknorm, self.op + "_backward").default
 
     def kernel(self, x, m2, weight, bias, correction: int, eps: float, center: bool, policy: int):
         """(y, mean, rstd, state) of the fused kernel: x's shape, then one value per group."""
-        y, mean, rstd, state = getattr(native.ops(), self.op)(
+        y, mean, rstd, state = self._ops[0](
             x.reshape(self.kernel_shape(m2)), m2, self.channels(weight), self.channels(bias), correction, eps, center,
             policy)
         return y.view(x.shape), mean, rstd, state
@@ -89,7 +109,7 @@ class Layout:
     def kernel_backward(self, g_out, x, m2, mean, rstd, state, weight, correction: int, center: bool, policy: int):
         """(grad x, per-channel grad weight, per-channel grad bias) of the fused kernel."""
         shape = self.kernel_shape(m2)
-        gx, gw, gb = getattr(native.ops(), self.op + "_backward")(
+        gx, gw, gb = self._ops[1](
             g_out.reshape(shape), x.reshape(shape), m2, mean, rstd, state, self.channels(weight), correction, center,
             policy)
         return gx.view(x.shape), gw, gb
@@ -102,12 +122,18 @@ class Layout:
             grad = grad + redone.sum_to_size(grad.shape)
         return grad.sum_to_size(shape).to(dtype)
 
+    @cached_property
+    def _mask_expand(self) -> tuple:
+        return (*self.shape[: self.s], *[1] * (self.q - self.s), *self.shape[self.q:])
+
     def mask2(self, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """The mask as (B, L)."""
-        B, _, _, L = self.sizes()
+        B, _, _, L = self._sizes
         if mask is None:
             return torch.ones(B, L, dtype=torch.bool)
-        return mask.expand(*self.shape[: self.s], *[1] * (self.q - self.s), *self.shape[self.q:]).reshape(B, L)
+        if mask.shape != self._mask_expand:
+            mask = mask.expand(self._mask_expand)
+        return mask.reshape(B, L)
 
 
 class RowLayout(Layout):
@@ -144,20 +170,40 @@ def layout(
     real, non-empty data).
 
     With a mask, B and L are as small as the mask allows (the mask is copied as (B, L)); without
-    one, as large as the weight and bias allow (they are copied as (G * Cg) values)."""
-    nd = x.dim()
-    r = nd - len(dims)
-    if x.device.type != "cpu" or tuple(dims) != tuple(range(r, nd)):
+    one, as large as the weight and bias allow (they are copied as (G * Cg) values). The answer
+    depends on the shapes only: eager calls reuse it per signature (at most _MAX_LAYOUTS kept),
+    traced calls (symbolic sizes) compute it."""
+    if x.device.type != "cpu" or any(t.dtype != x.dtype for t in (weight, bias) if t is not None):
         return None
-    if any(t.dtype != x.dtype for t in (weight, bias) if t is not None):
-        return None
-    first, last, s, q = group_views.spans(nd, r, mask, group_views.varying_axes(nd, weight, bias))
     if not native.available():
         return None
-    if first >= s and last < q and not math.prod(x.shape[q:]) == 1 < math.prod(x.shape[r:q]):
-        return Layout(s, r, q, x.shape)
-    if first >= r and mask is not None and q < nd:
-        return RowLayout(r, r, r, x.shape)
+    key = (x.shape, tuple(dims), group_views.shape_of(mask), group_views.shape_of(weight), group_views.shape_of(bias))
+    if torch.compiler.is_compiling():
+        return _layout_of(*key)
+    lay = _LAYOUTS.get(key, _UNSEEN)
+    if lay is _UNSEEN:
+        if len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.clear()
+        lay = _LAYOUTS[key] = _layout_of(*key)
+    return lay
+
+
+_MAX_LAYOUTS = 256
+_UNSEEN = object()
+_LAYOUTS: Dict[tuple, Optional[Layout]] = {}
+
+
+def _layout_of(shape: torch.Size, dims: tuple, mask_shape, weight_shape, bias_shape) -> Optional[Layout]:
+    """layout()'s answer from the shapes (None: absent)."""
+    nd = len(shape)
+    r = nd - len(dims)
+    if dims != tuple(range(r, nd)):
+        return None
+    first, last, s, q = group_views.spans(nd, r, mask_shape, group_views.varying_axes(nd, weight_shape, bias_shape))
+    if first >= s and last < q and not math.prod(shape[q:]) == 1 < math.prod(shape[r:q]):
+        return Layout(s, r, q, shape)
+    if first >= r and mask_shape is not None and q < nd:
+        return RowLayout(r, r, r, shape)
     return None
 
 

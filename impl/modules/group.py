@@ -36,15 +36,15 @@ class MaskedGroupNorm(nn.GroupNorm):
         mask = valid_mask(mask, padding_mask)
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"x of shape {tuple(x.shape)} is not (B, C={self.num_channels}, *spatial)")
-        check_affine(type(self).__name__, self.weight, self.bias, (self.num_channels,), "num_channels")
+        weight, bias = self.weight, self.bias
+        check_affine(type(self).__name__, weight, bias, (self.num_channels,), "num_channels")
         mask = channel_mask(x, channel_block_mask(self, x, mask))
         g = self.num_groups
         lead, trailing = (g, self.num_channels // g), x.dim() - 2
         grouped = x.reshape(x.shape[0], *lead, *x.shape[2:])
         out = masked_norm(
             grouped, None if mask is None else mask.unsqueeze(1), tuple(range(2, grouped.dim())), eps=self.eps,
-            weight=channel_view(self.weight, lead, trailing), bias=channel_view(self.bias, lead, trailing),
-            masked=self.masked,
+            weight=channel_view(weight, lead, trailing), bias=channel_view(bias, lead, trailing), masked=self.masked,
         )
         return out.reshape(x.shape)
 

@@ -222,3 +222,19 @@ def test_bits_do_not_depend_on_thread_count():
         torch.set_num_threads(before)
     (o1, g1, p1), (o2, g2, p2) = results
     assert torch.equal(o1, o2) and torch.equal(g1, g2) and all(torch.equal(a, b) for a, b in zip(p1, p2))
+
+
+def test_layout_is_kept_per_signature():
+    """layout() answers from shapes alone and keeps its answer per signature: the same signature
+    gets the same Layout back, another mask shape its own, and a weight of another dtype or the
+    kernels switched off get None (checked on every call, not kept)."""
+    x, w = torch.randn(2, 4, 3, 5), torch.randn(4, 3, 1)
+    per_sample, shared = torch.ones(2, 1, 1, 5, dtype=torch.bool), torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    lay = masked_positions.layout(x, per_sample, w, None, (2, 3))
+    assert lay.sizes() == (2, 4, 3, 5)
+    assert masked_positions.layout(x.clone(), per_sample.clone(), w.clone(), None, (2, 3)) is lay
+    assert masked_positions.layout(x, shared, w, None, (2, 3)).sizes() == (1, 8, 3, 5)
+    assert masked_positions.layout(x, per_sample, w.double(), None, (2, 3)) is None
+    with native.kernels(False):
+        assert masked_positions.layout(x, per_sample, w, None, (2, 3)) is None
+    assert masked_positions.layout(x, per_sample, w, None, (2, 3)) is lay

@@ -78,9 +78,11 @@ double blocked_sum(int64_t s, int64_t e, Term term) {
   return total;
 }
 
-// Two such sums in one pass: (sum t1(j), sum t2(j)) added to (*s1, *s2).
-template <typename T1, typename T2>
-void blocked_sums(int64_t s, int64_t e, T1 t1, T2 t2, double* s1, double* s2) {
+// Two such sums in one pass: (sum t1(j), sum t2(j)) added to (*s1, *s2). A block whose t2 sum is
+// not finite is summed again with wide(j): t2 with its xh formed by finite_xh, equal to t2(j) where
+// t2(j) is finite (so the fast loop needs no per-term check).
+template <typename T1, typename T2, typename Wide>
+void blocked_sums(int64_t s, int64_t e, T1 t1, T2 t2, Wide wide, double* s1, double* s2) {
   for (int64_t a = s; a < e; a += kBlock) {
     const int64_t z = std::min(e, a + kBlock);
     double acc1 = 0, acc2 = 0;
@@ -88,6 +90,10 @@ void blocked_sums(int64_t s, int64_t e, T1 t1, T2 t2, double* s1, double* s2) {
     for (int64_t j = a; j < z; ++j) {
       acc1 += t1(j);
       acc2 += t2(j);
+    }
+    if (!std::isfinite(acc2)) {
+      acc2 = 0;
+      for (int64_t j = a; j < z; ++j) acc2 += wide(j);
     }
     *s1 += acc1;
     *s2 += acc2;
@@ -131,17 +137,19 @@ double valid_sum(const Row& row, Term term) {
   return total;
 }
 
-// (sum t1(j), sum t2(j)) over the row's masked-out positions j, added to (*s1, *s2).
-template <typename T1, typename T2>
-void gap_sums(const Row& row, T1 t1, T2 t2, double* s1, double* s2) {
+// (sum t1(j), sum t2(j)) over the row's masked-out positions j, added to (*s1, *s2) (wide: as in
+// blocked_sums).
+template <typename T1, typename T2, typename Wide>
+void gap_sums(const Row& row, T1 t1, T2 t2, Wide wide, double* s1, double* s2) {
   if (row.dense) {
     const bool* m = row.m;
     blocked_sums(0, row.L, [t1, m](int64_t j) { return m[j] ? 0.0 : t1(j); },
-                 [t2, m](int64_t j) { return m[j] ? 0.0 : t2(j); }, s1, s2);
+                 [t2, m](int64_t j) { return m[j] ? 0.0 : t2(j); }, [wide, m](int64_t j) { return m[j] ? 0.0 : wide(j); },
+                 s1, s2);
     return;
   }
   segments(*row.runs, row.L, [&](int64_t s, int64_t e, bool valid) {
-    if (!valid) blocked_sums(s, e, t1, t2, s1, s2);
+    if (!valid) blocked_sums(s, e, t1, t2, wide, s1, s2);
   });
 }
 
@@ -194,15 +202,22 @@ double finite_xh(A h, A x, A m, A r) {
   return std::isfinite(h) ? double(h) : wide_xh(x, m, r);
 }
 
+// Whether out[0, n) is all finite: one vectorized pass (the sum of out_j * 0 is NaN iff some out_j is not).
+template <typename T>
+bool all_finite(const T* out, int64_t n) {
+  using acc_t = at::opmath_type<T>;
+  acc_t probe = 0;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t j = 0; j < n; ++j) probe += acc_t(out[j]) * acc_t(0);
+  return probe == acc_t(0);
+}
+
 // A "normalize" row's outputs at masked-out positions that came out non-finite from a finite x,
-// recomputed in double: out_j = affine(j, xh_j) with xh_j = (x_j - m) r (see wide_xh).
+// recomputed in double: out_j = affine(j, xh_j) with xh_j = (x_j - m) r (see wide_xh). The caller
+// runs it where all_finite found a non-finite output.
 template <typename T, typename A, typename Affine>
 void repair_overflow(const Row& row, T* out, const T* x, A m, A r, Affine affine) {
   using acc_t = at::opmath_type<T>;
-  acc_t probe = 0;  // NaN iff some output is not finite (inf * 0): one vectorized pass
-#pragma omp simd reduction(+ : probe)
-  for (int64_t j = 0; j < row.L; ++j) probe += acc_t(out[j]) * acc_t(0);
-  if (probe == acc_t(0)) return;
   for (int64_t j = 0; j < row.L; ++j)
     if (!row.m[j] && !std::isfinite(double(out[j])) && std::isfinite(double(x[j])))
       out[j] = T(acc_t(affine(j, wide_xh(acc_t(x[j]), m, r))));
@@ -301,9 +316,12 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         const acc_t wc = w[g * Cg + c], bc = bias[g * Cg + c];
         auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T(((v ? acc_t(xr[j]) : m) - m) * r * wc + bc); };
         write_normalized(row, yr, xr, policy, normalized);
-        if (policy == kNormalize)
-          repair_overflow(row, yr, xr, m, r, [wc, bc](int64_t, double xh) { return xh * double(wc) + double(bc); });
       }
+      if (policy == kNormalize && !all_finite(yg, Cg * L))
+        for (int64_t c = 0; c < Cg; ++c) {
+          const double wc = w[g * Cg + c], bc = bias[g * Cg + c];
+          repair_overflow(row, yg + c * L, xg + c * L, m, r, [wc, bc](int64_t, double xh) { return xh * wc + bc; });
+        }
     }
   });
 }
@@ -340,26 +358,28 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
         const T* xr = xg + c * L;
         double a = 0, bsum = 0;
         auto dyv = [dyr](int64_t j, bool v) { return double(v ? dyr[j] : T(0)); };
-        auto dyxh = [dyr, xr, m, r](int64_t j, bool v) {
-          const acc_t xj = v ? acc_t(xr[j]) : m;
-          return double(v ? dyr[j] : T(0)) * finite_xh((xj - m) * r, xj, m, r);
+        // dy_j xh_j where position j is used: xh in acc_t (fast), or through finite_xh (wide)
+        auto dyxh = [dyr, xr, m, r](int64_t j, bool u) {
+          return double(u ? dyr[j] : T(0)) * double(((u ? acc_t(xr[j]) : m) - m) * r);
+        };
+        auto dyxh_wide = [dyr, xr, m, r](int64_t j, bool u) {
+          const acc_t xj = u ? acc_t(xr[j]) : m;
+          return double(u ? dyr[j] : T(0)) * finite_xh((xj - m) * r, xj, m, r);
         };
         if (row.dense) {
           const bool* mr = row.m;
           blocked_sums(0, L, [dyv, mr](int64_t j) { return dyv(j, mr[j]); }, [dyxh, mr](int64_t j) { return dyxh(j, mr[j]); },
-                       &a, &bsum);
+                       [dyxh_wide, mr](int64_t j) { return dyxh_wide(j, mr[j]); }, &a, &bsum);
         } else {
           for (const auto& run : *row.runs)
             blocked_sums(run.first, run.second, [dyv](int64_t j) { return dyv(j, true); },
-                         [dyxh](int64_t j) { return dyxh(j, true); }, &a, &bsum);
+                         [dyxh](int64_t j) { return dyxh(j, true); }, [dyxh_wide](int64_t j) { return dyxh_wide(j, true); },
+                         &a, &bsum);
         }
         if (policy == kNormalize) {  // masked-out positions count where their dy is nonzero
           gap_sums(row, [dyr](int64_t j) { return dyr[j] != T(0) ? double(dyr[j]) : 0.0; },
-                   [dyr, xr, m, r](int64_t j) {
-                     const bool use = dyr[j] != T(0);
-                     const acc_t xj = use ? acc_t(xr[j]) : m;
-                     return double(use ? dyr[j] : T(0)) * finite_xh((xj - m) * r, xj, m, r);
-                   }, &a, &bsum);
+                   [dyr, dyxh](int64_t j) { return dyxh(j, dyr[j] != T(0)); },
+                   [dyr, dyxh_wide](int64_t j) { return dyxh_wide(j, dyr[j] != T(0)); }, &a, &bsum);
         }
         slot[2 * c] += a;
         slot[2 * c + 1] += bsum;
@@ -409,8 +429,8 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
       const T* xr = x + i * n;
       T* yr = y + i * n;
       double k = 0, mu = 0, ss = 0;  // mu: the valid values' sum until divided by k
-      blocked_sums(0, n, [m = row.m](int64_t j) { return m[j] ? 1.0 : 0.0; },
-                   [m = row.m, xr](int64_t j) { return m[j] ? double(xr[j]) : 0.0; }, &k, &mu);
+      const auto valid_x = [m = row.m, xr](int64_t j) { return m[j] ? double(xr[j]) : 0.0; };
+      blocked_sums(0, n, [m = row.m](int64_t j) { return m[j] ? 1.0 : 0.0; }, valid_x, valid_x, &k, &mu);
       const double nu = k - double(correction);
       mu = center && nu > 0 ? mu / k : 0.0;
       if (nu > 0) {
@@ -431,7 +451,7 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
         return T(((v ? acc_t(xr[j]) : m) - m) * r * w[j] + bias[j]);
       };
       write_normalized(row, yr, xr, policy, normalized);
-      if (policy == kNormalize)
+      if (policy == kNormalize && !all_finite(yr, n))
         repair_overflow(row, yr, xr, m, r, [w, bias](int64_t j, double xh) { return xh * double(w[j]) + double(bias[j]); });
     }
   });
@@ -506,13 +526,21 @@ void check_layout(const at::Tensor& x, const at::Tensor& mask, int64_t policy) {
   TORCH_CHECK(policy >= kNormalize && policy <= kZero, "policy must be 0 (normalize), 1 (keep) or 2 (zero)");
 }
 
-// A per-channel parameter as G * Cg contiguous values of the accumulation dtype; `fill` when absent.
+// n parameter values as contiguous values of the accumulation dtype (read flat: t itself where it is
+// so already, with no operator call); `fill` when absent.
+at::Tensor flat_values(const c10::optional<at::Tensor>& t, int64_t n, const at::Tensor& x, at::ScalarType acc,
+                       double fill) {
+  if (!t) return at::full({n}, fill, x.options().dtype(acc));
+  if (t->scalar_type() == acc && t->is_contiguous()) return *t;
+  return t->reshape({n}).to(acc).contiguous();
+}
+
+// A per-channel parameter as G * Cg values (flat_values).
 at::Tensor channels(const c10::optional<at::Tensor>& t, const at::Tensor& x, at::ScalarType acc, double fill,
                     const char* name) {
   const int64_t n = x.size(1) * x.size(2);
-  if (!t) return at::full({n}, fill, x.options().dtype(acc));
-  TORCH_CHECK(t->numel() == n, name, " must have G * Cg = ", n, " elements, got ", t->sizes());
-  return t->reshape({n}).to(acc).contiguous();
+  TORCH_CHECK(!t || t->numel() == n, name, " must have G * Cg = ", n, " elements, got ", t->sizes());
+  return flat_values(t, n, x, acc, fill);
 }
 
 at::ScalarType acc_type(const at::Tensor& x) {
@@ -585,13 +613,12 @@ void check_rows(const at::Tensor& x, const at::Tensor& mask, int64_t policy) {
   TORCH_CHECK(policy >= kNormalize && policy <= kZero, "policy must be 0 (normalize), 1 (keep) or 2 (zero)");
 }
 
-// A per-column parameter as n contiguous values of the accumulation dtype; `fill` when absent.
+// A per-column parameter as n values (flat_values).
 at::Tensor columns(const c10::optional<at::Tensor>& t, const at::Tensor& x, at::ScalarType acc, double fill,
                    const char* name) {
   const int64_t n = x.size(1);
-  if (!t) return at::full({n}, fill, x.options().dtype(acc));
-  TORCH_CHECK(t->numel() == n, name, " must have n = ", n, " elements, got ", t->sizes());
-  return t->reshape({n}).to(acc).contiguous();
+  TORCH_CHECK(!t || t->numel() == n, name, " must have n = ", n, " elements, got ", t->sizes());
+  return flat_values(t, n, x, acc, fill);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_row_norm(const at::Tensor& x_,
