@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -49,25 +50,26 @@ struct Layout {
   int64_t N, C, S;
 };
 
-// sum of term(i) over the positions j = n S + s (x offset i = (n C + c) S + s) where use(j), in blocks of kBlock
-// used terms, in double.
-template <typename Use, typename Term>
-double channel_sum(const Layout& l, int64_t c, Use use, Term term) {
-  double total = 0, acc = 0;
+// The sums of the K terms term(i) over the positions j = n S + s (x offset i = (n C + c) S + s) where use(j, i),
+// in blocks of kBlock used positions, in double.
+template <int K, typename Use, typename Term>
+std::array<double, K> channel_sums(const Layout& l, int64_t c, Use use, Term term) {
+  std::array<double, K> total{}, acc{};
   int64_t used = 0;
   for (int64_t n = 0; n < l.N; ++n) {
     const int64_t row = (n * l.C + c) * l.S;
     for (int64_t s = 0; s < l.S; ++s) {
       if (!use(n * l.S + s, row + s)) continue;
-      acc += term(row + s);
+      const std::array<double, K> t = term(row + s);
+      for (int q = 0; q < K; ++q) acc[q] += t[q];
       if (++used == kBlock) {
-        total += acc;
-        acc = 0;
+        for (int q = 0; q < K; ++q) total[q] += acc[q], acc[q] = 0;
         used = 0;
       }
     }
   }
-  return total + acc;
+  for (int q = 0; q < K; ++q) total[q] += acc[q];
+  return total;
 }
 
 // fast.per_channel._out_of_range's test passed: the fused statistics are exact for this channel.
@@ -92,11 +94,11 @@ void forward_channels(const T* x, const bool* m, const T* w, const T* b, T* out,
   at::parallel_for(0, l.C, grain(l), [&](int64_t lo, int64_t hi) {
     for (int64_t c = lo; c < hi; ++c) {
       auto valid = [m](int64_t j, int64_t) { return m == nullptr || m[j]; };
-      const double mu1 = channel_sum(l, c, valid, [x](int64_t i) { return double(x[i]); }) / k;
-      const double s1 = channel_sum(l, c, valid, [x, mu1](int64_t i) { return double(x[i]) - mu1; });
-      const double s2 = channel_sum(l, c, valid, [x, mu1](int64_t i) {
+      const auto [sx] = channel_sums<1>(l, c, valid, [x](int64_t i) { return std::array<double, 1>{double(x[i])}; });
+      const double mu1 = sx / k;
+      const auto [s1, s2] = channel_sums<2>(l, c, valid, [x, mu1](int64_t i) {
         const double d = double(x[i]) - mu1;
-        return d * d;
+        return std::array<double, 2>{d, d * d};
       });
       const double step = s1 / k, mu = mu1 + step;
       const double m2 = std::max(s2 - s1 * step, 0.0);
@@ -152,8 +154,9 @@ void backward_channels(const T* g, const T* x, const bool* m, const T* w, const 
       auto used = [m, g, masked](int64_t j, int64_t i) {
         return m == nullptr || m[j] || (masked == Masked::normalize && g[i] != T(0));
       };
-      const double A = channel_sum(l, c, used, [g](int64_t i) { return double(g[i]); });
-      const double B = channel_sum(l, c, used, [g, x, mu, r](int64_t i) { return double(g[i]) * ((double(x[i]) - mu) * r); });
+      const auto [A, B] = channel_sums<2>(l, c, used, [g, x, mu, r](int64_t i) {
+        return std::array<double, 2>{double(g[i]), double(g[i]) * ((double(x[i]) - mu) * r)};
+      });
       if (!std::isfinite(A) || !std::isfinite(B)) bad[c] = 1;
       gw[c] = T(B);
       gb[c] = T(A);
