@@ -8,6 +8,11 @@ Per channel, with m the mask as 0/1 and sums over every position of the channel:
               gx = (gamma/s) g_out - m (offset + slope x),  slope = (gamma/s^2) B/nu,
               offset = (gamma/s) A/k - slope mu      (spec/closed_forms.py's vjp_centered, regrouped)
 
+On CPU, for inputs of up to KERNEL_MAX_NUMEL values and a mask constant along C or none, one call of the
+C++ kernel (kernels/per_channel.cpp: per_channel_norm and its backward) does all of this in double, skipping
+masked-out positions by a branch; the channels it cannot do exactly are redone as below, and a backward whose sums
+are not finite runs on the torch kernels. Otherwise:
+
 A mask constant along C (the usual (N, 1, L) padding mask) turns the masked sum of x into one
 matrix product with the mask, which reads x once and writes nothing of its size.
 Multiplying by 0 is exact only for finite values: a masked-out NaN, Inf or overflowing square
@@ -267,9 +272,11 @@ def kernel_backward(kernel, g_out, x, mask, weight, bias_shape, var, shift, inv_
         redo = redo if bool(redo.any()) else None
         st = stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
         return fused_backward(g_out, x, mask, weight, bias_shape, var, math.inf, st, redo, config, want_w, want_b)
-    st = None if redo is None else stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
-    return _with_redone(gx, gw.reshape(shift.shape), gb.reshape(shift.shape), g_out, x, mask, weight, bias_shape, st,
-                        redo, dims, masked, want_w, want_b)
+    if redo is None:
+        return gx, (gw.view(weight.shape) if want_w else None), (gb.view(bias_shape[0]) if want_b else None)
+    st = stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
+    return _with_redone(gx, gw.view(shift.shape), gb.view(shift.shape), g_out, x, mask, weight, bias_shape, st, redo,
+                        dims, masked, want_w, want_b)
 
 
 def forward_only(x, mask, weight, bias, dims, correction: int, eps: float, masked: str):
@@ -316,6 +323,7 @@ class PerChannelFunction(torch.autograd.Function):
             ctx.save_for_backward(x, mask, weight, var, redo, *st)
             ctx.save_for_forward(x, mask, weight, *st)
         ctx.mark_non_differentiable(*moments)
+        ctx.set_materialize_grads(False)  # the moments' gradients are never used: no zeros made for them
         return (out, *moments)
 
     @staticmethod
