@@ -323,7 +323,6 @@ class PerChannelFunction(torch.autograd.Function):
             ctx.save_for_backward(x, mask, weight, var, redo, *st)
             ctx.save_for_forward(x, mask, weight, *st)
         ctx.mark_non_differentiable(*moments)
-        ctx.set_materialize_grads(False)  # the moments' gradients are never used: no zeros made for them
         return (out, *moments)
 
     @staticmethod
