@@ -72,9 +72,7 @@ def _eager_padded_rows(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
 
 def _eager_per_channel(x, mask, weight, bias, args: NormArgs, _layout) -> tuple:
     if not records_autograd(x, weight, bias):
-        out, *_, moments = per_channel.fused_forward(x, mask, weight, bias, args.dims, args.correction, args.eps,
-                                                     args.masked)
-        return out, moments
+        return per_channel.forward_only(x, mask, weight, bias, args.dims, args.correction, args.eps, args.masked)
     out, *moments = per_channel.PerChannelFunction.apply(x, mask, weight, bias, args.dims, args.correction,
                                                            args.eps, args.masked)
     return out, tuple(moments)

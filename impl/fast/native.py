@@ -82,9 +82,10 @@ def _build() -> object:
 
 
 def _register_fakes() -> None:
-    """Fake (meta) kernels of the operators that eager code calls directly (padded_rows_norm and its
-    backward): output shapes and dtypes from the inputs' alone, so that opcheck and tracers can
-    reason about them. x is normalized over its last ndims axes; statistics in the computation type."""
+    """Fake (meta) kernels of the operators that eager code calls directly (padded_rows_norm,
+    per_channel_norm and their backwards): output shapes and dtypes from the inputs' alone, so that opcheck and
+    tracers can reason about them. padded_rows_norm normalizes over x's last ndims axes, statistics in the
+    computation type; per_channel_norm over every axis but 1, statistics in x's dtype, keepdim shape."""
 
     def keepdim(x, ndims):
         return (*x.shape[: x.dim() - ndims], *[1] * ndims)
@@ -99,6 +100,18 @@ def _register_fakes() -> None:
     def _backward(dy, x, mask, mean, rstd, weight, ndims, center, zero):
         nshape = x.shape[x.dim() - ndims:]
         return x.new_empty(x.shape), x.new_empty(nshape), x.new_empty(nshape)
+
+    @torch.library.register_fake("masknorm::per_channel_norm")
+    def _per_channel(x, mask, weight, bias, correction, eps, masked):
+        keep = [1] * x.dim()
+        keep[1] = x.shape[1]
+        return (x.new_empty(x.shape), *(x.new_empty(keep) for _ in range(6)), x.new_empty(keep, dtype=torch.bool),
+                x.new_empty((), dtype=torch.long))
+
+    @torch.library.register_fake("masknorm::per_channel_norm_backward")
+    def _per_channel_backward(g, x, mask, weight, shift, inv_s, skip, correction, masked):
+        return (x.new_empty(x.shape), x.new_empty(x.shape[1]), x.new_empty(x.shape[1]),
+                x.new_empty((), dtype=torch.long))
 
 
 def cause(error: BaseException) -> str:

@@ -22,6 +22,7 @@ No `from __future__ import annotations` here: torch 2.4's schema inference reads
 as written and rejects the strings 'Tensor', 'Optional[Tensor]', ...
 """
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -122,12 +123,19 @@ def per_channel_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fast.per_channel's forward: (out, the batch's mean, unbiased variance and count per channel, then
     what the backward needs: var, shift, inv_s, the redone channels (all False if none) and the
-    padding bound (0-d float64))."""
+    padding bound (0-d float64)); on the kernel that the eager path takes (per_channel_norm) where it applies."""
     dims = _channel_dims(x)
-    out, var, st, bound, redo, moments = per_channel.fused_forward(x, mask, weight, bias, dims, correction, eps,
-                                                                    masked)
-    redo = torch.zeros_like(st.degenerate) if redo is None else redo
-    return (out.contiguous(), *map(_own, moments), _own(var), _own(st.shift_scaled), _own(st.inv_s), _own(redo),
+    kernel = per_channel.kernel_for(x, mask)
+    if kernel is not None:
+        out, moments, var, shift, inv_s, redo = per_channel.kernel_forward(kernel, x, mask, weight, bias, dims,
+                                                                           correction, eps, masked)
+        bound = math.inf
+    else:
+        out, var, st, bound, redo, moments = per_channel.fused_forward(x, mask, weight, bias, dims, correction, eps,
+                                                                        masked)
+        shift, inv_s = st.shift_scaled, st.inv_s
+    redo = torch.zeros(shift.shape, dtype=torch.bool, device=x.device) if redo is None else redo
+    return (out.contiguous(), *map(_own, moments), _own(var), _own(shift), _own(inv_s), _own(redo),
             torch.tensor(bound, dtype=torch.float64))
 
 
@@ -146,13 +154,19 @@ def per_channel_backward_op(
     shift: Tensor, inv_s: Tensor, redo: Tensor, bound: Tensor, correction: int, eps: float, masked: str,
     want_w: bool, want_b: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """fast.per_channel's backward: (grad x, grad weight or empty, grad bias or empty)."""
+    """fast.per_channel's backward: (grad x, grad weight or empty, grad bias or empty), on the path its forward took."""
     dims = _channel_dims(x)
     redo = redo if bool(redo.any()) else None
-    st = per_channel.stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
     bias_shape = None if bias is None else (bias.shape, bias.dtype)
-    gx, gw, gb = per_channel.fused_backward(g_out, x, mask, weight, bias_shape, var, float(bound), st, redo,
-                                             (dims, correction, eps, True, masked), want_w, want_b)
+    config = (dims, correction, eps, True, masked)
+    kernel = per_channel.kernel_for(x, mask)
+    if kernel is not None:
+        gx, gw, gb = per_channel.kernel_backward(kernel, g_out, x, mask, weight, bias_shape, var, shift, inv_s, redo,
+                                                 config, want_w, want_b)
+    else:
+        st = per_channel.stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
+        gx, gw, gb = per_channel.fused_backward(g_out, x, mask, weight, bias_shape, var, float(bound), st, redo, config,
+                                                 want_w, want_b)
     return gx.contiguous(), _or_empty(gw, x), _or_empty(gb, x)
 
 

@@ -20,14 +20,15 @@ from masknorm.modules import MaskedBatchNorm1d, MaskedGroupNorm, MaskedInstanceN
 pytestmark = [pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built"),
               pytest.mark.usefixtures("compile_strictly")]
 
-# name -> (module factory, x as (B, T, 4) rather than (B, 4, T), the fast path (its fused_forward
-# and fused_backward run the computation), the operator)
+# name -> (module factory, x as (B, T, 4) rather than (B, 4, T), the fast path, its functions that run the
+# forward and backward computation, the operator)
+FUSED, KERNEL = ("fused_forward", "fused_backward"), ("kernel_forward", "kernel_backward")
 MODULES = {
-    "group": (lambda: MaskedGroupNorm(2, 4, masked="keep"), False, masked_positions, "masked_positions"),
-    "instance": (lambda: MaskedInstanceNorm1d(4, affine=True), False, masked_positions, "masked_positions"),
-    "batch": (lambda: MaskedBatchNorm1d(4, masked="zero"), False, per_channel, "per_channel"),
-    "layer": (lambda: MaskedLayerNorm(4), True, padded_rows, "padded_rows"),
-    "rms": (lambda: MaskedRMSNorm(4), True, padded_rows, "padded_rows"),
+    "group": (lambda: MaskedGroupNorm(2, 4, masked="keep"), False, masked_positions, FUSED, "masked_positions"),
+    "instance": (lambda: MaskedInstanceNorm1d(4, affine=True), False, masked_positions, FUSED, "masked_positions"),
+    "batch": (lambda: MaskedBatchNorm1d(4, masked="zero"), False, per_channel, KERNEL, "per_channel"),
+    "layer": (lambda: MaskedLayerNorm(4), True, padded_rows, FUSED, "padded_rows"),
+    "rms": (lambda: MaskedRMSNorm(4), True, padded_rows, FUSED, "padded_rows"),
 }
 
 
@@ -94,12 +95,12 @@ def test_compiled_module_runs_the_fast_path_as_one_operator(name, backend, dynam
     """fullgraph compile; the graph calls the masknorm operator, each compiled step runs the fast
     path's forward and backward once, and outputs, gradients and running statistics equal eager's
     bit for bit, over changing batch sizes and lengths and with an out-of-range group."""
-    _, tokens, fast, op = MODULES[name]
+    _, tokens, fast, functions, op = MODULES[name]
     eager = _module(name)
     compiled_module = copy.deepcopy(eager)
     recorder = _Recorder(backend)
     compiled = torch.compile(compiled_module, backend=recorder, fullgraph=True, dynamic=dynamic)
-    calls = _counting(monkeypatch, fast, ["fused_forward", "fused_backward"])
+    calls = _counting(monkeypatch, fast, functions)
     for step, (b, t, huge) in enumerate(((3, 7, False), (4, 9, False), (4, 9, True))):
         x, mask, grad = _inputs(b, t, step, huge, tokens)
         compiled_result = _run(compiled, x, mask, grad)

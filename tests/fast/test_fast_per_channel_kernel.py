@@ -1,0 +1,173 @@
+"""The per-channel kernel (kernels/per_channel.cpp: per_channel_norm and its backward), which batch norm on CPU
+takes when the mask is constant along the channels (the usual (N, 1, L) padding mask) or absent: within the
+suite's bounds of the mpmath reference (output, gradients) and of a float64 two-pass reference (the moments for
+the running statistics); garbage padding gives the bits of clean padding; the bits do not depend on the thread
+count; degenerate channels pass through with the general path's bits; double backward takes the differentiable
+closed form; the operators pass opcheck."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from support.bounds import FORWARD_BOUND, VJP_AFFINE_BOUND, VJP_X_BOUND, forward_error, same_bits, vjp_errors
+from support.strategies import channels, like
+
+from masknorm import masked_norm
+from masknorm.fast import native, per_channel
+
+pytestmark = pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
+
+POLICIES = ["normalize", "keep", "zero"]
+
+
+@st.composite
+def kernel_channels(draw, dtype: torch.dtype):
+    """channels() with the mask made constant along axis 1 (channel 0's): the layout the kernel takes."""
+    case = draw(channels(dtype))
+    if case.mask is not None:
+        case = replace(case, mask=case.full_mask[:, :1].clone())
+    assert per_channel.kernel_for(case.x, case.mask) is not None
+    return case
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@given(data=st.data())
+def test_the_kernel_is_within_the_bounds(dtype, data):
+    case = data.draw(kernel_channels(dtype))
+    assert forward_error(case) <= FORWARD_BOUND[dtype]
+    ex, ew, eb = vjp_errors(case, like(data.draw, case.x))
+    assert ex <= VJP_X_BOUND[dtype] and max(ew, eb) <= VJP_AFFINE_BOUND[dtype], (ex, ew, eb)
+
+
+@given(data=st.data())
+def test_the_moments_are_the_float64_ones_rounded(data):
+    """float32 x: mean and unbiased variance within one float32 u of the valid values' two-pass float64
+    statistics (math.fsum), the count exact."""
+    case = data.draw(kernel_channels(torch.float32))
+    mask = case.full_mask
+    with torch.no_grad():
+        _, (mean, var, count) = per_channel.forward_only(case.x, case.mask, case.weight, case.bias, case.dims,
+                                                         case.correction, case.eps, case.masked)
+    u = torch.finfo(torch.float32).eps
+    for c in range(case.x.shape[1]):
+        values = case.x[:, c][mask[:, c]].double().tolist()
+        k = len(values)
+        assert count.flatten()[c] == k
+        if k < 2:
+            continue
+        mu = math.fsum(values) / k
+        v = math.fsum((t - mu) ** 2 for t in values) / (k - 1)
+        assert abs(mean.flatten()[c].item() - mu) <= u * abs(mu)
+        assert abs(var.flatten()[c].item() - v) <= u * v
+
+
+def _case(dtype=torch.float32, shape=(5, 3, 12), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    mask = torch.rand(shape[0], 1, *shape[2:], generator=gen) > 0.3
+    mask[0] = True
+    weight = torch.randn(shape[1], 1, generator=gen, dtype=torch.float64).to(dtype)
+    bias = torch.randn(shape[1], 1, generator=gen, dtype=torch.float64).to(dtype)
+    g = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return x, mask, weight, bias, g
+
+
+def _run(x, mask, weight, bias, g, masked, correction=0):
+    """(output, the three moments, grad x, grad weight, grad bias) of one recorded call on the kernel."""
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    out, *moments = per_channel.PerChannelFunction.apply(leaves[0], mask, leaves[1], leaves[2], (0, 2), correction,
+                                                         1e-5, masked)
+    assert per_channel.kernel_for(x, mask) is not None
+    return (out.detach(), *moments, *torch.autograd.grad(out, leaves, g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("garbage", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("masked", POLICIES)
+def test_garbage_padding_gives_the_bits_of_clean_padding(masked, garbage, dtype):
+    """Output at the valid positions, moments and every gradient (under "normalize" the upstream
+    gradient is 0 at masked-out positions: they add nothing)."""
+    x, mask, weight, bias, g = _case(dtype)
+    full = mask.expand(x.shape)
+    if masked == "normalize":
+        g = torch.where(full, g, 0.0)
+    clean = _run(torch.where(full, x, 0.0), mask, weight, bias, g, masked)
+    dirty = _run(torch.where(full, x, garbage), mask, weight, bias, g, masked)
+    same_bits(torch.where(full, clean[0], 0.0), torch.where(full, dirty[0], 0.0))
+    for a, b in zip(clean[1:], dirty[1:]):
+        same_bits(a, b)
+
+
+@pytest.mark.parametrize("masked", POLICIES)
+def test_the_bits_do_not_depend_on_the_thread_count(masked):
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            runs.append(_run(*_case(shape=(24, 6, 700), seed=1), masked))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        same_bits(a, b)
+
+
+@pytest.mark.parametrize("correction", [0, 1])
+@pytest.mark.parametrize("masked", POLICIES)
+def test_degenerate_channels_pass_through_with_the_general_paths_bits(masked, correction):
+    """k - correction <= 0 (no valid position; one, with correction 1): x (0 at masked-out positions under
+    "zero"), the upstream gradient likewise, no parameter gradient; the bits of the kernels-off path."""
+    x, mask, weight, bias, g = _case()
+    mask = torch.zeros_like(mask)
+    if correction:
+        mask[2, 0, 5] = True
+    on = _run(x, mask, weight, bias, g, masked, correction)
+    with native.kernels(False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        out, *moments = per_channel.PerChannelFunction.apply(leaves[0], mask, leaves[1], leaves[2], (0, 2), correction,
+                                                             1e-5, masked)
+        off = (out.detach(), *moments, *torch.autograd.grad(out, leaves, g))
+    full = mask.expand(x.shape)
+    passed = torch.where(full, x, 0.0) if masked == "zero" else x
+    same_bits(on[0], passed)
+    same_bits(on[4], torch.where(full, g, 0.0) if masked == "zero" else g)
+    assert not on[5].any() and not on[6].any()
+    for i in (0, 4, 5, 6):
+        same_bits(on[i], off[i])
+
+
+@pytest.mark.parametrize("masked", POLICIES)
+def test_double_backward_passes_gradgradcheck(masked):
+    x, mask, weight, bias, _ = _case(torch.float64, shape=(3, 2, 5), seed=2)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+
+    def norm(x, w, b):
+        return masked_norm(x, mask, (0, 2), weight=w, bias=b, masked=masked)
+
+    assert norm(*leaves).grad_fn.name() == "PerChannelFunctionBackward"
+    assert torch.autograd.gradgradcheck(norm, leaves)
+
+
+def _layouts(x):
+    """x contiguous, with axes 0 and 2 swapped in memory, sliced along axis 2."""
+    yield x
+    yield x.transpose(0, 2).contiguous().transpose(0, 2)
+    yield torch.cat([x, x], 2)[:, :, ::2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("masked", POLICIES)
+def test_the_per_channel_operators_pass_opcheck(masked, with_mask, dtype):
+    x, mask, weight, bias, g = _case(dtype)
+    mask = mask if with_mask else None
+    ops = native.ops()
+    for xl in _layouts(x):
+        torch.library.opcheck(ops.per_channel_norm.default, (xl, mask, weight, bias, 1, 1e-5, masked))
+        shift, inv_s = ops.per_channel_norm(xl, mask, weight, bias, 1, 1e-5, masked)[5:7]
+        for skip in (None, torch.tensor([False, True, False])):
+            torch.library.opcheck(ops.per_channel_norm_backward.default,
+                                  (g, xl, mask, weight, shift, inv_s, skip, 1, masked))
