@@ -16,7 +16,7 @@
 // returned in that type. One pass over the memory each way: a padded row is only copied, so
 // whatever it holds (NaN, Inf) never meets an arithmetic operation. Sums run in double, in blocks of
 // kBlock terms (float64 input: error ~ (kBlock / lanes + n / kBlock) u). dw and db are summed per
-// block of kRows rows into their own slot, then across slots: the result does not depend on the
+// block of kRows rows into their own slot, then across slots in order: the result does not depend on the
 // number of threads.
 //
 // padded_rows_norm and its backward are the eager fast path's one call: x of any shape normalized
@@ -140,18 +140,28 @@ void backward_rows(const T* dy, const T* x, const bool* valid, const A* mean, co
   });
 }
 
+// dw[j] = sum_s slots[s][0][j] and db[j] = sum_s slots[s][1][j], added in slot order in double, rounded once.
+template <typename T>
+void sum_slots(const double* slots, int64_t nslots, int64_t n, T* dw, T* db) {
+  for (int64_t j = 0; j < 2 * n; ++j) {
+    double total = 0;
+    for (int64_t s = 0; s < nslots; ++s) total += slots[s * 2 * n + j];
+    (j < n ? dw[j] : db[j - n]) = T(total);
+  }
+}
+
 void check_rows(const at::Tensor& x, const at::Tensor& valid) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-d CPU tensor (rows, n), got ", x.sizes());
   TORCH_CHECK(valid.dtype() == at::kBool && valid.dim() == 1 && valid.size(0) == x.size(0),
               "valid must be a bool vector with one flag per row of x, got ", valid.sizes());
 }
 
-// The affine parameter as a contiguous vector of n values of x's dtype; `fill` when absent.
-at::Tensor affine(const c10::optional<at::Tensor>& t, const at::Tensor& x, double fill, const char* name) {
-  if (!t) return at::full({x.size(1)}, fill, x.options());
-  TORCH_CHECK(t->numel() == x.size(1) && t->dtype() == x.dtype(), name, " must have ", x.size(1),
+// The affine parameter as a contiguous tensor of n values of x's dtype; `fill` when absent.
+at::Tensor affine(const c10::optional<at::Tensor>& t, const at::Tensor& x, int64_t n, double fill, const char* name) {
+  if (!t) return at::full({n}, fill, x.options());
+  TORCH_CHECK(t->numel() == n && t->dtype() == x.dtype(), name, " must have ", n,
               " elements of x's dtype, got ", t->sizes(), " ", t->dtype());
-  return t->contiguous().view({-1});
+  return t->contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm(const at::Tensor& x_, const at::Tensor& valid_,
@@ -159,8 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm(const at::Tensor& x_, c
     bool zero) {
   check_rows(x_, valid_);
   const auto x = x_.contiguous(), valid = valid_.contiguous();
-  const auto weight = affine(weight_, x, 1.0, "weight"), bias = affine(bias_, x, 0.0, "bias");
   const int64_t rows = x.size(0), n = x.size(1);
+  const auto weight = affine(weight_, x, n, 1.0, "weight"), bias = affine(bias_, x, n, 0.0, "bias");
   auto y = at::empty_like(x);
   const auto stats = x.options().dtype(at::toOpMathType(x.scalar_type()));
   auto mean = at::empty({rows, 1}, stats);
@@ -175,33 +185,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm(const at::Tensor& x_, c
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
-    const at::Tensor& valid_, const at::Tensor& mean_, const at::Tensor& rstd_,
-    const c10::optional<at::Tensor>& weight_, bool center, bool zero) {
-  check_rows(x_, valid_);
+// dx (of x_'s shape), dw and db (of nshape) for x_ read as (rows, n) with one flag per row in `valid`
+// (undefined: every row valid).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_call(const at::Tensor& dy_, const at::Tensor& x_,
+    const at::Tensor& valid, const at::Tensor& mean_, const at::Tensor& rstd_,
+    const c10::optional<at::Tensor>& weight_, int64_t rows, int64_t n, at::IntArrayRef nshape, bool center,
+    bool zero) {
   TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.dtype() == x_.dtype(), "dy must match x, got ", dy_.sizes());
-  TORCH_CHECK(mean_.numel() == x_.size(0) && rstd_.numel() == x_.size(0), "mean and rstd need one value per row");
+  TORCH_CHECK(mean_.numel() == rows && rstd_.numel() == rows, "mean and rstd need one value per row");
   TORCH_CHECK(mean_.scalar_type() == at::toOpMathType(x_.scalar_type()) && rstd_.scalar_type() == mean_.scalar_type(),
               "mean and rstd must be of x's computation type, got ", mean_.scalar_type(), " and ", rstd_.scalar_type());
-  const auto dy = dy_.contiguous(), x = x_.contiguous(), valid = valid_.contiguous();
+  const auto dy = dy_.contiguous(), x = x_.contiguous();
   const auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
-  const auto weight = affine(weight_, x, 1.0, "weight");
-  const int64_t rows = x.size(0), n = x.size(1);
-  auto dx = at::empty_like(x);
-  auto slots = at::zeros({std::max<int64_t>(1, (rows + kRows - 1) / kRows), 2, n}, x.options().dtype(at::kDouble));
+  const auto weight = affine(weight_, x, n, 1.0, "weight");
+  auto dx = at::empty_like(x_, at::MemoryFormat::Contiguous);
+  auto dw = at::empty(nshape, x.options()), db = at::empty(nshape, x.options());
+  const int64_t nslots = std::max<int64_t>(1, (rows + kRows - 1) / kRows);
+  std::vector<double> slots(nslots * 2 * n, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rows_norm_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                            valid.const_data_ptr<bool>(), mean.const_data_ptr<A>(),
+                            valid.defined() ? valid.const_data_ptr<bool>() : nullptr, mean.const_data_ptr<A>(),
                             rstd.const_data_ptr<A>(), weight.const_data_ptr<scalar_t>(),
-                            dx.mutable_data_ptr<scalar_t>(), slots.mutable_data_ptr<double>(), rows, n, center, zero);
+                            dx.mutable_data_ptr<scalar_t>(), slots.data(), rows, n, center, zero);
+    sum_slots(slots.data(), nslots, n, dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
   });
-  const auto sums = slots.sum(0).to(x.scalar_type());
-  return {dx, sums[0], sums[1]};
+  return {dx, dw, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+    const at::Tensor& valid, const at::Tensor& mean, const at::Tensor& rstd,
+    const c10::optional<at::Tensor>& weight, bool center, bool zero) {
+  check_rows(x, valid);
+  return backward_call(dy, x, valid.contiguous(), mean, rstd, weight, x.size(0), x.size(1), {x.size(1)}, center, zero);
 }
 
 // The flag of each row of x (normalized over its last ndims axes) from a mask of x's rank that is
-// constant along those axes, as a contiguous bool vector; undefined when there is no mask.
+// constant along those axes, as a contiguous tensor of one flag per row (the mask itself where it is
+// one already); undefined when there is no mask.
 at::Tensor row_flags(const c10::optional<at::Tensor>& mask, const at::Tensor& x, int64_t ndims) {
   if (!mask) return {};
   TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == x.dim(), "mask must be a bool tensor of x's rank ",
@@ -212,7 +233,8 @@ at::Tensor row_flags(const c10::optional<at::Tensor>& mask, const at::Tensor& x,
                 x.sizes());
     keep[d] = 1;
   }
-  return mask->expand(keep).contiguous().view({-1});
+  if (mask->sizes() == c10::IntArrayRef(keep) && mask->is_contiguous()) return *mask;
+  return mask->expand(keep).contiguous();
 }
 
 // x's shape with its last ndims axes of size 1.
@@ -233,10 +255,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm(cons
   check_ndims(x_, ndims);
   const auto valid = row_flags(mask, x_, ndims);
   const auto keep = keepdim(x_, ndims);
-  const int64_t n = x_.numel() / c10::multiply_integers(keep);
-  const auto x = x_.contiguous().view({-1, n});
-  const auto weight = affine(weight_, x, 1.0, "weight"), bias = affine(bias_, x, 0.0, "bias");
-  const int64_t rows = x.size(0);
+  const int64_t rows = c10::multiply_integers(keep), n = x_.numel() / rows;
+  const auto x = x_.contiguous();  // read as (rows, n)
+  const auto weight = affine(weight_, x, n, 1.0, "weight"), bias = affine(bias_, x, n, 0.0, "bias");
   auto y = at::empty_like(x_, at::MemoryFormat::Contiguous);
   const auto stats = x.options().dtype(at::toOpMathType(x.scalar_type()));
   auto mean = at::empty(keep, stats);
@@ -249,36 +270,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm(cons
                            y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(),
                            rows, n, eps, center, zero, inaccurate.data());
   });
-  int64_t count = 0;
-  for (const uint8_t flag : inaccurate) count += flag;
-  return {y, mean, rstd, at::scalar_tensor(count, x.options().dtype(at::kLong))};
+  auto count = at::empty({}, x.options().dtype(at::kLong));
+  *count.mutable_data_ptr<int64_t>() = std::count(inaccurate.begin(), inaccurate.end(), uint8_t(1));
+  return {y, mean, rstd, count};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
-    const c10::optional<at::Tensor>& mask, const at::Tensor& mean_, const at::Tensor& rstd_,
-    const c10::optional<at::Tensor>& weight_, int64_t ndims, bool center, bool zero) {
-  check_ndims(x_, ndims);
-  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.dtype() == x_.dtype(), "dy must match x, got ", dy_.sizes());
-  const auto valid = row_flags(mask, x_, ndims);
-  const int64_t rows = c10::multiply_integers(keepdim(x_, ndims)), n = x_.numel() / rows;
-  TORCH_CHECK(mean_.numel() == rows && rstd_.numel() == rows, "mean and rstd need one value per row");
-  TORCH_CHECK(mean_.scalar_type() == at::toOpMathType(x_.scalar_type()) && rstd_.scalar_type() == mean_.scalar_type(),
-              "mean and rstd must be of x's computation type, got ", mean_.scalar_type(), " and ", rstd_.scalar_type());
-  const auto dy = dy_.contiguous().view({rows, n}), x = x_.contiguous().view({rows, n});
-  const auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
-  const auto weight = affine(weight_, x, 1.0, "weight");
-  auto dx = at::empty_like(x_, at::MemoryFormat::Contiguous);
-  auto slots = at::zeros({std::max<int64_t>(1, (rows + kRows - 1) / kRows), 2, n}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "padded_rows_norm_backward", [&] {
-    using A = at::opmath_type<scalar_t>;
-    backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                            valid.defined() ? valid.const_data_ptr<bool>() : nullptr, mean.const_data_ptr<A>(),
-                            rstd.const_data_ptr<A>(), weight.const_data_ptr<scalar_t>(),
-                            dx.mutable_data_ptr<scalar_t>(), slots.mutable_data_ptr<double>(), rows, n, center, zero);
-  });
-  const auto sums = slots.sum(0).to(x.scalar_type());
-  const auto nshape = x_.sizes().slice(x_.dim() - ndims);  // dw and db as tensors of their own (no aliasing)
-  return {dx, sums[0].clone().view(nshape), sums[1].clone().view(nshape)};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+    const c10::optional<at::Tensor>& mask, const at::Tensor& mean, const at::Tensor& rstd,
+    const c10::optional<at::Tensor>& weight, int64_t ndims, bool center, bool zero) {
+  check_ndims(x, ndims);
+  const int64_t rows = c10::multiply_integers(keepdim(x, ndims));
+  return backward_call(dy, x, row_flags(mask, x, ndims), mean, rstd, weight, rows, x.numel() / rows,
+                       x.sizes().slice(x.dim() - ndims), center, zero);
+}
+
+// padded_rows_norm as a dispatcher call (the kernel below autograd: CPU, or a fake or meta kernel).
+const c10::TypedOperatorHandle<decltype(padded_rows_norm)>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("masknorm::padded_rows_norm", "")
+      .typed<decltype(padded_rows_norm)>();
+  return op;
 }
 
 // padded_rows_norm's Autograd kernel: the node is C++ (no Python autograd.Function on the way).
@@ -292,9 +302,7 @@ class PaddedRowsNorm : public torch::autograd::Function<PaddedRowsNorm> {
       const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight,
       const c10::optional<at::Tensor>& bias, int64_t ndims, double eps, bool center, bool zero) {
     at::AutoDispatchBelowADInplaceOrView guard;  // below autograd, through the dispatcher (fake tensors too)
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("masknorm::padded_rows_norm", "")
-        .typed<decltype(padded_rows_norm)>();
-    auto [y, mean, rstd, count] = op.call(x, mask, weight, bias, ndims, eps, center, zero);
+    auto [y, mean, rstd, count] = forward_op().call(x, mask, weight, bias, ndims, eps, center, zero);
     ctx->save_for_backward({x, mask.value_or(at::Tensor()), weight.value_or(at::Tensor()), mean, rstd});
     ctx->saved_data["ndims"] = ndims;
     ctx->saved_data["eps"] = eps;
@@ -334,9 +342,19 @@ class PaddedRowsNorm : public torch::autograd::Function<PaddedRowsNorm> {
   }
 };
 
+// True where autograd would record a call on t: grad mode is on and t requires grad, or t carries a
+// forward-mode tangent (which PaddedRowsNorm refuses, as a C++ autograd Function).
+bool records(const c10::optional<at::Tensor>& t) {
+  return t && t->defined() && ((at::GradMode::is_enabled() && t->requires_grad()) || t->_fw_grad(0).defined());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_autograd(const at::Tensor& x,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, int64_t ndims, double eps, bool center, bool zero) {
+  if (!records(x) && !records(weight) && !records(bias)) {  // nothing to record: no node, straight to the kernel
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(x, mask, weight, bias, ndims, eps, center, zero);
+  }
   auto out = PaddedRowsNorm::apply(x, mask, weight, bias, ndims, eps, center, zero);
   return {out[0], out[1], out[2], out[3]};
 }
