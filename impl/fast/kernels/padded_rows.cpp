@@ -20,8 +20,8 @@
 // number of threads.
 //
 // padded_rows_norm and its backward are the eager fast path's one call: x of any shape normalized
-// over its last ndims axes, the mask of x's rank (constant along them) or none (every row valid),
-// weight and bias of the normalized shape or none. The forward also counts the valid rows where the
+// over its last ndims axes, the mask of x's rank (constant along them), a token mask of its leading
+// axes or none (every row valid), weight and bias of the normalized shape or none. The forward also counts the valid rows where the
 // fused arithmetic is not accurate (rstd outside [2^-40, 2^40], or kappa = |mu| rstd above 1/(4u)
 // in the statistics' type; a NaN fails both): the caller redoes the call on the general path when
 // there are any, so no extra pass over the statistics and no Python-level check are needed.
@@ -220,21 +220,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm_backward(const at::Tens
   return backward_call(dy, x, valid.contiguous(), mean, rstd, weight, x.size(0), x.size(1), {x.size(1)}, center, zero);
 }
 
-// The flag of each row of x (normalized over its last ndims axes) from a mask of x's rank that is
-// constant along those axes, as a contiguous tensor of one flag per row (the mask itself where it is
-// one already); undefined when there is no mask.
+// The flag of each row of x (normalized over its last ndims axes) as a contiguous tensor of one flag
+// per row (the mask itself where it is one already), from a mask of x's rank that is constant along
+// those axes, or a token mask of x's leading axes (x.dim() - ndims of them) that broadcasts to them;
+// undefined when there is no mask.
 at::Tensor row_flags(const c10::optional<at::Tensor>& mask, const at::Tensor& x, int64_t ndims) {
   if (!mask) return {};
-  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == x.dim(), "mask must be a bool tensor of x's rank ",
-              x.dim(), ", got ", mask->sizes(), " ", mask->scalar_type());
-  std::vector<int64_t> keep(x.sizes().begin(), x.sizes().end());
-  for (int64_t d = x.dim() - ndims; d < x.dim(); ++d) {
+  const int64_t lead = x.dim() - ndims;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && (mask->dim() == x.dim() || mask->dim() == lead),
+              "mask must be a bool tensor of x's rank ", x.dim(), " or of its ", lead, " leading axes, got ",
+              mask->sizes(), " ", mask->scalar_type());
+  std::vector<int64_t> rows(x.sizes().begin(), x.sizes().begin() + mask->dim());
+  for (int64_t d = lead; d < mask->dim(); ++d) {
     TORCH_CHECK(mask->size(d) == 1, "mask of shape ", mask->sizes(), " varies along the normalized axes of x ",
                 x.sizes());
-    keep[d] = 1;
+    rows[d] = 1;
   }
-  if (mask->sizes() == c10::IntArrayRef(keep) && mask->is_contiguous()) return *mask;
-  return mask->expand(keep).contiguous();
+  if (mask->sizes() == c10::IntArrayRef(rows) && mask->is_contiguous()) return *mask;
+  return mask->expand(rows).contiguous();
 }
 
 // x's shape with its last ndims axes of size 1.
