@@ -313,6 +313,7 @@ class PaddedRowsNorm : public torch::autograd::Function<PaddedRowsNorm> {
     ctx->saved_data["zero"] = zero;
     ctx->saved_data["bias"] = bias.has_value() && bias->defined();
     ctx->mark_non_differentiable({mean, rstd, count});
+    ctx->set_materialize_grads(false);  // no zeros made for the gradients of mean, rstd and count
     return {y, mean, rstd, count};
   }
 
