@@ -43,9 +43,6 @@ _LIMITS = {dt: torch.tensor([2.0**-40, 2.0**40, 0.5 / torch.finfo(dt).eps], dtyp
            for dt in (torch.float32, torch.float64)}
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # the parameter types eager_call takes (no subclass that may dispatch)
-
-
 def applies(
     x: torch.Tensor,
     mask: Optional[torch.Tensor],
@@ -331,21 +328,19 @@ def one_call(kernel, x, mask, weight, bias, ndims: int, eps: float, center: bool
 def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], ndims: int, eps: object, center: bool,
                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], masked: object) -> Optional[torch.Tensor]:
     """masked_norm(x, mask[..., None, ..., None], the last ndims axes, ...) as one kernel call, bit for bit,
-    for x whose trailing shape the caller has checked; None where the call is not one the kernel takes
-    (or is not a valid one: the caller's general route raises) or a row was flagged (the general
-    route redoes it): eager mode on CPU data of a floating dtype, no forward-mode AD, mask None or one
-    bool flag per token (x.shape[:-ndims]), weight and bias None or of the normalized shape and x's
-    dtype, eps a float."""
-    lead = x.dim() - ndims
-    if not (type(eps) is float and 0.0 <= eps < math.inf and masked in POLICIES and x.is_cpu
-            and x.dtype in FLOATING and eager_on_data(x) and not forward_ad_active()):
+    for weight, bias and x's trailing axes that the caller has checked against the normalized shape;
+    None where the call is not one the kernel takes (or not a valid one: the caller's general route
+    raises) or a row was flagged (the general route redoes it): eager mode on CPU data of a floating
+    dtype, no forward-mode AD, mask None or one bool flag per token (x.shape[:-ndims]), weight and
+    bias None or of x's dtype and device, eps a float."""
+    dtype = x.dtype
+    if not (type(eps) is float and 0.0 <= eps < math.inf and masked in POLICIES and x.is_cpu and dtype in FLOATING
+            and (mask is None or (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.is_cpu
+                                  and mask.shape == x.shape[:x.dim() - ndims]))
+            and (weight is None or (weight.dtype == dtype and weight.is_cpu))
+            and (bias is None or (bias.dtype == dtype and bias.is_cpu))
+            and eager_on_data(x) and not forward_ad_active()):
         return None
-    if mask is not None and not (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.is_cpu
-                                 and mask.shape == x.shape[:lead]):
-        return None
-    for t in (weight, bias):
-        if t is not None and not (type(t) in _PLAIN and t.dtype == x.dtype and t.is_cpu and t.shape == x.shape[lead:]):
-            return None
     kernel = kernel_for(x)
     return None if kernel is None else one_call(kernel, x, mask, weight, bias, ndims, eps, center, masked)
 

@@ -30,6 +30,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -294,39 +295,34 @@ const c10::TypedOperatorHandle<decltype(padded_rows_norm)>& forward_op() {
   return op;
 }
 
-// padded_rows_norm's Autograd kernel: the node is C++ (no Python autograd.Function on the way).
-// Its backward is padded_rows_norm_backward, or, when the backward is itself recorded (double
-// backward: grad mode on during backward), masknorm::padded_rows_general_backward, which
-// masknorm.fast.padded_rows registers from Python as a CompositeImplicitAutograd operator (the
-// general closed form in differentiable torch ops). mean, rstd and the count are not differentiable.
-class PaddedRowsNorm : public torch::autograd::Function<PaddedRowsNorm> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight,
-      const c10::optional<at::Tensor>& bias, int64_t ndims, double eps, bool center, bool zero) {
-    at::AutoDispatchBelowADInplaceOrView guard;  // below autograd, through the dispatcher (fake tensors too)
-    auto [y, mean, rstd, count] = forward_op().call(x, mask, weight, bias, ndims, eps, center, zero);
-    ctx->save_for_backward({x, mask.value_or(at::Tensor()), weight.value_or(at::Tensor()), mean, rstd});
-    ctx->saved_data["ndims"] = ndims;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["center"] = center;
-    ctx->saved_data["zero"] = zero;
-    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
-    ctx->mark_non_differentiable({mean, rstd, count});
-    ctx->set_materialize_grads(false);  // no zeros made for the gradients of mean, rstd and count
-    return {y, mean, rstd, count};
+// True where autograd would record a call on t (grad mode is on and t requires grad).
+bool wants_grad(const c10::optional<at::Tensor>& t) {
+  return t && t->defined() && t->requires_grad();
+}
+
+// padded_rows_norm's autograd node, C++ as the ones torch generates for its own operators (no
+// autograd.Function on the way, Python or C++). Its edges are x, weight and bias. Its backward is
+// padded_rows_norm_backward, or, when the backward is itself recorded (double backward: grad mode on
+// during backward), masknorm::padded_rows_general_backward, which masknorm.fast.padded_rows
+// registers from Python as a CompositeImplicitAutograd operator (the general closed form in
+// differentiable torch ops). mean, rstd and the count are not differentiable.
+struct PaddedRowsNormBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x, mask, weight, mean, rstd;
+  int64_t ndims = 0;
+  double eps = 0;
+  bool center = true, zero = false, has_mask = false, has_weight = false, has_bias = false;
+
+  std::string name() const override { return "PaddedRowsNormBackward"; }
+
+  void release_variables() override {
+    for (auto* v : {&x, &mask, &weight, &mean, &rstd}) v->reset_data();
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto& x = saved[0];
-    const c10::optional<at::Tensor> mask = saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
-    const c10::optional<at::Tensor> weight = saved[2].defined() ? c10::optional<at::Tensor>(saved[2]) : c10::nullopt;
-    const int64_t ndims = ctx->saved_data["ndims"].toInt();
-    const bool center = ctx->saved_data["center"].toBool(), zero = ctx->saved_data["zero"].toBool();
-    const bool has_bias = ctx->saved_data["bias"].toBool();
-    const auto dy = grads[0].defined() ? grads[0] : at::zeros_like(x);
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    const auto x_ = x.unpack(getptr());
+    const c10::optional<at::Tensor> mask_ = has_mask ? c10::optional<at::Tensor>(mask.unpack()) : c10::nullopt;
+    const c10::optional<at::Tensor> weight_ = has_weight ? c10::optional<at::Tensor>(weight.unpack()) : c10::nullopt;
+    const auto dy = grads[0].defined() ? grads[0] : at::zeros_like(x_);
     at::Tensor dx, dw, db;
     if (at::GradMode::is_enabled()) {
       static auto general = c10::Dispatcher::singleton()
@@ -334,33 +330,48 @@ class PaddedRowsNorm : public torch::autograd::Function<PaddedRowsNorm> {
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
               const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, double, bool, bool,
               bool)>();
-      std::tie(dx, dw, db) = general.call(dy, x, mask, weight, ndims, ctx->saved_data["eps"].toDouble(), center,
-                                          zero, has_bias);
+      std::tie(dx, dw, db) = general.call(dy, x_, mask_, weight_, ndims, eps, center, zero, has_bias);
     } else {
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("masknorm::padded_rows_norm_backward", "")
           .typed<decltype(padded_rows_norm_backward)>();
-      std::tie(dx, dw, db) = op.call(dy, x, mask, saved[3], saved[4], weight, ndims, center, zero);
+      std::tie(dx, dw, db) = op.call(dy, x_, mask_, mean.unpack(), rstd.unpack(), weight_, ndims, center, zero);
     }
-    return {dx, at::Tensor(), weight ? dw : at::Tensor(), has_bias ? db : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return {should_compute_output(0) ? dx : at::Tensor(), should_compute_output(1) ? dw : at::Tensor(),
+            should_compute_output(2) ? db : at::Tensor()};
   }
 };
 
-// True where autograd would record a call on t: grad mode is on and t requires grad, or t carries a
-// forward-mode tangent (which PaddedRowsNorm refuses, as a C++ autograd Function).
-bool records(const c10::optional<at::Tensor>& t) {
-  return t && t->defined() && ((at::GradMode::is_enabled() && t->requires_grad()) || t->_fw_grad(0).defined());
-}
-
+// padded_rows_norm's Autograd kernel: the call below autograd, and a PaddedRowsNormBackward node on y
+// where x, weight or bias requires grad in grad mode. Forward-mode AD has no formula: a tangent is refused.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_autograd(const at::Tensor& x,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, int64_t ndims, double eps, bool center, bool zero) {
-  if (!records(x) && !records(weight) && !records(bias)) {  // nothing to record: no node, straight to the kernel
-    at::AutoDispatchBelowADInplaceOrView guard;
+  using torch::autograd::isFwGradDefined;
+  TORCH_CHECK(!isFwGradDefined(x) && !isFwGradDefined(weight) && !isFwGradDefined(bias),
+              "masknorm::padded_rows_norm has no forward-mode AD formula");
+  auto out = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;  // below autograd, through the dispatcher (fake tensors too)
     return forward_op().call(x, mask, weight, bias, ndims, eps, center, zero);
+  }();
+  if (at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(weight) || wants_grad(bias))) {
+    auto node = c10::make_intrusive<PaddedRowsNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight.value_or(at::Tensor()),
+                                                             bias.value_or(at::Tensor())));
+    node->x = torch::autograd::SavedVariable(x, false);
+    node->mask = torch::autograd::SavedVariable(mask.value_or(at::Tensor()), false);
+    node->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
+    node->mean = torch::autograd::SavedVariable(std::get<1>(out), false);
+    node->rstd = torch::autograd::SavedVariable(std::get<2>(out), false);
+    node->ndims = ndims;
+    node->eps = eps;
+    node->center = center;
+    node->zero = zero;
+    node->has_mask = mask.has_value() && mask->defined();
+    node->has_weight = weight.has_value() && weight->defined();
+    node->has_bias = bias.has_value() && bias->defined();
+    torch::autograd::set_history(std::get<0>(out), node);
   }
-  auto out = PaddedRowsNorm::apply(x, mask, weight, bias, ndims, eps, center, zero);
-  return {out[0], out[1], out[2], out[3]};
+  return out;
 }
 
 }  // namespace
