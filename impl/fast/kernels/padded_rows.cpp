@@ -59,6 +59,25 @@ double blocked_sum(int64_t n, Term term) {
   return total;
 }
 
+// (sum_j t0(j), sum_j t1(j)) for j in [0, n): blocked_sum of each, in one loop (the two chains
+// overlap), each with blocked_sum's order of additions.
+template <typename T0, typename T1>
+std::pair<double, double> blocked_sums(int64_t n, T0 t0, T1 t1) {
+  double total0 = 0, total1 = 0;
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t e = std::min(n, s + kBlock);
+    double acc0 = 0, acc1 = 0;
+#pragma omp simd reduction(+ : acc0, acc1)
+    for (int64_t j = s; j < e; ++j) {
+      acc0 += t0(j);
+      acc1 += t1(j);
+    }
+    total0 += acc0;
+    total1 += acc1;
+  }
+  return {total0, total1};
+}
+
 template <typename T>
 void pass_through(const T* src, T* dst, int64_t n, bool zero) {
   if (zero) {
@@ -81,6 +100,17 @@ bool accurate(A m, A r) {
 template <typename T, typename A = at::opmath_type<T>>
 void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A* mean, A* rstd, int64_t rows,
                   int64_t n, double eps, bool center, bool zero, uint8_t* inaccurate = nullptr) {
+  // row i's statistics from its mean and sum of squared deviations, and its output
+  const auto finish = [&](int64_t i, double mu, double ss) {
+    const T* xr = x + i * n;
+    T* yr = y + i * n;
+    const A m = A(mu), r = A(1.0 / std::sqrt(ss / double(n) + eps));
+    mean[i] = m;
+    rstd[i] = r;
+    if (inaccurate) inaccurate[i] = !accurate(m, r);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) yr[j] = T((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
+  };
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* xr = x + i * n;
@@ -92,17 +122,21 @@ void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A
         rstd[i] = A(0);
         continue;
       }
-      const double mu = center ? blocked_sum(n, [xr](int64_t j) { return double(xr[j]); }) / double(n) : 0.0;
-      const double ss = blocked_sum(n, [xr, mu](int64_t j) {
-        const double d = double(xr[j]) - mu;
+      const bool pair = i + 1 < hi && !(valid && !valid[i + 1]);  // two valid rows: their sums run side by side
+      const T* xr1 = pair ? xr + n : xr;
+      auto mu = center ? blocked_sums(n, [xr](int64_t j) { return double(xr[j]); },
+                                      [xr1](int64_t j) { return double(xr1[j]); })
+                       : std::pair<double, double>(0.0, 0.0);
+      mu = {mu.first / double(n), mu.second / double(n)};
+      const auto ss = blocked_sums(n, [xr, m = mu.first](int64_t j) {
+        const double d = double(xr[j]) - m;
+        return d * d;
+      }, [xr1, m = mu.second](int64_t j) {
+        const double d = double(xr1[j]) - m;
         return d * d;
       });
-      const A m = A(mu), r = A(1.0 / std::sqrt(ss / double(n) + eps));
-      mean[i] = m;
-      rstd[i] = r;
-      if (inaccurate) inaccurate[i] = !accurate(m, r);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) yr[j] = T((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
+      finish(i, mu.first, ss.first);
+      if (pair) finish(++i, mu.second, ss.second);
     }
   });
 }
