@@ -29,9 +29,11 @@ import torch
 
 from masknorm.fast import native
 from masknorm._autograd import (
-    _cast, compose, compute_dtype, general_vjp, masked_norm_vjp, needs_general_backward, redo_groups, regions,
-    saved_jvp, stats_jvp,
+    _cast, compose, compute_dtype, forward_ad_active, general_vjp, masked_norm_vjp, needs_general_backward,
+    redo_groups, regions, saved_jvp, stats_jvp,
 )
+from masknorm._contract import FLOATING, POLICIES
+from masknorm._tracing import eager_on_data
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 
 # rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64; with
@@ -66,7 +68,7 @@ def applies(
 
 def kernel_for(x: torch.Tensor):
     """The fused CPU kernel's ops for x, or None (not on CPU, empty, or the kernel is not built)."""
-    return native.ops() if x.device.type == "cpu" and x.numel() > 0 else None
+    return native.ops() if x.is_cpu and x.numel() > 0 else None
 
 
 def _rows(t: torch.Tensor, ndims: int) -> torch.Tensor:
@@ -321,6 +323,26 @@ def one_call(kernel, x, mask, weight, bias, ndims: int, eps: float, center: bool
     AD: the operator has no jvp."""
     y, _, _, inaccurate = kernel.padded_rows_norm(x, mask, weight, bias, ndims, eps, center, masked == "zero")
     return None if inaccurate.item() else y
+
+
+def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], ndims: int, eps: object, center: bool,
+               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], masked: object) -> Optional[torch.Tensor]:
+    """masked_norm(x, mask[..., None, ..., None], the last ndims axes, ...) as one kernel call, bit for bit,
+    for weight, bias and x's trailing axes that the caller has checked against the normalized shape;
+    None where the call is not one the kernel takes (or not a valid one: the caller's general route
+    raises) or a row was flagged (the general route redoes it): eager mode on CPU data of a floating
+    dtype, no forward-mode AD, mask None or one bool flag per token (x.shape[:-ndims]), weight and
+    bias None or of x's dtype and device, eps a float."""
+    dtype = x.dtype
+    if not (type(eps) is float and 0.0 <= eps < math.inf and masked in POLICIES and x.is_cpu and dtype in FLOATING
+            and (mask is None or (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.is_cpu
+                                  and mask.shape == x.shape[:x.dim() - ndims]))
+            and (weight is None or (weight.dtype == dtype and weight.is_cpu))
+            and (bias is None or (bias.dtype == dtype and bias.is_cpu))
+            and eager_on_data(x) and not forward_ad_active()):
+        return None
+    kernel = kernel_for(x)
+    return None if kernel is None else one_call(kernel, x, mask, weight, bias, ndims, eps, center, masked)
 
 
 def _general_backward(dy, x, mask, weight, ndims: int, eps: float, center: bool, zero: bool, bias: bool):

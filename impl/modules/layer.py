@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from masknorm.functional import masked_norm
+from masknorm.fast import padded_rows
 from masknorm.modules._masks import token_mask, valid_mask
 from masknorm.models.padding_context import token_block_mask
 from masknorm._contract import check_affine, check_eps, check_normalized_shape, check_policy
@@ -29,10 +30,14 @@ def last_axes_norm(
     x: torch.Tensor, mask: Optional[torch.Tensor], normalized_shape: Sequence[int], *, eps: float, center: bool,
     weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], masked: str,
 ) -> torch.Tensor:
-    """masked_norm over x's trailing axes, which must equal normalized_shape, with a token mask."""
+    """masked_norm over x's trailing axes, which must equal normalized_shape, with a token mask (one
+    kernel call where fast.padded_rows.eager_call takes it)."""
     n = len(normalized_shape)
     if x.dim() < n or tuple(x.shape[x.dim() - n:]) != tuple(normalized_shape):
         raise ValueError(f"x of shape {tuple(x.shape)} does not end with normalized_shape {tuple(normalized_shape)}")
+    out = padded_rows.eager_call(x, mask, n, eps, center, weight, bias, masked)
+    if out is not None:
+        return out
     return masked_norm(x, token_mask(x, mask, n), tuple(range(-n, 0)), eps=eps, center=center,
                        weight=weight, bias=bias, masked=masked)
 
@@ -52,10 +57,11 @@ class MaskedLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = valid_mask(mask, padding_mask)
-        check_affine(type(self).__name__, self.weight, self.bias, self.normalized_shape, "normalized_shape")
+        weight, bias = self.weight, self.bias  # once each: a parameter is found by nn.Module.__getattr__
+        check_affine(type(self).__name__, weight, bias, self.normalized_shape, "normalized_shape")
         mask = token_block_mask(self, x, mask, len(self.normalized_shape))
         return last_axes_norm(x, mask, self.normalized_shape, eps=self.eps, center=True,
-                              weight=self.weight, bias=self.bias, masked=self.masked)
+                              weight=weight, bias=bias, masked=self.masked)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, masked={self.masked!r}"
@@ -76,11 +82,12 @@ class MaskedRMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = valid_mask(mask, padding_mask)
-        check_affine(type(self).__name__, self.weight, None, self.normalized_shape, "normalized_shape")
+        weight = self.weight  # once: a parameter is found by nn.Module.__getattr__
+        check_affine(type(self).__name__, weight, None, self.normalized_shape, "normalized_shape")
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         mask = token_block_mask(self, x, mask, len(self.normalized_shape))
         return last_axes_norm(x, mask, self.normalized_shape, eps=eps, center=False,
-                              weight=self.weight, bias=None, masked=self.masked)
+                              weight=weight, bias=None, masked=self.masked)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, masked={self.masked!r}"

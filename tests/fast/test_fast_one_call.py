@@ -148,3 +148,13 @@ def test_the_operators_double_backward_passes_gradgradcheck(masked):
 
     assert "PaddedRowsNorm" in norm(x, w, b).grad_fn.name()
     assert torch.autograd.gradgradcheck(norm, (x, w, b))
+
+
+def test_the_operator_refuses_a_tangent():
+    """padded_rows_norm has no forward-mode formula: a tangent is an error, never dropped."""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        x = fwAD.make_dual(torch.randn(2, 3, 8), torch.ones(2, 3, 8))
+        with pytest.raises(RuntimeError, match="no forward-mode AD formula"):
+            native.ops().padded_rows_norm(x, None, None, None, 1, 1e-5, True, False)

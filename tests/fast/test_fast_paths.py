@@ -177,12 +177,13 @@ def test_a_redone_channel_leaves_the_others_bitwise(masked):
 @pytest.mark.parametrize("center", [True, False], ids=["layer", "rms"])
 def test_padded_token_layer_and_rms_norm_take_the_fused_kernel(dtype, center):
     """Layer and RMS norm with token masks, in float32 and (computed in float32) float16/bfloat16,
-    run on the fused kernel (one operator call, padded_rows_norm, whose autograd node is C++); with
-    the kernel off, float32 layer norm runs on torch's kernels and the others on the general path.
+    run on the fused kernel (one operator call, padded_rows_norm, whose autograd node is C++:
+    PaddedRowsNormBackward); with the kernel off, float32 layer norm runs on torch's kernels and the
+    others on the general path.
     (Their accuracy: test_impl_accuracy's padded-token layouts.)"""
     x, mask, _, weight, bias, _ = _token_case(rows=40, n=24)
     x, weight, bias = (t.to(dtype) for t in (x, weight, bias))
-    assert _path_of(x, mask, weight, bias, center) == "torch::autograd::CppNode<(anonymous namespace)::PaddedRowsNorm>"
+    assert _path_of(x, mask, weight, bias, center) == "PaddedRowsNormBackward"
     with native.kernels(False):
         assert _path_of(x, mask, weight, bias, center) == (
             "PaddedRowsFunctionBackward" if center and dtype == torch.float32 else "MaskedNormFunctionWithJvpBackward")

@@ -16,12 +16,12 @@
 // returned in that type. One pass over the memory each way: a padded row is only copied, so
 // whatever it holds (NaN, Inf) never meets an arithmetic operation. Sums run in double, in blocks of
 // kBlock terms (float64 input: error ~ (kBlock / lanes + n / kBlock) u). dw and db are summed per
-// block of kRows rows into their own slot, then across slots: the result does not depend on the
+// block of kRows rows into their own slot, then across slots in order: the result does not depend on the
 // number of threads.
 //
 // padded_rows_norm and its backward are the eager fast path's one call: x of any shape normalized
-// over its last ndims axes, the mask of x's rank (constant along them) or none (every row valid),
-// weight and bias of the normalized shape or none. The forward also counts the valid rows where the
+// over its last ndims axes, the mask of x's rank (constant along them), a token mask of its leading
+// axes or none (every row valid), weight and bias of the normalized shape or none. The forward also counts the valid rows where the
 // fused arithmetic is not accurate (rstd outside [2^-40, 2^40], or kappa = |mu| rstd above 1/(4u)
 // in the statistics' type; a NaN fails both): the caller redoes the call on the general path when
 // there are any, so no extra pass over the statistics and no Python-level check are needed.
@@ -30,6 +30,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -58,6 +59,25 @@ double blocked_sum(int64_t n, Term term) {
   return total;
 }
 
+// (sum_j t0(j), sum_j t1(j)) for j in [0, n): blocked_sum of each, in one loop (the two chains
+// overlap), each with blocked_sum's order of additions.
+template <typename T0, typename T1>
+std::pair<double, double> blocked_sums(int64_t n, T0 t0, T1 t1) {
+  double total0 = 0, total1 = 0;
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t e = std::min(n, s + kBlock);
+    double acc0 = 0, acc1 = 0;
+#pragma omp simd reduction(+ : acc0, acc1)
+    for (int64_t j = s; j < e; ++j) {
+      acc0 += t0(j);
+      acc1 += t1(j);
+    }
+    total0 += acc0;
+    total1 += acc1;
+  }
+  return {total0, total1};
+}
+
 template <typename T>
 void pass_through(const T* src, T* dst, int64_t n, bool zero) {
   if (zero) {
@@ -80,6 +100,17 @@ bool accurate(A m, A r) {
 template <typename T, typename A = at::opmath_type<T>>
 void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A* mean, A* rstd, int64_t rows,
                   int64_t n, double eps, bool center, bool zero, uint8_t* inaccurate = nullptr) {
+  // row i's statistics from its mean and sum of squared deviations, and its output
+  const auto finish = [&](int64_t i, double mu, double ss) {
+    const T* xr = x + i * n;
+    T* yr = y + i * n;
+    const A m = A(mu), r = A(1.0 / std::sqrt(ss / double(n) + eps));
+    mean[i] = m;
+    rstd[i] = r;
+    if (inaccurate) inaccurate[i] = !accurate(m, r);
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) yr[j] = T((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
+  };
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const T* xr = x + i * n;
@@ -91,17 +122,21 @@ void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A
         rstd[i] = A(0);
         continue;
       }
-      const double mu = center ? blocked_sum(n, [xr](int64_t j) { return double(xr[j]); }) / double(n) : 0.0;
-      const double ss = blocked_sum(n, [xr, mu](int64_t j) {
-        const double d = double(xr[j]) - mu;
+      const bool pair = i + 1 < hi && !(valid && !valid[i + 1]);  // two valid rows: their sums run side by side
+      const T* xr1 = pair ? xr + n : xr;
+      auto mu = center ? blocked_sums(n, [xr](int64_t j) { return double(xr[j]); },
+                                      [xr1](int64_t j) { return double(xr1[j]); })
+                       : std::pair<double, double>(0.0, 0.0);
+      mu = {mu.first / double(n), mu.second / double(n)};
+      const auto ss = blocked_sums(n, [xr, m = mu.first](int64_t j) {
+        const double d = double(xr[j]) - m;
+        return d * d;
+      }, [xr1, m = mu.second](int64_t j) {
+        const double d = double(xr1[j]) - m;
         return d * d;
       });
-      const A m = A(mu), r = A(1.0 / std::sqrt(ss / double(n) + eps));
-      mean[i] = m;
-      rstd[i] = r;
-      if (inaccurate) inaccurate[i] = !accurate(m, r);
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) yr[j] = T((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
+      finish(i, mu.first, ss.first);
+      if (pair) finish(++i, mu.second, ss.second);
     }
   });
 }
@@ -140,18 +175,28 @@ void backward_rows(const T* dy, const T* x, const bool* valid, const A* mean, co
   });
 }
 
+// dw[j] = sum_s slots[s][0][j] and db[j] = sum_s slots[s][1][j], added in slot order in double, rounded once.
+template <typename T>
+void sum_slots(const double* slots, int64_t nslots, int64_t n, T* dw, T* db) {
+  for (int64_t j = 0; j < 2 * n; ++j) {
+    double total = 0;
+    for (int64_t s = 0; s < nslots; ++s) total += slots[s * 2 * n + j];
+    (j < n ? dw[j] : db[j - n]) = T(total);
+  }
+}
+
 void check_rows(const at::Tensor& x, const at::Tensor& valid) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x must be a 2-d CPU tensor (rows, n), got ", x.sizes());
   TORCH_CHECK(valid.dtype() == at::kBool && valid.dim() == 1 && valid.size(0) == x.size(0),
               "valid must be a bool vector with one flag per row of x, got ", valid.sizes());
 }
 
-// The affine parameter as a contiguous vector of n values of x's dtype; `fill` when absent.
-at::Tensor affine(const c10::optional<at::Tensor>& t, const at::Tensor& x, double fill, const char* name) {
-  if (!t) return at::full({x.size(1)}, fill, x.options());
-  TORCH_CHECK(t->numel() == x.size(1) && t->dtype() == x.dtype(), name, " must have ", x.size(1),
+// The affine parameter as a contiguous tensor of n values of x's dtype; `fill` when absent.
+at::Tensor affine(const c10::optional<at::Tensor>& t, const at::Tensor& x, int64_t n, double fill, const char* name) {
+  if (!t) return at::full({n}, fill, x.options());
+  TORCH_CHECK(t->numel() == n && t->dtype() == x.dtype(), name, " must have ", n,
               " elements of x's dtype, got ", t->sizes(), " ", t->dtype());
-  return t->contiguous().view({-1});
+  return t->contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm(const at::Tensor& x_, const at::Tensor& valid_,
@@ -159,8 +204,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm(const at::Tensor& x_, c
     bool zero) {
   check_rows(x_, valid_);
   const auto x = x_.contiguous(), valid = valid_.contiguous();
-  const auto weight = affine(weight_, x, 1.0, "weight"), bias = affine(bias_, x, 0.0, "bias");
   const int64_t rows = x.size(0), n = x.size(1);
+  const auto weight = affine(weight_, x, n, 1.0, "weight"), bias = affine(bias_, x, n, 0.0, "bias");
   auto y = at::empty_like(x);
   const auto stats = x.options().dtype(at::toOpMathType(x.scalar_type()));
   auto mean = at::empty({rows, 1}, stats);
@@ -175,44 +220,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm(const at::Tensor& x_, c
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
-    const at::Tensor& valid_, const at::Tensor& mean_, const at::Tensor& rstd_,
-    const c10::optional<at::Tensor>& weight_, bool center, bool zero) {
-  check_rows(x_, valid_);
+// dx (of x_'s shape), dw and db (of nshape) for x_ read as (rows, n) with one flag per row in `valid`
+// (undefined: every row valid).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_call(const at::Tensor& dy_, const at::Tensor& x_,
+    const at::Tensor& valid, const at::Tensor& mean_, const at::Tensor& rstd_,
+    const c10::optional<at::Tensor>& weight_, int64_t rows, int64_t n, at::IntArrayRef nshape, bool center,
+    bool zero) {
   TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.dtype() == x_.dtype(), "dy must match x, got ", dy_.sizes());
-  TORCH_CHECK(mean_.numel() == x_.size(0) && rstd_.numel() == x_.size(0), "mean and rstd need one value per row");
+  TORCH_CHECK(mean_.numel() == rows && rstd_.numel() == rows, "mean and rstd need one value per row");
   TORCH_CHECK(mean_.scalar_type() == at::toOpMathType(x_.scalar_type()) && rstd_.scalar_type() == mean_.scalar_type(),
               "mean and rstd must be of x's computation type, got ", mean_.scalar_type(), " and ", rstd_.scalar_type());
-  const auto dy = dy_.contiguous(), x = x_.contiguous(), valid = valid_.contiguous();
+  const auto dy = dy_.contiguous(), x = x_.contiguous();
   const auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
-  const auto weight = affine(weight_, x, 1.0, "weight");
-  const int64_t rows = x.size(0), n = x.size(1);
-  auto dx = at::empty_like(x);
-  auto slots = at::zeros({std::max<int64_t>(1, (rows + kRows - 1) / kRows), 2, n}, x.options().dtype(at::kDouble));
+  const auto weight = affine(weight_, x, n, 1.0, "weight");
+  auto dx = at::empty_like(x_, at::MemoryFormat::Contiguous);
+  auto dw = at::empty(nshape, x.options()), db = at::empty(nshape, x.options());
+  const int64_t nslots = std::max<int64_t>(1, (rows + kRows - 1) / kRows);
+  std::vector<double> slots(nslots * 2 * n, 0.0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rows_norm_backward", [&] {
     using A = at::opmath_type<scalar_t>;
     backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                            valid.const_data_ptr<bool>(), mean.const_data_ptr<A>(),
+                            valid.defined() ? valid.const_data_ptr<bool>() : nullptr, mean.const_data_ptr<A>(),
                             rstd.const_data_ptr<A>(), weight.const_data_ptr<scalar_t>(),
-                            dx.mutable_data_ptr<scalar_t>(), slots.mutable_data_ptr<double>(), rows, n, center, zero);
+                            dx.mutable_data_ptr<scalar_t>(), slots.data(), rows, n, center, zero);
+    sum_slots(slots.data(), nslots, n, dw.mutable_data_ptr<scalar_t>(), db.mutable_data_ptr<scalar_t>());
   });
-  const auto sums = slots.sum(0).to(x.scalar_type());
-  return {dx, sums[0], sums[1]};
+  return {dx, dw, db};
 }
 
-// The flag of each row of x (normalized over its last ndims axes) from a mask of x's rank that is
-// constant along those axes, as a contiguous bool vector; undefined when there is no mask.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rows_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+    const at::Tensor& valid, const at::Tensor& mean, const at::Tensor& rstd,
+    const c10::optional<at::Tensor>& weight, bool center, bool zero) {
+  check_rows(x, valid);
+  return backward_call(dy, x, valid.contiguous(), mean, rstd, weight, x.size(0), x.size(1), {x.size(1)}, center, zero);
+}
+
+// The flag of each row of x (normalized over its last ndims axes) as a contiguous tensor of one flag
+// per row (the mask itself where it is one already), from a mask of x's rank that is constant along
+// those axes, or a token mask of x's leading axes (x.dim() - ndims of them) that broadcasts to them;
+// undefined when there is no mask.
 at::Tensor row_flags(const c10::optional<at::Tensor>& mask, const at::Tensor& x, int64_t ndims) {
   if (!mask) return {};
-  TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == x.dim(), "mask must be a bool tensor of x's rank ",
-              x.dim(), ", got ", mask->sizes(), " ", mask->scalar_type());
-  std::vector<int64_t> keep(x.sizes().begin(), x.sizes().end());
-  for (int64_t d = x.dim() - ndims; d < x.dim(); ++d) {
+  const int64_t lead = x.dim() - ndims;
+  TORCH_CHECK(mask->scalar_type() == at::kBool && (mask->dim() == x.dim() || mask->dim() == lead),
+              "mask must be a bool tensor of x's rank ", x.dim(), " or of its ", lead, " leading axes, got ",
+              mask->sizes(), " ", mask->scalar_type());
+  std::vector<int64_t> rows(x.sizes().begin(), x.sizes().begin() + mask->dim());
+  for (int64_t d = lead; d < mask->dim(); ++d) {
     TORCH_CHECK(mask->size(d) == 1, "mask of shape ", mask->sizes(), " varies along the normalized axes of x ",
                 x.sizes());
-    keep[d] = 1;
+    rows[d] = 1;
   }
-  return mask->expand(keep).contiguous().view({-1});
+  if (mask->sizes() == c10::IntArrayRef(rows) && mask->is_contiguous()) return *mask;
+  return mask->expand(rows).contiguous();
 }
 
 // x's shape with its last ndims axes of size 1.
@@ -233,10 +293,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm(cons
   check_ndims(x_, ndims);
   const auto valid = row_flags(mask, x_, ndims);
   const auto keep = keepdim(x_, ndims);
-  const int64_t n = x_.numel() / c10::multiply_integers(keep);
-  const auto x = x_.contiguous().view({-1, n});
-  const auto weight = affine(weight_, x, 1.0, "weight"), bias = affine(bias_, x, 0.0, "bias");
-  const int64_t rows = x.size(0);
+  const int64_t rows = c10::multiply_integers(keep), n = x_.numel() / rows;
+  const auto x = x_.contiguous();  // read as (rows, n)
+  const auto weight = affine(weight_, x, n, 1.0, "weight"), bias = affine(bias_, x, n, 0.0, "bias");
   auto y = at::empty_like(x_, at::MemoryFormat::Contiguous);
   const auto stats = x.options().dtype(at::toOpMathType(x.scalar_type()));
   auto mean = at::empty(keep, stats);
@@ -249,72 +308,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm(cons
                            y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<A>(), rstd.mutable_data_ptr<A>(),
                            rows, n, eps, center, zero, inaccurate.data());
   });
-  int64_t count = 0;
-  for (const uint8_t flag : inaccurate) count += flag;
-  return {y, mean, rstd, at::scalar_tensor(count, x.options().dtype(at::kLong))};
+  auto count = at::empty({}, x.options().dtype(at::kLong));
+  *count.mutable_data_ptr<int64_t>() = std::count(inaccurate.begin(), inaccurate.end(), uint8_t(1));
+  return {y, mean, rstd, count};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
-    const c10::optional<at::Tensor>& mask, const at::Tensor& mean_, const at::Tensor& rstd_,
-    const c10::optional<at::Tensor>& weight_, int64_t ndims, bool center, bool zero) {
-  check_ndims(x_, ndims);
-  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.dtype() == x_.dtype(), "dy must match x, got ", dy_.sizes());
-  const auto valid = row_flags(mask, x_, ndims);
-  const int64_t rows = c10::multiply_integers(keepdim(x_, ndims)), n = x_.numel() / rows;
-  TORCH_CHECK(mean_.numel() == rows && rstd_.numel() == rows, "mean and rstd need one value per row");
-  TORCH_CHECK(mean_.scalar_type() == at::toOpMathType(x_.scalar_type()) && rstd_.scalar_type() == mean_.scalar_type(),
-              "mean and rstd must be of x's computation type, got ", mean_.scalar_type(), " and ", rstd_.scalar_type());
-  const auto dy = dy_.contiguous().view({rows, n}), x = x_.contiguous().view({rows, n});
-  const auto mean = mean_.contiguous(), rstd = rstd_.contiguous();
-  const auto weight = affine(weight_, x, 1.0, "weight");
-  auto dx = at::empty_like(x_, at::MemoryFormat::Contiguous);
-  auto slots = at::zeros({std::max<int64_t>(1, (rows + kRows - 1) / kRows), 2, n}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "padded_rows_norm_backward", [&] {
-    using A = at::opmath_type<scalar_t>;
-    backward_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                            valid.defined() ? valid.const_data_ptr<bool>() : nullptr, mean.const_data_ptr<A>(),
-                            rstd.const_data_ptr<A>(), weight.const_data_ptr<scalar_t>(),
-                            dx.mutable_data_ptr<scalar_t>(), slots.mutable_data_ptr<double>(), rows, n, center, zero);
-  });
-  const auto sums = slots.sum(0).to(x.scalar_type());
-  const auto nshape = x_.sizes().slice(x_.dim() - ndims);  // dw and db as tensors of their own (no aliasing)
-  return {dx, sums[0].clone().view(nshape), sums[1].clone().view(nshape)};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_backward(const at::Tensor& dy, const at::Tensor& x,
+    const c10::optional<at::Tensor>& mask, const at::Tensor& mean, const at::Tensor& rstd,
+    const c10::optional<at::Tensor>& weight, int64_t ndims, bool center, bool zero) {
+  check_ndims(x, ndims);
+  const int64_t rows = c10::multiply_integers(keepdim(x, ndims));
+  return backward_call(dy, x, row_flags(mask, x, ndims), mean, rstd, weight, rows, x.numel() / rows,
+                       x.sizes().slice(x.dim() - ndims), center, zero);
 }
 
-// padded_rows_norm's Autograd kernel: the node is C++ (no Python autograd.Function on the way).
-// Its backward is padded_rows_norm_backward, or, when the backward is itself recorded (double
-// backward: grad mode on during backward), masknorm::padded_rows_general_backward, which
-// masknorm.fast.padded_rows registers from Python as a CompositeImplicitAutograd operator (the
-// general closed form in differentiable torch ops). mean, rstd and the count are not differentiable.
-class PaddedRowsNorm : public torch::autograd::Function<PaddedRowsNorm> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-      const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight,
-      const c10::optional<at::Tensor>& bias, int64_t ndims, double eps, bool center, bool zero) {
-    at::AutoDispatchBelowADInplaceOrView guard;  // below autograd, through the dispatcher (fake tensors too)
-    static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("masknorm::padded_rows_norm", "")
-        .typed<decltype(padded_rows_norm)>();
-    auto [y, mean, rstd, count] = op.call(x, mask, weight, bias, ndims, eps, center, zero);
-    ctx->save_for_backward({x, mask.value_or(at::Tensor()), weight.value_or(at::Tensor()), mean, rstd});
-    ctx->saved_data["ndims"] = ndims;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["center"] = center;
-    ctx->saved_data["zero"] = zero;
-    ctx->saved_data["bias"] = bias.has_value() && bias->defined();
-    ctx->mark_non_differentiable({mean, rstd, count});
-    return {y, mean, rstd, count};
+// padded_rows_norm as a dispatcher call (the kernel below autograd: CPU, or a fake or meta kernel).
+const c10::TypedOperatorHandle<decltype(padded_rows_norm)>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("masknorm::padded_rows_norm", "")
+      .typed<decltype(padded_rows_norm)>();
+  return op;
+}
+
+// True where autograd would record a call on t (grad mode is on and t requires grad).
+bool wants_grad(const c10::optional<at::Tensor>& t) {
+  return t && t->defined() && t->requires_grad();
+}
+
+// padded_rows_norm's autograd node, C++ as the ones torch generates for its own operators (no
+// autograd.Function on the way, Python or C++). Its edges are x, weight and bias. Its backward is
+// padded_rows_norm_backward, or, when the backward is itself recorded (double backward: grad mode on
+// during backward), masknorm::padded_rows_general_backward, which masknorm.fast.padded_rows
+// registers from Python as a CompositeImplicitAutograd operator (the general closed form in
+// differentiable torch ops). mean, rstd and the count are not differentiable.
+struct PaddedRowsNormBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable x, mask, weight, mean, rstd;
+  int64_t ndims = 0;
+  double eps = 0;
+  bool center = true, zero = false, has_mask = false, has_weight = false, has_bias = false;
+
+  std::string name() const override { return "PaddedRowsNormBackward"; }
+
+  void release_variables() override {
+    for (auto* v : {&x, &mask, &weight, &mean, &rstd}) v->reset_data();
   }
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto& x = saved[0];
-    const c10::optional<at::Tensor> mask = saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
-    const c10::optional<at::Tensor> weight = saved[2].defined() ? c10::optional<at::Tensor>(saved[2]) : c10::nullopt;
-    const int64_t ndims = ctx->saved_data["ndims"].toInt();
-    const bool center = ctx->saved_data["center"].toBool(), zero = ctx->saved_data["zero"].toBool();
-    const bool has_bias = ctx->saved_data["bias"].toBool();
-    const auto dy = grads[0].defined() ? grads[0] : at::zeros_like(x);
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    const auto x_ = x.unpack(getptr());
+    const c10::optional<at::Tensor> mask_ = has_mask ? c10::optional<at::Tensor>(mask.unpack()) : c10::nullopt;
+    const c10::optional<at::Tensor> weight_ = has_weight ? c10::optional<at::Tensor>(weight.unpack()) : c10::nullopt;
+    const auto dy = grads[0].defined() ? grads[0] : at::zeros_like(x_);
     at::Tensor dx, dw, db;
     if (at::GradMode::is_enabled()) {
       static auto general = c10::Dispatcher::singleton()
@@ -322,23 +364,48 @@ class PaddedRowsNorm : public torch::autograd::Function<PaddedRowsNorm> {
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
               const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, int64_t, double, bool, bool,
               bool)>();
-      std::tie(dx, dw, db) = general.call(dy, x, mask, weight, ndims, ctx->saved_data["eps"].toDouble(), center,
-                                          zero, has_bias);
+      std::tie(dx, dw, db) = general.call(dy, x_, mask_, weight_, ndims, eps, center, zero, has_bias);
     } else {
       static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("masknorm::padded_rows_norm_backward", "")
           .typed<decltype(padded_rows_norm_backward)>();
-      std::tie(dx, dw, db) = op.call(dy, x, mask, saved[3], saved[4], weight, ndims, center, zero);
+      std::tie(dx, dw, db) = op.call(dy, x_, mask_, mean.unpack(), rstd.unpack(), weight_, ndims, center, zero);
     }
-    return {dx, at::Tensor(), weight ? dw : at::Tensor(), has_bias ? db : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+    return {should_compute_output(0) ? dx : at::Tensor(), should_compute_output(1) ? dw : at::Tensor(),
+            should_compute_output(2) ? db : at::Tensor()};
   }
 };
 
+// padded_rows_norm's Autograd kernel: the call below autograd, and a PaddedRowsNormBackward node on y
+// where x, weight or bias requires grad in grad mode. Forward-mode AD has no formula: a tangent is refused.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_autograd(const at::Tensor& x,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, int64_t ndims, double eps, bool center, bool zero) {
-  auto out = PaddedRowsNorm::apply(x, mask, weight, bias, ndims, eps, center, zero);
-  return {out[0], out[1], out[2], out[3]};
+  using torch::autograd::isFwGradDefined;
+  TORCH_CHECK(!isFwGradDefined(x) && !isFwGradDefined(weight) && !isFwGradDefined(bias),
+              "masknorm::padded_rows_norm has no forward-mode AD formula");
+  auto out = [&] {
+    at::AutoDispatchBelowADInplaceOrView guard;  // below autograd, through the dispatcher (fake tensors too)
+    return forward_op().call(x, mask, weight, bias, ndims, eps, center, zero);
+  }();
+  if (at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(weight) || wants_grad(bias))) {
+    auto node = c10::make_intrusive<PaddedRowsNormBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, weight.value_or(at::Tensor()),
+                                                             bias.value_or(at::Tensor())));
+    node->x = torch::autograd::SavedVariable(x, false);
+    node->mask = torch::autograd::SavedVariable(mask.value_or(at::Tensor()), false);
+    node->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
+    node->mean = torch::autograd::SavedVariable(std::get<1>(out), false);
+    node->rstd = torch::autograd::SavedVariable(std::get<2>(out), false);
+    node->ndims = ndims;
+    node->eps = eps;
+    node->center = center;
+    node->zero = zero;
+    node->has_mask = mask.has_value() && mask->defined();
+    node->has_weight = weight.has_value() && weight->defined();
+    node->has_bias = bias.has_value() && bias->defined();
+    torch::autograd::set_history(std::get<0>(out), node);
+  }
+  return out;
 }
 
 }  // namespace

@@ -1,0 +1,177 @@
+"""MaskedLayerNorm and MaskedRMSNorm call the fused kernel straight from the module where it takes
+the call (fast.padded_rows.eager_call): eager mode on CPU data, mask None or one flag per token.
+That lane must give the bits of masked_norm's general route (outputs and gradients), leave every
+other call to that route, and raise what the route raises, before any work."""
+
+import math
+
+import pytest
+import torch
+
+from masknorm import masked_norm
+from masknorm.fast import native, padded_rows
+from masknorm.modules import MaskedLayerNorm, MaskedRMSNorm
+from masknorm.modules import layer
+
+pytestmark = pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
+
+
+def _same_bits(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _general(module, x, mask):
+    """The module's call through masked_norm (the route every call took before the lane)."""
+    center = isinstance(module, MaskedLayerNorm)
+    eps = (torch.finfo(x.dtype).eps if module.eps is None else module.eps)
+    return masked_norm(x, None if mask is None else mask[..., None], -1, eps=eps, center=center,
+                       weight=module.weight, bias=getattr(module, "bias", None) if center else None,
+                       masked=module.masked)
+
+
+def _inputs(dtype, with_mask, B=3, T=7, D=24):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, D, generator=gen).to(dtype)
+    if not with_mask:
+        return x, None
+    x[0, -2:] = float("nan")  # garbage in the padding
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, -2:] = False
+    mask[2, 3] = False
+    return x, mask
+
+
+def _module(cls, D, dtype, affine, masked):
+    module = cls(D, elementwise_affine=affine, masked=masked).to(dtype)
+    if affine:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+    return module
+
+
+@pytest.mark.parametrize("cls", [MaskedLayerNorm, MaskedRMSNorm], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_the_lane_gives_the_general_routes_bits_without_grad(cls, dtype, masked, with_mask, affine, monkeypatch):
+    module = _module(cls, 24, dtype, affine, masked)
+    x, mask = _inputs(dtype, with_mask)
+    with torch.no_grad():
+        expected = _general(module, x, mask)
+        with monkeypatch.context() as patch:
+            patch.setattr(layer, "masked_norm", None)  # the lane takes the call: masked_norm is not reached
+            got = module(x, mask)
+    _same_bits(got, expected)
+
+
+@pytest.mark.parametrize("cls", [MaskedLayerNorm, MaskedRMSNorm], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("masked", ["normalize", "zero"])
+def test_the_lane_gives_the_general_routes_gradients(cls, dtype, masked, monkeypatch):
+    module = _module(cls, 24, dtype, True, masked)
+    x, mask = _inputs(dtype, True)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grads = []
+    for lane in (False, True):
+        xr = x.clone().requires_grad_()
+        module.zero_grad()
+        with monkeypatch.context() as patch:
+            if lane:
+                patch.setattr(layer, "masked_norm", None)
+            out = module(xr, mask) if lane else _general(module, xr, mask)
+        out.backward(dy)
+        grads.append([out.detach(), xr.grad, *(p.grad for p in module.parameters())])
+    for got, expected in zip(grads[1], grads[0]):
+        _same_bits(got, expected)
+
+
+def test_a_row_the_kernel_flags_leaves_the_lane_for_the_general_route():
+    """kappa = |mu|/sigma far above 1/(4u) (mean 1e6, spread 1e-3 in float32): the kernel flags the
+    row, the lane gives the call back, and the general route redoes it."""
+    module = MaskedLayerNorm(16)
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    x[1, 2] = 1e6 + 1e-3 * x[1, 2]
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        assert padded_rows.eager_call(x, mask, 1, 1e-5, True, module.weight, module.bias, "normalize") is None
+        _same_bits(module(x, mask), _general(module, x, mask))
+
+
+@pytest.mark.parametrize("case", ["broadcast token mask", "elementwise mask", "weight of another dtype", "int eps",
+                                  "padding_mask", "forward AD"])
+def test_calls_the_lane_does_not_take_give_the_general_routes_bits(case):
+    module = MaskedLayerNorm(24)
+    x, mask = _inputs(torch.float32, True)
+    x = torch.nan_to_num(x)
+    expected_mask = mask
+    if case == "broadcast token mask":
+        mask = expected_mask = mask[:1]
+    elif case == "elementwise mask":
+        mask = expected_mask = mask[..., None].expand(x.shape).clone()
+        mask[1, 1, :5] = False
+    elif case == "weight of another dtype":
+        module.weight = torch.nn.Parameter(module.weight.detach().double())
+    elif case == "int eps":
+        module.eps = 0
+    with torch.no_grad():
+        if case == "padding_mask":
+            got = module(x, padding_mask=~mask)
+        elif case == "forward AD":
+            import torch.autograd.forward_ad as fwAD
+            with fwAD.dual_level():
+                got = fwAD.unpack_dual(module(fwAD.make_dual(x, torch.ones_like(x)), mask)).primal
+        else:
+            got = module(x, mask)
+        general = masked_norm(x, expected_mask[..., None] if expected_mask.dim() < x.dim() else expected_mask, -1,
+                              eps=float(module.eps), weight=module.weight, bias=module.bias, masked=module.masked)
+    _same_bits(got, general)
+
+
+def _bad(case):
+    """(module, x, mask) of a call that masked_norm's route rejects."""
+    module = MaskedLayerNorm(24)
+    x, mask = _inputs(torch.float32, True)
+    if case == "int mask":
+        mask = mask.int()
+    elif case == "mask of another shape":
+        mask = mask[:, :5]
+    elif case == "mask on another device":
+        mask = mask.to("meta")
+    elif case == "int x":
+        x = x.int()
+    elif case == "x of another width":
+        x = x[..., :20]
+    elif case == "negative eps":
+        module.eps = -1.0
+    elif case == "infinite eps":
+        module.eps = math.inf
+    elif case == "bad policy":
+        module.masked = "drop"
+    elif case == "weight of another shape":
+        module.weight = torch.nn.Parameter(torch.ones(23))
+    elif case == "weight on another device":
+        module.weight = torch.nn.Parameter(torch.ones(24, device="meta"))
+    return module, x, mask
+
+
+@pytest.mark.parametrize("case", ["int mask", "mask of another shape", "mask on another device", "int x",
+                                  "x of another width", "negative eps", "infinite eps", "bad policy",
+                                  "weight of another shape", "weight on another device"])
+def test_bad_calls_raise_what_the_general_route_raises_before_any_work(case, monkeypatch):
+    module, x, mask = _bad(case)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(padded_rows, "eager_call", lambda *args: None)  # the module's route before the lane
+        with pytest.raises((TypeError, ValueError)) as general:
+            module(x, mask)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the kernel ran on a call that must be rejected")
+
+    monkeypatch.setattr(padded_rows, "one_call", no_work)
+    monkeypatch.setattr(padded_rows.PaddedRowsFunction, "apply", no_work)
+    with pytest.raises(general.type) as got:
+        module(x, mask)
+    assert str(got.value) == str(general.value)
