@@ -1,8 +1,8 @@
 """Where the fused CPU kernels' build lives, and how concurrent, killed and read-only builds are handled.
 
 One build holds every `kernels/*.cpp` (each registers its operators with TORCH_LIBRARY_FRAGMENT or
-TORCH_LIBRARY(masknorm, ...) in exactly one file). It is keyed by sha256 over the sources (names and
-bytes), torch's version, torch's CPU capability, the compiler flags and the Python version, and lives in
+TORCH_LIBRARY(masknorm, ...) in exactly one file). It is keyed by sha256 over the sources and the
+headers they include, kernels/*.h (names and bytes), torch's version, torch's CPU capability, the compiler flags and the Python version, and lives in
 
     <root>/masknorm-<key>/masknorm_kernels.so
 
@@ -54,6 +54,11 @@ def sources() -> List[Path]:
     return sorted(KERNELS.glob("*.cpp"))
 
 
+def headers() -> List[Path]:
+    """The headers the sources include (kernels/*.h), in a fixed order: they key the build too."""
+    return sorted(KERNELS.glob("*.h"))
+
+
 def cflags() -> List[str]:
     """The compiler flags for this machine's torch CPU capability."""
     return ["-O3", "-fopenmp", *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
@@ -62,7 +67,7 @@ def cflags() -> List[str]:
 def key() -> str:
     """sha256 (first 16 hex digits) of what the built library depends on."""
     digest = hashlib.sha256()
-    for source in sources():
+    for source in (*sources(), *headers()):
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     digest.update(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(), cflags(),
                         sys.version_info[:2], sys.platform)).encode())

@@ -106,11 +106,12 @@ def test_a_real_compiler_error_is_reported_by_its_own_line(tmp_path):
 
 
 def test_every_kernel_source_is_built_and_keys_the_cache(tmp_path, monkeypatch):
-    """All kernels/*.cpp go into one build; the key follows their bytes, not the checkout's path."""
+    """All kernels/*.cpp go into one build; the key follows their bytes and the headers' (kernels/*.h), not the
+    checkout's path."""
     first, second = tmp_path / "a", tmp_path / "b"
     for folder in (first, second):
         folder.mkdir()
-        for source in sorted(kernel_cache.KERNELS.glob("*.cpp")):
+        for source in (*kernel_cache.KERNELS.glob("*.cpp"), *kernel_cache.KERNELS.glob("*.h")):
             shutil.copy(source, folder)
         (folder / "zz_added.cpp").write_text("// a second kernel file\n")
     monkeypatch.setattr(kernel_cache, "KERNELS", first)
@@ -120,6 +121,9 @@ def test_every_kernel_source_is_built_and_keys_the_cache(tmp_path, monkeypatch):
     assert kernel_cache.key() == key_first
     (second / "zz_added.cpp").write_text("// changed\n")
     assert kernel_cache.key() != key_first
+    key_second = kernel_cache.key()
+    (second / "zz_included.h").write_text("// a header a source includes\n")
+    assert kernel_cache.key() != key_second
 
     built = []
     monkeypatch.setenv("MASKNORM_KERNEL_CACHE", str(tmp_path / "cache"))

@@ -38,9 +38,13 @@
 #include <utility>
 #include <vector>
 
+#include "blocked_sums.h"
+
 namespace {
 
-constexpr int64_t kBlock = 256;
+using masknorm_kernels::blocked_sum;
+using masknorm_kernels::kBlock;
+
 constexpr int64_t kSamples = 64;  // samples per weight/bias-gradient slot
 enum Policy : int64_t { kNormalize = 0, kKeep = 1, kZero = 2 };
 enum State : int8_t { kFused = 0, kDegenerate = 1, kRedo = 2 };
@@ -64,21 +68,7 @@ std::vector<Runs> valid_runs(const bool* mask, int64_t B, int64_t L, std::vector
   return runs;
 }
 
-// sum_{j in [s, e)} term(j) in double, in blocks of kBlock terms.
-template <typename Term>
-double blocked_sum(int64_t s, int64_t e, Term term) {
-  double total = 0;
-  for (int64_t a = s; a < e; a += kBlock) {
-    const int64_t z = std::min(e, a + kBlock);
-    double acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = a; j < z; ++j) acc += term(j);
-    total += acc;
-  }
-  return total;
-}
-
-// Two such sums in one pass: (sum t1(j), sum t2(j)) added to (*s1, *s2). A block whose t2 sum is
+// Two blocked sums (blocked_sums.h's order) in one pass: (sum t1(j), sum t2(j)) added to (*s1, *s2). A block whose t2 sum is
 // not finite is summed again with wide(j): t2 with its xh formed by finite_xh, equal to t2(j) where
 // t2(j) is finite (so the fast loop needs no per-term check).
 template <typename T1, typename T2, typename Wide>

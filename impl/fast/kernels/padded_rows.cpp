@@ -39,44 +39,15 @@
 #include <vector>
 #include <tuple>
 
+#include "blocked_sums.h"
+
 namespace {
 
-constexpr int64_t kBlock = 256;  // terms per partial sum
 constexpr int64_t kRows = 128;   // rows per weight/bias-gradient slot
 
-// sum_j term(j) for j in [0, n), in double. The terms capture their pointers by value: through a
-// captured reference the loop would reload them and run about 3x slower.
-template <typename Term>
-double blocked_sum(int64_t n, Term term) {
-  double total = 0;
-  for (int64_t s = 0; s < n; s += kBlock) {
-    const int64_t e = std::min(n, s + kBlock);
-    double acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t j = s; j < e; ++j) acc += term(j);
-    total += acc;
-  }
-  return total;
-}
-
-// (sum_j t0(j), sum_j t1(j)) for j in [0, n): blocked_sum of each, in one loop (the two chains
-// overlap), each with blocked_sum's order of additions.
-template <typename T0, typename T1>
-std::pair<double, double> blocked_sums(int64_t n, T0 t0, T1 t1) {
-  double total0 = 0, total1 = 0;
-  for (int64_t s = 0; s < n; s += kBlock) {
-    const int64_t e = std::min(n, s + kBlock);
-    double acc0 = 0, acc1 = 0;
-#pragma omp simd reduction(+ : acc0, acc1)
-    for (int64_t j = s; j < e; ++j) {
-      acc0 += t0(j);
-      acc1 += t1(j);
-    }
-    total0 += acc0;
-    total1 += acc1;
-  }
-  return {total0, total1};
-}
+using masknorm_kernels::blocked_sum;
+using masknorm_kernels::blocked_sums;
+using masknorm_kernels::kBlock;
 
 template <typename T>
 void pass_through(const T* src, T* dst, int64_t n, bool zero) {
@@ -124,11 +95,11 @@ void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A
       }
       const bool pair = i + 1 < hi && !(valid && !valid[i + 1]);  // two valid rows: their sums run side by side
       const T* xr1 = pair ? xr + n : xr;
-      auto mu = center ? blocked_sums(n, [xr](int64_t j) { return double(xr[j]); },
+      auto mu = center ? blocked_sums(0, n, [xr](int64_t j) { return double(xr[j]); },
                                       [xr1](int64_t j) { return double(xr1[j]); })
                        : std::pair<double, double>(0.0, 0.0);
       mu = {mu.first / double(n), mu.second / double(n)};
-      const auto ss = blocked_sums(n, [xr, m = mu.first](int64_t j) {
+      const auto ss = blocked_sums(0, n, [xr, m = mu.first](int64_t j) {
         const double d = double(xr[j]) - m;
         return d * d;
       }, [xr1, m = mu.second](int64_t j) {
@@ -158,8 +129,8 @@ void backward_rows(const T* dy, const T* x, const bool* valid, const A* mean, co
           continue;
         }
         const A m = mean[i], r = rstd[i];
-        const double sg = center ? blocked_sum(n, [dyr, w](int64_t j) { return double(A(dyr[j]) * A(w[j])); }) : 0.0;
-        const double sgx = blocked_sum(n, [dyr, w, xr, m, r](int64_t j) {
+        const double sg = center ? blocked_sum(0, n, [dyr, w](int64_t j) { return double(A(dyr[j]) * A(w[j])); }) : 0.0;
+        const double sgx = blocked_sum(0, n, [dyr, w, xr, m, r](int64_t j) {
           return double(A(dyr[j]) * A(w[j])) * double((A(xr[j]) - m) * r);
         });
         const A a = A(sg / double(n)), c = A(sgx / double(n));

@@ -1,0 +1,52 @@
+// Deterministic sums in double for the fused CPU kernels (included by padded_rows.cpp and masked_positions.cpp).
+//
+//   blocked_sum(s, e, t) = sum_{j in [s, e)} t(j): blocks of kBlock terms, each added across SIMD lanes, then the
+//   blocks' sums in order (float64 terms: error ~ (kBlock / lanes + (e - s) / kBlock) u).
+//
+// The order of the additions depends on (s, e) alone, never on the number of threads.
+
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <utility>
+
+namespace masknorm_kernels {
+
+constexpr int64_t kBlock = 256;  // terms per partial sum
+
+// The terms capture their pointers by value: through a captured reference the loop would reload them
+// and run about 3x slower.
+template <typename Term>
+double blocked_sum(int64_t s, int64_t e, Term term) {
+  double total = 0;
+  for (int64_t a = s; a < e; a += kBlock) {
+    const int64_t z = std::min(e, a + kBlock);
+    double acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t j = a; j < z; ++j) acc += term(j);
+    total += acc;
+  }
+  return total;
+}
+
+// (blocked_sum(s, e, t0), blocked_sum(s, e, t1)) in one loop (the two chains overlap), each with
+// blocked_sum's order of additions.
+template <typename T0, typename T1>
+std::pair<double, double> blocked_sums(int64_t s, int64_t e, T0 t0, T1 t1) {
+  double total0 = 0, total1 = 0;
+  for (int64_t a = s; a < e; a += kBlock) {
+    const int64_t z = std::min(e, a + kBlock);
+    double acc0 = 0, acc1 = 0;
+#pragma omp simd reduction(+ : acc0, acc1)
+    for (int64_t j = a; j < z; ++j) {
+      acc0 += t0(j);
+      acc1 += t1(j);
+    }
+    total0 += acc0;
+    total1 += acc1;
+  }
+  return {total0, total1};
+}
+
+}  // namespace masknorm_kernels
