@@ -68,19 +68,14 @@ std::vector<Runs> valid_runs(const bool* mask, int64_t B, int64_t L, std::vector
   return runs;
 }
 
-// Two blocked sums (blocked_sums.h's order) in one pass: (sum t1(j), sum t2(j)) added to (*s1, *s2). A block whose t2 sum is
-// not finite is summed again with wide(j): t2 with its xh formed by finite_xh, equal to t2(j) where
-// t2(j) is finite (so the fast loop needs no per-term check).
+// (sum t1(j), sum t2(j)) added to (*s1, *s2), block by block as blocked_sums.h's blocked_sums: a block
+// whose t2 sum is not finite is summed again with wide(j): t2 with its xh formed by finite_xh, equal to
+// t2(j) where t2(j) is finite (so the fast loop needs no per-term check).
 template <typename T1, typename T2, typename Wide>
 void blocked_sums(int64_t s, int64_t e, T1 t1, T2 t2, Wide wide, double* s1, double* s2) {
   for (int64_t a = s; a < e; a += kBlock) {
     const int64_t z = std::min(e, a + kBlock);
-    double acc1 = 0, acc2 = 0;
-#pragma omp simd reduction(+ : acc1, acc2)
-    for (int64_t j = a; j < z; ++j) {
-      acc1 += t1(j);
-      acc2 += t2(j);
-    }
+    auto [acc1, acc2] = masknorm_kernels::blocked_sums(a, z, t1, t2);
     if (!std::isfinite(acc2)) {
       acc2 = 0;
       for (int64_t j = a; j < z; ++j) acc2 += wide(j);
