@@ -47,14 +47,14 @@ def pool_instances(m: Moments, n_channels: int) -> Moments:
     return Moments(mean, var, n)
 
 
+@torch.no_grad()
 def update_running(
     running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     usable: torch.Tensor, factor: Union[float, torch.Tensor],
 ) -> None:
-    """r <- r + factor (stat - r) in place (one torch._foreach_lerp_ for both), on the channels where `usable`
-    (the others get stat = r: they keep r). The statistics are detached: a running value never records autograd."""
+    """r <- (1 - factor) r + factor * stat in place, on the channels where `usable` (the others keep r)."""
     shape = running_mean.shape
-    usable = usable.reshape(shape)
-    stats = [torch.where(usable, stat.detach().reshape(shape).to(running.dtype), running)
-             for running, stat in ((running_mean, mean), (running_var, var))]
-    torch._foreach_lerp_([running_mean, running_var], stats, factor)
+    mean, var, usable = mean.reshape(shape), var.reshape(shape), usable.reshape(shape)
+    for running, stat in ((running_mean, mean), (running_var, var)):
+        new = (1 - factor) * running + factor * stat.to(running.dtype)
+        running.copy_(torch.where(usable, new, running))
