@@ -120,25 +120,26 @@ _register(masked_positions_op, masked_positions_backward_op, saved_from=1)
 def per_channel_op(
     x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], correction: int, eps: float,
     masked: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """fast.per_channel's forward: (out, the batch's mean, unbiased variance and count per channel, then
-    what the backward needs: var, shift, inv_s, the redone channels (all False if none), the
-    padding bound (0-d float64) and whether per_channel_norm ran (0-d bool)); on the kernel that the
-    eager path takes (per_channel_norm) where it applies. The backward follows the forward's path, not
-    a second look at the kernels (which kernels() may have switched off in between)."""
+    what the backward needs: var, shift, inv_s, the redone channels (all False if none) and the
+    padding bound (0-d float64)); on the kernel that the eager path takes (per_channel_norm) where it
+    applies. There the channels the kernel passes through (k - correction <= 0) count as redone, so
+    that either backward (kernels() may switch them off in between) takes their general formula, not
+    the kernel's placeholder statistics."""
     dims = _channel_dims(x)
     kernel = per_channel.kernel_for(x, mask)
     if kernel is not None:
         out, moments, var, shift, inv_s, redo = per_channel.kernel_forward(kernel, x, mask, weight, bias, dims,
                                                                            correction, eps, masked)
-        bound = math.inf
+        redo, bound = per_channel.with_passthrough(redo, x, mask, dims, correction, shift.shape), math.inf
     else:
         out, var, st, bound, redo, moments = per_channel.fused_forward(x, mask, weight, bias, dims, correction, eps,
                                                                         masked)
         shift, inv_s = st.shift_scaled, st.inv_s
     redo = torch.zeros(shift.shape, dtype=torch.bool, device=x.device) if redo is None else redo
     return (out.contiguous(), *map(_own, moments), _own(var), _own(shift), _own(inv_s), _own(redo),
-            torch.tensor(bound, dtype=torch.float64), torch.tensor(kernel is not None))
+            torch.tensor(bound, dtype=torch.float64))
 
 
 @per_channel_op.register_fake
@@ -147,23 +148,24 @@ def _per_channel_fake(x, mask, weight, bias, correction, eps, masked):
     keep[1] = x.shape[1]
     per_channel = [x.new_empty(keep) for _ in range(6)]
     return (x.new_empty(x.shape), *per_channel, x.new_empty(keep, dtype=torch.bool),
-            x.new_empty((), dtype=torch.float64), x.new_empty((), dtype=torch.bool))
+            x.new_empty((), dtype=torch.float64))
 
 
 @torch.library.custom_op("masknorm::per_channel_backward", mutates_args=())
 def per_channel_backward_op(
     g_out: Tensor, x: Tensor, mask: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor], var: Tensor,
-    shift: Tensor, inv_s: Tensor, redo: Tensor, bound: Tensor, on_kernel: Tensor, correction: int, eps: float,
-    masked: str, want_w: bool, want_b: bool,
+    shift: Tensor, inv_s: Tensor, redo: Tensor, bound: Tensor, correction: int, eps: float, masked: str,
+    want_w: bool, want_b: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """fast.per_channel's backward: (grad x, grad weight or empty, grad bias or empty), on the path its forward took."""
+    """fast.per_channel's backward: (grad x, grad weight or empty, grad bias or empty), on the kernels that are on."""
     dims = _channel_dims(x)
     redo = redo if bool(redo.any()) else None
     bias_shape = None if bias is None else (bias.shape, bias.dtype)
     config = (dims, correction, eps, True, masked)
-    if bool(on_kernel):  # the library is loaded: the forward ran it
-        gx, gw, gb = per_channel.kernel_backward(torch.ops.masknorm, g_out, x, mask, weight, bias_shape, var, shift,
-                                                 inv_s, redo, config, want_w, want_b)
+    kernel = per_channel.kernel_for(x, mask)
+    if kernel is not None:
+        gx, gw, gb = per_channel.kernel_backward(kernel, g_out, x, mask, weight, bias_shape, var, shift, inv_s, redo,
+                                                 config, want_w, want_b)
     else:
         st = per_channel.stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
         gx, gw, gb = per_channel.fused_backward(g_out, x, mask, weight, bias_shape, var, float(bound), st, redo, config,

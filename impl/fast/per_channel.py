@@ -266,10 +266,7 @@ def kernel_backward(kernel, g_out, x, mask, weight, bias_shape, var, shift, inv_
     dims, correction, eps, _, masked = config
     gx, gw, gb, bad = kernel.per_channel_norm_backward(g_out, x, mask, weight, shift, inv_s, redo, correction, masked)
     if bad.item():
-        # the kernel passes degenerate channels through and holds placeholders for them: fused_backward redoes them
-        degenerate = (valid_count(mask, x.shape, dims, torch.float64, x.device) <= correction).expand(shift.shape)
-        redo = degenerate if redo is None else redo | degenerate
-        redo = redo if bool(redo.any()) else None
+        redo = with_passthrough(redo, x, mask, dims, correction, shift.shape)
         st = stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
         return fused_backward(g_out, x, mask, weight, bias_shape, var, math.inf, st, redo, config, want_w, want_b)
     if redo is None:
@@ -277,6 +274,15 @@ def kernel_backward(kernel, g_out, x, mask, weight, bias_shape, var, shift, inv_
     st = stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
     return _with_redone(gx, gw.view(shift.shape), gb.view(shift.shape), g_out, x, mask, weight, bias_shape, st, redo,
                         dims, masked, want_w, want_b)
+
+
+def with_passthrough(redo: Optional[torch.Tensor], x, mask, dims, correction: int, shape) -> Optional[torch.Tensor]:
+    """redo (None: no channel) with the channels per_channel_norm passes through (k - correction <= 0) added, or
+    None when there are none (one host sync): the kernel holds placeholder statistics for them, which torch's
+    kernels' backward must not use."""
+    degenerate = (valid_count(mask, x.shape, dims, torch.float64, x.device) <= correction).expand(shape)
+    redo = degenerate if redo is None else redo | degenerate
+    return redo if bool(redo.any()) else None
 
 
 def forward_only(x, mask, weight, bias, dims, correction: int, eps: float, masked: str):
