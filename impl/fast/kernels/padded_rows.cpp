@@ -36,8 +36,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 #include <tuple>
+#include <type_traits>
 
 #include "blocked_sums.h"
 
@@ -346,6 +348,17 @@ struct PaddedRowsNormBackward : public torch::autograd::Node {
   }
 };
 
+// A new autograd node of type N, held as autograd holds its nodes: std::shared_ptr before torch 2.13,
+// c10::intrusive_ptr since (Edge::function's type says which).
+template <typename N>
+auto make_node() {
+  if constexpr (std::is_same_v<decltype(torch::autograd::Edge::function), std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<N>();
+  } else {
+    return c10::make_intrusive<N>();
+  }
+}
+
 // padded_rows_norm's Autograd kernel: the call below autograd, and a PaddedRowsNormBackward node on y
 // where x, weight or bias requires grad in grad mode. Forward-mode AD has no formula: a tangent is refused.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_autograd(const at::Tensor& x,
@@ -359,7 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_auto
     return forward_op().call(x, mask, weight, bias, ndims, eps, center, zero);
   }();
   if (at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(weight) || wants_grad(bias))) {
-    auto node = c10::make_intrusive<PaddedRowsNormBackward>();
+    auto node = make_node<PaddedRowsNormBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(x, weight.value_or(at::Tensor()),
                                                              bias.value_or(at::Tensor())));
     node->x = torch::autograd::SavedVariable(x, false);
