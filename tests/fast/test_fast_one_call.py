@@ -101,12 +101,14 @@ def _token_layouts(x):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("with_mask", ["mask", "token-mask", "no-mask"])
 def test_the_padded_rows_operators_pass_opcheck(dtype, with_mask):
-    """Every dtype, and x contiguous, transposed, sliced and expanded."""
+    """Every dtype, x contiguous, transposed, sliced and expanded, the mask of x's rank, one flag per token
+    (x.shape[:-1], as the layer modules' lane passes it) or none."""
     gen = torch.Generator().manual_seed(4)
     x, mask, w, b = _tokens(dtype, gen)
-    mask = mask if with_mask else None
+    mask = {"mask": mask, "token-mask": mask.squeeze(-1), "no-mask": None}[with_mask]
+    with_mask = mask is not None
     ops = native.ops()
     for xl in _token_layouts(torch.nan_to_num(x)):
         torch.library.opcheck(ops.padded_rows_norm.default, (xl, mask, w, None if with_mask else b, 1, 1e-5, True, False))

@@ -32,9 +32,11 @@
 #include <string>
 #include <vector>
 
+#include "blocked_sums.h"
+
 namespace {
 
-constexpr int64_t kBlock = 256;  // terms per partial sum
+using masknorm_kernels::kBlock;
 
 enum class Masked { normalize, keep, zero };
 
