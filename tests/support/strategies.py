@@ -185,10 +185,13 @@ class Scales:
 
         grad_x:      S = (1/s) (K (g_j + sum g / k) + (K |y_hat_j| + kappa'_j) sum g |y_hat| / nu
                                 + |y_hat_j| sum g kappa' / nu)
-        grad_weight: S = sum |grad_out| (|y_hat| + kappa'),   grad_bias: S = sum |grad_out|
+        grad_weight: S = sum |grad_out| (K |y_hat| + kappa'),   grad_bias: S = sum |grad_out|
         JVP:         S = |gamma_p| (1/s) (K (|x_dot_p| + sum |x_dot| / k) + (K |y_hat_p| + kappa'_p) sum |y_hat x_dot| / nu
                                           + |y_hat_p| sum kappa' |x_dot| / nu)
-                         + |weight_dot_p| (|y_hat_p| + kappa'_p) + |bias_dot_p|
+                         + |weight_dot_p| (K |y_hat_p| + kappa'_p) + |bias_dot_p|
+
+    (y_hat = (x - mu)/s carries u kappa' from mu and |y_hat| u K from 1/s: K |y_hat| + kappa' wherever y_hat
+    appears, as in grad_x's bracket.)
 
     With |y_hat| = O(1) this is u kappa (1/s) |gamma grad_out| (or |x_dot|) up to a constant; it
     grows where masked-out positions lie far outside their group ("normalize")."""
@@ -221,14 +224,14 @@ class Scales:
 
     def grad_affine(self, grad_out: torch.Tensor, shape, with_y_hat: bool) -> torch.Tensor:
         """S of grad_weight (with_y_hat) or grad_bias, in the parameter's `shape`."""
-        g = grad_out.double().abs() * ((self.y_hat + self.kappa) if with_y_hat else 1)
+        g = grad_out.double().abs() * ((self.group_kappa * self.y_hat + self.kappa) if with_y_hat else 1)
         return torch.where(draws_statistics(self.case), g, 0).sum_to_size(shape)
 
     def jvp(self, x_dot: torch.Tensor, weight_dot, bias_dot) -> torch.Tensor:
         """S of the output tangent (x's shape); weight_dot/bias_dot None = 0."""
         scale = self.gamma * self.inv_s * self._bracket(x_dot.double().abs(), self.case.full_mask)
         if weight_dot is not None:
-            scale = scale + weight_dot.double().abs() * (self.y_hat + self.kappa)
+            scale = scale + weight_dot.double().abs() * (self.group_kappa * self.y_hat + self.kappa)
         if bias_dot is not None:
             scale = scale + bias_dot.double().abs()
         return scale
