@@ -47,8 +47,8 @@ namespace {
 
 constexpr int64_t kRows = 128;   // rows per weight/bias-gradient slot
 
-using masknorm_kernels::blocked_sum;
 using masknorm_kernels::blocked_sums;
+using masknorm_kernels::blocked_sums4;
 using masknorm_kernels::kBlock;
 
 template <typename T>
@@ -69,7 +69,8 @@ bool accurate(A m, A r) {
 }
 
 // valid == nullptr: every row is valid. inaccurate (may be nullptr): 1 where a valid row's
-// statistics fail accurate(), else 0.
+// statistics fail accurate(), else 0. Valid rows are taken four at a time, their sums side by side
+// (four independent chains; each row's sum in blocked_sum's order, so the bits of one row at a time).
 template <typename T, typename A = at::opmath_type<T>>
 void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A* mean, A* rstd, int64_t rows,
                   int64_t n, double eps, bool center, bool zero, uint8_t* inaccurate = nullptr) {
@@ -84,66 +85,99 @@ void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) yr[j] = T((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
   };
+  // rows i[0..k) (k in 1..4; a missing row's sums are the last one's again, and dropped)
+  const auto four_rows = [&](const int64_t* i, int k) {
+    const T* p[4];
+    for (int r = 0; r < 4; ++r) p[r] = x + i[std::min(r, k - 1)] * n;
+    const auto row = [](const T* xr) { return [xr](int64_t j) { return double(xr[j]); }; };
+    std::array<double, 4> mu{0, 0, 0, 0};
+    if (center) mu = blocked_sums4(0, n, row(p[0]), row(p[1]), row(p[2]), row(p[3]));
+    for (auto& m : mu) m /= double(n);
+    const auto squares = [](const T* xr, double m) {
+      return [xr, m](int64_t j) {
+        const double d = double(xr[j]) - m;
+        return d * d;
+      };
+    };
+    const auto ss = blocked_sums4(0, n, squares(p[0], mu[0]), squares(p[1], mu[1]), squares(p[2], mu[2]),
+                                  squares(p[3], mu[3]));
+    for (int r = 0; r < k; ++r) finish(i[r], mu[r], ss[r]);
+  };
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t lo, int64_t hi) {
+    int64_t batch[4];
+    int k = 0;
     for (int64_t i = lo; i < hi; ++i) {
-      const T* xr = x + i * n;
-      T* yr = y + i * n;
       if (inaccurate) inaccurate[i] = 0;
       if (valid && !valid[i]) {
-        pass_through(xr, yr, n, zero);
+        pass_through(x + i * n, y + i * n, n, zero);
         mean[i] = A(0);
         rstd[i] = A(0);
         continue;
       }
-      const bool pair = i + 1 < hi && !(valid && !valid[i + 1]);  // two valid rows: their sums run side by side
-      const T* xr1 = pair ? xr + n : xr;
-      auto mu = center ? blocked_sums(0, n, [xr](int64_t j) { return double(xr[j]); },
-                                      [xr1](int64_t j) { return double(xr1[j]); })
-                       : std::pair<double, double>(0.0, 0.0);
-      mu = {mu.first / double(n), mu.second / double(n)};
-      const auto ss = blocked_sums(0, n, [xr, m = mu.first](int64_t j) {
-        const double d = double(xr[j]) - m;
-        return d * d;
-      }, [xr1, m = mu.second](int64_t j) {
-        const double d = double(xr1[j]) - m;
-        return d * d;
-      });
-      finish(i, mu.first, ss.first);
-      if (pair) finish(++i, mu.second, ss.second);
+      batch[k++] = i;
+      if (k == 4) {
+        four_rows(batch, k);
+        k = 0;
+      }
     }
+    if (k > 0) four_rows(batch, k);
   });
 }
 
+// Valid rows are taken two at a time, their sums side by side (each in blocked_sum's order); dw and db
+// take the rows in order.
 template <typename T, typename A = at::opmath_type<T>>
 void backward_rows(const T* dy, const T* x, const bool* valid, const A* mean, const A* rstd, const T* w, T* dx,
                    double* slots, int64_t rows, int64_t n, bool center, bool zero) {
   const int64_t nslots = (rows + kRows - 1) / kRows;
+  const auto g = [w](const T* dyr) { return [dyr, w](int64_t j) { return double(A(dyr[j]) * A(w[j])); }; };
+  const auto gxh = [w](const T* dyr, const T* xr, A m, A r) {
+    return [dyr, w, xr, m, r](int64_t j) { return double(A(dyr[j]) * A(w[j])) * double((A(xr[j]) - m) * r); };
+  };
+  // rows i[0..k) (k in 1..2; a missing row's sums are the first one's again, and dropped)
+  const auto two_rows = [&](const int64_t* i, int k, double* dw, double* db) {
+    const int64_t i1 = i[k - 1];
+    const T *dy0 = dy + i[0] * n, *dy1 = dy + i1 * n, *x0 = x + i[0] * n, *x1 = x + i1 * n;
+    const auto gx0 = gxh(dy0, x0, mean[i[0]], rstd[i[0]]), gx1 = gxh(dy1, x1, mean[i1], rstd[i1]);
+    std::array<double, 4> sums{0, 0, 0, 0};  // sum g and sum g xh of each row
+    if (center) {
+      sums = blocked_sums4(0, n, g(dy0), gx0, g(dy1), gx1);
+    } else {
+      std::tie(sums[1], sums[3]) = blocked_sums(0, n, gx0, gx1);
+    }
+    for (int r = 0; r < k; ++r) {
+      const T* dyr = r ? dy1 : dy0;
+      const T* xr = r ? x1 : x0;
+      T* dxr = dx + i[r] * n;
+      const A m = mean[i[r]], rs = rstd[i[r]];
+      const A a = A(sums[2 * r] / double(n)), c = A(sums[2 * r + 1] / double(n));
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const A xh = (A(xr[j]) - m) * rs;
+        dxr[j] = T(rs * (A(dyr[j]) * A(w[j]) - a - xh * c));
+        dw[j] += double(dyr[j]) * double(xh);
+        db[j] += double(dyr[j]);
+      }
+    }
+  };
   at::parallel_for(0, nslots, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t s = lo; s < hi; ++s) {
       double* dw = slots + s * 2 * n;
       double* db = dw + n;
+      int64_t pair[2];
+      int k = 0;
       for (int64_t i = s * kRows; i < std::min(rows, (s + 1) * kRows); ++i) {
-        const T* dyr = dy + i * n;
-        const T* xr = x + i * n;
-        T* dxr = dx + i * n;
         if (valid && !valid[i]) {
-          pass_through(dyr, dxr, n, zero);
+          pass_through(dy + i * n, dx + i * n, n, zero);
           continue;
         }
-        const A m = mean[i], r = rstd[i];
-        const double sg = center ? blocked_sum(0, n, [dyr, w](int64_t j) { return double(A(dyr[j]) * A(w[j])); }) : 0.0;
-        const double sgx = blocked_sum(0, n, [dyr, w, xr, m, r](int64_t j) {
-          return double(A(dyr[j]) * A(w[j])) * double((A(xr[j]) - m) * r);
-        });
-        const A a = A(sg / double(n)), c = A(sgx / double(n));
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const A xh = (A(xr[j]) - m) * r;
-          dxr[j] = T(r * (A(dyr[j]) * A(w[j]) - a - xh * c));
-          dw[j] += double(dyr[j]) * double(xh);
-          db[j] += double(dyr[j]);
+        pair[k++] = i;
+        if (k == 2) {
+          two_rows(pair, k, dw, db);
+          k = 0;
         }
       }
+      if (k > 0) two_rows(pair, k, dw, db);
     }
   });
 }
