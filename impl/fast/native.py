@@ -45,8 +45,18 @@ class _State:
 
 
 def mode() -> str:
-    """MASKNORM_KERNELS read as "off", "auto" or "required"."""
+    """MASKNORM_KERNELS read as "off", "auto" or "required" (read on every call; each raw value parsed once)."""
     raw = os.environ.get("MASKNORM_KERNELS", "")
+    parsed = _MODES.get(raw)
+    if parsed is None:
+        parsed = _MODES[raw] = _parse_mode(raw)
+    return parsed
+
+
+_MODES: dict = {}  # raw MASKNORM_KERNELS -> mode(): a dict lookup instead of strip/lower/set tests per call
+
+
+def _parse_mode(raw: str) -> str:
     value = raw.strip().lower()
     if value in ("", "auto"):
         return "auto"

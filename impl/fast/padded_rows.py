@@ -321,7 +321,7 @@ def one_call(kernel, x, mask, weight, bias, ndims: int, eps: float, center: bool
     C++ node where a gradient is wanted); None where the kernel flags a row as inaccurate
     (PaddedRowsFunction redoes it; what the call recorded is dropped). Not under forward-mode
     AD: the operator has no jvp."""
-    y, _, _, inaccurate = kernel.padded_rows_norm(x, mask, weight, bias, ndims, eps, center, masked == "zero")
+    y, _, _, inaccurate = kernel.padded_rows_norm.default(x, mask, weight, bias, ndims, eps, center, masked == "zero")
     return None if inaccurate.item() else y
 
 
@@ -330,19 +330,21 @@ def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], ndims: int, eps: o
     """masked_norm(x, mask[..., None, ..., None], the last ndims axes, ...) as one kernel call, bit for bit,
     for weight, bias and x's trailing axes that the caller has checked against the normalized shape;
     None where the call is not one the kernel takes (or not a valid one: the caller's general route
-    raises) or a row was flagged (the general route redoes it): eager mode on CPU data of a floating
-    dtype, no forward-mode AD, mask None or one bool flag per token (x.shape[:-ndims]), weight and
-    bias None or of x's dtype and device, eps a float."""
+    raises) or a row was flagged (the general route redoes it): eager mode on non-empty CPU data of a
+    floating dtype, no forward-mode AD, mask None or one bool flag per token (x.shape[:-ndims]), weight
+    and bias None or of x's dtype and device, eps a float. (dtypes are singletons: compared by identity.)"""
     dtype = x.dtype
-    if not (type(eps) is float and 0.0 <= eps < math.inf and masked in POLICIES and x.is_cpu and dtype in FLOATING
-            and (mask is None or (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.is_cpu
+    if not (type(eps) is float and 0.0 <= eps < math.inf and masked in POLICIES and dtype in FLOATING and x.is_cpu
+            and (mask is None or (type(mask) is torch.Tensor and mask.dtype is torch.bool and mask.is_cpu
                                   and mask.shape == x.shape[:x.dim() - ndims]))
-            and (weight is None or (weight.dtype == dtype and weight.is_cpu))
-            and (bias is None or (bias.dtype == dtype and bias.is_cpu))
-            and eager_on_data(x) and not forward_ad_active()):
+            and (weight is None or (weight.dtype is dtype and weight.is_cpu))
+            and (bias is None or (bias.dtype is dtype and bias.is_cpu))
+            and x.numel() > 0 and eager_on_data(x) and not forward_ad_active()):
         return None
-    kernel = kernel_for(x)
-    return None if kernel is None else one_call(kernel, x, mask, weight, bias, ndims, eps, center, masked)
+    kernel = native.ops()
+    if kernel is None:
+        return None
+    return one_call(kernel, x, mask, weight, bias, ndims, eps, center, masked)
 
 
 def _general_backward(dy, x, mask, weight, ndims: int, eps: float, center: bool, zero: bool, bias: bool):
