@@ -61,7 +61,7 @@ def headers() -> List[Path]:
 
 def cflags() -> List[str]:
     """The compiler flags for this machine's torch CPU capability."""
-    return ["-O3", "-fopenmp", *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+    return ["-O3", "-fopenmp", "-fno-trapping-math", *_ISA_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
 
 
 def key() -> str:

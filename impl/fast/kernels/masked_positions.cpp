@@ -97,15 +97,28 @@ void segments(const Runs& runs, int64_t L, Fn fn) {
   if (at < L) fn(at, L, false);
 }
 
+// A bool mask's bytes (0 or 1 each).
+inline const uint8_t* as_bytes(const bool* mask) {
+  return reinterpret_cast<const uint8_t*>(mask);
+}
+
 // One sample's mask row: visited as runs of valid positions, or, when its valid runs are short
 // (scattered padding), whole, with each masked-out input replaced by a select before any
 // arithmetic (`dense`).
 struct Row {
   const Runs* runs;
-  const bool* m;
+  const uint8_t* m;  // the mask row read as bytes (0/1): a loop that loads bools does not vectorize
   int64_t L;
   bool dense;
 };
+
+// p[j] where v, else `other`, as U: the load is unconditional (j is in bounds either way) and the flag
+// selects, so a loop of these vectorizes; a masked-out value is converted, never used in arithmetic.
+template <typename U, typename T>
+U pick(const T* p, int64_t j, bool v, U other) {
+  const U value = U(p[j]);
+  return v ? value : other;
+}
 
 // sum over the row's valid positions j of term(j, true); dense rows add term(j, m[j]) where
 // m[j] (term must then read its inputs through the flag: a select, not arithmetic).
@@ -114,7 +127,8 @@ double valid_sum(const Row& row, Term term) {
   if (row.dense) {
     return blocked_sum(0, row.L, [term, m = row.m](int64_t j) {
       const bool v = m[j];
-      return v ? term(j, v) : 0.0;
+      const double t = term(j, v);
+      return v ? t : 0.0;
     });
   }
   double total = 0;
@@ -127,10 +141,10 @@ double valid_sum(const Row& row, Term term) {
 template <typename T1, typename T2, typename Wide>
 void gap_sums(const Row& row, T1 t1, T2 t2, Wide wide, double* s1, double* s2) {
   if (row.dense) {
-    const bool* m = row.m;
-    blocked_sums(0, row.L, [t1, m](int64_t j) { return m[j] ? 0.0 : t1(j); },
-                 [t2, m](int64_t j) { return m[j] ? 0.0 : t2(j); }, [wide, m](int64_t j) { return m[j] ? 0.0 : wide(j); },
-                 s1, s2);
+    const uint8_t* m = row.m;
+    blocked_sums(0, row.L, [t1, m](int64_t j) { const double t = t1(j); return m[j] ? 0.0 : t; },
+                 [t2, m](int64_t j) { const double t = t2(j); return m[j] ? 0.0 : t; },
+                 [wide, m](int64_t j) { const double t = wide(j); return m[j] ? 0.0 : t; }, s1, s2);
     return;
   }
   segments(*row.runs, row.L, [&](int64_t s, int64_t e, bool valid) {
@@ -143,11 +157,12 @@ void gap_sums(const Row& row, T1 t1, T2 t2, Wide wide, double* s1, double* s2) {
 template <typename T, typename Valid, typename Other>
 void write_row(const Row& row, T* out, Valid valid, Other other) {
   if (row.dense) {
-    const bool* m = row.m;
+    const uint8_t* m = row.m;
 #pragma omp simd
     for (int64_t j = 0; j < row.L; ++j) {
       const bool v = m[j];
-      out[j] = v ? valid(j, v) : other(j);
+      const T a = valid(j, v), o = other(j);
+      out[j] = v ? a : o;
     }
     return;
   }
@@ -166,7 +181,7 @@ void write_row(const Row& row, T* out, Valid valid, Other other) {
 template <typename T>
 auto squared_deviation(const T* xr, double mu) {
   return [xr, mu](int64_t j, bool v) {
-    const double d = (v ? double(xr[j]) : mu) - mu;
+    const double d = pick(xr, j, v, mu) - mu;
     return d * d;
   };
 }
@@ -244,7 +259,7 @@ constexpr int64_t kDenseRun = 16;
 std::vector<Row> rows_of(const bool* mask, const std::vector<Runs>& runs, int64_t L) {
   std::vector<Row> rows;
   for (size_t b = 0; b < runs.size(); ++b)
-    rows.push_back({&runs[b], mask + b * L, L, int64_t(runs[b].size()) * kDenseRun > L});
+    rows.push_back({&runs[b], as_bytes(mask) + b * L, L, int64_t(runs[b].size()) * kDenseRun > L});
   return rows;
 }
 
@@ -255,7 +270,7 @@ void pass_row(const T* src, T* dst, const Row& row, bool zero) {
     std::copy(src, src + row.L, dst);
     return;
   }
-  write_row(row, dst, [src](int64_t j, bool v) { return v ? src[j] : T(0); }, [](int64_t) { return T(0); });
+  write_row(row, dst, [src](int64_t j, bool v) { return pick(src, j, v, T(0)); }, [](int64_t) { return T(0); });
 }
 
 template <typename T>
@@ -278,7 +293,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
       if (nu > 0) {
         if (center) {
           for (int64_t c = 0; c < Cg; ++c)
-            mu += valid_sum(row, [xr = xg + c * L](int64_t j, bool v) { return double(v ? xr[j] : T(0)); });
+            mu += valid_sum(row, [xr = xg + c * L](int64_t j, bool v) { return pick(xr, j, v, 0.0); });
           mu /= k;
         }
         for (int64_t c = 0; c < Cg; ++c)
@@ -299,7 +314,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         const T* xr = xg + c * L;
         T* yr = yg + c * L;
         const acc_t wc = w[g * Cg + c], bc = bias[g * Cg + c];
-        auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T(((v ? acc_t(xr[j]) : m) - m) * r * wc + bc); };
+        auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T((pick(xr, j, v, m) - m) * r * wc + bc); };
         write_normalized(row, yr, xr, policy, normalized);
       }
       if (policy == kNormalize && !all_finite(yg, Cg * L))
@@ -342,17 +357,17 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
         const T* dyr = dyg + c * L;
         const T* xr = xg + c * L;
         double a = 0, bsum = 0;
-        auto dyv = [dyr](int64_t j, bool v) { return double(v ? dyr[j] : T(0)); };
+        auto dyv = [dyr](int64_t j, bool v) { return pick(dyr, j, v, 0.0); };
         // dy_j xh_j where position j is used: xh in acc_t (fast), or through finite_xh (wide)
         auto dyxh = [dyr, xr, m, r](int64_t j, bool u) {
-          return double(u ? dyr[j] : T(0)) * double(((u ? acc_t(xr[j]) : m) - m) * r);
+          return pick(dyr, j, u, 0.0) * double((pick(xr, j, u, m) - m) * r);
         };
         auto dyxh_wide = [dyr, xr, m, r](int64_t j, bool u) {
-          const acc_t xj = u ? acc_t(xr[j]) : m;
-          return double(u ? dyr[j] : T(0)) * finite_xh((xj - m) * r, xj, m, r);
+          const acc_t xj = pick(xr, j, u, m);
+          return pick(dyr, j, u, 0.0) * finite_xh((xj - m) * r, xj, m, r);
         };
         if (row.dense) {
-          const bool* mr = row.m;
+          const uint8_t* mr = row.m;
           blocked_sums(0, L, [dyv, mr](int64_t j) { return dyv(j, mr[j]); }, [dyxh, mr](int64_t j) { return dyxh(j, mr[j]); },
                        [dyxh_wide, mr](int64_t j) { return dyxh_wide(j, mr[j]); }, &a, &bsum);
         } else {
@@ -379,12 +394,12 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
         const T* xr = xg + c * L;
         const acc_t wc = w[g * Cg + c];
         auto valid = [dyr, xr, m, r, wc, ma, mb](int64_t j, bool v) {
-          const acc_t xh = ((v ? acc_t(xr[j]) : m) - m) * r;
-          return T(r * (acc_t(v ? dyr[j] : T(0)) * wc - ma - xh * mb));
+          const acc_t xh = (pick(xr, j, v, m) - m) * r;
+          return T(r * (pick(dyr, j, v, acc_t(0)) * wc - ma - xh * mb));
         };
         auto valid_wide = [dyr, xr, m, r, wc, wa, wb](int64_t j, bool v) {  // sums beyond acc_t (see wide_xh)
-          const double xh = wide_xh(v ? acc_t(xr[j]) : m, m, r);
-          return T(acc_t(double(r) * (double(v ? dyr[j] : T(0)) * double(wc) - wa - xh * wb)));
+          const double xh = wide_xh(pick(xr, j, v, m), m, r);
+          return T(acc_t(double(r) * (pick(dyr, j, v, 0.0) * double(wc) - wa - xh * wb)));
         };
         T* dxr = dxg + c * L;
         auto other = [dyr, r, wc](int64_t j) { return T(r * (acc_t(dyr[j]) * wc)); };
@@ -410,11 +425,11 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
   const double kappa_limit = 0.5 / std::numeric_limits<acc_t>::epsilon();
   at::parallel_for(0, R, std::max<int64_t>(1, 32768 / n), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      const Row row{nullptr, mask + i * n, n, true};
+      const Row row{nullptr, as_bytes(mask) + i * n, n, true};
       const T* xr = x + i * n;
       T* yr = y + i * n;
       double k = 0, mu = 0, ss = 0;  // mu: the valid values' sum until divided by k
-      const auto valid_x = [m = row.m, xr](int64_t j) { return m[j] ? double(xr[j]) : 0.0; };
+      const auto valid_x = [m = row.m, xr](int64_t j) { return pick(xr, j, m[j], 0.0); };
       blocked_sums(0, n, [m = row.m](int64_t j) { return m[j] ? 1.0 : 0.0; }, valid_x, valid_x, &k, &mu);
       const double nu = k - double(correction);
       mu = center && nu > 0 ? mu / k : 0.0;
@@ -433,7 +448,7 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
       mean[i] = m;
       rstd[i] = r;
       auto normalized = [xr, m, r, w, bias](int64_t j, bool v) {
-        return T(((v ? acc_t(xr[j]) : m) - m) * r * w[j] + bias[j]);
+        return T((pick(xr, j, v, m) - m) * r * w[j] + bias[j]);
       };
       write_normalized(row, yr, xr, policy, normalized);
       if (policy == kNormalize && !all_finite(yr, n))
@@ -453,7 +468,7 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
       double* dwb = slots + blk * 2 * n;  // (dw_j, db_j) of this block's rows, added in order
       double* dbb = dwb + n;
       for (int64_t i = blk * kSamples; i < std::min(R, (blk + 1) * kSamples); ++i) {
-        const Row row{nullptr, mask + i * n, n, true};
+        const Row row{nullptr, as_bytes(mask) + i * n, n, true};
         const T* dyr = dy + i * n;
         const T* xr = x + i * n;
         T* dxr = dx + i * n;
@@ -462,10 +477,10 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
           continue;
         }
         const acc_t m = mean[i], r = rstd[i];
-        const bool* mr = row.m;
+        const uint8_t* mr = row.m;
         // where position j enters the sums: valid, or (under "normalize") masked-out with dy_j != 0
         auto used = [mr, dyr, policy](int64_t j) { return mr[j] || (policy == kNormalize && dyr[j] != T(0)); };
-        auto xh = [xr, m, r](int64_t j, bool u) { return ((u ? acc_t(xr[j]) : m) - m) * r; };
+        auto xh = [xr, m, r](int64_t j, bool u) { return (pick(xr, j, u, m) - m) * r; };
         // one pass: the row's A and B (in blocks, as blocked_sums), its terms of dw_j and db_j, and k
         double a = 0, bsum = 0, k = 0;
         for (int64_t s = 0; s < n; s += kBlock) {
@@ -474,7 +489,7 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
 #pragma omp simd reduction(+ : acc_a, acc_b, acc_k)
           for (int64_t j = s; j < e; ++j) {
             const bool u = used(j);
-            const double d = u ? double(dyr[j]) : 0.0, dxh = d * finite_xh(xh(j, u), u ? acc_t(xr[j]) : m, m, r);
+            const double d = pick(dyr, j, u, 0.0), dxh = d * finite_xh(xh(j, u), pick(xr, j, u, m), m, r);
             acc_a += d * double(w[j]);
             acc_b += dxh * double(w[j]);
             acc_k += mr[j] ? 1.0 : 0.0;
@@ -488,11 +503,11 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
         const double wa = center ? a / k : 0.0, wb = bsum / (k - double(correction));
         const acc_t ma = acc_t(wa), mb = acc_t(wb);
         auto valid = [dyr, w, r, ma, mb, xh](int64_t j, bool v) {
-          return T(r * (acc_t(v ? dyr[j] : T(0)) * w[j] - ma - xh(j, v) * mb));
+          return T(r * (pick(dyr, j, v, acc_t(0)) * w[j] - ma - xh(j, v) * mb));
         };
         auto valid_wide = [dyr, xr, w, m, r, wa, wb](int64_t j, bool v) {  // sums beyond acc_t (see wide_xh)
-          const double xh = wide_xh(v ? acc_t(xr[j]) : m, m, r);
-          return T(acc_t(double(r) * (double(v ? dyr[j] : T(0)) * double(w[j]) - wa - xh * wb)));
+          const double xh = wide_xh(pick(xr, j, v, m), m, r);
+          return T(acc_t(double(r) * (pick(dyr, j, v, 0.0) * double(w[j]) - wa - xh * wb)));
         };
         auto other = [dyr, r, w](int64_t j) { return T(r * (acc_t(dyr[j]) * w[j])); };
         if (std::isfinite(ma) && std::isfinite(mb))
