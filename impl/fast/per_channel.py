@@ -285,6 +285,34 @@ def with_passthrough(redo: Optional[torch.Tensor], x, mask, dims, correction: in
     return redo if bool(redo.any()) else None
 
 
+def _python_backward(dy, x, mask, weight, var, shift, inv_s, correction: int, eps: float, masked: str, bias: bool,
+                     general: bool):
+    """per_channel_norm's backward where its autograd node cannot use per_channel_norm_backward's result: the
+    general closed form in differentiable torch ops (general: double backward, traced inputs, flagged channels), or
+    kernel_backward's torch-kernel path for sums that are not finite (its bits). weight of any shape with C values;
+    grad weight and grad bias come back as (C,) vectors, empty where there is no such parameter."""
+    dims = tuple(d for d in range(x.dim()) if d != 1)
+    keep = shift.shape
+    mask = mask.unsqueeze(1) if mask is not None and mask.dim() < x.dim() else mask  # the modules' (N, *S)
+    w = None if weight is None else weight.reshape(keep)
+    bias_shape = (keep, x.dtype) if bias else None
+    config = (dims, correction, eps, True, masked)
+    if general:
+        gx, gw, gb = general_vjp(dy, x, mask, w, bias_shape, config, (True, False, w is not None, bias))
+    else:
+        redo = with_passthrough(None, x, mask, dims, correction, keep)
+        st = stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
+        gx, gw, gb = fused_backward(dy, x, mask, w, bias_shape, var, math.inf, st, redo, config, w is not None, bias)
+    return gx, *(x.new_empty(0) if g is None else g.reshape(-1) for g in (gw, gb))
+
+
+_LIBRARY = torch.library.Library("masknorm", "FRAGMENT")
+_LIBRARY.define("per_channel_python_backward(Tensor dy, Tensor x, Tensor? mask, Tensor? weight, Tensor var, "
+                "Tensor shift, Tensor inv_s, int correction, float eps, str masked, bool bias, bool general) "
+                "-> (Tensor, Tensor, Tensor)")
+_LIBRARY.impl("per_channel_python_backward", _python_backward, "CompositeImplicitAutograd")
+
+
 def forward_only(x, mask, weight, bias, dims, correction: int, eps: float, masked: str):
     """(out, moments) where no autograd is recorded: the bits of PerChannelFunction's forward."""
     kernel = kernel_for(x, mask)
