@@ -173,6 +173,21 @@ def test_the_running_update_is_update_runnings_over_many_steps(monkeypatch):
         _compare(_steps(module, calls, monkeypatch), route)
 
 
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "route"])
+def test_a_running_update_invalidates_a_saved_running_statistic(lane):
+    """An eval call that saved the running statistics for its backward, then a training call that updates them:
+    the backward refuses to run on the updated values, after the lane's per_channel_track as after the route's
+    in-place ops (both bump the buffers' version counters)."""
+    module = _module(MaskedBatchNorm1d, torch.float32, "normalize").eval()
+    x, mask, dy = _inputs(MaskedBatchNorm1d, torch.float32, True)
+    out = module(x.clone().requires_grad_(), mask)
+    module.train()
+    with torch.no_grad():
+        (module if lane else module._route)(x, mask)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(dy)
+
+
 def test_the_lane_records_one_cpp_node_and_none_without_grad():
     module = _module(MaskedBatchNorm1d, torch.float32, "normalize")
     x, mask, _ = _inputs(MaskedBatchNorm1d, torch.float32, True)

@@ -448,6 +448,23 @@ void per_channel_track(at::Tensor& running_mean, at::Tensor& running_var,
   });
 }
 
+// per_channel_track's ADInplaceOrView kernel: the update below it, then the mutated tensors' version counters
+// bumped, as torch's in-place operators bump them (a graph that saved a running statistic then refuses to run
+// its backward on the updated values).
+void per_channel_track_inplace(at::Tensor& running_mean, at::Tensor& running_var,
+                               const c10::optional<at::Tensor>& num_batches_tracked, const at::Tensor& mean,
+                               const at::Tensor& var, const at::Tensor& count, c10::optional<double> momentum) {
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("masknorm::per_channel_track", "")
+        .typed<decltype(per_channel_track)>();
+    op.call(running_mean, running_var, num_batches_tracked, mean, var, count, momentum);
+  }
+  torch::autograd::impl::bump_version(running_mean);
+  torch::autograd::impl::bump_version(running_var);
+  if (num_batches_tracked) torch::autograd::impl::bump_version(*num_batches_tracked);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(masknorm, m) {
@@ -467,4 +484,8 @@ TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
 
 TORCH_LIBRARY_IMPL(masknorm, Autograd, m) {
   m.impl("per_channel_norm", &per_channel_norm_autograd);
+}
+
+TORCH_LIBRARY_IMPL(masknorm, ADInplaceOrView, m) {
+  m.impl("per_channel_track", &per_channel_track_inplace);
 }
