@@ -26,14 +26,16 @@ constant-group test needs the general path's shifted statistics).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from masknorm._autograd import (
     compose, forward_ad_active, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups, regions,
 )
+from masknorm._contract import POLICIES
 from masknorm._stats import GroupStats, group_stats, valid_count, where_or_zero
+from masknorm._tracing import eager_on_data
 from masknorm.fast import native
 
 
@@ -244,6 +246,59 @@ def kernel_for(x: torch.Tensor, mask: Optional[torch.Tensor]):
     return native.ops()
 
 
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+               bias: Optional[torch.Tensor], eps: object, masked: object,
+               running: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], object]] = None,
+               ) -> Optional[torch.Tensor]:
+    """masked_norm_with_moments(x, mask[:, None], every axis but 1, eps=eps, weight, bias, masked)'s output as one
+    call of per_channel_norm (whose Autograd kernel records a C++ node where a gradient is wanted), bit for bit,
+    and with running = (running_mean, running_var, num_batches_tracked or None, momentum) a batch-norm module's
+    running update (_MaskedBatchNorm._track's bits) as one call of per_channel_track; for x, weight and bias that
+    the caller has checked against the module's channels (x (B, C, *S) of KERNEL_DTYPES on CPU, weight and bias
+    (C,) of x's dtype on CPU, or None). None where the call is not one the kernel takes (the caller's route checks
+    it, raises or runs it) or the kernel flags a channel (the route redoes it; nothing is updated): eager mode on
+    real data, no forward-mode AD, x of at most KERNEL_MAX_NUMEL values, eps a float > 0, mask None or a bool CPU
+    tensor (B, *S), running statistics contiguous (C,) tensors of x's dtype, momentum a float or None."""
+    if not (type(eps) is float and 0.0 < eps < math.inf and masked in POLICIES and 0 < x.numel() <= KERNEL_MAX_NUMEL
+            and plain_mask(x, mask) and (running is None or _trackable(x, *running))
+            and eager_on_data(x) and not forward_ad_active()):
+        return None
+    kernel = native.ops()
+    if kernel is None:
+        return None
+    out, mean, var, count, *_, flagged = kernel.per_channel_norm(x, mask, weight, bias, 0, eps, masked)
+    if flagged.item():
+        return None
+    if running is not None:
+        kernel.per_channel_track(running[0], running[1], running[2], mean, var, count, running[3])
+    return out
+
+
+def plain_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
+    """True for no mask or a bool CPU mask of a batch-norm module's plain shape for x: (B, *S) for x (B, C, *S)."""
+    return mask is None or (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.is_cpu
+                            and mask.dim() == x.dim() - 1 and mask.shape[0] == x.shape[0]
+                            and mask.shape[1:] == x.shape[2:])
+
+
+def _trackable(x: torch.Tensor, running_mean, running_var, num_batches_tracked, momentum) -> bool:
+    """True where per_channel_track takes these running statistics for x's channels."""
+    shape = (x.shape[1],)
+    return (
+        (momentum is None or type(momentum) is float)
+        and type(running_mean) is torch.Tensor and running_mean.dtype == x.dtype and running_mean.is_cpu
+        and running_mean.is_contiguous() and running_mean.shape == shape
+        and type(running_var) is torch.Tensor and running_var.dtype == x.dtype and running_var.is_cpu
+        and running_var.is_contiguous() and running_var.shape == shape
+        and (num_batches_tracked is None or (type(num_batches_tracked) is torch.Tensor and num_batches_tracked.is_cpu
+                                             and num_batches_tracked.dtype == torch.long
+                                             and num_batches_tracked.numel() == 1))
+    )
+
+
 def kernel_forward(kernel, x, mask, weight, bias, dims, correction: int, eps: float, masked: str):
     """(out, moments, var, shift, inv_s, redo) from one call of per_channel_norm; the channels it flags (their
     statistics out of its exact range: shift, inv_s, var are placeholders there) redone from the general
@@ -283,6 +338,34 @@ def with_passthrough(redo: Optional[torch.Tensor], x, mask, dims, correction: in
     degenerate = (valid_count(mask, x.shape, dims, torch.float64, x.device) <= correction).expand(shape)
     redo = degenerate if redo is None else redo | degenerate
     return redo if bool(redo.any()) else None
+
+
+def _python_backward(dy, x, mask, weight, var, shift, inv_s, correction: int, eps: float, masked: str, bias: bool,
+                     general: bool):
+    """per_channel_norm's backward where its autograd node cannot use per_channel_norm_backward's result: the
+    general closed form in differentiable torch ops (general: double backward, traced inputs, flagged channels), or
+    kernel_backward's torch-kernel path for sums that are not finite (its bits). weight of any shape with C values;
+    grad weight and grad bias come back as (C,) vectors, empty where there is no such parameter."""
+    dims = tuple(d for d in range(x.dim()) if d != 1)
+    keep = shift.shape
+    mask = mask.unsqueeze(1) if mask is not None and mask.dim() < x.dim() else mask  # the modules' (N, *S)
+    w = None if weight is None else weight.reshape(keep)
+    bias_shape = (keep, x.dtype) if bias else None
+    config = (dims, correction, eps, True, masked)
+    if general:
+        gx, gw, gb = general_vjp(dy, x, mask, w, bias_shape, config, (True, False, w is not None, bias))
+    else:
+        redo = with_passthrough(None, x, mask, dims, correction, keep)
+        st = stats_again(x, mask, dims, correction, eps, shift, inv_s, redo)
+        gx, gw, gb = fused_backward(dy, x, mask, w, bias_shape, var, math.inf, st, redo, config, w is not None, bias)
+    return gx, *(x.new_empty(0) if g is None else g.reshape(-1) for g in (gw, gb))
+
+
+_LIBRARY = torch.library.Library("masknorm", "FRAGMENT")
+_LIBRARY.define("per_channel_python_backward(Tensor dy, Tensor x, Tensor? mask, Tensor? weight, Tensor var, "
+                "Tensor shift, Tensor inv_s, int correction, float eps, str masked, bool bias, bool general) "
+                "-> (Tensor, Tensor, Tensor)")
+_LIBRARY.impl("per_channel_python_backward", _python_backward, "CompositeImplicitAutograd")
 
 
 def forward_only(x, mask, weight, bias, dims, correction: int, eps: float, masked: str):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from masknorm.fast import per_channel
+from masknorm.models.padding_context import channel_block_mask
 from masknorm.modules._norm_base import MaskedRunningNorm
 from masknorm.modules._running import Moments, masked_moments, update_running
 from masknorm.modules._masks import valid_mask
@@ -55,6 +57,53 @@ class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = valid_mask(mask, padding_mask)
+        affine = self._lane_affine(x)
+        if affine is not None:
+            mask = channel_block_mask(self, x, mask)  # after x's checks, where the route looks a block's mask up
+            out = self._lane(x, mask, *affine)
+            if out is not None:
+                return out
+        return self._route(x, mask)
+
+    def _lane_affine(self, x: torch.Tensor) -> Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]]:
+        """(weight, bias) where x and they are what the lane takes, else None: x of the kernel's dtypes on CPU with
+        the module's rank and channels, weight and bias (C,) of x's dtype on CPU or None (the route's checks pass)."""
+        if not (type(x) is torch.Tensor and x.dim() in self._input_dims and x.shape[1] == self.num_features
+                and x.dtype in per_channel.KERNEL_DTYPES and x.is_cpu):
+            return None
+        params, shape = self._parameters, (self.num_features,)
+        weight, bias = params.get("weight"), params.get("bias")
+        if ((weight is None or (weight.dtype == x.dtype and weight.is_cpu and weight.shape == shape))
+                and (bias is None or (bias.dtype == x.dtype and bias.is_cpu and bias.shape == shape))):
+            return weight, bias
+        return None
+
+    def _lane(self, x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """This call without the route's Python, bit for bit the route's: with batch statistics one call of the
+        per-channel kernel and one of its running update (fast.per_channel.eager_call: eager mode on real data),
+        with running statistics torch.batch_norm alone where the route's frozen_norm is that and the policy leaves
+        its output as is, else _normalize_running itself; None where the lane does not take the call (the route
+        checks it, raises or runs it): mask None or a bool CPU tensor (B, *spatial)."""
+        buffers = self._buffers
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        if self.training or (running_mean is None and running_var is None):
+            running = None
+            if self.training and self.track_running_stats and running_mean is not None:
+                running = (running_mean, running_var, buffers.get("num_batches_tracked"), self.momentum)
+            return per_channel.eager_call(x, mask, weight, bias, self.eps, self.masked, running)
+        if not per_channel.plain_mask(x, mask):
+            return None
+        eps = self.eps
+        if ((mask is None or self.masked == "normalize") and type(eps) is float and eps >= 0
+                and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                                      or (bias is not None and bias.requires_grad)))):
+            return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
+                                    torch.backends.cudnn.enabled)  # F.batch_norm's call, without its Python
+        return self._normalize_running(x, None if mask is None else mask.unsqueeze(1))
+
+    def _route(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """The call through _prepare and masked_norm_with_moments (or the running statistics), and _track."""
         self._check_input_dim(x)
         mask = self._prepare(x, mask)
         use_batch = self.training or (self.running_mean is None and self.running_var is None)

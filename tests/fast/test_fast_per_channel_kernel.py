@@ -203,3 +203,31 @@ def test_the_per_channel_operators_pass_opcheck(masked, with_mask, dtype):
         for skip in (None, torch.tensor([False, True, False])):
             torch.library.opcheck(ops.per_channel_norm_backward.default,
                                   (g, xl, mask, weight, shift, inv_s, skip, 1, masked))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("masked", POLICIES)
+def test_per_channel_norms_autograd_kernel_passes_opcheck(masked, with_mask, dtype):
+    """With a gradient wanted, per_channel_norm's own Autograd kernel records its C++ node (the batch-norm modules'
+    lane): opcheck's autograd registration and traced-backward tests, weight and bias of shape (C,) as the modules
+    pass them and (C, 1)."""
+    x, mask, weight, bias, _ = _case(dtype)
+    mask = mask if with_mask else None
+    ops = native.ops()
+    for w, b in ((weight, bias), (weight.flatten(), bias.flatten())):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        assert ops.per_channel_norm(leaves[0], mask, *leaves[1:], 0, 1e-5, masked)[0].grad_fn.name() == \
+            "PerChannelNormBackward"
+        torch.library.opcheck(ops.per_channel_norm.default, (leaves[0], mask, *leaves[1:], 0, 1e-5, masked))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "average"])
+@pytest.mark.parametrize("with_count", [True, False], ids=["num_batches_tracked", "none"])
+def test_per_channel_track_passes_opcheck(dtype, momentum, with_count):
+    x, mask, *_ = _case(dtype)
+    mean, var, count = native.ops().per_channel_norm(x, mask, None, None, 0, 1e-5, "normalize")[1:4]
+    args = (torch.zeros(3, dtype=dtype), torch.ones(3, dtype=dtype),
+            torch.tensor(2) if with_count else None, mean.flatten(), var.flatten(), count.flatten(), momentum)
+    torch.library.opcheck(native.ops().per_channel_track.default, args)

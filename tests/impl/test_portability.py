@@ -294,10 +294,11 @@ def _operator_calls(monkeypatch, dtype):
     """Every fast-path operator call a forward and backward of each family makes, on each layout,
     routed as torch.compile routes them (functional._normalize's traced branch)."""
     from masknorm import functional
-    from masknorm.fast import padded_rows
+    from masknorm.fast import padded_rows, per_channel
 
     monkeypatch.setattr(functional, "_eager_on_data", lambda x: False)
     monkeypatch.setattr(padded_rows, "eager_on_data", lambda x: False)  # the token norms' lane to the kernel
+    monkeypatch.setattr(per_channel, "eager_on_data", lambda x: False)  # the batch norms' lane to the kernel
     monkeypatch.setattr(functional, "_compiling_with_ops", lambda x: True)
     gen = torch.Generator().manual_seed(0)
     recorder = _Recorder()

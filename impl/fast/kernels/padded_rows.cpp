@@ -36,11 +36,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <vector>
 #include <tuple>
-#include <type_traits>
 
+#include "autograd_node.h"
 #include "blocked_sums.h"
 
 namespace {
@@ -50,6 +49,8 @@ constexpr int64_t kRows = 128;   // rows per weight/bias-gradient slot
 using masknorm_kernels::blocked_sums;
 using masknorm_kernels::blocked_sums4;
 using masknorm_kernels::kBlock;
+using masknorm_kernels::make_node;
+using masknorm_kernels::wants_grad;
 
 template <typename T>
 void pass_through(const T* src, T* dst, int64_t n, bool zero) {
@@ -336,11 +337,6 @@ const c10::TypedOperatorHandle<decltype(padded_rows_norm)>& forward_op() {
   return op;
 }
 
-// True where autograd would record a call on t (grad mode is on and t requires grad).
-bool wants_grad(const c10::optional<at::Tensor>& t) {
-  return t && t->defined() && t->requires_grad();
-}
-
 // padded_rows_norm's autograd node, C++ as the ones torch generates for its own operators (no
 // autograd.Function on the way, Python or C++). Its edges are x, weight and bias. Its backward is
 // padded_rows_norm_backward, or, when the backward is itself recorded (double backward: grad mode on
@@ -381,17 +377,6 @@ struct PaddedRowsNormBackward : public torch::autograd::Node {
             should_compute_output(2) ? db : at::Tensor()};
   }
 };
-
-// A new autograd node of type N, held as autograd holds its nodes: std::shared_ptr before torch 2.13,
-// c10::intrusive_ptr since (Edge::function's type says which).
-template <typename N>
-auto make_node() {
-  if constexpr (std::is_same_v<decltype(torch::autograd::Edge::function), std::shared_ptr<torch::autograd::Node>>) {
-    return std::make_shared<N>();
-  } else {
-    return c10::make_intrusive<N>();
-  }
-}
 
 // padded_rows_norm's Autograd kernel: the call below autograd, and a PaddedRowsNormBackward node on y
 // where x, weight or bias requires grad in grad mode. Forward-mode AD has no formula: a tangent is refused.
