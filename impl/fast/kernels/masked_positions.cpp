@@ -187,9 +187,19 @@ double finite_xh(A h, A x, A m, A r) {
   return std::isfinite(h) ? double(h) : wide_xh(x, m, r);
 }
 
+// Whether out[0, n) is all finite: one vectorized pass (the sum of out_j * 0 is NaN iff some out_j is not).
+template <typename T>
+bool all_finite(const T* out, int64_t n) {
+  using acc_t = at::opmath_type<T>;
+  acc_t probe = 0;
+#pragma omp simd reduction(+ : probe)
+  for (int64_t j = 0; j < n; ++j) probe += acc_t(out[j]) * acc_t(0);
+  return probe == acc_t(0);
+}
+
 // A "normalize" row's outputs at masked-out positions that came out non-finite from a finite x,
 // recomputed in double: out_j = affine(j, xh_j) with xh_j = (x_j - m) r (see wide_xh). The caller
-// runs it where write_normalized found a non-finite output.
+// runs it where all_finite found a non-finite output.
 template <typename T, typename A, typename Affine>
 void repair_overflow(const Row& row, T* out, const T* x, A m, A r, Affine affine) {
   using acc_t = at::opmath_type<T>;
@@ -218,23 +228,15 @@ void write_policy(const Row& row, T* out, const T* src, int64_t policy, Valid va
 }
 
 // A normalized row: normalized(j, true) at every position under "normalize" (one loop), else as
-// write_policy with x's values or 0 at the masked-out positions. False where a "normalize" output is
-// not finite, found in the same loop (the sum of out_j * 0 is NaN iff some out_j is not): repair_overflow's cue.
+// write_policy with x's values or 0 at the masked-out positions.
 template <typename T, typename Norm>
-bool write_normalized(const Row& row, T* out, const T* x, int64_t policy, Norm normalized) {
+void write_normalized(const Row& row, T* out, const T* x, int64_t policy, Norm normalized) {
   if (policy != kNormalize) {
     write_policy(row, out, x, policy, normalized, [](int64_t) { return T(0); });
-    return true;
+    return;
   }
-  using acc_t = at::opmath_type<T>;
-  acc_t probe = 0;
-#pragma omp simd reduction(+ : probe)
-  for (int64_t j = 0; j < row.L; ++j) {
-    const T v = normalized(j, true);
-    out[j] = v;
-    probe += acc_t(v) * acc_t(0);
-  }
-  return probe == acc_t(0);
+#pragma omp simd
+  for (int64_t j = 0; j < row.L; ++j) out[j] = normalized(j, true);
 }
 
 // The mask rows: dense when the valid runs average fewer than kDenseRun positions.
@@ -293,15 +295,14 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
       const acc_t m = acc_t(mu), r = acc_t(rs);
       mean[i] = m;
       rstd[i] = r;
-      bool finite = true;
       for (int64_t c = 0; c < Cg; ++c) {
         const T* xr = xg + c * L;
         T* yr = yg + c * L;
         const acc_t wc = w[g * Cg + c], bc = bias[g * Cg + c];
         auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T(((v ? acc_t(xr[j]) : m) - m) * r * wc + bc); };
-        finite &= write_normalized(row, yr, xr, policy, normalized);
+        write_normalized(row, yr, xr, policy, normalized);
       }
-      if (!finite)
+      if (policy == kNormalize && !all_finite(yg, Cg * L))
         for (int64_t c = 0; c < Cg; ++c) {
           const double wc = w[g * Cg + c], bc = bias[g * Cg + c];
           repair_overflow(row, yg + c * L, xg + c * L, m, r, [wc, bc](int64_t, double xh) { return xh * wc + bc; });
@@ -434,7 +435,8 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
       auto normalized = [xr, m, r, w, bias](int64_t j, bool v) {
         return T(((v ? acc_t(xr[j]) : m) - m) * r * w[j] + bias[j]);
       };
-      if (!write_normalized(row, yr, xr, policy, normalized))
+      write_normalized(row, yr, xr, policy, normalized);
+      if (policy == kNormalize && !all_finite(yr, n))
         repair_overflow(row, yr, xr, m, r, [w, bias](int64_t j, double xh) { return xh * double(w[j]) + double(bias[j]); });
     }
   });
