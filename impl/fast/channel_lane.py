@@ -72,9 +72,9 @@ def _plan(shape: torch.Size, dtype: torch.dtype, lead: Tuple[int, ...], eps: flo
     """The Plan of a signature where masked_norm's route sends its calls to the masked-positions kernel
     (routed on stand-ins of the right shapes and dtypes: the route reads no data), else None."""
     spatial = tuple(shape[2:])
-    if dtype not in FLOATING or not 0.0 <= eps < math.inf or len(shape) < 2 or math.prod(shape) == 0 or math.prod(
-            lead) != shape[1] or (
-            mask_shape is not None and tuple(mask_shape) not in ((shape[0], *spatial), (shape[0], 1, *spatial))):
+    takes_mask = mask_shape is None or tuple(mask_shape) in ((shape[0], *spatial), (shape[0], 1, *spatial))
+    if not (dtype in FLOATING and 0.0 <= eps < math.inf and spatial and math.prod(shape) > 0
+            and math.prod(lead) == shape[1] and takes_mask):  # the operator reads x as (B, C, *S), S not empty
         return None
     grouped = (shape[0], *lead, *spatial)
     ones = (1,) * len(spatial)

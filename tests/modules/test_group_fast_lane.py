@@ -12,10 +12,13 @@ import torch
 from masknorm import masked_norm
 from masknorm.fast import channel_lane, masked_positions, native
 from masknorm.modules import MaskedGroupNorm, MaskedInstanceNorm1d, MaskedInstanceNorm2d
-from tests.support.bounds import same_bits as _same_bits
-from tests.support.lanes import BAD_CALLS, assert_rejected_before_work, spoil
+from support.lanes import BAD_CALLS, assert_rejected_before_work, spoil
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
+
+
+def _same_bits(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
 def _routed(module, x, mask):
@@ -138,6 +141,38 @@ def test_the_lanes_operator_passes_opcheck(dtype, with_mask):
     x, mask = _inputs(dtype, with_mask, (3, 5))
     weight, bias = (torch.randn(8, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (1, 2))
     torch.library.opcheck(torch.ops.masknorm.masked_channels_norm.default, (x, mask, weight, bias if with_mask else None, 4, 1e-5, 2))
+
+
+@pytest.mark.parametrize("B, C, spatial", [(1, 4, (5,)), (2, 4, (1,)), (2, 4, (1, 4)), (2, 4, (3, 1)), (1, 6, (2, 3)),
+                                           (2, 2, (1, 2, 1))])
+@pytest.mark.parametrize("mask_kind", ["none", "(B, *S)", "(B, 1, *S)"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_sizes_of_one_give_the_routes_bits(B, C, spatial, mask_kind, affine):
+    """Axes of size 1 move the route's (B, G, C/G, L) split (the mask's and the parameters' varying axes):
+    whatever the split, the lane's call is the routed one."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, *spatial, generator=gen)
+    mask = None if mask_kind == "none" else torch.rand(B, *spatial, generator=gen) > 0.3
+    for groups in sorted({1, 2, C}):
+        module = MaskedGroupNorm(groups, C, affine=affine)
+        if affine:
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.uniform_(-2, 2, generator=gen)
+        with torch.no_grad():
+            got = module(x, None if mask is None else mask.unsqueeze(1) if mask_kind == "(B, 1, *S)" else mask)
+            _same_bits(got, _routed(module, x, mask))
+
+
+@pytest.mark.parametrize("groups", [8, 4])
+def test_x_without_spatial_axes_takes_the_route(groups, monkeypatch):
+    """x (B, C): with G = C the route's split has L = 1, which the lane's operator (x as (B, C, *S)) does not take."""
+    module = MaskedGroupNorm(groups, 8)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    taken = _lane_calls(monkeypatch)
+    with torch.no_grad():
+        _same_bits(module(x), _routed(module, x, None))
+    assert taken == [False]
 
 
 def test_a_group_the_kernel_flags_leaves_the_lane_for_the_route():

@@ -10,7 +10,7 @@ from masknorm import masked_norm
 from masknorm.fast import native, padded_rows
 from masknorm.modules import MaskedLayerNorm, MaskedRMSNorm
 from masknorm.modules import layer
-from tests.support.lanes import BAD_CALLS, assert_rejected_before_work, spoil
+from support.lanes import BAD_CALLS, assert_rejected_before_work, spoil
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
 
