@@ -175,6 +175,23 @@ def test_x_without_spatial_axes_takes_the_route(groups, monkeypatch):
     assert taken == [False]
 
 
+@pytest.mark.parametrize("off", ["kernels(False)", "MASKNORM_KERNELS=0"])
+def test_with_the_kernels_off_the_lane_gives_the_call_to_the_route(off, monkeypatch):
+    module = MaskedGroupNorm(4, 8)
+    x, mask = _inputs(torch.float32, True)
+    with torch.no_grad():
+        module(x, mask)  # the signature's plan is kept
+        taken = _lane_calls(monkeypatch)
+        if off == "MASKNORM_KERNELS=0":
+            monkeypatch.setenv("MASKNORM_KERNELS", "0")
+            got, expected = module(x, mask), _routed(module, x, mask)
+        else:
+            with native.kernels(False):
+                got, expected = module(x, mask), _routed(module, x, mask)
+    _same_bits(got, expected)
+    assert taken == [False]
+
+
 def test_a_group_the_kernel_flags_leaves_the_lane_for_the_route():
     """kappa = |mu|/sigma far above 1/(4u) (mean 1e6, spread 1e-3 in float32): the kernel flags the
     group, the lane gives the call back, and the route redoes it."""
