@@ -33,8 +33,8 @@ from masknorm._autograd import (
 )
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 
-_POLICY = {"normalize": 0, "keep": 1, "zero": 2}
-_DEGENERATE, _REDO = 1, 2  # the kernel's group states (0: fused)
+POLICY = {"normalize": 0, "keep": 1, "zero": 2}
+DEGENERATE, REDO = 1, 2  # the kernel's group states (0: fused)
 
 
 @dataclass(frozen=True)
@@ -213,19 +213,19 @@ def _group_stats(lay: Layout, m2, mean, rstd, state, correction: int, dtype: tor
     keep = lay.keepdim()
     k = (m2.sum(1, dtype=dtype) * Cg).unsqueeze(1).expand(B, G).reshape(keep)
     mean, rstd = mean.reshape(keep), rstd.reshape(keep)
-    return GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k - correction, (state == _DEGENERATE).reshape(keep))
+    return GroupStats(torch.ones_like(mean), mean, rstd, rstd, k, k - correction, (state == DEGENERATE).reshape(keep))
 
 
 def fused_forward(x, mask, weight, bias, lay: Layout, correction: int, eps: float, center: bool, masked: str):
     """(out, m2, mean, rstd, state, redone): the kernel's output with the groups it flags redone from
     the general statistics (one host sync); redone is () or (redo, *GroupStats) of those groups."""
     m2 = lay.mask2(mask)
-    out, mean, rstd, state = lay.kernel(x, m2, weight, bias, correction, eps, center, _POLICY[masked])
+    out, mean, rstd, state = lay.kernel(x, m2, weight, bias, correction, eps, center, POLICY[masked])
     redone = ()
-    if int(state.max()) == _REDO:  # the one host sync
+    if int(state.max()) == REDO:  # the one host sync
         ct = compute_dtype(x.dtype)
         st = _group_stats(lay, m2, mean, rstd, state, correction, ct)
-        redo = (state == _REDO).reshape(lay.keepdim())
+        redo = (state == REDO).reshape(lay.keepdim())
         out, st = redo_groups(out.to(ct), st, redo, x.to(ct), mask, _cast(weight, ct), _cast(bias, ct), lay.dims(),
                               correction, eps, masked, center)
         out, redone = out.to(x.dtype), (redo, *st)
@@ -235,10 +235,10 @@ def fused_forward(x, mask, weight, bias, lay: Layout, correction: int, eps: floa
 def redone_stats(x, mask, lay: Layout, m2, mean, rstd, state, correction: int, eps: float, center: bool) -> tuple:
     """fused_forward's `redone` again from its outputs, without keeping it: () unless the kernel
     flagged a group (a host sync), else the same (redo, *GroupStats) (group_stats is deterministic)."""
-    if int(state.max()) != _REDO:
+    if int(state.max()) != REDO:
         return ()
     ct = compute_dtype(x.dtype)
-    redo = (state == _REDO).reshape(lay.keepdim())
+    redo = (state == REDO).reshape(lay.keepdim())
     fused = _group_stats(lay, m2, mean, rstd, state, correction, ct)
     general = group_stats(x.to(ct), mask, lay.dims(), correction, eps, center)
     return (redo, *(torch.where(redo, g, f) for g, f in zip(general, fused)))
@@ -248,7 +248,7 @@ def fused_backward(g_out, x, mask, weight, bias_shape, lay: Layout, m2, mean, rs
                    center: bool, masked: str, want_w: bool, want_b: bool):
     """(grad x, grad weight, grad bias) from the kernel's closed-form VJP, the redone groups' terms
     from their general statistics; the parameter gradients are None unless wanted."""
-    gx, gw, gb = lay.kernel_backward(g_out, x, m2, mean, rstd, state, weight, correction, center, _POLICY[masked])
+    gx, gw, gb = lay.kernel_backward(g_out, x, m2, mean, rstd, state, weight, correction, center, POLICY[masked])
     gw_r, gb_r = None, None
     if redone:  # the redone groups' terms, from the general statistics
         redo, *st = redone

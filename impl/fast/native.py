@@ -93,9 +93,10 @@ def _build() -> object:
 
 def _register_fakes() -> None:
     """Fake (meta) kernels of the operators that eager code calls directly (padded_rows_norm,
-    per_channel_norm and their backwards): output shapes and dtypes from the inputs' alone, so that opcheck and
-    tracers can reason about them. padded_rows_norm normalizes over x's last ndims axes, statistics in the
-    computation type; per_channel_norm over every axis but 1, statistics in x's dtype, keepdim shape."""
+    per_channel_norm and their backwards, masked_channels_norm): output shapes and dtypes from the inputs' alone,
+    so that opcheck and tracers can reason about them. padded_rows_norm normalizes over x's last ndims axes,
+    statistics in the computation type; per_channel_norm over every axis but 1, statistics in x's dtype, keepdim
+    shape; masked_channels_norm returns y and a count of flagged groups only."""
 
     def keepdim(x, ndims):
         return (*x.shape[: x.dim() - ndims], *[1] * ndims)
@@ -110,6 +111,10 @@ def _register_fakes() -> None:
     def _backward(dy, x, mask, mean, rstd, weight, ndims, center, zero):
         nshape = x.shape[x.dim() - ndims:]
         return x.new_empty(x.shape), x.new_empty(nshape), x.new_empty(nshape)
+
+    @torch.library.register_fake("masknorm::masked_channels_norm")
+    def _channels(x, mask, weight, bias, groups, eps, policy):
+        return x.new_empty(x.shape), x.new_empty((), dtype=torch.long)
 
     @torch.library.register_fake("masknorm::per_channel_norm")
     def _per_channel(x, mask, weight, bias, correction, eps, masked):

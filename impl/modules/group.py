@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from masknorm.functional import masked_norm
+from masknorm.fast import channel_lane
 from masknorm.modules._masks import channel_mask, channel_view, valid_mask
 from masknorm.modules._norm_base import bias_kwarg
 from masknorm.models.padding_context import channel_block_mask
@@ -38,9 +39,13 @@ class MaskedGroupNorm(nn.GroupNorm):
             raise ValueError(f"x of shape {tuple(x.shape)} is not (B, C={self.num_channels}, *spatial)")
         weight, bias = self.weight, self.bias
         check_affine(type(self).__name__, weight, bias, (self.num_channels,), "num_channels")
-        mask = channel_mask(x, channel_block_mask(self, x, mask))
+        mask = channel_block_mask(self, x, mask)
         g = self.num_groups
-        lead, trailing = (g, self.num_channels // g), x.dim() - 2
+        lead = (g, self.num_channels // g)
+        out = channel_lane.eager_call(x, mask, lead, self.eps, weight, bias, self.masked)
+        if out is not None:
+            return out
+        mask, trailing = channel_mask(x, mask), x.dim() - 2
         grouped = x.reshape(x.shape[0], *lead, *x.shape[2:])
         out = masked_norm(
             grouped, None if mask is None else mask.unsqueeze(1), tuple(range(2, grouped.dim())), eps=self.eps,

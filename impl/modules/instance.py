@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from masknorm._contract import check_mask_tensor
+from masknorm.fast import channel_lane
 from masknorm.modules._masks import valid_mask
 from masknorm.modules._norm_base import MaskedRunningNorm
 from masknorm.modules._running import masked_moments, pool_instances, update_running
@@ -54,7 +55,8 @@ class _MaskedInstanceNorm(MaskedRunningNorm, _InstanceNorm):
             m = pool_instances(masked_moments(x, mask, dims), self.num_features)
             factor = 0.0 if self.momentum is None else self.momentum
             update_running(self.running_mean, self.running_var, m.mean, m.var, m.count > 0, factor)
-        return self._normalize_batch(x, mask, dims)[0]
+        out = channel_lane.eager_call(x, mask, (self.num_features,), self.eps, self.weight, self.bias, self.masked)
+        return out if out is not None else self._normalize_batch(x, mask, dims)[0]
 
 
 class MaskedInstanceNorm1d(_MaskedInstanceNorm, nn.InstanceNorm1d):

@@ -5,12 +5,12 @@ other call to that route, and raise what the route raises, before any work."""
 
 import pytest
 import torch
-from support.bad_calls import CASES, spoil
 
 from masknorm import masked_norm
 from masknorm.fast import native, padded_rows
 from masknorm.modules import MaskedLayerNorm, MaskedRMSNorm
 from masknorm.modules import layer
+from support.lanes import BAD_CALLS, assert_rejected_before_work, spoil
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
 
@@ -128,33 +128,11 @@ def test_calls_the_lane_does_not_take_give_the_general_routes_bits(case):
     _same_bits(got, general)
 
 
-def _bad(case):
-    """(module, x, mask) of a call that masked_norm's route rejects."""
-    module = MaskedLayerNorm(24)
-    x, mask = _inputs(torch.float32, True)
-    if case == "mask of another shape":
-        mask = mask[:, :5]
-    elif case == "x of another width":
-        x = x[..., :20]
-    else:
-        x, mask = spoil(case, module, x, mask)
-    return module, x, mask
-
-
-@pytest.mark.parametrize("case", ["mask of another shape", "x of another width", *CASES])
+@pytest.mark.parametrize("case", BAD_CALLS)
 def test_bad_calls_raise_what_the_general_route_raises_before_any_work(case, monkeypatch):
-    module, x, mask = _bad(case)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(padded_rows, "eager_call", lambda *args: None)  # the module's route before the lane
-        with pytest.raises((TypeError, ValueError)) as general:
-            module(x, mask)
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("the kernel ran on a call that must be rejected")
-
-    monkeypatch.setattr(padded_rows, "one_call", no_work)
-    monkeypatch.setattr(padded_rows.PaddedRowsFunction, "apply", no_work)
-    with pytest.raises(general.type) as got:
-        module(x, mask)
-    assert str(got.value) == str(general.value)
+    x, mask = _inputs(torch.float32, True)
+    module, x, mask = spoil(case, MaskedLayerNorm(24), x, mask, lambda t: t[..., :20])
+    assert_rejected_before_work(
+        monkeypatch, lambda: module(x, mask),
+        lane_off=[(padded_rows, "eager_call", lambda *args: None)],  # the module's route before the lane
+        kernels=[(padded_rows, "one_call"), (padded_rows.PaddedRowsFunction, "apply")])

@@ -569,6 +569,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_positions_norm
   return {y, mean, rstd, state};
 }
 
+// The group and instance norm modules' lane (fast/channel_lane.py): masked_positions_norm(centered, correction 0)
+// on x (B, C, *S) read as (B, groups, C / groups, L = prod S) and the mask (B, *S) or (B, 1, *S) read as (B, L)
+// (absent: every position valid): y in x's shape, and the number of groups flagged for redoing (state 2), whose
+// outputs are x's (the caller redoes the call). Its statistics stay inside: one allocation besides y.
+std::tuple<at::Tensor, at::Tensor> masked_channels_norm(const at::Tensor& x_, const c10::optional<at::Tensor>& mask_,
+    const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_, int64_t groups, double eps,
+    int64_t policy) {
+  TORCH_CHECK(x_.dim() >= 3 && x_.device().is_cpu() && x_.numel() > 0 && groups > 0 && x_.size(1) % groups == 0,
+              "x must be a non-empty CPU tensor (B, C, *S) with C divisible by groups = ", groups, ", got ", x_.sizes());
+  TORCH_CHECK(policy >= kNormalize && policy <= kZero, "policy must be 0 (normalize), 1 (keep) or 2 (zero)");
+  const int64_t B = x_.size(0), C = x_.size(1), G = groups, Cg = C / groups, L = x_.numel() / (B * C);
+  TORCH_CHECK(!mask_ || (mask_->scalar_type() == at::kBool && mask_->device().is_cpu() && mask_->size(0) == B &&
+                         mask_->numel() == B * L),
+              "mask must be a bool CPU tensor (B, *S) or (B, 1, *S) for x of shape ", x_.sizes());
+  const auto x = x_.contiguous();
+  const auto mask = mask_ ? mask_->contiguous() : at::Tensor();
+  std::vector<uint8_t> all_valid(mask_ ? 0 : B * L, 1);
+  const bool* m = mask_ ? mask.const_data_ptr<bool>() : reinterpret_cast<const bool*>(all_valid.data());
+  for (const auto* t : {&weight_, &bias_})
+    TORCH_CHECK(!*t || ((*t)->numel() == C && (*t)->device().is_cpu()), "weight and bias must be CPU tensors of C = ", C,
+                " elements");
+  const auto acc = acc_type(x);
+  const auto weight = flat_values(weight_, C, x, acc, 1.0), bias = flat_values(bias_, C, x, acc, 0.0);
+  auto y = at::empty_like(x);
+  std::vector<int8_t> state(B * G);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_channels_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<acc_t> mean(B * G), rstd(B * G);
+    forward_groups<scalar_t>(x.const_data_ptr<scalar_t>(), m, weight.const_data_ptr<acc_t>(),
+                             bias.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), mean.data(), rstd.data(),
+                             state.data(), B, G, Cg, L, 0, eps, true, policy);
+  });
+  auto count = at::empty({}, x.options().dtype(at::kLong));
+  *count.mutable_data_ptr<int64_t>() = std::count(state.begin(), state.end(), int8_t(kRedo));
+  return {y, count};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_positions_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
     const at::Tensor& mask_, const at::Tensor& mean_, const at::Tensor& rstd_, const at::Tensor& state_,
     const c10::optional<at::Tensor>& weight_, int64_t correction, bool center, int64_t policy) {
@@ -676,6 +713,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_row_norm_backward(const at
 TORCH_LIBRARY_FRAGMENT(masknorm, m) {
   m.def("masked_positions_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
         " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("masked_channels_norm(Tensor x, Tensor? mask, Tensor? weight, Tensor? bias, int groups, float eps,"
+        " int policy) -> (Tensor, Tensor)");
   m.def("masked_row_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
         " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("masked_row_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor rstd, Tensor state,"
@@ -687,6 +726,7 @@ TORCH_LIBRARY_FRAGMENT(masknorm, m) {
 TORCH_LIBRARY_IMPL(masknorm, CPU, m) {
   m.impl("masked_positions_norm", &masked_positions_norm);
   m.impl("masked_positions_norm_backward", &masked_positions_norm_backward);
+  m.impl("masked_channels_norm", &masked_channels_norm);
   m.impl("masked_row_norm", &masked_row_norm);
   m.impl("masked_row_norm_backward", &masked_row_norm_backward);
 }

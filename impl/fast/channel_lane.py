@@ -1,0 +1,93 @@
+"""The group and instance norm modules' lane: one call of the masked-positions kernel from the module.
+
+A module that normalizes x (B, C, *S) per sample over `lead` = (G, C/G) (group norm) or (C,)
+(instance norm) hands its call here before masked_norm; where the lane takes it, the output is
+
+    masked_channels_norm(x, mask, weight, bias, G')  =  masked_positions_norm(x as (B, G', C/G', L),
+                                                          mask as (B, L), weight, bias) viewed as x
+
+where masked_norm's route would run masked_positions_norm on (B, *lead, *S) split as (B, G', C/G', L):
+the same kernel on the same values, the same bits. The route is worked out once per signature
+(shapes, dtype, eps, which of mask/weight/bias are given) and kept; a call the route would not send
+to that kernel, or one the lane cannot check cheaply, is declined (None) and takes the route, which
+checks it and raises as before. The operator has no Autograd kernel, so a call autograd would
+record is declined too; so is one whose groups the kernel flags (the route redoes them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+
+from masknorm._autograd import forward_ad_active
+from masknorm._contract import FLOATING, POLICIES, check_args
+from masknorm._tracing import eager_on_data
+from masknorm.fast import dispatch, masked_positions, native
+from masknorm.fast.group_views import shape_of
+
+
+class Plan(NamedTuple):
+    """How a signature's calls reach the kernel: masked_channels_norm with x read as (B, groups, C / groups, L)."""
+
+    op: object
+    groups: int
+
+
+def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], lead: Tuple[int, ...], eps: object,
+               weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], masked: object) -> Optional[torch.Tensor]:
+    """masked_norm(x.reshape(B, *lead, *S), the mask as (B, 1, ..., *S), axes 2 on, weight and bias as
+    (*lead, 1, ...), ...).reshape(x.shape) as one kernel call, bit for bit, for weight and bias of C values that
+    the caller has checked; None where the lane does not take the call: not eager mode on CPU data of a
+    floating dtype, forward-mode AD, a gradient to record, a mask other than None or a bool (B, *S) or
+    (B, 1, *S) tensor, weight or bias not of x's dtype and device, eps not a float >= 0, or a group the kernel flags."""
+    if not (isinstance(x, torch.Tensor) and type(eps) is float and masked in POLICIES and x.is_cpu
+            and (mask is None or (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.is_cpu))
+            and (weight is None or (weight.dtype == x.dtype and weight.is_cpu))
+            and (bias is None or (bias.dtype == x.dtype and bias.is_cpu))
+            and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                                  or (bias is not None and bias.requires_grad)))
+            and eager_on_data(x) and not forward_ad_active() and native.ops() is not None):
+        return None
+    key = (x.shape, x.dtype, lead, eps, None if mask is None else mask.shape, weight is None, bias is None)
+    plan = _PLANS.get(key, _UNSEEN)
+    if plan is _UNSEEN:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _plan(*key)
+    if plan is None:
+        return None
+    y, redo = plan.op(x, mask, weight, bias, plan.groups, eps, masked_positions.POLICY[masked])
+    return None if redo.item() else y
+
+
+_MAX_PLANS = 256
+_UNSEEN = object()
+_PLANS: Dict[tuple, Optional[Plan]] = {}
+
+
+def _plan(shape: torch.Size, dtype: torch.dtype, lead: Tuple[int, ...], eps: float, mask_shape: Optional[torch.Size],
+          no_weight: bool, no_bias: bool) -> Optional[Plan]:
+    """The Plan of a signature where masked_norm's route sends its calls to the masked-positions kernel
+    (routed on stand-ins of the right shapes and dtypes: the route reads no data), else None."""
+    spatial = tuple(shape[2:])
+    takes_mask = mask_shape is None or tuple(mask_shape) in ((shape[0], *spatial), (shape[0], 1, *spatial))
+    if not (dtype in FLOATING and 0.0 <= eps < math.inf and spatial and math.prod(shape) > 0
+            and math.prod(lead) == shape[1] and takes_mask):  # the operator reads x as (B, C, *S), S not empty
+        return None
+    grouped = (shape[0], *lead, *spatial)
+    ones = (1,) * len(spatial)
+    masks = None if mask_shape is None else (shape[0], *(1,) * len(lead), *spatial)
+    params = (*lead, *ones)
+    x, mask, weight, bias = (None if s is None else torch.empty((), dtype=t).expand(s) for s, t in (
+        (grouped, dtype), (masks, torch.bool), (None if no_weight else params, dtype), (None if no_bias else params, dtype)))
+    args = check_args(grouped, masks, tuple(range(2, len(grouped))), eps=eps,
+                      weight_shape=shape_of(weight), bias_shape=shape_of(bias))
+    route = dispatch.route(x, mask, weight, bias, args)
+    if route is None or route.path != dispatch.MASKED_POSITIONS or type(route.layout) is not masked_positions.Layout:
+        return None
+    B, G, Cg, L = route.layout.sizes()
+    if (B, G * Cg) != tuple(shape[:2]) or any(route.layout.channels(t) is not t for t in (weight, bias)):
+        return None
+    return Plan(torch.ops.masknorm.masked_channels_norm.default, G)

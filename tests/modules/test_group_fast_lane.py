@@ -1,0 +1,272 @@
+"""MaskedGroupNorm and the masked instance norms call the masked-positions kernel straight from the
+module where it takes the call (fast.channel_lane.eager_call): eager mode on CPU data, nothing for
+autograd to record, a (B, *spatial) or (B, 1, *spatial) bool mask or none. That lane must give the
+bits of masked_norm's route, leave every other call (and every call with a gradient to record) to
+that route, and raise what the route raises, before any work."""
+
+import math
+
+import pytest
+import torch
+
+from masknorm import masked_norm
+from masknorm.fast import channel_lane, masked_positions, native
+from masknorm.modules import MaskedGroupNorm, MaskedInstanceNorm1d, MaskedInstanceNorm2d
+from support.lanes import BAD_CALLS, assert_rejected_before_work, spoil
+
+pytestmark = pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
+
+
+def _same_bits(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _routed(module, x, mask):
+    """The module's call through masked_norm (the route every call took before the lane)."""
+    if isinstance(module, MaskedGroupNorm):
+        lead = (module.num_groups, module.num_channels // module.num_groups)
+    else:
+        lead = (module.num_features,)
+    spatial = tuple(x.shape[2:])
+    grouped = x.reshape(x.shape[0], *lead, *spatial)
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], *(1,) * len(lead), *spatial)
+    params = [None if p is None else p.reshape(*lead, *(1,) * len(spatial)) for p in (module.weight, module.bias)]
+    out = masked_norm(grouped, mask, tuple(range(2, grouped.dim())), eps=module.eps, weight=params[0],
+                      bias=params[1], masked=module.masked)
+    return out.reshape(x.shape)
+
+
+def _inputs(dtype, with_mask, spatial=(12,), B=3, C=8):
+    """x (B, C, *spatial) with NaN and inf at masked-out positions, sample 1 all padded, and its mask."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, *spatial, generator=gen).to(dtype)
+    if not with_mask:
+        return x, None
+    mask = torch.rand(B, *spatial, generator=gen) > 0.3
+    mask[1] = False
+    mask[2].view(-1)[0] = True
+    garbage = torch.tensor([math.nan, math.inf, -math.inf]).repeat(x[:, 0][~mask].numel())[: x[:, 0][~mask].numel()]
+    x.transpose(0, 1)[:, ~mask] = garbage.to(dtype)
+    return x, mask
+
+
+def _module(cls, dtype, affine, masked, C=8):
+    module = (cls(4, C, affine=affine, masked=masked) if cls is MaskedGroupNorm
+              else cls(C, affine=affine, masked=masked)).to(dtype)
+    if affine:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+    return module
+
+
+def _lane_calls(monkeypatch):
+    """The lane's answers during the test: True where it took a call."""
+    taken = []
+    call = channel_lane.eager_call
+
+    def recorded(*args):
+        out = call(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(channel_lane, "eager_call", recorded)
+    return taken
+
+
+CLASSES = [(MaskedGroupNorm, (12,)), (MaskedGroupNorm, (3, 5)), (MaskedInstanceNorm1d, (12,)),
+           (MaskedInstanceNorm2d, (3, 5))]
+
+
+@pytest.mark.parametrize("cls, spatial", CLASSES, ids=["group1d", "group2d", "instance1d", "instance2d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_the_lane_gives_the_routes_bits_without_grad(cls, spatial, dtype, masked, with_mask, affine, monkeypatch):
+    module = _module(cls, dtype, affine, masked)
+    x, mask = _inputs(dtype, with_mask, spatial)
+    taken = _lane_calls(monkeypatch)
+    with torch.no_grad():
+        expected = _routed(module, x, mask)
+        got = module(x, mask)
+        if with_mask:
+            _same_bits(module(x, mask.unsqueeze(1)), expected)  # (B, 1, *spatial)
+    _same_bits(got, expected)
+    # without a mask or parameters the route is the padded-rows kernel (one flag per group): not the lane's
+    assert taken == [with_mask or affine] * len(taken) and taken
+
+
+def test_the_lane_takes_the_benchmarks_call(monkeypatch):
+    """MaskedGroupNorm(32, 256) on (1, 256, 100) with a lengths mask, under no_grad."""
+    module = MaskedGroupNorm(32, 256)
+    x = torch.randn(1, 256, 100, generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(100).unsqueeze(0) < 80
+    taken = _lane_calls(monkeypatch)
+    with torch.no_grad():
+        _same_bits(module(x, mask), _routed(module, x, mask))
+        _same_bits(module(x), _routed(module, x, None))
+    assert taken == [True, True]
+
+
+@pytest.mark.parametrize("cls, spatial", CLASSES[:3], ids=["group1d", "group2d", "instance1d"])
+@pytest.mark.parametrize("wanted", ["x", "parameters"])
+def test_a_call_with_a_gradient_to_record_takes_the_route(cls, spatial, wanted, monkeypatch):
+    """The kernel has no Autograd kernel: the lane declines, and the gradients are the route's."""
+    module = _module(cls, torch.float64, True, "normalize")
+    x, mask = _inputs(torch.float64, True, spatial)
+    x = torch.nan_to_num(x)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = []
+    for lane in (False, True):
+        xr = x.clone().requires_grad_(wanted == "x")
+        module.zero_grad()
+        module.requires_grad_(wanted == "parameters")
+        taken = _lane_calls(monkeypatch)
+        out = module(xr, mask) if lane else _routed(module, xr, mask)
+        out.backward(dy)
+        grads.append([out.detach(), xr.grad, module.weight.grad, module.bias.grad])
+        assert taken == ([False] if lane else [])
+        monkeypatch.undo()
+    for got, expected in zip(grads[1], grads[0]):
+        assert (got is None) == (expected is None)
+        if got is not None:
+            _same_bits(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_the_lanes_operator_passes_opcheck(dtype, with_mask):
+    x, mask = _inputs(dtype, with_mask, (3, 5))
+    weight, bias = (torch.randn(8, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (1, 2))
+    torch.library.opcheck(torch.ops.masknorm.masked_channels_norm.default, (x, mask, weight, bias if with_mask else None, 4, 1e-5, 2))
+
+
+@pytest.mark.parametrize("B, C, spatial", [(1, 4, (5,)), (2, 4, (1,)), (2, 4, (1, 4)), (2, 4, (3, 1)), (1, 6, (2, 3)),
+                                           (2, 2, (1, 2, 1))])
+@pytest.mark.parametrize("mask_kind", ["none", "(B, *S)", "(B, 1, *S)"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_sizes_of_one_give_the_routes_bits(B, C, spatial, mask_kind, affine):
+    """Axes of size 1 move the route's (B, G, C/G, L) split (the mask's and the parameters' varying axes):
+    whatever the split, the lane's call is the routed one."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, *spatial, generator=gen)
+    mask = None if mask_kind == "none" else torch.rand(B, *spatial, generator=gen) > 0.3
+    for groups in sorted({1, 2, C}):
+        module = MaskedGroupNorm(groups, C, affine=affine)
+        if affine:
+            with torch.no_grad():
+                for p in module.parameters():
+                    p.uniform_(-2, 2, generator=gen)
+        with torch.no_grad():
+            got = module(x, None if mask is None else mask.unsqueeze(1) if mask_kind == "(B, 1, *S)" else mask)
+            _same_bits(got, _routed(module, x, mask))
+
+
+@pytest.mark.parametrize("groups", [8, 4])
+def test_x_without_spatial_axes_takes_the_route(groups, monkeypatch):
+    """x (B, C): with G = C the route's split has L = 1, which the lane's operator (x as (B, C, *S)) does not take."""
+    module = MaskedGroupNorm(groups, 8)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    taken = _lane_calls(monkeypatch)
+    with torch.no_grad():
+        _same_bits(module(x), _routed(module, x, None))
+    assert taken == [False]
+
+
+@pytest.mark.parametrize("off", ["kernels(False)", "MASKNORM_KERNELS=0"])
+def test_with_the_kernels_off_the_lane_gives_the_call_to_the_route(off, monkeypatch):
+    module = MaskedGroupNorm(4, 8)
+    x, mask = _inputs(torch.float32, True)
+    with torch.no_grad():
+        module(x, mask)  # the signature's plan is kept
+        taken = _lane_calls(monkeypatch)
+        if off == "MASKNORM_KERNELS=0":
+            monkeypatch.setenv("MASKNORM_KERNELS", "0")
+            got, expected = module(x, mask), _routed(module, x, mask)
+        else:
+            with native.kernels(False):
+                got, expected = module(x, mask), _routed(module, x, mask)
+    _same_bits(got, expected)
+    assert taken == [False]
+
+
+def test_a_group_the_kernel_flags_leaves_the_lane_for_the_route():
+    """kappa = |mu|/sigma far above 1/(4u) (mean 1e6, spread 1e-3 in float32): the kernel flags the
+    group, the lane gives the call back, and the route redoes it."""
+    module = MaskedGroupNorm(2, 4)
+    x = torch.randn(2, 4, 10, generator=torch.Generator().manual_seed(0))
+    x[1, 2:] = 1e6 + 1e-3 * x[1, 2:]
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    with torch.no_grad():
+        assert channel_lane.eager_call(x, mask, (2, 2), 1e-5, module.weight, module.bias, "normalize") is None
+        _same_bits(module(x, mask), _routed(module, x, mask))
+
+
+def test_a_padding_mask_takes_the_lane(monkeypatch):
+    module = MaskedGroupNorm(4, 8)
+    x, mask = _inputs(torch.float32, True)
+    taken = _lane_calls(monkeypatch)
+    with torch.no_grad():
+        _same_bits(module(x, padding_mask=~mask), _routed(module, x, mask))
+    assert taken == [True]
+
+
+@pytest.mark.parametrize("case", ["broadcast mask", "weight of another dtype", "int eps", "forward AD",
+                                  "eval with running statistics"])
+def test_calls_the_lane_does_not_take_give_the_routes_bits(case, monkeypatch):
+    module = MaskedGroupNorm(4, 8)
+    x, mask = _inputs(torch.float32, True)
+    x = torch.nan_to_num(x)
+    if case == "broadcast mask":
+        mask = mask[:1]
+    elif case == "weight of another dtype":
+        module.weight = torch.nn.Parameter(module.weight.detach().double())
+    elif case == "int eps":
+        module.eps = 0
+    elif case == "eval with running statistics":
+        module = MaskedInstanceNorm1d(8, affine=True, track_running_stats=True).eval()
+        module.running_mean.uniform_()
+    taken = _lane_calls(monkeypatch)
+    with torch.no_grad():
+        if case == "forward AD":
+            import torch.autograd.forward_ad as fwAD
+            with fwAD.dual_level():
+                got = fwAD.unpack_dual(module(fwAD.make_dual(x, torch.ones_like(x)), mask)).primal
+        else:
+            got = module(x, mask)
+        if case == "eval with running statistics":
+            expected = MaskedInstanceNorm1d(8, affine=True, track_running_stats=True).eval()
+            expected.load_state_dict(module.state_dict())
+            expected = torch.nn.functional.instance_norm(x, expected.running_mean, expected.running_var,
+                                                         expected.weight, expected.bias, False, 0.0, expected.eps)
+        else:
+            expected = _routed(module, x, mask)
+    _same_bits(got, expected)
+    assert not any(taken)
+
+
+class _LaneKernel:
+    """Where the lane's plans send their operator calls in the test below (patched to fail)."""
+
+    run = None
+
+
+@pytest.mark.parametrize("case", BAD_CALLS)
+def test_bad_calls_raise_what_the_route_raises_before_any_work(case, monkeypatch):
+    x, mask = _inputs(torch.float32, True)
+    module, x, mask = spoil(case, MaskedGroupNorm(4, 8), x, mask, lambda t: t[:, :6])
+    plan = channel_lane._plan
+
+    def call():
+        with torch.no_grad():
+            return module(x, mask)
+
+    monkeypatch.setattr(channel_lane, "_PLANS", {})
+    monkeypatch.setattr(channel_lane, "_plan", lambda *key: None if (p := plan(*key)) is None else p._replace(
+        op=lambda *args: _LaneKernel.run(*args)))
+    assert_rejected_before_work(
+        monkeypatch, call, lane_off=[(channel_lane, "eager_call", lambda *args: None)],  # the route before the lane
+        kernels=[(_LaneKernel, "run"), (masked_positions, "fused_forward"),
+                 (masked_positions.MaskedPositionsFunction, "apply")])
