@@ -72,7 +72,9 @@ class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
                 and x.dtype in per_channel.KERNEL_DTYPES and x.is_cpu):
             return None
         params, shape = self._parameters, (self.num_features,)
-        weight, bias = params.get("weight"), params.get("bias")
+        if "weight" not in params or "bias" not in params:  # parametrized or replaced: the route reads self.weight
+            return None
+        weight, bias = params["weight"], params["bias"]
         if ((weight is None or (weight.dtype == x.dtype and weight.is_cpu and weight.shape == shape))
                 and (bias is None or (bias.dtype == x.dtype and bias.is_cpu and bias.shape == shape))):
             return weight, bias
@@ -86,7 +88,9 @@ class _MaskedBatchNorm(MaskedRunningNorm, _BatchNorm):
         its output as is, else _normalize_running itself; None where the lane does not take the call (the route
         checks it, raises or runs it): mask None or a bool CPU tensor (B, *spatial)."""
         buffers = self._buffers
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        if "running_mean" not in buffers or "running_var" not in buffers:  # parametrized or replaced: the route's
+            return None
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
         if self.training or (running_mean is None and running_var is None):
             running = None
             if self.training and self.track_running_stats and running_mean is not None:

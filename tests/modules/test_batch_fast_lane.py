@@ -320,3 +320,28 @@ def test_bad_calls_raise_what_the_route_raises_before_any_work(case, monkeypatch
     with pytest.raises(route.type) as got:
         module(x, **kwargs)
     assert str(got.value) == str(route.value)
+
+
+class _Doubled(torch.nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["weight", "bias", "running_var"])
+def test_a_parametrized_parameter_or_buffer_is_the_one_used(name, training):
+    """A parametrized weight, bias or running statistic (torch.nn.utils.parametrize: the name leaves _parameters /
+    _buffers for a property) is read as the module reads it: the output equals the module whose tensor holds the
+    parametrization's value (once the lane read _parameters directly and took a parametrized weight for None)."""
+    if name == "running_var" and training:
+        pytest.skip("training normalizes with the batch's statistics")
+    x, mask, _ = _inputs(MaskedBatchNorm1d, torch.float32, True)
+    plain = _module(MaskedBatchNorm1d, torch.float32, "normalize").train(training)
+    with torch.no_grad():
+        plain.running_var.uniform_(0.5, 2.0)
+    parametrized = copy.deepcopy(plain)
+    torch.nn.utils.parametrize.register_parametrization(parametrized, name, _Doubled(), unsafe=True)
+    with torch.no_grad():
+        tensor = getattr(plain, name)
+        tensor.copy_(2 * tensor)
+        _same_bits(parametrized(x, mask), plain(x, mask))
