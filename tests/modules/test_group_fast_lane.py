@@ -138,9 +138,16 @@ def test_a_call_with_a_gradient_to_record_takes_the_route(cls, spatial, wanted, 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
 def test_the_lanes_operator_passes_opcheck(dtype, with_mask):
+    """Contiguous x, x with its batch and channel axes swapped in memory, and x a slice of a wider tensor;
+    the mask as given, and (with x's garbage replaced by 0, as the expanded mask marks other positions valid)
+    expanded from one sample."""
     x, mask = _inputs(dtype, with_mask, (3, 5))
     weight, bias = (torch.randn(8, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (1, 2))
-    torch.library.opcheck(torch.ops.masknorm.masked_channels_norm.default, (x, mask, weight, bias if with_mask else None, 4, 1e-5, 2))
+    cases = [(x, mask)] if mask is None else [(x, mask), (x.nan_to_num(0.0, 0.0, 0.0), mask[:1].expand(mask.shape))]
+    for xc, m in cases:
+        for xl in (xc, xc.transpose(0, 1).contiguous().transpose(0, 1), torch.cat([xc, xc], 3)[..., :5]):
+            torch.library.opcheck(torch.ops.masknorm.masked_channels_norm.default,
+                                  (xl, m, weight, bias if with_mask else None, 4, 1e-5, 2))
 
 
 @pytest.mark.parametrize("B, C, spatial", [(1, 4, (5,)), (2, 4, (1,)), (2, 4, (1, 4)), (2, 4, (3, 1)), (1, 6, (2, 3)),
