@@ -37,3 +37,11 @@ def _maybe_fake(x: torch.Tensor) -> bool:
         or torch._is_functional_tensor(x)
         or torch._C._functorch.is_functorch_wrapped_tensor(x)
     )
+
+
+def lanes_may_run() -> bool:
+    """What a C++ lane (fast/kernels/lanes.cpp) cannot see for itself, which eager_on_data also asks: not
+    traced by torch.compile/export, no torch.func transform, and no forward-mode AD level open (a call
+    may carry tangents, which the lanes' operators have no formula for). The lanes check the tensors."""
+    return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+                or torch.autograd.forward_ad._current_level >= 0)

@@ -17,60 +17,50 @@ record is declined too; so is one whose groups the kernel flags (the route redoe
 from __future__ import annotations
 
 import math
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from masknorm._autograd import forward_ad_active
-from masknorm._contract import FLOATING, POLICIES, check_args
-from masknorm._tracing import eager_on_data
+from masknorm._contract import FLOATING, check_args
+from masknorm._tracing import lanes_may_run
 from masknorm.fast import dispatch, masked_positions, native
 from masknorm.fast.group_views import shape_of
-
-
-class Plan(NamedTuple):
-    """How a signature's calls reach the kernel: masked_channels_norm with x read as (B, groups, C / groups, L)."""
-
-    op: object
-    groups: int
 
 
 def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], lead: Tuple[int, ...], eps: object,
                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], masked: object) -> Optional[torch.Tensor]:
     """masked_norm(x.reshape(B, *lead, *S), the mask as (B, 1, ..., *S), axes 2 on, weight and bias as
     (*lead, 1, ...), ...).reshape(x.shape) as one kernel call, bit for bit, for weight and bias of C values that
-    the caller has checked; None where the lane does not take the call: not eager mode on CPU data of a
-    floating dtype, forward-mode AD, a gradient to record, a mask other than None or a bool (B, *S) or
-    (B, 1, *S) tensor, weight or bias not of x's dtype and device, eps not a float >= 0, or a group the kernel flags."""
-    if not (isinstance(x, torch.Tensor) and type(eps) is float and masked in POLICIES and x.is_cpu
-            and (mask is None or (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.is_cpu))
-            and (weight is None or (weight.dtype == x.dtype and weight.is_cpu))
-            and (bias is None or (bias.dtype == x.dtype and bias.is_cpu))
-            and not (torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
-                                                  or (bias is not None and bias.requires_grad)))
-            and eager_on_data(x) and not forward_ad_active() and native.ops() is not None):
+    the caller has checked: the C++ lane (kernels/lanes.cpp's masked_channels) with the signature's groups.
+    None where the lane does not take the call: not eager mode on CPU data of a floating dtype, forward-mode
+    AD, a gradient to record, a mask other than None or a bool (B, *S) or (B, 1, *S) tensor, weight or bias
+    not of x's dtype and device, eps not a float >= 0, or a group the kernel flags."""
+    lanes = native.lanes()
+    policy = masked_positions.POLICY.get(masked) if type(masked) is str else None
+    if not (lanes is not None and policy is not None and type(x) is torch.Tensor and type(eps) is float
+            and (mask is None or type(mask) is torch.Tensor) and lanes_may_run()):
         return None
     key = (x.shape, x.dtype, lead, eps, None if mask is None else mask.shape, weight is None, bias is None)
-    plan = _PLANS.get(key, _UNSEEN)
-    if plan is _UNSEEN:
-        if len(_PLANS) >= _MAX_PLANS:
-            _PLANS.clear()
-        plan = _PLANS[key] = _plan(*key)
-    if plan is None:
+    groups = _GROUPS.get(key, _UNSEEN)
+    if groups is _UNSEEN:
+        if len(_GROUPS) >= _MAX_SIGNATURES:
+            _GROUPS.clear()
+        groups = _GROUPS[key] = _groups(*key)
+    if groups is None:
         return None
-    y, redo = plan.op(x, mask, weight, bias, plan.groups, eps, masked_positions.POLICY[masked])
-    return None if redo.item() else y
+    return lanes.masked_channels(x, mask, weight, bias, groups, eps, policy)
 
 
-_MAX_PLANS = 256
+_MAX_SIGNATURES = 256
 _UNSEEN = object()
-_PLANS: Dict[tuple, Optional[Plan]] = {}
+_GROUPS: Dict[tuple, Optional[int]] = {}  # signature -> the kernel's groups G', or None: the lane declines
 
 
-def _plan(shape: torch.Size, dtype: torch.dtype, lead: Tuple[int, ...], eps: float, mask_shape: Optional[torch.Size],
-          no_weight: bool, no_bias: bool) -> Optional[Plan]:
-    """The Plan of a signature where masked_norm's route sends its calls to the masked-positions kernel
-    (routed on stand-ins of the right shapes and dtypes: the route reads no data), else None."""
+def _groups(shape: torch.Size, dtype: torch.dtype, lead: Tuple[int, ...], eps: float, mask_shape: Optional[torch.Size],
+            no_weight: bool, no_bias: bool) -> Optional[int]:
+    """The groups G' of the (B, G', C/G', L) split where masked_norm's route sends a signature's calls to the
+    masked-positions kernel (routed on stand-ins of the right shapes and dtypes: the route reads no data),
+    else None."""
     spatial = tuple(shape[2:])
     takes_mask = mask_shape is None or tuple(mask_shape) in ((shape[0], *spatial), (shape[0], 1, *spatial))
     if not (dtype in FLOATING and 0.0 <= eps < math.inf and spatial and math.prod(shape) > 0
@@ -90,4 +80,4 @@ def _plan(shape: torch.Size, dtype: torch.dtype, lead: Tuple[int, ...], eps: flo
     B, G, Cg, L = route.layout.sizes()
     if (B, G * Cg) != tuple(shape[:2]) or any(route.layout.channels(t) is not t for t in (weight, bias)):
         return None
-    return Plan(torch.ops.masknorm.masked_channels_norm.default, G)
+    return G

@@ -29,11 +29,10 @@ import torch
 
 from masknorm.fast import native
 from masknorm._autograd import (
-    _cast, compose, compute_dtype, forward_ad_active, general_vjp, masked_norm_vjp, needs_general_backward,
+    _cast, compose, compute_dtype, general_vjp, masked_norm_vjp, needs_general_backward,
     redo_groups, regions, saved_jvp, stats_jvp,
 )
-from masknorm._contract import FLOATING, POLICIES
-from masknorm._tracing import eager_on_data
+from masknorm._tracing import lanes_may_run
 from masknorm._stats import GroupStats, group_stats, where_or_zero
 
 # rstd in [2^-40, 2^40] keeps n * var within range for any realistic n in float32 and float64; with
@@ -328,23 +327,15 @@ def one_call(kernel, x, mask, weight, bias, ndims: int, eps: float, center: bool
 def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], ndims: int, eps: object, center: bool,
                weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], masked: object) -> Optional[torch.Tensor]:
     """masked_norm(x, mask[..., None, ..., None], the last ndims axes, ...) as one kernel call, bit for bit,
-    for weight, bias and x's trailing axes that the caller has checked against the normalized shape;
-    None where the call is not one the kernel takes (or not a valid one: the caller's general route
-    raises) or a row was flagged (the general route redoes it): eager mode on non-empty CPU data of a
-    floating dtype, no forward-mode AD, mask None or one bool flag per token (x.shape[:-ndims]), weight
-    and bias None or of x's dtype and device, eps a float. (dtypes are singletons: compared by identity.)"""
-    dtype = x.dtype
-    if not (type(eps) is float and 0.0 <= eps < math.inf and masked in POLICIES and dtype in FLOATING and x.is_cpu
-            and (mask is None or (type(mask) is torch.Tensor and mask.dtype is torch.bool and mask.is_cpu
-                                  and mask.shape == x.shape[:x.dim() - ndims]))
-            and (weight is None or (weight.dtype is dtype and weight.is_cpu))
-            and (bias is None or (bias.dtype is dtype and bias.is_cpu))
-            and x.numel() > 0 and eager_on_data(x) and not forward_ad_active()):
+    for weight, bias and x's trailing axes that the caller has checked against the normalized shape: the C++
+    lane (kernels/lanes.cpp's padded_rows). None where the call is not one the kernel takes (or not a valid
+    one: the caller's general route raises) or a row was flagged (the general route redoes it): eager mode on
+    non-empty CPU data of a floating dtype, no forward-mode AD, mask None or one bool flag per token
+    (x.shape[:-ndims]), weight and bias None or of x's dtype and device, eps a float."""
+    lanes = native.lanes()
+    if lanes is None or not lanes_may_run():
         return None
-    kernel = native.ops()
-    if kernel is None:
-        return None
-    return one_call(kernel, x, mask, weight, bias, ndims, eps, center, masked)
+    return lanes.padded_rows(x, mask, weight, bias, ndims, eps, center, masked)
 
 
 def _general_backward(dy, x, mask, weight, ndims: int, eps: float, center: bool, zero: bool, bias: bool):

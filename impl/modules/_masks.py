@@ -8,9 +8,10 @@ Any size may be 1 (broadcast); a mask that fits no convention is a ValueError na
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
+from torch import nn
 
 from masknorm._contract import broadcasts_onto, check_mask_tensor
 
@@ -24,6 +25,17 @@ def valid_mask(mask: Optional[torch.Tensor], padding_mask: Optional[torch.Tensor
         raise ValueError("give mask= (True = valid) or padding_mask= (True = padding), not both")
     check_mask_tensor(padding_mask, "padding_mask", "True = padding")
     return ~padding_mask
+
+
+def affine_parameters(module: nn.Module, has_bias: bool = True) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(module.weight, module.bias), bias None where not has_bias (nn.RMSNorm has none): each read from
+    module._parameters where it is there (a dict lookup, not nn.Module.__getattr__'s search), else as an
+    attribute (a parametrized or replaced parameter is a property or a plain attribute)."""
+    params = module._parameters
+    weight = params["weight"] if "weight" in params else module.weight
+    if not has_bias:
+        return weight, None
+    return weight, params["bias"] if "bias" in params else module.bias
 
 
 def token_mask(x: torch.Tensor, mask: Optional[torch.Tensor], n_normalized: int) -> Optional[torch.Tensor]:

@@ -9,7 +9,7 @@ from torch import nn
 
 from masknorm.functional import masked_norm
 from masknorm.fast import channel_lane
-from masknorm.modules._masks import channel_mask, channel_view, valid_mask
+from masknorm.modules._masks import affine_parameters, channel_mask, channel_view, valid_mask
 from masknorm.modules._norm_base import bias_kwarg
 from masknorm.models.padding_context import channel_block_mask
 from masknorm._contract import check_affine, check_eps, check_groups, check_policy
@@ -37,7 +37,7 @@ class MaskedGroupNorm(nn.GroupNorm):
         mask = valid_mask(mask, padding_mask)
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(f"x of shape {tuple(x.shape)} is not (B, C={self.num_channels}, *spatial)")
-        weight, bias = self.weight, self.bias
+        weight, bias = affine_parameters(self)
         check_affine(type(self).__name__, weight, bias, (self.num_channels,), "num_channels")
         mask = channel_block_mask(self, x, mask)
         g = self.num_groups

@@ -9,7 +9,7 @@ from torch import nn
 
 from masknorm.functional import masked_norm
 from masknorm.fast import padded_rows
-from masknorm.modules._masks import token_mask, valid_mask
+from masknorm.modules._masks import affine_parameters, token_mask, valid_mask
 from masknorm.models.padding_context import token_block_mask
 from masknorm._contract import check_affine, check_eps, check_normalized_shape, check_policy
 
@@ -57,7 +57,7 @@ class MaskedLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = valid_mask(mask, padding_mask)
-        weight, bias = self.weight, self.bias  # once each: a parameter is found by nn.Module.__getattr__
+        weight, bias = affine_parameters(self)
         check_affine(type(self).__name__, weight, bias, self.normalized_shape, "normalized_shape")
         mask = token_block_mask(self, x, mask, len(self.normalized_shape))
         return last_axes_norm(x, mask, self.normalized_shape, eps=self.eps, center=True,
@@ -82,7 +82,7 @@ class MaskedRMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
                 padding_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = valid_mask(mask, padding_mask)
-        weight = self.weight  # once: a parameter is found by nn.Module.__getattr__
+        weight, _ = affine_parameters(self, has_bias=False)
         check_affine(type(self).__name__, weight, None, self.normalized_shape, "normalized_shape")
         eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
         mask = token_block_mask(self, x, mask, len(self.normalized_shape))

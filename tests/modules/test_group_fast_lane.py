@@ -12,7 +12,7 @@ import torch
 from masknorm import masked_norm
 from masknorm.fast import channel_lane, masked_positions, native
 from masknorm.modules import MaskedGroupNorm, MaskedInstanceNorm1d, MaskedInstanceNorm2d
-from support.lanes import BAD_CALLS, assert_rejected_before_work, spoil
+from support.lanes import BAD_CALLS, assert_rejected_before_work, failing_operators, spoil
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
 
@@ -254,26 +254,25 @@ def test_calls_the_lane_does_not_take_give_the_routes_bits(case, monkeypatch):
     assert not any(taken)
 
 
-class _LaneKernel:
-    """Where the lane's plans send their operator calls in the test below (patched to fail)."""
-
-    run = None
+def test_the_lane_runs_the_operator_that_the_bad_call_test_makes_fail():
+    """The bad-call test below would see the lane's work: with masked_channels_norm failing, a good call fails."""
+    x, mask = _inputs(torch.float32, True)
+    with failing_operators(["masked_channels_norm"]), torch.no_grad(), \
+            pytest.raises(AssertionError, match="the kernel ran"):
+        MaskedGroupNorm(4, 8)(x, mask)
 
 
 @pytest.mark.parametrize("case", BAD_CALLS)
 def test_bad_calls_raise_what_the_route_raises_before_any_work(case, monkeypatch):
     x, mask = _inputs(torch.float32, True)
     module, x, mask = spoil(case, MaskedGroupNorm(4, 8), x, mask, lambda t: t[:, :6])
-    plan = channel_lane._plan
 
     def call():
         with torch.no_grad():
             return module(x, mask)
 
-    monkeypatch.setattr(channel_lane, "_PLANS", {})
-    monkeypatch.setattr(channel_lane, "_plan", lambda *key: None if (p := plan(*key)) is None else p._replace(
-        op=lambda *args: _LaneKernel.run(*args)))
+    monkeypatch.setattr(channel_lane, "_GROUPS", {})
     assert_rejected_before_work(
         monkeypatch, call, lane_off=[(channel_lane, "eager_call", lambda *args: None)],  # the route before the lane
-        kernels=[(_LaneKernel, "run"), (masked_positions, "fused_forward"),
-                 (masked_positions.MaskedPositionsFunction, "apply")])
+        kernels=[(masked_positions, "fused_forward"), (masked_positions.MaskedPositionsFunction, "apply")],
+        operators=["masked_channels_norm", "masked_positions_norm"])

@@ -10,7 +10,7 @@ from masknorm import masked_norm
 from masknorm.fast import native, padded_rows
 from masknorm.modules import MaskedLayerNorm, MaskedRMSNorm
 from masknorm.modules import layer
-from support.lanes import BAD_CALLS, assert_rejected_before_work, spoil
+from support.lanes import BAD_CALLS, assert_rejected_before_work, failing_operators, spoil
 
 pytestmark = pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
 
@@ -128,6 +128,13 @@ def test_calls_the_lane_does_not_take_give_the_general_routes_bits(case):
     _same_bits(got, general)
 
 
+def test_the_lane_runs_the_operator_that_the_bad_call_test_makes_fail():
+    """The bad-call test below would see the lane's work: with padded_rows_norm failing, a good call fails."""
+    x, mask = _inputs(torch.float32, True)
+    with failing_operators(["padded_rows_norm"]), pytest.raises(AssertionError, match="the kernel ran"):
+        MaskedLayerNorm(24)(x, mask)
+
+
 @pytest.mark.parametrize("case", BAD_CALLS)
 def test_bad_calls_raise_what_the_general_route_raises_before_any_work(case, monkeypatch):
     x, mask = _inputs(torch.float32, True)
@@ -135,4 +142,5 @@ def test_bad_calls_raise_what_the_general_route_raises_before_any_work(case, mon
     assert_rejected_before_work(
         monkeypatch, lambda: module(x, mask),
         lane_off=[(padded_rows, "eager_call", lambda *args: None)],  # the module's route before the lane
-        kernels=[(padded_rows, "one_call"), (padded_rows.PaddedRowsFunction, "apply")])
+        kernels=[(padded_rows, "one_call"), (padded_rows.PaddedRowsFunction, "apply")],
+        operators=["padded_rows_norm", "rows_norm"])

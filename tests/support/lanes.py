@@ -2,8 +2,10 @@
 are tested against alike: calls the general route rejects, which a lane must reject the same way, before
 any work."""
 
+import contextlib
 import math
-from typing import Callable, Sequence
+import warnings
+from typing import Callable, Iterator, Sequence
 
 import pytest
 import torch
@@ -39,22 +41,35 @@ def spoil(case: str, module: torch.nn.Module, x: torch.Tensor, mask: torch.Tenso
     return module, x, mask
 
 
+def _no_work(*args, **kwargs):
+    raise AssertionError("the kernel ran on a call that must be rejected")
+
+
+@contextlib.contextmanager
+def failing_operators(names: Sequence[str]) -> Iterator[None]:
+    """masknorm's operators `names` with CPU kernels that fail if run, however they are called (the C++ lanes
+    call them through the dispatcher): torch.library registrations over the built ones, undone on exit."""
+    with warnings.catch_warnings(), torch.library._scoped_library("masknorm", "IMPL") as library:
+        warnings.filterwarnings("ignore", r"(?s).*Overriding a previously registered kernel")
+        for name in names:
+            library.impl(name, _no_work, "CPU")
+        yield
+
+
 def assert_rejected_before_work(monkeypatch, call: Callable[[], object], lane_off: Sequence[tuple],
-                                kernels: Sequence[tuple]) -> None:
+                                kernels: Sequence[tuple], operators: Sequence[str]) -> None:
     """call() raises the TypeError/ValueError, with the message, that it raises with the lane off (the
-    (object, name, value) patches of lane_off), while every (object, name) in `kernels` fails if run."""
+    (object, name, value) patches of lane_off), while every (object, name) in `kernels` and every masknorm
+    operator in `operators` fails if run."""
     with monkeypatch.context() as patch:
         for obj, name, value in lane_off:
             patch.setattr(obj, name, value)
         with pytest.raises((TypeError, ValueError)) as routed:
             call()
 
-    def no_work(*args, **kwargs):
-        raise AssertionError("the kernel ran on a call that must be rejected")
-
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch, failing_operators(operators):
         for obj, name in kernels:
-            patch.setattr(obj, name, no_work)
+            patch.setattr(obj, name, _no_work)
         with pytest.raises(routed.type) as got:
             call()
     assert str(got.value) == str(routed.value)
