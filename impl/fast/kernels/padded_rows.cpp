@@ -41,6 +41,7 @@
 
 #include "autograd_node.h"
 #include "blocked_sums.h"
+#include "stores.h"
 
 namespace {
 
@@ -50,6 +51,7 @@ using masknorm_kernels::blocked_sums;
 using masknorm_kernels::blocked_sums4;
 using masknorm_kernels::kBlock;
 using masknorm_kernels::make_node;
+using masknorm_kernels::stored;
 using masknorm_kernels::wants_grad;
 
 template <typename T>
@@ -84,7 +86,7 @@ void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A
     rstd[i] = r;
     if (inaccurate) inaccurate[i] = !accurate(m, r);
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) yr[j] = T((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
+    for (int64_t j = 0; j < n; ++j) yr[j] = stored<T>((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
   };
   // rows i[0..k) (k in 1..4; a missing row's sums are the last one's again, and dropped)
   const auto four_rows = [&](const int64_t* i, int k) {
@@ -155,7 +157,7 @@ void backward_rows(const T* dy, const T* x, const bool* valid, const A* mean, co
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const A xh = (A(xr[j]) - m) * rs;
-        dxr[j] = T(rs * (A(dyr[j]) * A(w[j]) - a - xh * c));
+        dxr[j] = stored<T>(rs * (A(dyr[j]) * A(w[j]) - a - xh * c));
         dw[j] += double(dyr[j]) * double(xh);
         db[j] += double(dyr[j]);
       }
