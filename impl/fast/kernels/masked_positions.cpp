@@ -32,6 +32,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -457,6 +458,38 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
   });
 }
 
+// One row's sums for backward_masked_rows in one pass: (A, B, k) with A and B in blocks as
+// blocked_sums, and its terms dy_j xh_j and dy_j added to dw[j] and db[j]. Position j is used (enters
+// the sums) where valid, or under "normalize" where masked out with dy_j != 0; xh_j is finite_xh's.
+// The test and finite_xh's choice are selects over values loaded unconditionally: with a branch, or
+// with this loop written inside the parallel_for lambda, GCC 12 leaves it scalar.
+template <typename T, typename A = at::opmath_type<T>>
+std::array<double, 3> masked_row_sums(const T* dy, const T* x, const uint8_t* mask, const A* w, A m, A r,
+                                      bool normalize, double* dw, double* db, int64_t n) {
+  double a = 0, bsum = 0, k = 0;
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t e = std::min(n, s + kBlock);
+    double acc_a = 0, acc_b = 0, acc_k = 0;
+#pragma omp simd reduction(+ : acc_a, acc_b, acc_k)
+    for (int64_t j = s; j < e; ++j) {
+      const A dj = A(dy[j]), xj = A(x[j]);
+      const bool u = bool(mask[j]) | (normalize & (dj != A(0)));
+      const A xu = u ? xj : m, h = (xu - m) * r;
+      const double wide = wide_xh(xu, m, r), d = u ? double(dj) : 0.0;
+      const double dxh = d * (std::abs(h) <= std::numeric_limits<A>::max() ? double(h) : wide);
+      acc_a += d * double(w[j]);
+      acc_b += dxh * double(w[j]);
+      acc_k += mask[j] ? 1.0 : 0.0;
+      dw[j] += dxh;
+      db[j] += d;
+    }
+    a += acc_a;
+    bsum += acc_b;
+    k += acc_k;
+  }
+  return {a, bsum, k};
+}
+
 template <typename T>
 void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::opmath_type<T>* mean,
                           const at::opmath_type<T>* rstd, const int8_t* state, const at::opmath_type<T>* w, T* dx,
@@ -477,29 +510,8 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
           continue;
         }
         const acc_t m = mean[i], r = rstd[i];
-        const uint8_t* mr = row.m;
-        // where position j enters the sums: valid, or (under "normalize") masked-out with dy_j != 0
-        auto used = [mr, dyr, policy](int64_t j) { return mr[j] || (policy == kNormalize && dyr[j] != T(0)); };
         auto xh = [xr, m, r](int64_t j, bool u) { return (pick(xr, j, u, m) - m) * r; };
-        // one pass: the row's A and B (in blocks, as blocked_sums), its terms of dw_j and db_j, and k
-        double a = 0, bsum = 0, k = 0;
-        for (int64_t s = 0; s < n; s += kBlock) {
-          const int64_t e = std::min(n, s + kBlock);
-          double acc_a = 0, acc_b = 0, acc_k = 0;
-#pragma omp simd reduction(+ : acc_a, acc_b, acc_k)
-          for (int64_t j = s; j < e; ++j) {
-            const bool u = used(j);
-            const double d = pick(dyr, j, u, 0.0), dxh = d * finite_xh(xh(j, u), pick(xr, j, u, m), m, r);
-            acc_a += d * double(w[j]);
-            acc_b += dxh * double(w[j]);
-            acc_k += mr[j] ? 1.0 : 0.0;
-            dwb[j] += dxh;
-            dbb[j] += d;
-          }
-          a += acc_a;
-          bsum += acc_b;
-          k += acc_k;
-        }
+        const auto [a, bsum, k] = masked_row_sums(dyr, xr, row.m, w, m, r, policy == kNormalize, dwb, dbb, n);
         const double wa = center ? a / k : 0.0, wb = bsum / (k - double(correction));
         const acc_t ma = acc_t(wa), mb = acc_t(wb);
         auto valid = [dyr, w, r, ma, mb, xh](int64_t j, bool v) {
