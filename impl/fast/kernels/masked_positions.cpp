@@ -23,8 +23,10 @@
 // Valid positions are visited as runs [start, end) of each sample's mask row, so a masked-out value
 // is never read by an arithmetic operation under "keep" and "zero" (and under "normalize" only by
 // its own output and, where its dy is nonzero, the sums). Sums run in double, in blocks of kBlock
-// terms; each group is done by one thread and dw/db are added over samples in a fixed order (per
-// block of kSamples samples, then across blocks), so the bits do not depend on the number of threads.
+// terms (below float64 the forward's mean and sum of squares take one shifted pass where that is
+// exact enough: group_moments); each group is done by one thread and dw/db are added over samples
+// in a fixed order (per block of kSamples samples, then across blocks), so the bits do not depend
+// on the number of threads.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -36,6 +38,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -45,6 +48,7 @@ namespace {
 
 using masknorm_kernels::blocked_sum;
 using masknorm_kernels::kBlock;
+using masknorm_kernels::kMomentBlock;
 
 constexpr int64_t kSamples = 64;  // samples per weight/bias-gradient slot
 enum Policy : int64_t { kNormalize = 0, kKeep = 1, kZero = 2 };
@@ -135,6 +139,30 @@ double valid_sum(const Row& row, Term term) {
   double total = 0;
   for (const auto& r : *row.runs) total += blocked_sum(r.first, r.second, [term](int64_t j) { return term(j, true); });
   return total;
+}
+
+// (sum d(j, true), sum d(j, true)^2) over the row's valid positions j, in blocks of kMomentBlock terms
+// (blocked_sums); dense rows add d(j, m[j]) where m[j] (d must then read its inputs through the flag,
+// as in valid_sum).
+template <typename D>
+std::pair<double, double> valid_moments(const Row& row, D d) {
+  auto square = [](double t) { return t * t; };
+  if (row.dense) {
+    auto dv = [d, m = row.m](int64_t j) {
+      const bool v = m[j];
+      const double t = d(j, v);
+      return v ? t : 0.0;
+    };
+    return masknorm_kernels::blocked_sums<kMomentBlock>(0, row.L, dv, [dv, square](int64_t j) { return square(dv(j)); });
+  }
+  double total1 = 0, total2 = 0;
+  for (const auto& r : *row.runs) {
+    const auto [a, b] = masknorm_kernels::blocked_sums<kMomentBlock>(
+        r.first, r.second, [d](int64_t j) { return d(j, true); }, [d, square](int64_t j) { return square(d(j, true)); });
+    total1 += a;
+    total2 += b;
+  }
+  return {total1, total2};
 }
 
 // (sum t1(j), sum t2(j)) over the row's masked-out positions j, added to (*s1, *s2) (wide: as in
@@ -274,6 +302,39 @@ void pass_row(const T* src, T* dst, const Row& row, bool zero) {
   write_row(row, dst, [src](int64_t j, bool v) { return pick(src, j, v, T(0)); }, [](int64_t) { return T(0); });
 }
 
+// A group's mean mu (0 when !center) and sum of squared deviations ss over its valid values (k of
+// them, k > 0), in double. Float64 inputs take two passes: mu, then the squares about it. Narrower
+// inputs first take one, shifted by the group's first valid value s:
+//   S1 = sum (x - s),  S2 = sum (x - s)^2,  mu = s + S1/k,  ss = S2 - S1 (S1/k).
+// valid_moments' sums of k terms have relative errors below about c u (c = kMomentBlock + k/kMomentBlock,
+// u = 2^-53), so ss is off by about 2 c u S2 = 2 c u F ss with F = S2/ss = 1 + k (mu - s)^2/ss, and mu by
+// about c u sqrt(S2/k) = c u sqrt(F) sigma (sigma^2 = ss/k). These values are kept where c F <= 2^20: ss
+// within about 2^-32 relative (under 2^-8 of a float32 ulp of rstd), mu within 2^-33 sigma (c <= 2^20);
+// else the two passes run. A constant group has S1 = S2 = 0: ss = 0 exactly, as with two passes.
+template <typename T>
+std::pair<double, double> group_moments(const Row& row, const T* xg, int64_t Cg, double k, bool center) {
+  const int64_t L = row.L;
+  if (!std::is_same_v<T, double> && center) {
+    const double s = double(xg[row.runs->front().first]);
+    double s1 = 0, s2 = 0;
+    for (int64_t c = 0; c < Cg; ++c) {
+      const auto [a, b] = valid_moments(row, [xr = xg + c * L, s](int64_t j, bool v) { return pick(xr, j, v, s) - s; });
+      s1 += a;
+      s2 += b;
+    }
+    const double ss = s2 - s1 * (s1 / k);
+    if ((double(kMomentBlock) + k / double(kMomentBlock)) * s2 <= 0x1p20 * ss) return {s + s1 / k, ss};
+  }
+  double mu = 0, ss = 0;
+  if (center) {
+    for (int64_t c = 0; c < Cg; ++c)
+      mu += valid_sum(row, [xr = xg + c * L](int64_t j, bool v) { return pick(xr, j, v, 0.0); });
+    mu /= k;
+  }
+  for (int64_t c = 0; c < Cg; ++c) ss += valid_sum(row, squared_deviation(xg + c * L, mu));
+  return {mu, ss};
+}
+
 template <typename T>
 void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, const at::opmath_type<T>* bias, T* y,
                     at::opmath_type<T>* mean, at::opmath_type<T>* rstd, int8_t* state, int64_t B, int64_t G,
@@ -290,16 +351,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
       const T* xg = x + i * Cg * L;
       T* yg = y + i * Cg * L;
       const double k = double(counts[b] * Cg), nu = k - double(correction);
-      double mu = 0, ss = 0;
-      if (nu > 0) {
-        if (center) {
-          for (int64_t c = 0; c < Cg; ++c)
-            mu += valid_sum(row, [xr = xg + c * L](int64_t j, bool v) { return pick(xr, j, v, 0.0); });
-          mu /= k;
-        }
-        for (int64_t c = 0; c < Cg; ++c)
-          ss += valid_sum(row, squared_deviation(xg + c * L, mu));
-      }
+      const auto [mu, ss] = nu > 0 ? group_moments(row, xg, Cg, k, center) : std::pair<double, double>(0.0, 0.0);
       const double rs = 1.0 / std::sqrt(ss / nu + eps);
       state[i] = classify(nu, mu, ss, rs, kappa_limit);
       if (state[i] != kFused) {
