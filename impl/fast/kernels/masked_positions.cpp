@@ -243,7 +243,8 @@ bool all_finite(const T* out, int64_t n) {
 
 // A "normalize" row's outputs at masked-out positions that came out non-finite from a finite x,
 // recomputed in double: out_j = affine(j, xh_j) with xh_j = (x_j - m) r (see wide_xh). The caller
-// runs it where all_finite found a non-finite output.
+// runs it where all_finite found a non-finite output, and probes only rows with masked-out positions
+// (nothing else is repaired).
 template <typename T, typename A, typename Affine>
 void repair_overflow(const Row& row, T* out, const T* x, A m, A r, Affine affine) {
   using acc_t = at::opmath_type<T>;
@@ -370,7 +371,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T((pick(xr, j, v, m) - m) * r * wc + bc); };
         write_normalized(row, yr, xr, policy, normalized);
       }
-      if (policy == kNormalize && !all_finite(yg, Cg * L))
+      if (policy == kNormalize && counts[b] < L && !all_finite(yg, Cg * L))
         for (int64_t c = 0; c < Cg; ++c) {
           const double wc = w[g * Cg + c], bc = bias[g * Cg + c];
           repair_overflow(row, yg + c * L, xg + c * L, m, r, [wc, bc](int64_t, double xh) { return xh * wc + bc; });
@@ -504,7 +505,7 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
         return T((pick(xr, j, v, m) - m) * r * w[j] + bias[j]);
       };
       write_normalized(row, yr, xr, policy, normalized);
-      if (policy == kNormalize && !all_finite(yr, n))
+      if (policy == kNormalize && k < double(n) && !all_finite(yr, n))
         repair_overflow(row, yr, xr, m, r, [w, bias](int64_t j, double xh) { return xh * double(w[j]) + double(bias[j]); });
     }
   });
