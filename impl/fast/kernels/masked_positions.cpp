@@ -303,9 +303,17 @@ void pass_row(const T* src, T* dst, const Row& row, bool zero) {
   write_row(row, dst, [src](int64_t j, bool v) { return pick(src, j, v, T(0)); }, [](int64_t) { return T(0); });
 }
 
+// The number of valid positions of a mask row read as bytes (0 or 1 each).
+inline int64_t valid_count(const uint8_t* m, int64_t n) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += m[j];
+  return count;
+}
+
 // A group's mean mu (0 when !center) and sum of squared deviations ss over its valid values (k of
-// them, k > 0), in double. Float64 inputs take two passes: mu, then the squares about it. Narrower
-// inputs first take one, shifted by the group's first valid value s:
+// them, k > 0; the row kernel's rows are groups with Cg = 1 and no runs), in double. Float64 inputs
+// take two passes: mu, then the squares about it. Narrower inputs first take one, shifted by the
+// group's first valid value s:
 //   S1 = sum (x - s),  S2 = sum (x - s)^2,  mu = s + S1/k,  ss = S2 - S1 (S1/k).
 // valid_moments' sums of k terms have relative errors below about c u (c = kMomentBlock + k/kMomentBlock,
 // u = 2^-53), so ss is off by about 2 c u S2 = 2 c u F ss with F = S2/ss = 1 + k (mu - s)^2/ss, and mu by
@@ -316,7 +324,7 @@ template <typename T>
 std::pair<double, double> group_moments(const Row& row, const T* xg, int64_t Cg, double k, bool center) {
   const int64_t L = row.L;
   if (!std::is_same_v<T, double> && center) {
-    const double s = double(xg[row.runs->front().first]);
+    const double s = double(xg[row.runs ? row.runs->front().first : std::find(row.m, row.m + L, 1) - row.m]);
     double s1 = 0, s2 = 0;
     for (int64_t c = 0; c < Cg; ++c) {
       const auto [a, b] = valid_moments(row, [xr = xg + c * L, s](int64_t j, bool v) { return pick(xr, j, v, s) - s; });
@@ -482,14 +490,17 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
       const Row row{nullptr, as_bytes(mask) + i * n, n, true};
       const T* xr = x + i * n;
       T* yr = y + i * n;
-      double k = 0, mu = 0, ss = 0;  // mu: the valid values' sum until divided by k
-      const auto valid_x = [m = row.m, xr](int64_t j) { return pick(xr, j, m[j], 0.0); };
-      blocked_sums(0, n, [m = row.m](int64_t j) { return m[j] ? 1.0 : 0.0; }, valid_x, valid_x, &k, &mu);
-      const double nu = k - double(correction);
-      mu = center && nu > 0 ? mu / k : 0.0;
-      if (nu > 0) {
-        ss = valid_sum(row, squared_deviation(xr, mu));
+      double k = 0, mu = 0, ss = 0;
+      if (std::is_same_v<T, double>) {  // the sum beside the count, then the squares: the bits as before
+        const auto valid_x = [m = row.m, xr](int64_t j) { return pick(xr, j, m[j], 0.0); };
+        blocked_sums(0, n, [m = row.m](int64_t j) { return m[j] ? 1.0 : 0.0; }, valid_x, valid_x, &k, &mu);
+        mu = center && k > double(correction) ? mu / k : 0.0;
+        if (k > double(correction)) ss = valid_sum(row, squared_deviation(xr, mu));
+      } else {
+        k = double(valid_count(row.m, n));
+        if (k > double(correction)) std::tie(mu, ss) = group_moments(row, xr, 1, k, center);
       }
+      const double nu = k - double(correction);
       const double rs = 1.0 / std::sqrt(ss / nu + eps);
       state[i] = classify(nu, mu, ss, rs, kappa_limit);
       if (state[i] != kFused) {
