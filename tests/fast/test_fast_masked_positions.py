@@ -189,6 +189,41 @@ def test_degenerate_and_out_of_range_groups():
             assert torch.equal(out[2, 0], x[2, 0])  # constant, eps = 0: passed through
 
 
+@pytest.mark.parametrize("elementwise", [False, True], ids=["lengths", "elementwise"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_one_pass_statistics_match_general_path(dtype, elementwise):
+    """Below float64 the kernels' statistics take one pass shifted by a group's (row's) first valid
+    value s, kept where (kMomentBlock + k/kMomentBlock) F <= 2^20 with F = 1 + k (mu - s)^2 / ss,
+    else two passes. A first value far out (F about 650 at k = 700: two passes; about 190 at
+    k = 200: one pass, near the limit) and groups at 1e3 with a first value close (F about 2), with a
+    lengths mask (group kernel) or one masking 10% of the elements besides (row kernel): outputs and
+    gradients within a few u of the general path."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 700, dtype=torch.float64, generator=gen)
+    x[0, 0, 0] = 100.0
+    x[1] += 1e3
+    x[2, 1, 0] = -100.0
+    x, grad = x.to(dtype), torch.randn(x.shape, generator=gen).to(dtype)
+    mask = (torch.arange(700) < torch.tensor([[700], [450], [200]])).unsqueeze(1)
+    weight = None
+    if elementwise:  # a weight per position: the row kernel (masked_row_norm)
+        mask = mask & (torch.rand(3, 2, 700, generator=gen) > 0.1)
+        mask[..., 0] = True
+        weight = (torch.rand(700, generator=gen) + 0.5).to(dtype)
+    else:
+        assert masked_positions.layout(x, mask, None, None, (2,)) is not None
+    # float64 takes the two passes, whose difference from the general path reaches u kappa (kappa 1e3)
+    tol = 8 * torch.finfo(dtype).eps * (1e3 if dtype == torch.float64 else 1.0)
+    results = []
+    for on in (True, False):
+        xr = x.clone().requires_grad_()
+        with native.kernels(on):
+            out = masknorm.masked_norm(xr, mask, dim=-1, weight=weight, masked="zero")
+            results.append((out, torch.autograd.grad(out, xr, grad)[0]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
 def test_gradcheck_and_double_backward_in_float64():
     """gradcheck of the fused path (first derivatives from the kernel); gradgradcheck falls back
     to the general formulas (grad mode on inside backward)."""

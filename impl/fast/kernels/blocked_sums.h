@@ -31,13 +31,18 @@ double blocked_sum(int64_t s, int64_t e, Term term) {
   return total;
 }
 
+// Blocks for sums whose terms are cheap (the forward's moments): adding the lanes of a block is a chain of
+// scalar additions (OpenMP's reduction) that at kBlock terms costs about as much as the block itself.
+// Error below (kMomentBlock + (e - s) / kMomentBlock) u of the sum of |terms|.
+constexpr int64_t kMomentBlock = 4096;
+
 // (blocked_sum(s, e, t0), blocked_sum(s, e, t1)) in one loop (the two chains overlap), each with
-// blocked_sum's order of additions.
-template <typename T0, typename T1>
+// blocked_sum's order of additions (with blocks of Block terms).
+template <int64_t Block = kBlock, typename T0, typename T1>
 std::pair<double, double> blocked_sums(int64_t s, int64_t e, T0 t0, T1 t1) {
   double total0 = 0, total1 = 0;
-  for (int64_t a = s; a < e; a += kBlock) {
-    const int64_t z = std::min(e, a + kBlock);
+  for (int64_t a = s; a < e; a += Block) {
+    const int64_t z = std::min(e, a + Block);
     double acc0 = 0, acc1 = 0;
 #pragma omp simd reduction(+ : acc0, acc1)
     for (int64_t j = a; j < z; ++j) {

@@ -23,8 +23,10 @@
 // Valid positions are visited as runs [start, end) of each sample's mask row, so a masked-out value
 // is never read by an arithmetic operation under "keep" and "zero" (and under "normalize" only by
 // its own output and, where its dy is nonzero, the sums). Sums run in double, in blocks of kBlock
-// terms; each group is done by one thread and dw/db are added over samples in a fixed order (per
-// block of kSamples samples, then across blocks), so the bits do not depend on the number of threads.
+// terms (below float64 the forward's mean and sum of squares take one shifted pass where that is
+// exact enough: group_moments); each group is done by one thread and dw/db are added over samples
+// in a fixed order (per block of kSamples samples, then across blocks), so the bits do not depend
+// on the number of threads.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -32,9 +34,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -44,6 +48,7 @@ namespace {
 
 using masknorm_kernels::blocked_sum;
 using masknorm_kernels::kBlock;
+using masknorm_kernels::kMomentBlock;
 
 constexpr int64_t kSamples = 64;  // samples per weight/bias-gradient slot
 enum Policy : int64_t { kNormalize = 0, kKeep = 1, kZero = 2 };
@@ -136,6 +141,30 @@ double valid_sum(const Row& row, Term term) {
   return total;
 }
 
+// (sum d(j, true), sum d(j, true)^2) over the row's valid positions j, in blocks of kMomentBlock terms
+// (blocked_sums); dense rows add d(j, m[j]) where m[j] (d must then read its inputs through the flag,
+// as in valid_sum).
+template <typename D>
+std::pair<double, double> valid_moments(const Row& row, D d) {
+  auto square = [](double t) { return t * t; };
+  if (row.dense) {
+    auto dv = [d, m = row.m](int64_t j) {
+      const bool v = m[j];
+      const double t = d(j, v);
+      return v ? t : 0.0;
+    };
+    return masknorm_kernels::blocked_sums<kMomentBlock>(0, row.L, dv, [dv, square](int64_t j) { return square(dv(j)); });
+  }
+  double total1 = 0, total2 = 0;
+  for (const auto& r : *row.runs) {
+    const auto [a, b] = masknorm_kernels::blocked_sums<kMomentBlock>(
+        r.first, r.second, [d](int64_t j) { return d(j, true); }, [d, square](int64_t j) { return square(d(j, true)); });
+    total1 += a;
+    total2 += b;
+  }
+  return {total1, total2};
+}
+
 // (sum t1(j), sum t2(j)) over the row's masked-out positions j, added to (*s1, *s2) (wide: as in
 // blocked_sums).
 template <typename T1, typename T2, typename Wide>
@@ -214,7 +243,8 @@ bool all_finite(const T* out, int64_t n) {
 
 // A "normalize" row's outputs at masked-out positions that came out non-finite from a finite x,
 // recomputed in double: out_j = affine(j, xh_j) with xh_j = (x_j - m) r (see wide_xh). The caller
-// runs it where all_finite found a non-finite output.
+// runs it where all_finite found a non-finite output, and probes only rows with masked-out positions
+// (nothing else is repaired).
 template <typename T, typename A, typename Affine>
 void repair_overflow(const Row& row, T* out, const T* x, A m, A r, Affine affine) {
   using acc_t = at::opmath_type<T>;
@@ -273,6 +303,47 @@ void pass_row(const T* src, T* dst, const Row& row, bool zero) {
   write_row(row, dst, [src](int64_t j, bool v) { return pick(src, j, v, T(0)); }, [](int64_t) { return T(0); });
 }
 
+// The number of valid positions of a mask row read as bytes (0 or 1 each).
+inline int64_t valid_count(const uint8_t* m, int64_t n) {
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += m[j];
+  return count;
+}
+
+// A group's mean mu (0 when !center) and sum of squared deviations ss over its valid values (k of
+// them, k > 0; the row kernel's rows are groups with Cg = 1 and no runs), in double. Float64 inputs
+// take two passes: mu, then the squares about it. Narrower inputs first take one, shifted by the
+// group's first valid value s:
+//   S1 = sum (x - s),  S2 = sum (x - s)^2,  mu = s + S1/k,  ss = S2 - S1 (S1/k).
+// valid_moments' sums of k terms have relative errors below about c u (c = kMomentBlock + k/kMomentBlock,
+// u = 2^-53), so ss is off by about 2 c u S2 = 2 c u F ss with F = S2/ss = 1 + k (mu - s)^2/ss, and mu by
+// about c u sqrt(S2/k) = c u sqrt(F) sigma (sigma^2 = ss/k). These values are kept where c F <= 2^20: ss
+// within about 2^-32 relative (under 2^-8 of a float32 ulp of rstd), mu within 2^-33 sigma (c <= 2^20);
+// else the two passes run. A constant group has S1 = S2 = 0: ss = 0 exactly, as with two passes.
+template <typename T>
+std::pair<double, double> group_moments(const Row& row, const T* xg, int64_t Cg, double k, bool center) {
+  const int64_t L = row.L;
+  if (!std::is_same_v<T, double> && center) {
+    const double s = double(xg[row.runs ? row.runs->front().first : std::find(row.m, row.m + L, 1) - row.m]);
+    double s1 = 0, s2 = 0;
+    for (int64_t c = 0; c < Cg; ++c) {
+      const auto [a, b] = valid_moments(row, [xr = xg + c * L, s](int64_t j, bool v) { return pick(xr, j, v, s) - s; });
+      s1 += a;
+      s2 += b;
+    }
+    const double ss = s2 - s1 * (s1 / k);
+    if ((double(kMomentBlock) + k / double(kMomentBlock)) * s2 <= 0x1p20 * ss) return {s + s1 / k, ss};
+  }
+  double mu = 0, ss = 0;
+  if (center) {
+    for (int64_t c = 0; c < Cg; ++c)
+      mu += valid_sum(row, [xr = xg + c * L](int64_t j, bool v) { return pick(xr, j, v, 0.0); });
+    mu /= k;
+  }
+  for (int64_t c = 0; c < Cg; ++c) ss += valid_sum(row, squared_deviation(xg + c * L, mu));
+  return {mu, ss};
+}
+
 template <typename T>
 void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, const at::opmath_type<T>* bias, T* y,
                     at::opmath_type<T>* mean, at::opmath_type<T>* rstd, int8_t* state, int64_t B, int64_t G,
@@ -289,16 +360,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
       const T* xg = x + i * Cg * L;
       T* yg = y + i * Cg * L;
       const double k = double(counts[b] * Cg), nu = k - double(correction);
-      double mu = 0, ss = 0;
-      if (nu > 0) {
-        if (center) {
-          for (int64_t c = 0; c < Cg; ++c)
-            mu += valid_sum(row, [xr = xg + c * L](int64_t j, bool v) { return pick(xr, j, v, 0.0); });
-          mu /= k;
-        }
-        for (int64_t c = 0; c < Cg; ++c)
-          ss += valid_sum(row, squared_deviation(xg + c * L, mu));
-      }
+      const auto [mu, ss] = nu > 0 ? group_moments(row, xg, Cg, k, center) : std::pair<double, double>(0.0, 0.0);
       const double rs = 1.0 / std::sqrt(ss / nu + eps);
       state[i] = classify(nu, mu, ss, rs, kappa_limit);
       if (state[i] != kFused) {
@@ -317,7 +379,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T((pick(xr, j, v, m) - m) * r * wc + bc); };
         write_normalized(row, yr, xr, policy, normalized);
       }
-      if (policy == kNormalize && !all_finite(yg, Cg * L))
+      if (policy == kNormalize && counts[b] < L && !all_finite(yg, Cg * L))
         for (int64_t c = 0; c < Cg; ++c) {
           const double wc = w[g * Cg + c], bc = bias[g * Cg + c];
           repair_overflow(row, yg + c * L, xg + c * L, m, r, [wc, bc](int64_t, double xh) { return xh * wc + bc; });
@@ -428,14 +490,17 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
       const Row row{nullptr, as_bytes(mask) + i * n, n, true};
       const T* xr = x + i * n;
       T* yr = y + i * n;
-      double k = 0, mu = 0, ss = 0;  // mu: the valid values' sum until divided by k
-      const auto valid_x = [m = row.m, xr](int64_t j) { return pick(xr, j, m[j], 0.0); };
-      blocked_sums(0, n, [m = row.m](int64_t j) { return m[j] ? 1.0 : 0.0; }, valid_x, valid_x, &k, &mu);
-      const double nu = k - double(correction);
-      mu = center && nu > 0 ? mu / k : 0.0;
-      if (nu > 0) {
-        ss = valid_sum(row, squared_deviation(xr, mu));
+      double k = 0, mu = 0, ss = 0;
+      if (std::is_same_v<T, double>) {  // the sum beside the count, then the squares: the bits as before
+        const auto valid_x = [m = row.m, xr](int64_t j) { return pick(xr, j, m[j], 0.0); };
+        blocked_sums(0, n, [m = row.m](int64_t j) { return m[j] ? 1.0 : 0.0; }, valid_x, valid_x, &k, &mu);
+        mu = center && k > double(correction) ? mu / k : 0.0;
+        if (k > double(correction)) ss = valid_sum(row, squared_deviation(xr, mu));
+      } else {
+        k = double(valid_count(row.m, n));
+        if (k > double(correction)) std::tie(mu, ss) = group_moments(row, xr, 1, k, center);
       }
+      const double nu = k - double(correction);
       const double rs = 1.0 / std::sqrt(ss / nu + eps);
       state[i] = classify(nu, mu, ss, rs, kappa_limit);
       if (state[i] != kFused) {
@@ -451,10 +516,42 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
         return T((pick(xr, j, v, m) - m) * r * w[j] + bias[j]);
       };
       write_normalized(row, yr, xr, policy, normalized);
-      if (policy == kNormalize && !all_finite(yr, n))
+      if (policy == kNormalize && k < double(n) && !all_finite(yr, n))
         repair_overflow(row, yr, xr, m, r, [w, bias](int64_t j, double xh) { return xh * double(w[j]) + double(bias[j]); });
     }
   });
+}
+
+// One row's sums for backward_masked_rows in one pass: (A, B, k) with A and B in blocks as
+// blocked_sums, and its terms dy_j xh_j and dy_j added to dw[j] and db[j]. Position j is used (enters
+// the sums) where valid, or under "normalize" where masked out with dy_j != 0; xh_j is finite_xh's.
+// The test and finite_xh's choice are selects over values loaded unconditionally: with a branch, or
+// with this loop written inside the parallel_for lambda, GCC 12 leaves it scalar.
+template <typename T, typename A = at::opmath_type<T>>
+std::array<double, 3> masked_row_sums(const T* dy, const T* x, const uint8_t* mask, const A* w, A m, A r,
+                                      bool normalize, double* dw, double* db, int64_t n) {
+  double a = 0, bsum = 0, k = 0;
+  for (int64_t s = 0; s < n; s += kBlock) {
+    const int64_t e = std::min(n, s + kBlock);
+    double acc_a = 0, acc_b = 0, acc_k = 0;
+#pragma omp simd reduction(+ : acc_a, acc_b, acc_k)
+    for (int64_t j = s; j < e; ++j) {
+      const A dj = A(dy[j]), xj = A(x[j]);
+      const bool u = bool(mask[j]) | (normalize & (dj != A(0)));
+      const A xu = u ? xj : m, h = (xu - m) * r;
+      const double wide = wide_xh(xu, m, r), d = u ? double(dj) : 0.0;
+      const double dxh = d * (std::abs(h) <= std::numeric_limits<A>::max() ? double(h) : wide);
+      acc_a += d * double(w[j]);
+      acc_b += dxh * double(w[j]);
+      acc_k += mask[j] ? 1.0 : 0.0;
+      dw[j] += dxh;
+      db[j] += d;
+    }
+    a += acc_a;
+    bsum += acc_b;
+    k += acc_k;
+  }
+  return {a, bsum, k};
 }
 
 template <typename T>
@@ -477,29 +574,8 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
           continue;
         }
         const acc_t m = mean[i], r = rstd[i];
-        const uint8_t* mr = row.m;
-        // where position j enters the sums: valid, or (under "normalize") masked-out with dy_j != 0
-        auto used = [mr, dyr, policy](int64_t j) { return mr[j] || (policy == kNormalize && dyr[j] != T(0)); };
         auto xh = [xr, m, r](int64_t j, bool u) { return (pick(xr, j, u, m) - m) * r; };
-        // one pass: the row's A and B (in blocks, as blocked_sums), its terms of dw_j and db_j, and k
-        double a = 0, bsum = 0, k = 0;
-        for (int64_t s = 0; s < n; s += kBlock) {
-          const int64_t e = std::min(n, s + kBlock);
-          double acc_a = 0, acc_b = 0, acc_k = 0;
-#pragma omp simd reduction(+ : acc_a, acc_b, acc_k)
-          for (int64_t j = s; j < e; ++j) {
-            const bool u = used(j);
-            const double d = pick(dyr, j, u, 0.0), dxh = d * finite_xh(xh(j, u), pick(xr, j, u, m), m, r);
-            acc_a += d * double(w[j]);
-            acc_b += dxh * double(w[j]);
-            acc_k += mr[j] ? 1.0 : 0.0;
-            dwb[j] += dxh;
-            dbb[j] += d;
-          }
-          a += acc_a;
-          bsum += acc_b;
-          k += acc_k;
-        }
+        const auto [a, bsum, k] = masked_row_sums(dyr, xr, row.m, w, m, r, policy == kNormalize, dwb, dbb, n);
         const double wa = center ? a / k : 0.0, wb = bsum / (k - double(correction));
         const acc_t ma = acc_t(wa), mb = acc_t(wb);
         auto valid = [dyr, w, r, ma, mb, xh](int64_t j, bool v) {
