@@ -8,10 +8,11 @@ Per channel, with m the mask as 0/1 and sums over every position of the channel:
               gx = (gamma/s) g_out - m (offset + slope x),  slope = (gamma/s^2) B/nu,
               offset = (gamma/s) A/k - slope mu      (spec/closed_forms.py's vjp_centered, regrouped)
 
-On CPU, for inputs of up to KERNEL_MAX_NUMEL values and a mask constant along C or none, one call of the
-C++ kernel (kernels/per_channel.cpp: per_channel_norm and its backward) does all of this in double, skipping
-masked-out positions by a branch; the channels it cannot do exactly are redone as below, and a backward whose sums
-are not finite runs on the torch kernels. Otherwise:
+On CPU, for inputs the kernel takes (kernel_takes: up to KERNEL_MAX_NUMEL values, or rows of at least
+KERNEL_MIN_ROW values) and a mask constant along C or none, one call of the C++ kernel (kernels/per_channel.cpp:
+per_channel_norm and its backward) does all of this in double, reading masked-out positions through a select; the
+channels it cannot do exactly are redone as below, and a backward whose sums are not finite runs on the torch
+kernels. Otherwise:
 
 A mask constant along C (the usual (N, 1, L) padding mask) turns the masked sum of x into one
 matrix product with the mask, which reads x once and writes nothing of its size.
@@ -231,16 +232,25 @@ def _with_redone(gx, gw, gb, g_out, x, mask, weight, bias_shape, st: GroupStats,
     return gx, gw, gb
 
 
-# The largest x per_channel_norm takes. Measured (one thread, float32, (B, 1, L) mask, fwd+bwd per call): 256
-# values 130 us against 580 on the Python path, 32768 370 against 910, 262144 2.6 ms against 2.5, 10^6 20 ms
-# against 8 (its scalar, branchy loops in double lose to torch's vectorized kernels on large inputs).
+# The x per_channel_norm takes: any of up to KERNEL_MAX_NUMEL values, larger ones where each channel's rows x[n, c]
+# hold at least KERNEL_MIN_ROW values (its loops are vectorized along a row; per row they pay a few horizontal
+# sums). Measured (one thread, float32, (B, 1, L) mask, 30% padding, fwd+bwd per call, against the torch-op path):
+# (64, 256, 1024) 63 ms against 122, (256, 256, 256) 105 against 141, (512, 256, 128) 134-155 against 147-163,
+# (1024, 256, 64) 181-186 against 160-166, (4096, 256, 16) 457-498 against 223-238.
 KERNEL_MAX_NUMEL = 2**17
+KERNEL_MIN_ROW = 128
+
+
+def kernel_takes(x: torch.Tensor) -> bool:
+    """True where per_channel_norm takes x's size (x of rank >= 2)."""
+    n = x.numel()
+    return 0 < n and (n <= KERNEL_MAX_NUMEL or n // (x.shape[0] * x.shape[1]) >= KERNEL_MIN_ROW)
 
 
 def kernel_for(x: torch.Tensor, mask: Optional[torch.Tensor]):
-    """The fused CPU kernels' ops for this call (per_channel_norm: CPU data of at most KERNEL_MAX_NUMEL values, a
+    """The fused CPU kernels' ops for this call (per_channel_norm: CPU data of a size kernel_takes, a
     mask of x's rank with size 1 on axis 1 or none), or None (then fused_forward and fused_backward do the work)."""
-    if (x.device.type != "cpu" or not 0 < x.numel() <= KERNEL_MAX_NUMEL
+    if (x.device.type != "cpu" or not kernel_takes(x)
             or (mask is not None and (mask.dim() != x.dim() or mask.shape[1] != 1))):
         return None
     return native.ops()
@@ -260,9 +270,9 @@ def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[t
     the caller has checked against the module's channels (x (B, C, *S) of KERNEL_DTYPES on CPU, weight and bias
     (C,) of x's dtype on CPU, or None). None where the call is not one the kernel takes (the caller's route checks
     it, raises or runs it) or the kernel flags a channel (the route redoes it; nothing is updated): eager mode on
-    real data, no forward-mode AD, x of at most KERNEL_MAX_NUMEL values, eps a float > 0, mask None or a bool CPU
+    real data, no forward-mode AD, x of a size kernel_takes, eps a float > 0, mask None or a bool CPU
     tensor (B, *S), running statistics contiguous (C,) tensors of x's dtype, momentum a float or None."""
-    if not (type(eps) is float and 0.0 < eps < math.inf and masked in POLICIES and 0 < x.numel() <= KERNEL_MAX_NUMEL
+    if not (type(eps) is float and 0.0 < eps < math.inf and masked in POLICIES and kernel_takes(x)
             and plain_mask(x, mask) and (running is None or _trackable(x, *running))
             and eager_on_data(x) and not forward_ad_active()):
         return None

@@ -90,13 +90,19 @@ def _run(x, mask, weight, bias, g, masked, correction=0):
     return (out.detach(), *moments, *torch.autograd.grad(out, leaves, g))
 
 
+# Above KERNEL_MAX_NUMEL with rows of KERNEL_MIN_ROW or more (the large inputs' kernel route), and rows shorter
+# than kBlock (their sums join partial sums across rows).
+LARGE, SHORT_ROWS = (40, 12, 300), (600, 4, 50)
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 12), LARGE], ids=["small", "large"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("garbage", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("masked", POLICIES)
-def test_garbage_padding_gives_the_bits_of_clean_padding(masked, garbage, dtype):
+def test_garbage_padding_gives_the_bits_of_clean_padding(masked, garbage, dtype, shape):
     """Output at the valid positions, moments and every gradient (under "normalize" the upstream
     gradient is 0 at masked-out positions: they add nothing)."""
-    x, mask, weight, bias, g = _case(dtype)
+    x, mask, weight, bias, g = _case(dtype, shape)
     full = mask.expand(x.shape)
     if masked == "normalize":
         g = torch.where(full, g, 0.0)
@@ -107,14 +113,16 @@ def test_garbage_padding_gives_the_bits_of_clean_padding(masked, garbage, dtype)
         same_bits(a, b)
 
 
+@pytest.mark.parametrize("shape", [(24, 6, 700), LARGE, SHORT_ROWS], ids=["small", "large", "short rows"])
 @pytest.mark.parametrize("masked", POLICIES)
-def test_the_bits_do_not_depend_on_the_thread_count(masked):
+def test_the_bits_do_not_depend_on_the_thread_count(masked, shape):
+    assert per_channel.kernel_takes(torch.empty(shape))
     threads = torch.get_num_threads()
     try:
         runs = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            runs.append(_run(*_case(shape=(24, 6, 700), seed=1), masked))
+            runs.append(_run(*_case(shape=shape, seed=1), masked))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*runs):

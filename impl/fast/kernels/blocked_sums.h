@@ -1,4 +1,5 @@
-// Deterministic sums in double for the fused CPU kernels (included by padded_rows.cpp and masked_positions.cpp).
+// Deterministic sums in double for the fused CPU kernels (included by padded_rows.cpp, masked_positions.cpp and
+// per_channel.cpp), and the masked loads their terms read through.
 //
 //   blocked_sum(s, e, t) = sum_{j in [s, e)} t(j): blocks of kBlock terms, each added across SIMD lanes, then the
 //   blocks' sums in order (float64 terms: error ~ (kBlock / lanes + (e - s) / kBlock) u).
@@ -15,6 +16,19 @@
 namespace masknorm_kernels {
 
 constexpr int64_t kBlock = 256;  // terms per partial sum
+
+// A bool mask's bytes (0 or 1 each): a loop that loads bools does not vectorize.
+inline const uint8_t* as_bytes(const bool* mask) {
+  return reinterpret_cast<const uint8_t*>(mask);
+}
+
+// p[j] where v, else `other`, as U: the load is unconditional (j is in bounds either way) and the flag
+// selects, so a loop of these vectorizes; a masked-out value is converted, never used in arithmetic.
+template <typename U, typename T>
+U pick(const T* p, int64_t j, bool v, U other) {
+  const U value = U(p[j]);
+  return v ? value : other;
+}
 
 // The terms capture their pointers by value: through a captured reference the loop would reload them
 // and run about 3x slower.

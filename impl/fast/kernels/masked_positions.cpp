@@ -46,9 +46,11 @@
 
 namespace {
 
+using masknorm_kernels::as_bytes;
 using masknorm_kernels::blocked_sum;
 using masknorm_kernels::kBlock;
 using masknorm_kernels::kMomentBlock;
+using masknorm_kernels::pick;
 
 constexpr int64_t kSamples = 64;  // samples per weight/bias-gradient slot
 enum Policy : int64_t { kNormalize = 0, kKeep = 1, kZero = 2 };
@@ -102,11 +104,6 @@ void segments(const Runs& runs, int64_t L, Fn fn) {
   if (at < L) fn(at, L, false);
 }
 
-// A bool mask's bytes (0 or 1 each).
-inline const uint8_t* as_bytes(const bool* mask) {
-  return reinterpret_cast<const uint8_t*>(mask);
-}
-
 // One sample's mask row: visited as runs of valid positions, or, when its valid runs are short
 // (scattered padding), whole, with each masked-out input replaced by a select before any
 // arithmetic (`dense`).
@@ -116,14 +113,6 @@ struct Row {
   int64_t L;
   bool dense;
 };
-
-// p[j] where v, else `other`, as U: the load is unconditional (j is in bounds either way) and the flag
-// selects, so a loop of these vectorizes; a masked-out value is converted, never used in arithmetic.
-template <typename U, typename T>
-U pick(const T* p, int64_t j, bool v, U other) {
-  const U value = U(p[j]);
-  return v ? value : other;
-}
 
 // sum over the row's valid positions j of term(j, true); dense rows add term(j, m[j]) where
 // m[j] (term must then read its inputs through the flag: a select, not arithmetic).

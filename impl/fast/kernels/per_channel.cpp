@@ -12,10 +12,13 @@
 //   spec/closed_forms.py's vjp_centered with gamma factored out of the sums (one gamma per channel); a passed-through
 //   position's gradient is g ("keep", degenerate channels) or 0 ("zero").
 //
-// Sums and per-element arithmetic run in double; a sum adds blocks of kBlock terms (float64 input: error
-// ~ (kBlock + k / kBlock) u), and each channel is summed by one thread, so the bits do not depend on the thread
-// count. M2 is summed around the first mean and corrected (M2 = S2 - S1^2 / k, mu += S1 / k). A masked-out
-// position is skipped by a branch, never multiplied by 0: whatever it holds (NaN, Inf) reaches no sum.
+// Sums and per-element arithmetic run in double. A channel's sum adds its rows n = 0, ..., N - 1 in order, each
+// row's S terms as blocked_sums.h's blocked_sum (blocks of kBlock terms added across SIMD lanes, then in order),
+// the rows' sums in partial sums of at least kBlock terms (RowSum; float64 input: error ~ (kBlock + k / kBlock) u),
+// and each channel is summed by one thread, so the bits do not depend on the thread count. M2 is summed around the first mean and corrected (M2 = S2 - S1^2 / k,
+// mu += S1 / k). A masked-out position is read through a select (blocked_sums.h's pick: 0, or the mean where x is
+// centered, in place of its value), never multiplied by 0: whatever it holds (NaN, Inf) reaches no sum, the bits
+// are those of clean padding, and the loops vectorize.
 //
 // The forward counts the channels it cannot do exactly (fast.per_channel._out_of_range's test in x's dtype, or a
 // first mean off by more than sigma / 2^10): they hold placeholder statistics (shift 0, inv_s 1, var 1) and the
@@ -36,7 +39,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <limits>
 #include <initializer_list>
@@ -49,7 +51,11 @@
 
 namespace {
 
+using masknorm_kernels::as_bytes;
+using masknorm_kernels::blocked_sum;
+using masknorm_kernels::blocked_sums;
 using masknorm_kernels::kBlock;
+using masknorm_kernels::pick;
 using masknorm_kernels::make_node;
 using masknorm_kernels::wants_grad;
 
@@ -62,31 +68,56 @@ Masked policy(c10::string_view masked) {
   return Masked::zero;
 }
 
-// The (N, C, S) view of a channel: x[n, c, s] at (n C + c) S + s, its mask flag at n S + s.
+// The (N, C, S) view of a channel: x[n, c, s] at (n C + c) S + s, its mask flag at n M + s (M = S, or 0 with no
+// mask: one row of ones).
 struct Layout {
-  int64_t N, C, S;
+  int64_t N, C, S, M;
 };
 
-// The sums of the K terms term(i) over the positions j = n S + s (x offset i = (n C + c) S + s) where use(j, i),
-// in blocks of kBlock used positions, in double.
-template <int K, typename Use, typename Term>
-std::array<double, K> channel_sums(const Layout& l, int64_t c, Use use, Term term) {
-  std::array<double, K> total{}, acc{};
-  int64_t used = 0;
-  for (int64_t n = 0; n < l.N; ++n) {
-    const int64_t row = (n * l.C + c) * l.S;
-    for (int64_t s = 0; s < l.S; ++s) {
-      if (!use(n * l.S + s, row + s)) continue;
-      const std::array<double, K> t = term(row + s);
-      for (int q = 0; q < K; ++q) acc[q] += t[q];
-      if (++used == kBlock) {
-        for (int q = 0; q < K; ++q) total[q] += acc[q], acc[q] = 0;
-        used = 0;
-      }
-    }
+// fn(c, i, v) for the channels c in [lo, hi) and their rows n = 0, ..., N - 1, n outer and c inner, so that the
+// rows are read in memory order: i the offset of x[n, c, 0], v its mask row (bytes). Each channel's rows come in
+// the order n = 0, ..., N - 1 whatever [lo, hi) is, so a sum over them has the same bits for any range.
+template <typename Fn>
+void each_row(const Layout& l, const uint8_t* m, int64_t lo, int64_t hi, Fn fn) {
+  for (int64_t n = 0; n < l.N; ++n)
+    for (int64_t c = lo; c < hi; ++c) fn(c, (n * l.C + c) * l.S, m + n * l.M);
+}
+
+// A channel's sum over its rows: each row's sum (blocked_sum's) added to a partial sum, which joins the total once
+// it holds kBlock terms or more, so the error does not grow with N: ~ (kBlock / lanes + kBlock + S / kBlock +
+// k / kBlock) u, at most (2 kBlock + 2 k / kBlock) u.
+struct RowSum {
+  double total = 0, partial = 0;
+  int64_t terms = 0;
+
+  void add(double row, int64_t n) {
+    partial += row;
+    terms += n;
+    if (terms >= kBlock) total += partial, partial = 0, terms = 0;
   }
-  for (int q = 0; q < K; ++q) total[q] += acc[q];
-  return total;
+  double sum() const { return total + partial; }
+};
+
+// o[j] = valid(j, true) where v[j], else other(j), for j < n: both computed, then a select (valid reads its inputs
+// through the flag, as pick does), so the loop vectorizes.
+template <typename T, typename Valid, typename Other>
+void write_row(T* o, const uint8_t* v, int64_t n, Valid valid, Other other) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const bool u = v[j];
+    const T a = valid(j, u), b = other(j);
+    o[j] = u ? a : b;
+  }
+}
+
+// A passed-through row: src everywhere, except 0 at masked-out positions under "zero".
+template <typename T>
+void pass_row(const T* src, T* o, const uint8_t* v, int64_t n, bool zero) {
+  if (zero) {
+    write_row(o, v, n, [src](int64_t j, bool u) { return pick(src, j, u, T(0)); }, [](int64_t) { return T(0); });
+  } else {
+    std::copy(src, src + n, o);
+  }
 }
 
 // fast.per_channel._out_of_range's test passed: the fused statistics are exact for this channel.
@@ -103,96 +134,134 @@ int64_t grain(const Layout& l) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, l.N * l.S));
 }
 
+// fn(lo, hi) for the chunks of [lo, hi) that one pass after another reads: about 2^16 positions (the chunk stays in
+// cache for the next pass), and rows of at least 1 KiB across the chunk's channels (short rows are not read one
+// channel at a time, a cache line or a page each).
+template <typename T, typename Fn>
+void each_chunk(const Layout& l, int64_t lo, int64_t hi, Fn fn) {
+  const int64_t per_row = int64_t(1024 / sizeof(T)) / std::max<int64_t>(1, l.S);
+  const int64_t width = std::max<int64_t>({1, (int64_t(1) << 16) / std::max<int64_t>(1, l.N * l.S), per_row});
+  for (int64_t c = lo; c < hi; c += width) fn(c, std::min(hi, c + width));
+}
+
 template <typename T>
-void forward_channels(const T* x, const bool* m, const T* w, const T* b, T* out, T* mean, T* var_unbiased,
+void forward_channels(const T* x, const uint8_t* m, const T* w, const T* b, T* out, T* mean, T* var_unbiased,
                       T* count, T* var, T* shift, T* inv_s, bool* redo, const Layout& l, double k, int64_t correction,
                       double eps, Masked masked) {
   const double nu = k - double(correction);
-  at::parallel_for(0, l.C, grain(l), [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      auto valid = [m](int64_t j, int64_t) { return m == nullptr || m[j]; };
-      const auto [sx] = channel_sums<1>(l, c, valid, [x](int64_t i) { return std::array<double, 1>{double(x[i])}; });
-      const double mu1 = sx / k;
-      const auto [s1, s2] = channel_sums<2>(l, c, valid, [x, mu1](int64_t i) {
-        const double d = double(x[i]) - mu1;
-        return std::array<double, 2>{d, d * d};
+  const bool zero = masked == Masked::zero;
+  at::parallel_for(0, l.C, grain(l), [&](int64_t begin, int64_t end) {
+    each_chunk<T>(l, begin, end, [&](int64_t lo, int64_t hi) {
+      // per channel of the chunk: the sums, then (mu, scale, beta) of out = (x - mu) scale + beta, and whether
+      // the channel is normalized
+      std::vector<RowSum> sx(hi - lo), s1(hi - lo), s2(hi - lo);
+      std::vector<double> mu1(hi - lo), mu(hi - lo), scale(hi - lo), beta(hi - lo);
+      std::vector<uint8_t> normalize(hi - lo);
+      each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
+        sx[c - lo].add(blocked_sum(0, l.S, [xr = x + i, v](int64_t j) { return pick(xr, j, v[j], 0.0); }), l.S);
       });
-      const double step = s1 / k, mu = mu1 + step;
-      const double m2 = std::max(s2 - s1 * step, 0.0);
-      mean[c] = T(mu);
-      var_unbiased[c] = T(m2 / (k - 1));
-      count[c] = T(k);
-      const bool degenerate = nu <= 0;
-      redo[c] = !degenerate && !(in_range<T>(mu, m2 / nu, eps) && !(step * step * std::ldexp(1.0, 20) > m2 / k));
-      const bool normalize = !degenerate && !redo[c];
-      const double r = normalize ? 1 / std::sqrt(m2 / nu + eps) : 1.0;
-      var[c] = normalize ? T(m2 / nu) : T(1);
-      shift[c] = normalize ? T(mu) : T(0);
-      inv_s[c] = T(r);
-      const double scale = r * (w ? double(w[c]) : 1.0), beta = b ? double(b[c]) : 0.0;
-      for (int64_t n = 0; n < l.N; ++n) {
-        const int64_t row = (n * l.C + c) * l.S;
-        for (int64_t s = 0; s < l.S; ++s) {
-          const bool v = m == nullptr || m[n * l.S + s];
-          const int64_t i = row + s;
-          if (normalize && (v || masked == Masked::normalize)) {
-            out[i] = T((double(x[i]) - mu) * scale + beta);
-          } else {
-            out[i] = (masked == Masked::zero && !v) ? T(0) : x[i];
-          }
-        }
+      for (int64_t q = 0; q < hi - lo; ++q) mu1[q] = sx[q].sum() / k;
+      each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
+        auto d = [xr = x + i, v, mu = mu1[c - lo]](int64_t j) { return pick(xr, j, v[j], mu) - mu; };
+        const auto [t1, t2] = blocked_sums(0, l.S, d, [d](int64_t j) { return d(j) * d(j); });
+        s1[c - lo].add(t1, l.S);
+        s2[c - lo].add(t2, l.S);
+      });
+      for (int64_t c = lo; c < hi; ++c) {
+        const int64_t q = c - lo;
+        const double step = s1[q].sum() / k;
+        mu[q] = mu1[q] + step;
+        const double m2 = std::max(s2[q].sum() - s1[q].sum() * step, 0.0);
+        mean[c] = T(mu[q]);
+        var_unbiased[c] = T(m2 / (k - 1));
+        count[c] = T(k);
+        const bool degenerate = nu <= 0;
+        redo[c] = !degenerate && !(in_range<T>(mu[q], m2 / nu, eps) && !(step * step * std::ldexp(1.0, 20) > m2 / k));
+        normalize[q] = !degenerate && !redo[c];
+        const double r = normalize[q] ? 1 / std::sqrt(m2 / nu + eps) : 1.0;
+        var[c] = normalize[q] ? T(m2 / nu) : T(1);
+        shift[c] = normalize[q] ? T(mu[q]) : T(0);
+        inv_s[c] = T(r);
+        scale[q] = r * (w ? double(w[c]) : 1.0);
+        beta[q] = b ? double(b[c]) : 0.0;
       }
-    }
+      each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
+        const int64_t q = c - lo;
+        const T* xr = x + i;
+        T* o = out + i;
+        auto normalized = [xr, mu = mu[q], scale = scale[q], beta = beta[q]](int64_t j, bool u) {
+          return T((pick(xr, j, u, mu) - mu) * scale + beta);
+        };
+        if (!normalize[q]) {
+          pass_row(xr, o, v, l.S, zero);
+        } else if (masked == Masked::normalize) {
+#pragma omp simd
+          for (int64_t j = 0; j < l.S; ++j) o[j] = normalized(j, true);
+        } else if (zero) {
+          write_row(o, v, l.S, normalized, [](int64_t) { return T(0); });
+        } else {
+          write_row(o, v, l.S, normalized, [xr](int64_t j) { return xr[j]; });
+        }
+      });
+    });
   });
 }
 
 template <typename T>
-void backward_channels(const T* g, const T* x, const bool* m, const T* w, const T* shift, const T* inv_s,
+void backward_channels(const T* g, const T* x, const uint8_t* m, const T* w, const T* shift, const T* inv_s,
                        const bool* skip, T* gx, T* gw, T* gb, uint8_t* bad, const Layout& l, double k,
                        int64_t correction, Masked masked) {
   const double nu = k - double(correction);
-  at::parallel_for(0, l.C, grain(l), [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) {
-      bad[c] = 0;
-      const bool degenerate = nu <= 0, skipped = skip != nullptr && skip[c];
-      if (degenerate || skipped) {  // passed through, or the caller's (redone channels: placeholders 0)
-        gw[c] = gb[c] = T(0);
-        for (int64_t n = 0; n < l.N; ++n) {
-          const int64_t row = (n * l.C + c) * l.S;
-          for (int64_t s = 0; s < l.S; ++s) {
-            const bool v = m == nullptr || m[n * l.S + s];
-            gx[row + s] = (skipped || (masked == Masked::zero && !v)) ? T(0) : g[row + s];
-          }
-        }
-        continue;
-      }
-      const double mu = double(shift[c]), r = double(inv_s[c]);
-      const double gamma_s = r * (w ? double(w[c]) : 1.0);
-      auto used = [m, g, masked](int64_t j, int64_t i) {
-        return m == nullptr || m[j] || (masked == Masked::normalize && g[i] != T(0));
-      };
-      const auto [A, B] = channel_sums<2>(l, c, used, [g, x, mu, r](int64_t i) {
-        return std::array<double, 2>{double(g[i]), double(g[i]) * ((double(x[i]) - mu) * r)};
+  const bool all = masked == Masked::normalize, keep = masked == Masked::keep, degenerate = nu <= 0;
+  at::parallel_for(0, l.C, grain(l), [&](int64_t begin, int64_t end) {
+    each_chunk<T>(l, begin, end, [&](int64_t lo, int64_t hi) {
+      std::vector<RowSum> A(hi - lo), B(hi - lo);
+      // passed through (degenerate), or the caller's (redone channels: placeholders 0)
+      auto passed = [&](int64_t c) { return degenerate || (skip != nullptr && skip[c]); };
+      each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
+        if (passed(c)) return;
+        const double mu = double(shift[c]), r = double(inv_s[c]);
+        // a masked-out position is used where its gradient is nonzero under "normalize"
+        auto used = [gr = g + i, v, all](int64_t j) { return bool(v[j] | (all & (gr[j] != T(0)))); };
+        auto ga = [gr = g + i, used](int64_t j) { return pick(gr, j, used(j), 0.0); };
+        const auto [ta, tb] = blocked_sums(0, l.S, ga, [ga, used, xr = x + i, mu, r](int64_t j) {
+          return ga(j) * ((pick(xr, j, used(j), mu) - mu) * r);
+        });
+        A[c - lo].add(ta, l.S);
+        B[c - lo].add(tb, l.S);
       });
-      if (!std::isfinite(A) || !std::isfinite(B)) bad[c] = 1;
-      gw[c] = T(B);
-      gb[c] = T(A);
-      const double a = A / k, bn = B / nu;
-      for (int64_t n = 0; n < l.N; ++n) {
-        const int64_t row = (n * l.C + c) * l.S;
-        for (int64_t s = 0; s < l.S; ++s) {
-          const bool v = m == nullptr || m[n * l.S + s];
-          const int64_t i = row + s;
-          if (v) {
-            gx[i] = T(gamma_s * (double(g[i]) - (a + bn * ((double(x[i]) - mu) * r))));
-          } else if (masked == Masked::normalize) {
-            gx[i] = T(gamma_s * double(g[i]));
-          } else {
-            gx[i] = masked == Masked::keep ? g[i] : T(0);
-          }
-        }
+      for (int64_t c = lo; c < hi; ++c) {
+        const int64_t q = c - lo;
+        bad[c] = !std::isfinite(A[q].sum()) || !std::isfinite(B[q].sum());
+        gw[c] = T(B[q].sum());
+        gb[c] = T(A[q].sum());
       }
-    }
+      each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
+        const T* gr = g + i;
+        const T* xr = x + i;
+        T* o = gx + i;
+        if (passed(c)) {
+          if (skip != nullptr && skip[c]) {
+            std::fill(o, o + l.S, T(0));
+          } else {
+            pass_row(gr, o, v, l.S, masked == Masked::zero);
+          }
+          return;
+        }
+        const double mu = double(shift[c]), r = double(inv_s[c]);
+        const double gamma_s = r * (w ? double(w[c]) : 1.0), a = A[c - lo].sum() / k, bn = B[c - lo].sum() / nu;
+        auto valid = [gr, xr, gamma_s, a, bn, mu, r](int64_t j, bool u) {
+          return T(gamma_s * (pick(gr, j, u, 0.0) - (a + bn * ((pick(xr, j, u, mu) - mu) * r))));
+        };
+        if (all) {
+          write_row(o, v, l.S, valid, [gr, gamma_s](int64_t j) { return T(gamma_s * double(gr[j])); });
+        } else if (keep) {
+          write_row(o, v, l.S, valid, [gr](int64_t j) { return gr[j]; });
+        } else {
+          write_row(o, v, l.S, valid, [](int64_t) { return T(0); });
+        }
+      });
+    });
   });
 }
 
@@ -201,12 +270,17 @@ std::pair<at::Tensor, Layout> channels(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble),
               "x must be a float32 or float64 CPU tensor (N, C, *S), got ", x.sizes(), " ", x.scalar_type());
   const int64_t N = x.size(0), C = x.size(1);
-  return {x.contiguous(), Layout{N, C, C == 0 || N == 0 ? 0 : x.numel() / (N * C)}};
+  const int64_t S = C == 0 || N == 0 ? 0 : x.numel() / (N * C);
+  return {x.contiguous(), Layout{N, C, S, S}};
 }
 
-// The mask as a contiguous bool (N, S) (undefined when there is none) and the valid count k.
-std::pair<at::Tensor, double> flags(const c10::optional<at::Tensor>& mask, const at::Tensor& x, const Layout& l) {
-  if (!mask) return {at::Tensor(), double(l.N * l.S)};
+// The mask as a contiguous bool (N, S), or one row of S ones when there is none (l.M set to 0: every row reads
+// it), and the valid count k.
+std::pair<at::Tensor, double> flags(const c10::optional<at::Tensor>& mask, const at::Tensor& x, Layout& l) {
+  if (!mask) {
+    l.M = 0;
+    return {at::ones({l.S}, x.options().dtype(at::kBool)), double(l.N * l.S)};
+  }
   const bool plain = mask->dim() == x.dim() - 1;  // (N, *S): the batch-norm modules' mask, axis 1 inserted here
   TORCH_CHECK(mask->scalar_type() == at::kBool && (plain || (mask->dim() == x.dim() && mask->size(1) == 1)),
               "mask must be a bool tensor of x's rank with size 1 on axis 1, or of x's shape without axis 1, got ",
@@ -242,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 per_channel_norm(const at::Tensor& x_, const c10::optional<at::Tensor>& mask,
                  const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
                  int64_t correction, double eps, c10::string_view masked) {
-  const auto [x, l] = channels(x_);
+  auto [x, l] = channels(x_);
   const auto [m, k] = flags(mask, x, l);
   const auto weight = per_channel(weight_, x, "weight"), bias = per_channel(bias_, x, "bias");
   const auto keep = keepdim(x);
@@ -251,7 +325,8 @@ per_channel_norm(const at::Tensor& x_, const c10::optional<at::Tensor>& mask,
   for (int i = 0; i < 6; ++i) stats.push_back(at::empty(keep, x.options()));
   auto redo = at::empty(keep, x.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "per_channel_norm", [&] {
-    forward_channels<scalar_t>(x.const_data_ptr<scalar_t>(), data_or_null<bool>(m), data_or_null<scalar_t>(weight),
+    forward_channels<scalar_t>(x.const_data_ptr<scalar_t>(), as_bytes(m.const_data_ptr<bool>()),
+                               data_or_null<scalar_t>(weight),
                                data_or_null<scalar_t>(bias), out.mutable_data_ptr<scalar_t>(),
                                stats[0].mutable_data_ptr<scalar_t>(), stats[1].mutable_data_ptr<scalar_t>(),
                                stats[2].mutable_data_ptr<scalar_t>(), stats[3].mutable_data_ptr<scalar_t>(),
@@ -268,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_channel_norm_back
     const at::Tensor& g_, const at::Tensor& x_, const c10::optional<at::Tensor>& mask,
     const c10::optional<at::Tensor>& weight_, const at::Tensor& shift_, const at::Tensor& inv_s_,
     const c10::optional<at::Tensor>& skip_, int64_t correction, c10::string_view masked) {
-  const auto [x, l] = channels(x_);
+  auto [x, l] = channels(x_);
   TORCH_CHECK(g_.sizes() == x_.sizes() && g_.dtype() == x_.dtype(), "g must match x, got ", g_.sizes());
   TORCH_CHECK(shift_.numel() == l.C && inv_s_.numel() == l.C && shift_.dtype() == x.dtype() &&
                   inv_s_.dtype() == x.dtype(), "shift and inv_s need one value of x's dtype per channel");
@@ -283,7 +358,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> per_channel_norm_back
   auto gx = at::empty_like(x), gw = at::empty({l.C}, x.options()), gb = at::empty({l.C}, x.options());
   std::vector<uint8_t> bad(l.C);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "per_channel_norm_backward", [&] {
-    backward_channels<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), data_or_null<bool>(m),
+    backward_channels<scalar_t>(g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                as_bytes(m.const_data_ptr<bool>()),
                                 data_or_null<scalar_t>(weight), shift.const_data_ptr<scalar_t>(),
                                 inv_s.const_data_ptr<scalar_t>(), data_or_null<bool>(skip),
                                 gx.mutable_data_ptr<scalar_t>(), gw.mutable_data_ptr<scalar_t>(),
