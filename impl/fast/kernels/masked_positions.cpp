@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "blocked_sums.h"
+#include "stores.h"
 
 namespace {
 
@@ -51,6 +52,7 @@ using masknorm_kernels::blocked_sum;
 using masknorm_kernels::kBlock;
 using masknorm_kernels::kMomentBlock;
 using masknorm_kernels::pick;
+using masknorm_kernels::stored;
 
 constexpr int64_t kSamples = 64;  // samples per weight/bias-gradient slot
 enum Policy : int64_t { kNormalize = 0, kKeep = 1, kZero = 2 };
@@ -365,7 +367,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         const T* xr = xg + c * L;
         T* yr = yg + c * L;
         const acc_t wc = w[g * Cg + c], bc = bias[g * Cg + c];
-        auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return T((pick(xr, j, v, m) - m) * r * wc + bc); };
+        auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return stored<T>((pick(xr, j, v, m) - m) * r * wc + bc); };
         write_normalized(row, yr, xr, policy, normalized);
       }
       if (policy == kNormalize && counts[b] < L && !all_finite(yg, Cg * L))
@@ -446,14 +448,14 @@ void backward_groups(const T* dy, const T* x, const bool* mask, const at::opmath
         const acc_t wc = w[g * Cg + c];
         auto valid = [dyr, xr, m, r, wc, ma, mb](int64_t j, bool v) {
           const acc_t xh = (pick(xr, j, v, m) - m) * r;
-          return T(r * (pick(dyr, j, v, acc_t(0)) * wc - ma - xh * mb));
+          return stored<T>(r * (pick(dyr, j, v, acc_t(0)) * wc - ma - xh * mb));
         };
         auto valid_wide = [dyr, xr, m, r, wc, wa, wb](int64_t j, bool v) {  // sums beyond acc_t (see wide_xh)
           const double xh = wide_xh(pick(xr, j, v, m), m, r);
           return T(acc_t(double(r) * (pick(dyr, j, v, 0.0) * double(wc) - wa - xh * wb)));
         };
         T* dxr = dxg + c * L;
-        auto other = [dyr, r, wc](int64_t j) { return T(r * (acc_t(dyr[j]) * wc)); };
+        auto other = [dyr, r, wc](int64_t j) { return stored<T>(r * (acc_t(dyr[j]) * wc)); };
         if (std::isfinite(ma) && std::isfinite(mb))
           write_policy(row, dxr, dyr, policy, valid, other);
         else
@@ -502,7 +504,7 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
       mean[i] = m;
       rstd[i] = r;
       auto normalized = [xr, m, r, w, bias](int64_t j, bool v) {
-        return T((pick(xr, j, v, m) - m) * r * w[j] + bias[j]);
+        return stored<T>((pick(xr, j, v, m) - m) * r * w[j] + bias[j]);
       };
       write_normalized(row, yr, xr, policy, normalized);
       if (policy == kNormalize && k < double(n) && !all_finite(yr, n))
@@ -568,13 +570,13 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
         const double wa = center ? a / k : 0.0, wb = bsum / (k - double(correction));
         const acc_t ma = acc_t(wa), mb = acc_t(wb);
         auto valid = [dyr, w, r, ma, mb, xh](int64_t j, bool v) {
-          return T(r * (pick(dyr, j, v, acc_t(0)) * w[j] - ma - xh(j, v) * mb));
+          return stored<T>(r * (pick(dyr, j, v, acc_t(0)) * w[j] - ma - xh(j, v) * mb));
         };
         auto valid_wide = [dyr, xr, w, m, r, wa, wb](int64_t j, bool v) {  // sums beyond acc_t (see wide_xh)
           const double xh = wide_xh(pick(xr, j, v, m), m, r);
           return T(acc_t(double(r) * (pick(dyr, j, v, 0.0) * double(w[j]) - wa - xh * wb)));
         };
-        auto other = [dyr, r, w](int64_t j) { return T(r * (acc_t(dyr[j]) * w[j])); };
+        auto other = [dyr, r, w](int64_t j) { return stored<T>(r * (acc_t(dyr[j]) * w[j])); };
         if (std::isfinite(ma) && std::isfinite(mb))
           write_policy(row, dxr, dyr, policy, valid, other);
         else
