@@ -216,10 +216,12 @@ double wide_xh(A x, A m, A r) {
   return (double(x) - double(m)) * double(r);
 }
 
-// xh = h where finite, else in double from x (see wide_xh).
+// xh = h where finite, else in double from x (see wide_xh): a select over both values (no branch), so a loop
+// of these vectorizes.
 template <typename A>
 double finite_xh(A h, A x, A m, A r) {
-  return std::isfinite(h) ? double(h) : wide_xh(x, m, r);
+  const double wide = wide_xh(x, m, r);
+  return std::abs(h) <= std::numeric_limits<A>::max() ? double(h) : wide;
 }
 
 // Whether out[0, n) is all finite: one vectorized pass (the sum of out_j * 0 is NaN iff some out_j is not).
@@ -529,9 +531,8 @@ std::array<double, 3> masked_row_sums(const T* dy, const T* x, const uint8_t* ma
     for (int64_t j = s; j < e; ++j) {
       const A dj = A(dy[j]), xj = A(x[j]);
       const bool u = bool(mask[j]) | (normalize & (dj != A(0)));
-      const A xu = u ? xj : m, h = (xu - m) * r;
-      const double wide = wide_xh(xu, m, r), d = u ? double(dj) : 0.0;
-      const double dxh = d * (std::abs(h) <= std::numeric_limits<A>::max() ? double(h) : wide);
+      const A xu = u ? xj : m;
+      const double d = u ? double(dj) : 0.0, dxh = d * finite_xh((xu - m) * r, xu, m, r);
       acc_a += d * double(w[j]);
       acc_b += dxh * double(w[j]);
       acc_k += mask[j] ? 1.0 : 0.0;
