@@ -34,9 +34,8 @@ import torch
 from masknorm._autograd import (
     compose, forward_ad_active, general_vjp, masked_norm_jvp, masked_norm_vjp, needs_general_backward, redo_groups, regions,
 )
-from masknorm._contract import POLICIES
 from masknorm._stats import GroupStats, group_stats, valid_count, where_or_zero
-from masknorm._tracing import eager_on_data
+from masknorm._tracing import lanes_may_run
 from masknorm.fast import native
 
 
@@ -266,25 +265,18 @@ def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[t
     """masked_norm_with_moments(x, mask[:, None], every axis but 1, eps=eps, weight, bias, masked)'s output as one
     call of per_channel_norm (whose Autograd kernel records a C++ node where a gradient is wanted), bit for bit,
     and with running = (running_mean, running_var, num_batches_tracked or None, momentum) a batch-norm module's
-    running update (_MaskedBatchNorm._track's bits) as one call of per_channel_track; for x, weight and bias that
-    the caller has checked against the module's channels (x (B, C, *S) of KERNEL_DTYPES on CPU, weight and bias
-    (C,) of x's dtype on CPU, or None). None where the call is not one the kernel takes (the caller's route checks
-    it, raises or runs it) or the kernel flags a channel (the route redoes it; nothing is updated): eager mode on
-    real data, no forward-mode AD, x of a size kernel_takes, eps a float > 0, mask None or a bool CPU
-    tensor (B, *S), running statistics contiguous (C,) tensors of x's dtype, momentum a float or None."""
-    if not (type(eps) is float and 0.0 < eps < math.inf and masked in POLICIES and kernel_takes(x)
-            and plain_mask(x, mask) and (running is None or _trackable(x, *running))
-            and eager_on_data(x) and not forward_ad_active()):
+    running update (_MaskedBatchNorm._track's bits) as one call of per_channel_track: the C++ lane
+    (kernels/lanes.cpp's batch_channels), one hop from Python. None where the call is not one the kernel takes (the
+    caller's route checks it, raises or runs it) or the kernel flags a channel (the route redoes it; nothing is
+    updated): eager mode on real data, no forward-mode AD, x (B, C, *S) of KERNEL_DTYPES on CPU of a size
+    kernel_takes, weight and bias (C,) of x's dtype or None, eps a float > 0, mask None or a bool CPU tensor
+    (B, *S), running statistics contiguous (C,) tensors of x's dtype, momentum a float or None."""
+    lanes = native.lanes()
+    if lanes is None or not lanes_may_run():
         return None
-    kernel = native.ops()
-    if kernel is None:
-        return None
-    out, mean, var, count, *_, flagged = kernel.per_channel_norm(x, mask, weight, bias, 0, eps, masked)
-    if flagged.item():
-        return None
-    if running is not None:
-        kernel.per_channel_track(running[0], running[1], running[2], mean, var, count, running[3])
-    return out
+    running_mean, running_var, batches, momentum = (None, None, None, None) if running is None else running
+    return lanes.batch_channels(x, mask, weight, bias, masked, eps, running_mean, running_var, batches, momentum,
+                                KERNEL_MAX_NUMEL, KERNEL_MIN_ROW)
 
 
 def plain_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
@@ -292,21 +284,6 @@ def plain_mask(x: torch.Tensor, mask: Optional[torch.Tensor]) -> bool:
     return mask is None or (type(mask) is torch.Tensor and mask.dtype == torch.bool and mask.is_cpu
                             and mask.dim() == x.dim() - 1 and mask.shape[0] == x.shape[0]
                             and mask.shape[1:] == x.shape[2:])
-
-
-def _trackable(x: torch.Tensor, running_mean, running_var, num_batches_tracked, momentum) -> bool:
-    """True where per_channel_track takes these running statistics for x's channels."""
-    shape = (x.shape[1],)
-    return (
-        (momentum is None or type(momentum) is float)
-        and type(running_mean) is torch.Tensor and running_mean.dtype == x.dtype and running_mean.is_cpu
-        and running_mean.is_contiguous() and running_mean.shape == shape
-        and type(running_var) is torch.Tensor and running_var.dtype == x.dtype and running_var.is_cpu
-        and running_var.is_contiguous() and running_var.shape == shape
-        and (num_batches_tracked is None or (type(num_batches_tracked) is torch.Tensor and num_batches_tracked.is_cpu
-                                             and num_batches_tracked.dtype == torch.long
-                                             and num_batches_tracked.numel() == 1))
-    )
 
 
 def kernel_forward(kernel, x, mask, weight, bias, dims, correction: int, eps: float, masked: str):

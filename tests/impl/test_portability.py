@@ -298,7 +298,7 @@ def _operator_calls(monkeypatch, dtype):
 
     monkeypatch.setattr(functional, "_eager_on_data", lambda x: False)
     monkeypatch.setattr(padded_rows, "lanes_may_run", lambda: False)  # the token norms' lane to the kernel
-    monkeypatch.setattr(per_channel, "eager_on_data", lambda x: False)  # the batch norms' lane to the kernel
+    monkeypatch.setattr(per_channel, "lanes_may_run", lambda: False)  # the batch norms' lane to the kernel
     monkeypatch.setattr(functional, "_compiling_with_ops", lambda x: True)
     gen = torch.Generator().manual_seed(0)
     recorder = _Recorder()

@@ -4,6 +4,11 @@
 //       masknorm::padded_rows_norm(x, mask, weight, bias, ndims, eps, center, masked == "zero")'s y
 //   masked_channels(x, mask, weight, bias, groups, eps, policy) -> y or None
 //       masknorm::masked_channels_norm(x, mask, weight, bias, groups, eps, policy)'s y
+//   batch_channels(x, mask, weight, bias, masked, eps, running_mean, running_var, num_batches_tracked, momentum,
+//                  max_numel, min_row) -> y or None
+//       masknorm::per_channel_norm(x, mask, weight, bias, 0, eps, masked)'s y, then (running_mean not None) the
+//       module's running update masknorm::per_channel_track(running_mean, running_var, num_batches_tracked,
+//       mean, unbiased var, count, momentum)
 //
 // Each checks that the call is one its operator takes, calls the operator through the dispatcher (so its
 // Autograd kernel records a node where a gradient is wanted) and returns y; None where the call is not the
@@ -104,15 +109,19 @@ int zero_flag(PyObject* masked) {
   return kept ? 0 : -1;
 }
 
-// y where the operator's count of flagged rows or groups is 0, else None; the operator runs without the GIL.
-template <typename Call>
-PyObject* run_unless_flagged(Call call) {
+// y where the operator's count of flagged rows, groups or channels is 0 (then taken() runs too), else None; the
+// operators run without the GIL.
+template <typename Call, typename Taken>
+PyObject* run_unless_flagged(Call call, Taken taken) {
   at::Tensor y;
   {
     PyThreadState* saved = PyEval_SaveThread();
     try {
       auto [out, flagged] = call();
-      if (flagged.template item<int64_t>() == 0) y = std::move(out);
+      if (flagged.template item<int64_t>() == 0) {
+        y = std::move(out);
+        taken();
+      }
     } catch (...) {
       PyEval_RestoreThread(saved);
       throw;
@@ -144,7 +153,7 @@ PyObject* padded_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return run_unless_flagged([&] {
     auto out = op.call(x, in.mask, in.weight, in.bias, ndims, in.eps, args[6] == Py_True, zero == 1);
     return std::make_tuple(std::get<0>(out), std::get<3>(out));
-  });
+  }, [] {});
   END_HANDLE_TH_ERRORS
 }
 
@@ -168,6 +177,94 @@ PyObject* masked_channels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                                                 int64_t, double, int64_t)>();
   return run_unless_flagged([&] {
     return op.call(in.x, in.mask, in.weight, in.bias, groups, in.eps, policy);
+  }, [] {});
+  END_HANDLE_TH_ERRORS
+}
+
+// masked as per_channel_norm's policy name ("normalize", "keep" or "zero"), or an empty view for anything else.
+c10::string_view policy_name(PyObject* masked) {
+  if (!PyUnicode_CheckExact(masked)) return {};
+  Py_ssize_t size = 0;
+  const char* name = PyUnicode_AsUTF8AndSize(masked, &size);
+  if (name == nullptr) {
+    PyErr_Clear();
+    return {};
+  }
+  const c10::string_view view(name, size);
+  return view == "normalize" || view == "keep" || view == "zero" ? view : c10::string_view();
+}
+
+// t (None or a tensor) as a contiguous plain CPU vector of n values of `dtype`.
+bool channel_vector(const c10::optional<at::Tensor>& t, int64_t n, at::ScalarType dtype) {
+  return !t || (t->dim() == 1 && t->size(0) == n && t->scalar_type() == dtype && t->is_contiguous());
+}
+
+// The running statistics a batch-norm module's update takes for x's C channels: all of running_mean,
+// running_var, num_batches_tracked None (no update), or contiguous (C,) vectors of x's dtype, num_batches_tracked
+// None or one int64 value, momentum None or a Python float.
+struct Running {
+  c10::optional<at::Tensor> mean, var, batches;
+  c10::optional<double> momentum;
+};
+
+bool running_of(PyObject* const* args, const at::Tensor& x, Running* run) {
+  const auto dtype = x.scalar_type();
+  if (!(optional_tensor(args[0], dtype, &run->mean) && optional_tensor(args[1], dtype, &run->var) &&
+        optional_tensor(args[2], at::kLong, &run->batches))) {
+    return false;
+  }
+  if (!run->mean) return !run->var && !run->batches;
+  if (args[3] != Py_None) {
+    if (!PyFloat_CheckExact(args[3])) return false;
+    run->momentum = PyFloat_AS_DOUBLE(args[3]);
+  }
+  const int64_t C = x.size(1);
+  return run->var && channel_vector(run->mean, C, dtype) && channel_vector(run->var, C, dtype) &&
+         (!run->batches || run->batches->numel() == 1);
+}
+
+// batch_channels(x, mask, weight, bias, masked, eps, running_mean, running_var, num_batches_tracked, momentum,
+// max_numel, min_row): x (B, C, *S) of float32 or float64 whose size per_channel_norm takes (at most max_numel
+// values, or rows x[b, c] of at least min_row), eps > 0, mask None or bool (B, *S), weight and bias None or (C,).
+PyObject* batch_channels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  Inputs in;
+  if (!inputs_of(args, nargs, 12, "batch_channels", &in)) Py_RETURN_NONE;
+  const at::Tensor& x = in.x;
+  const c10::string_view masked = policy_name(args[4]);
+  const int64_t max_numel = count_of(args[10]), min_row = count_of(args[11]);
+  Running run;
+  const bool float_or_double = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble;
+  if (masked.empty() || in.eps <= 0.0 || x.dim() < 2 || !float_or_double || max_numel < 0 || min_row < 0 ||
+      !running_of(args + 6, x, &run)) {
+    Py_RETURN_NONE;
+  }
+  const int64_t C = x.size(1), numel = x.numel();
+  const bool takes = numel <= max_numel || numel / (x.size(0) * C) >= min_row;
+  const auto spatial = x.sizes().slice(2);
+  const bool plain_mask = !in.mask || (in.mask->dim() == x.dim() - 1 && in.mask->size(0) == x.size(0) &&
+                                       in.mask->sizes().slice(1) == spatial);
+  if (!takes || !plain_mask || !channel_vector(in.weight, C, x.scalar_type()) ||
+      !channel_vector(in.bias, C, x.scalar_type())) {
+    Py_RETURN_NONE;
+  }
+  using Out = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                         at::Tensor, at::Tensor>;
+  static const auto norm = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("masknorm::per_channel_norm", "")
+      .typed<Out(const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+                 const c10::optional<at::Tensor>&, int64_t, double, c10::string_view)>();
+  static const auto track = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("masknorm::per_channel_track", "")
+      .typed<void(at::Tensor&, at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+                  const at::Tensor&, c10::optional<double>)>();
+  Out out;
+  return run_unless_flagged([&] {
+    out = norm.call(x, in.mask, in.weight, in.bias, 0, in.eps, masked);
+    return std::make_tuple(std::get<0>(out), std::get<8>(out));
+  }, [&] {
+    if (run.mean) track.call(*run.mean, *run.var, run.batches, std::get<1>(out), std::get<2>(out), std::get<3>(out),
+                             run.momentum);
   });
   END_HANDLE_TH_ERRORS
 }
@@ -177,6 +274,9 @@ PyMethodDef kMethods[] = {
      "padded_rows(x, mask, weight, bias, ndims, eps, center, masked) -> y or None"},
     {"masked_channels", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&masked_channels)), METH_FASTCALL,
      "masked_channels(x, mask, weight, bias, groups, eps, policy) -> y or None"},
+    {"batch_channels", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&batch_channels)), METH_FASTCALL,
+     "batch_channels(x, mask, weight, bias, masked, eps, running_mean, running_var, num_batches_tracked, momentum, "
+     "max_numel, min_row) -> y or None"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "masknorm_lanes", "The modules' lanes into the fused kernels.", -1,
