@@ -35,10 +35,12 @@ def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], lead: Tuple[int, .
     None where the lane does not take the call: not eager mode on CPU data of a floating dtype, forward-mode
     AD, a gradient to record, a mask other than None or a bool (B, *S) or (B, 1, *S) tensor, weight or bias
     not of x's dtype and device, eps not a float >= 0, or a group the kernel flags."""
+    if not lanes_may_run():  # first: a tracer must not follow native.lanes() into a first build and its lock
+        return None
     lanes = native.lanes()
     policy = masked_positions.POLICY.get(masked) if type(masked) is str else None
     if not (lanes is not None and policy is not None and type(x) is torch.Tensor and type(eps) is float
-            and (mask is None or type(mask) is torch.Tensor) and lanes_may_run()):
+            and (mask is None or type(mask) is torch.Tensor)):
         return None
     key = (x.shape, x.dtype, lead, eps, None if mask is None else mask.shape, weight is None, bias is None)
     groups = _GROUPS.get(key, _UNSEEN)

@@ -332,8 +332,10 @@ def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], ndims: int, eps: o
     one: the caller's general route raises) or a row was flagged (the general route redoes it): eager mode on
     non-empty CPU data of a floating dtype, no forward-mode AD, mask None or one bool flag per token
     (x.shape[:-ndims]), weight and bias None or of x's dtype and device, eps a float."""
+    if not lanes_may_run():  # first: a tracer must not follow native.lanes() into a first build and its lock
+        return None
     lanes = native.lanes()
-    if lanes is None or not lanes_may_run():
+    if lanes is None:
         return None
     return lanes.padded_rows(x, mask, weight, bias, ndims, eps, center, masked)
 

@@ -271,8 +271,10 @@ def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[t
     updated): eager mode on real data, no forward-mode AD, x (B, C, *S) of KERNEL_DTYPES on CPU of a size
     kernel_takes, weight and bias (C,) of x's dtype or None, eps a float > 0, mask None or a bool CPU tensor
     (B, *S), running statistics contiguous (C,) tensors of x's dtype, momentum a float or None."""
+    if not lanes_may_run():  # first: a tracer must not follow native.lanes() into a first build and its lock
+        return None
     lanes = native.lanes()
-    if lanes is None or not lanes_may_run():
+    if lanes is None:
         return None
     running_mean, running_var, batches, momentum = (None, None, None, None) if running is None else running
     return lanes.batch_channels(x, mask, weight, bias, masked, eps, running_mean, running_var, batches, momentum,

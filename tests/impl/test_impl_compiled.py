@@ -8,6 +8,8 @@ back to eager mode.
 """
 
 import copy
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -16,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import masknorm
+from masknorm.fast import native
 from support.module_cases import MODULES, inputs
 from support.strategies import cases, channels, like, padded_tokens
 from support.bounds import FORWARD_BOUND, VJP_AFFINE_BOUND, VJP_X_BOUND, forward_error, vjp_errors
@@ -115,6 +118,28 @@ def test_a_graph_break_before_the_call_keeps_dim_exact():
     compiled = torch.compile(f, dynamic=True, backend="eager")
     for d in (-1, 1):
         torch.testing.assert_close(compiled(x, m, d), f(x, m, d))
+
+
+_FIRST_CALL_COMPILED = """
+import sys, torch, warnings
+warnings.filterwarnings("ignore")
+import masknorm
+x, mask = torch.randn(2, 8, 6, requires_grad=True), torch.rand(2, 6) > 0.3
+module, t = {"layer": (masknorm.MaskedLayerNorm(8), x.transpose(1, 2)), "group": (masknorm.MaskedGroupNorm(2, 8), x),
+             "instance": (masknorm.MaskedInstanceNorm1d(8), x), "batch": (masknorm.MaskedBatchNorm1d(8), x)}[sys.argv[1]]
+print(torch._dynamo.explain(lambda t: module(t, mask))(t).graph_break_count)
+"""
+
+
+@pytest.mark.skipif(native.ops() is None, reason="the fused CPU kernels could not be built")
+@pytest.mark.parametrize("family", ["layer", "group", "instance", "batch"])
+def test_a_module_compiled_before_any_eager_call_traces_in_one_graph(family):
+    """The modules' lanes ask lanes_may_run() before native.lanes(): a first call under torch.compile in a fresh
+    process traced into the kernels' first load (a lock dynamo cannot enter: a graph break in the lane)."""
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL_COMPILED, family], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "0"
 
 
 def test_inductor_compiles_rms_with_zero_policy_on_any_cpu(tmp_path, monkeypatch):
