@@ -64,6 +64,34 @@ def test_the_moments_are_the_float64_ones_rounded(data):
         assert abs(var.flatten()[c].item() - v) <= _float32_ulp(v)
 
 
+def test_the_one_pass_moments_and_their_two_pass_fallback_are_the_float64_ones_rounded():
+    """float32 statistics take one pass about the channel's first valid value where c S2 <= 2^20 M2 (c = 2 kBlock +
+    2 k / kBlock), else two passes. Channel 0 (mean 0) and 1 (mean 1e4, sigma 1) take the one pass; channel 2's first
+    valid value is an outlier (1e4 among N(0, 1) values: c S2 / M2 ~ 1e8) and takes the two passes. Each within one
+    float32 ulp of the valid values' two-pass float64 statistics (math.fsum)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 3, 4096, generator=gen, dtype=torch.float64)
+    x[:, 1] += 1e4
+    mask = torch.rand(32, 1, 4096, generator=gen) > 0.2
+    mask[0, 0, :7] = False
+    mask[0, 0, 7] = True
+    x[0, 2, 7] = 1e4
+    x = x.float()
+    with torch.no_grad():
+        _, (mean, var, count) = per_channel.forward_only(x, mask, None, None, (0, 2), 0, 1e-5, "normalize")
+    for c in range(3):
+        values = x[:, c][mask[:, 0]].double().tolist()
+        k = len(values)
+        mu = math.fsum(values) / k
+        m2 = math.fsum((t - mu) ** 2 for t in values)
+        s2 = math.fsum((t - values[0]) ** 2 for t in values)
+        if c == 2:  # beyond the one pass
+            assert (2 * 256 + 2 * k / 256) * s2 > 2**20 * m2
+        assert count.flatten()[c] == k
+        assert abs(mean.flatten()[c].item() - mu) <= _float32_ulp(mu)
+        assert abs(var.flatten()[c].item() - m2 / (k - 1)) <= _float32_ulp(m2 / (k - 1))
+
+
 def _float32_ulp(value: float) -> float:
     """The distance from |value| rounded to float32 to the next float32 up."""
     at = torch.tensor(abs(value), dtype=torch.float32)

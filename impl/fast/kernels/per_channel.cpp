@@ -15,14 +15,18 @@
 // Sums and per-element arithmetic run in double. A channel's sum adds its rows n = 0, ..., N - 1 in order, each
 // row's S terms as blocked_sums.h's blocked_sum (blocks of kBlock terms added across SIMD lanes, then in order),
 // the rows' sums in partial sums of at least kBlock terms (RowSum; float64 input: error ~ (kBlock + k / kBlock) u),
-// and each channel is summed by one thread, so the bits do not depend on the thread count. M2 is summed around the first mean and corrected (M2 = S2 - S1^2 / k,
-// mu += S1 / k). A masked-out position is read through a select (blocked_sums.h's pick: 0, or the mean where x is
-// centered, in place of its value), never multiplied by 0: whatever it holds (NaN, Inf) reaches no sum, the bits
-// are those of clean padding, and the loops vectorize.
+// and each channel is summed by one thread, so the bits do not depend on the thread count. Below float64, M2 and
+// mu first take one pass shifted by the channel's value s at the first valid position: S1 = sum (x - s),
+// S2 = sum (x - s)^2, mu = s + S1 / k, M2 = S2 - S1 (S1 / k); the sums' relative error below c u (c = 2 kBlock +
+// 2 k / kBlock, RowSum's bound) puts M2 within about 2 c u S2 of its value, kept where c S2 <= 2^20 M2 (within
+// 2^-32 relative, far below a float32 ulp). Otherwise, and for float64, M2 is summed around the first mean and
+// corrected (M2 = S2 - S1^2 / k, mu += S1 / k). A masked-out position is read through a select (blocked_sums.h's
+// pick: 0, the shift, or the mean where x is centered, in place of its value), never multiplied by 0: whatever it
+// holds (NaN, Inf) reaches no sum, the bits are those of clean padding, and the loops vectorize.
 //
 // The forward counts the channels it cannot do exactly (fast.per_channel._out_of_range's test in x's dtype, or a
-// first mean off by more than sigma / 2^10): they hold placeholder statistics (shift 0, inv_s 1, var 1) and the
-// caller redoes them on the general path. The backward counts the channels whose A or B is not finite (garbage
+// first mean of the two passes off by more than sigma / 2^10): they hold placeholder statistics (shift 0, inv_s 1,
+// var 1) and the caller redoes them on the general path. The backward counts the channels whose A or B is not finite (garbage
 // under "normalize" with a nonzero gradient): the caller redoes the call on the Python path.
 //
 // per_channel_norm's Autograd kernel records a C++ node (PerChannelNormBackward) on the output: one dispatcher
@@ -43,6 +47,7 @@
 #include <limits>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -144,29 +149,67 @@ void each_chunk(const Layout& l, int64_t lo, int64_t hi, Fn fn) {
   for (int64_t c = lo; c < hi; c += width) fn(c, std::min(hi, c + width));
 }
 
+// The offset n0 C S + j0 of channel 0's value at the first valid position (n0, j0), or -1 where there is none (the
+// mask is the same for every channel: channel c's value there is at that offset + c S).
+int64_t first_valid(const Layout& l, const uint8_t* m) {
+  for (int64_t n = 0; n < l.N; ++n) {
+    const uint8_t* v = m + n * l.M;
+    const uint8_t* f = std::find(v, v + l.S, uint8_t(1));
+    if (f != v + l.S) return n * l.C * l.S + (f - v);
+  }
+  return -1;
+}
+
 template <typename T>
 void forward_channels(const T* x, const uint8_t* m, const T* w, const T* b, T* out, T* mean, T* var_unbiased,
                       T* count, T* var, T* shift, T* inv_s, bool* redo, const Layout& l, double k, int64_t correction,
                       double eps, Masked masked) {
   const double nu = k - double(correction);
   const bool zero = masked == Masked::zero;
+  const double sum_error = 2.0 * double(kBlock) + 2.0 * k / double(kBlock);  // RowSum's bound, in units of u
+  const int64_t first = first_valid(l, m);
   at::parallel_for(0, l.C, grain(l), [&](int64_t begin, int64_t end) {
     each_chunk<T>(l, begin, end, [&](int64_t lo, int64_t hi) {
       // per channel of the chunk: the sums, then (mu, scale, beta) of out = (x - mu) scale + beta, and whether
       // the channel is normalized
       std::vector<RowSum> sx(hi - lo), s1(hi - lo), s2(hi - lo);
       std::vector<double> mu1(hi - lo), mu(hi - lo), scale(hi - lo), beta(hi - lo);
-      std::vector<uint8_t> normalize(hi - lo);
-      each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
-        sx[c - lo].add(blocked_sum(0, l.S, [xr = x + i, v](int64_t j) { return pick(xr, j, v[j], 0.0); }), l.S);
-      });
-      for (int64_t q = 0; q < hi - lo; ++q) mu1[q] = sx[q].sum() / k;
-      each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
-        auto d = [xr = x + i, v, mu = mu1[c - lo]](int64_t j) { return pick(xr, j, v[j], mu) - mu; };
-        const auto [t1, t2] = blocked_sums(0, l.S, d, [d](int64_t j) { return d(j) * d(j); });
-        s1[c - lo].add(t1, l.S);
-        s2[c - lo].add(t2, l.S);
-      });
+      std::vector<uint8_t> normalize(hi - lo), shifted(hi - lo);
+      // Narrower than float64: one pass about the channel's value s at the first valid position, kept where exact
+      // enough (mu1 = s, S1 and S2 summed about it).
+      if (!std::is_same_v<T, double> && first >= 0) {
+        for (int64_t c = lo; c < hi; ++c) mu1[c - lo] = double(x[first + c * l.S]);
+        each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
+          auto d = [xr = x + i, v, s = mu1[c - lo]](int64_t j) { return pick(xr, j, v[j], s) - s; };
+          const auto [t1, t2] = blocked_sums(0, l.S, d, [d](int64_t j) { return d(j) * d(j); });
+          s1[c - lo].add(t1, l.S);
+          s2[c - lo].add(t2, l.S);
+        });
+        for (int64_t q = 0; q < hi - lo; ++q) {
+          const double t1 = s1[q].sum(), t2 = s2[q].sum();
+          shifted[q] = sum_error * t2 <= 0x1p20 * (t2 - t1 * (t1 / k));
+          if (!shifted[q]) s1[q] = RowSum(), s2[q] = RowSum();
+        }
+      }
+      // The others: the mean, then the squares about it (the mean corrected by their sum, flagged where it moved
+      // by more than sigma / 2^10).
+      const bool all_shifted = std::all_of(shifted.begin(), shifted.end(), [](uint8_t f) { return f != 0; });
+      if (!all_shifted) {
+        each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
+          if (shifted[c - lo]) return;
+          sx[c - lo].add(blocked_sum(0, l.S, [xr = x + i, v](int64_t j) { return pick(xr, j, v[j], 0.0); }), l.S);
+        });
+        for (int64_t q = 0; q < hi - lo; ++q) {
+          if (!shifted[q]) mu1[q] = sx[q].sum() / k;
+        }
+        each_row(l, m, lo, hi, [&](int64_t c, int64_t i, const uint8_t* v) {
+          if (shifted[c - lo]) return;
+          auto d = [xr = x + i, v, mu = mu1[c - lo]](int64_t j) { return pick(xr, j, v[j], mu) - mu; };
+          const auto [t1, t2] = blocked_sums(0, l.S, d, [d](int64_t j) { return d(j) * d(j); });
+          s1[c - lo].add(t1, l.S);
+          s2[c - lo].add(t2, l.S);
+        });
+      }
       for (int64_t c = lo; c < hi; ++c) {
         const int64_t q = c - lo;
         const double step = s1[q].sum() / k;
@@ -176,7 +219,8 @@ void forward_channels(const T* x, const uint8_t* m, const T* w, const T* b, T* o
         var_unbiased[c] = T(m2 / (k - 1));
         count[c] = T(k);
         const bool degenerate = nu <= 0;
-        redo[c] = !degenerate && !(in_range<T>(mu[q], m2 / nu, eps) && !(step * step * std::ldexp(1.0, 20) > m2 / k));
+        const bool off = !shifted[q] && step * step * std::ldexp(1.0, 20) > m2 / k;
+        redo[c] = !degenerate && !(in_range<T>(mu[q], m2 / nu, eps) && !off);
         normalize[q] = !degenerate && !redo[c];
         const double r = normalize[q] ? 1 / std::sqrt(m2 / nu + eps) : 1.0;
         var[c] = normalize[q] ? T(m2 / nu) : T(1);
