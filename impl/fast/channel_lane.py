@@ -88,7 +88,8 @@ def _groups(shape: torch.Size, dtype: torch.dtype, lead: Tuple[int, ...], eps: f
 
 
 def _python_backward(dy: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[torch.Tensor],
-                     groups: int, eps: float, policy: int, bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     groups: int, eps: float, policy: int,
+                     bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """masked_channels_norm's backward where its autograd node cannot use the fused one: general_vjp (the general
     closed form in differentiable torch ops, as masked_norm's route runs it there) on the route's views, x as
     (B, *lead, *S) with lead = (C,) where the groups are the channels (instance norm), else (G, C/G), the mask as

@@ -149,7 +149,8 @@ PyObject* padded_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // masked_channels(x, mask, weight, bias, groups, eps, policy): for the shapes, groups and dtype that the
-// caller's plan has checked.
+// caller's plan has checked. A call with nothing for autograd to record goes straight below autograd (its
+// Autograd kernel would only pass it on).
 PyObject* masked_channels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   Inputs in;
@@ -161,7 +162,12 @@ PyObject* masked_channels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
           const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
           const c10::optional<at::Tensor>&, int64_t, double, int64_t)>();
+  const bool records = at::GradMode::is_enabled() && (in.x.requires_grad() ||
+                                                      (in.weight && in.weight->requires_grad()) ||
+                                                      (in.bias && in.bias->requires_grad()));
   return run_unless_flagged([&] {
+    c10::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!records) below.emplace();
     auto out = op.call(in.x, in.mask, in.weight, in.bias, groups, in.eps, policy);
     return std::make_tuple(std::get<0>(out), std::get<4>(out));
   });
