@@ -234,10 +234,26 @@ bool all_finite(const T* out, int64_t n) {
   return probe == acc_t(0);
 }
 
+// Whether a group's outputs at its masked-out positions (the only ones repair_overflow mends) are all finite:
+// all_finite over the gaps between the row's runs in each of its Cg channels where the row has at least
+// kGapProbe masked-out positions (`gaps`), else over the whole group (dense rows, or few masked-out positions: a
+// call per gap would cost more than the whole).
+constexpr int64_t kGapProbe = 64;
+template <typename T>
+bool gaps_finite(const Row& row, int64_t gaps, const T* yg, int64_t Cg) {
+  if (row.dense || gaps < kGapProbe) return all_finite(yg, Cg * row.L);
+  bool finite = true;
+  for (int64_t c = 0; c < Cg && finite; ++c)
+    segments(*row.runs, row.L, [&](int64_t s, int64_t e, bool valid) {
+      finite = finite && (valid || all_finite(yg + c * row.L + s, e - s));
+    });
+  return finite;
+}
+
 // A "normalize" row's outputs at masked-out positions that came out non-finite from a finite x,
 // recomputed in double: out_j = affine(j, xh_j) with xh_j = (x_j - m) r (see wide_xh). The caller
-// runs it where all_finite found a non-finite output, and probes only rows with masked-out positions
-// (nothing else is repaired).
+// runs it where a probe (all_finite, gaps_finite) found a non-finite output, and probes only rows with
+// masked-out positions (nothing else is repaired).
 template <typename T, typename A, typename Affine>
 void repair_overflow(const Row& row, T* out, const T* x, A m, A r, Affine affine) {
   using acc_t = at::opmath_type<T>;
@@ -372,7 +388,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return stored<T>((pick(xr, j, v, m) - m) * r * wc + bc); };
         write_normalized(row, yr, xr, policy, normalized);
       }
-      if (policy == kNormalize && counts[b] < L && !all_finite(yg, Cg * L))
+      if (policy == kNormalize && counts[b] < L && !gaps_finite(row, L - counts[b], yg, Cg))
         for (int64_t c = 0; c < Cg; ++c) {
           const double wc = w[g * Cg + c], bc = bias[g * Cg + c];
           repair_overflow(row, yg + c * L, xg + c * L, m, r, [wc, bc](int64_t, double xh) { return xh * wc + bc; });
