@@ -10,8 +10,11 @@ where masked_norm's route would run masked_positions_norm on (B, *lead, *S) spli
 the same kernel on the same values, the same bits. The route is worked out once per signature
 (shapes, dtype, eps, which of mask/weight/bias are given) and kept; a call the route would not send
 to that kernel, or one the lane cannot check cheaply, is declined (None) and takes the route, which
-checks it and raises as before. The operator has no Autograd kernel, so a call autograd would
-record is declined too; so is one whose groups the kernel flags (the route redoes them).
+checks it and raises as before; so is a call whose groups the kernel flags (the route redoes them).
+Where a gradient is wanted, the operator's Autograd kernel (kernels/masked_channels.cpp) records a node
+whose backward is the route's fused one (masked_positions_norm_backward on the same views); where that
+cannot answer (double backward, traced inputs, flagged groups) it calls _python_backward: the route's
+general closed form on the route's views.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from masknorm._autograd import compute_dtype, general_vjp
 from masknorm._contract import FLOATING, check_args
 from masknorm._tracing import lanes_may_run
 from masknorm.fast import dispatch, masked_positions, native
@@ -33,7 +37,7 @@ def eager_call(x: torch.Tensor, mask: Optional[torch.Tensor], lead: Tuple[int, .
     (*lead, 1, ...), ...).reshape(x.shape) as one kernel call, bit for bit, for weight and bias of C values that
     the caller has checked: the C++ lane (kernels/lanes.cpp's masked_channels) with the signature's groups.
     None where the lane does not take the call: not eager mode on CPU data of a floating dtype, forward-mode
-    AD, a gradient to record, a mask other than None or a bool (B, *S) or (B, 1, *S) tensor, weight or bias
+    AD, a mask other than None or a bool (B, *S) or (B, 1, *S) tensor, weight or bias
     not of x's dtype and device, eps not a float >= 0, or a group the kernel flags."""
     if not lanes_may_run():  # first: a tracer must not follow native.lanes() into a first build and its lock
         return None
@@ -83,3 +87,31 @@ def _groups(shape: torch.Size, dtype: torch.dtype, lead: Tuple[int, ...], eps: f
     if (B, G * Cg) != tuple(shape[:2]) or any(route.layout.channels(t) is not t for t in (weight, bias)):
         return None
     return G
+
+
+def _python_backward(dy: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                     groups: int, eps: float, policy: int,
+                     bias: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """masked_channels_norm's backward where its autograd node cannot use the fused one: general_vjp (the general
+    closed form in differentiable torch ops, as masked_norm's route runs it there) on the route's views, x as
+    (B, *lead, *S) with lead = (C,) where the groups are the channels (instance norm), else (G, C/G), the mask as
+    (B, 1, ..., *S) and weight as (*lead, 1, ...); grad x in x's shape, grad weight (weight's dtype) and grad bias
+    (the computation type) as (C,) vectors, empty where there is no such parameter."""
+    B, C, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    lead = (C,) if groups == C else (groups, C // groups)
+    ones = (1,) * len(spatial)
+    grouped = (B, *lead, *spatial)
+    m = None if mask is None else mask.reshape(B, *(1,) * len(lead), *spatial)
+    w = None if weight is None else weight.reshape(*lead, *ones)
+    bias_shape = ((*lead, *ones), compute_dtype(x.dtype)) if bias else None
+    config = (tuple(range(2, len(grouped))), 0, eps, True, _POLICY_NAMES[policy])
+    gx, gw, gb = general_vjp(dy.reshape(grouped), x.reshape(grouped), m, w, bias_shape, config,
+                             (True, False, w is not None, bias))
+    return gx.reshape(x.shape), *(x.new_empty(0) if g is None else g.reshape(-1) for g in (gw, gb))
+
+
+_POLICY_NAMES = {code: name for name, code in masked_positions.POLICY.items()}
+_LIBRARY = torch.library.Library("masknorm", "FRAGMENT")
+_LIBRARY.define("masked_channels_python_backward(Tensor dy, Tensor x, Tensor? mask, Tensor? weight, int groups, "
+                "float eps, int policy, bool bias) -> (Tensor, Tensor, Tensor)")
+_LIBRARY.impl("masked_channels_python_backward", _python_backward, "CompositeImplicitAutograd")

@@ -111,7 +111,8 @@ def _register_fakes() -> None:
     per_channel_norm and their backwards, masked_channels_norm): output shapes and dtypes from the inputs' alone,
     so that opcheck and tracers can reason about them. padded_rows_norm normalizes over x's last ndims axes,
     statistics in the computation type; per_channel_norm over every axis but 1, statistics in x's dtype, keepdim
-    shape; masked_channels_norm returns y and a count of flagged groups only."""
+    shape; masked_channels_norm returns y, (B, groups) statistics in the computation type, the groups' states (int8)
+    and a count of flagged groups."""
 
     def keepdim(x, ndims):
         return (*x.shape[: x.dim() - ndims], *[1] * ndims)
@@ -129,7 +130,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("masknorm::masked_channels_norm")
     def _channels(x, mask, weight, bias, groups, eps, policy):
-        return x.new_empty(x.shape), x.new_empty((), dtype=torch.long)
+        stats = compute_dtype(x.dtype)
+        per_group = (x.shape[0], groups)
+        return (x.new_empty(x.shape), x.new_empty(per_group, dtype=stats), x.new_empty(per_group, dtype=stats),
+                x.new_empty(per_group, dtype=torch.int8), x.new_empty((), dtype=torch.long))
 
     @torch.library.register_fake("masknorm::per_channel_norm")
     def _per_channel(x, mask, weight, bias, correction, eps, masked):

@@ -161,12 +161,13 @@ def test_a_lane_declines_under_a_dispatch_mode(lane):
         assert getattr(native.lanes(), lane)(*args) is None
 
 
-def test_the_group_lane_declines_a_call_autograd_would_record():
+def test_the_group_lane_records_the_operators_node():
     args = _channels_args()
     args[0].requires_grad_()
-    assert native.lanes().masked_channels(*args) is None
-    with torch.no_grad():
-        assert native.lanes().masked_channels(*args) is not None
+    y = native.lanes().masked_channels(*args)
+    assert y.grad_fn.name() == "MaskedChannelsNormBackward"
+    y.sum().backward()
+    assert args[0].grad is not None and torch.isfinite(args[0].grad).all()
 
 
 def test_the_layer_lane_records_the_operators_node():

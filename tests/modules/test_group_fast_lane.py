@@ -1,8 +1,9 @@
 """MaskedGroupNorm and the masked instance norms call the masked-positions kernel straight from the
-module where it takes the call (fast.channel_lane.eager_call): eager mode on CPU data, nothing for
-autograd to record, a (B, *spatial) or (B, 1, *spatial) bool mask or none. That lane must give the
-bits of masked_norm's route, leave every other call (and every call with a gradient to record) to
-that route, and raise what the route raises, before any work."""
+module where it takes the call (fast.channel_lane.eager_call): eager mode on CPU data, a (B, *spatial)
+or (B, 1, *spatial) bool mask or none. That lane must give the bits of masked_norm's route, outputs and
+gradients (its operator's Autograd kernel records MaskedChannelsNormBackward; double backward takes the
+route's general closed form), leave every other call to that route, and raise what the route raises,
+before any work."""
 
 import math
 
@@ -77,13 +78,23 @@ def _lane_calls(monkeypatch):
 
 CLASSES = [(MaskedGroupNorm, (12,)), (MaskedGroupNorm, (3, 5)), (MaskedInstanceNorm1d, (12,)),
            (MaskedInstanceNorm2d, (3, 5))]
+EVERY_CASE = [
+    pytest.mark.parametrize("cls, spatial", CLASSES, ids=["group1d", "group2d", "instance1d", "instance2d"]),
+    pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str),
+    pytest.mark.parametrize("masked", ["normalize", "keep", "zero"]),
+    pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"]),
+    pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"]),
+]
 
 
-@pytest.mark.parametrize("cls, spatial", CLASSES, ids=["group1d", "group2d", "instance1d", "instance2d"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
-@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def every_case(test):
+    """test parametrized over EVERY_CASE: classes and spatial shapes, dtypes, policies, mask or not, affine or not."""
+    for mark in EVERY_CASE:
+        test = mark(test)
+    return test
+
+
+@every_case
 def test_the_lane_gives_the_routes_bits_without_grad(cls, spatial, dtype, masked, with_mask, affine, monkeypatch):
     module = _module(cls, dtype, affine, masked)
     x, mask = _inputs(dtype, with_mask, spatial)
@@ -110,29 +121,129 @@ def test_the_lane_takes_the_benchmarks_call(monkeypatch):
     assert taken == [True, True]
 
 
-@pytest.mark.parametrize("cls, spatial", CLASSES[:3], ids=["group1d", "group2d", "instance1d"])
-@pytest.mark.parametrize("wanted", ["x", "parameters"])
-def test_a_call_with_a_gradient_to_record_takes_the_route(cls, spatial, wanted, monkeypatch):
-    """The kernel has no Autograd kernel: the lane declines, and the gradients are the route's."""
-    module = _module(cls, torch.float64, True, "normalize")
-    x, mask = _inputs(torch.float64, True, spatial)
+def _trained(module, x, mask, dy, lane, wanted):
+    """(output, grad x, grad weight, grad bias) of one training call, through the lane (the module) or the route;
+    `wanted`: "x", "parameters" or "both" require grad."""
+    xr = x.clone().requires_grad_(wanted != "parameters")
+    module.zero_grad()
+    module.requires_grad_(wanted != "x")
+    out = module(xr, mask) if lane else _routed(module, xr, mask)
+    out.backward(dy)
+    return out, xr.grad, *(None if p is None else p.grad for p in (module.weight, module.bias))
+
+
+def _grad_inputs(dtype, with_mask, spatial):
+    x, mask = _inputs(dtype, with_mask, spatial)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    if with_mask:
+        dy.transpose(0, 1)[:, ~mask] = 0.0  # but one masked-out gradient in a sample with valid positions
+        b = next(b for b in range(mask.shape[0]) if mask[b].any() and not mask[b].all())
+        dy[b, 0].view(-1)[(~mask[b]).view(-1).nonzero()[0]] = 1.0  # which "normalize" counts
+    return x, mask, dy
+
+
+@every_case
+def test_the_lane_gives_the_routes_bits_with_grad(cls, spatial, dtype, masked, with_mask, affine, monkeypatch):
+    """Garbage (NaN, inf) at masked-out positions, an all-padded sample; the gradient of x, of the parameters, of
+    both: the outputs and gradients are the route's, and the lane's output carries its operator's node."""
+    module = _module(cls, dtype, affine, masked)
+    x, mask, dy = _grad_inputs(dtype, with_mask, spatial)
+    for wanted in (["x", "parameters", "both"] if affine else ["x"]):
+        taken = _lane_calls(monkeypatch)
+        got = _trained(module, x, mask, dy, True, wanted)
+        assert taken == [with_mask or affine]
+        if taken[0]:
+            assert got[0].grad_fn.name() == "MaskedChannelsNormBackward"
+        monkeypatch.undo()
+        expected = _trained(module, x, mask, dy, False, wanted)
+        for a, b in zip(got, expected):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype
+                _same_bits(a, b)
+
+
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_lanes_gradients_do_not_depend_on_the_thread_count(masked, dtype):
+    """(B, C, L) = (70, 8, 40): the backward splits its work over more than one block of samples and groups."""
+    module = _module(MaskedGroupNorm, dtype, True, masked)
+    x, mask, dy = _grad_inputs(dtype, True, (40,))
+    x, mask, dy = (t.repeat(24, *(1,) * (t.dim() - 1))[:70] for t in (x, mask, dy))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_trained(module, x, mask, dy, True, "both"))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        _same_bits(a, b)
+
+
+@pytest.mark.parametrize("cls, spatial", CLASSES, ids=["group1d", "group2d", "instance1d", "instance2d"])
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+def test_double_backward_gives_the_routes_bits(cls, spatial, masked, with_mask):
+    """grad with create_graph, then the backward of a function of the gradients: the node's general closed form on
+    the route's views gives the route's bits at both orders."""
+    module = _module(cls, torch.float64, True, masked)
+    x, mask = _inputs(torch.float64, with_mask, spatial)
     x = torch.nan_to_num(x)
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    grads = []
-    for lane in (False, True):
-        xr = x.clone().requires_grad_(wanted == "x")
+    results = []
+    for lane in (True, False):
+        xr = x.clone().requires_grad_()
         module.zero_grad()
-        module.requires_grad_(wanted == "parameters")
-        taken = _lane_calls(monkeypatch)
         out = module(xr, mask) if lane else _routed(module, xr, mask)
-        out.backward(dy)
-        grads.append([out.detach(), xr.grad, module.weight.grad, module.bias.grad])
-        assert taken == ([False] if lane else [])
-        monkeypatch.undo()
-    for got, expected in zip(grads[1], grads[0]):
-        assert (got is None) == (expected is None)
-        if got is not None:
-            _same_bits(got, expected)
+        assert (out.grad_fn.name() == "MaskedChannelsNormBackward") == lane
+        gx, gw, gb = torch.autograd.grad(out, (xr, module.weight, module.bias), dy, create_graph=True)
+        (gx.square().sum() + gw.sum() * gb.sum()).backward()
+        results.append([out, gx, gw, gb, xr.grad, module.weight.grad, module.bias.grad])
+    for a, b in zip(*results):
+        _same_bits(a, b)
+
+
+@pytest.mark.parametrize("cls, spatial", CLASSES[:3], ids=["group1d", "group2d", "instance1d"])
+@pytest.mark.parametrize("masked", ["normalize", "keep", "zero"])
+def test_the_lanes_node_passes_gradcheck_and_gradgradcheck(cls, spatial, masked):
+    module = _module(cls, torch.float64, True, masked, C=4) if cls is not MaskedGroupNorm else \
+        MaskedGroupNorm(2, 4, masked=masked).double()
+    x, mask = _inputs(torch.float64, True, spatial, C=4)
+    x = x.nan_to_num(0.0, 0.0, 0.0)
+    w, b = (torch.randn(4, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (3, 4))
+    leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+    del module.weight, module.bias  # plain attributes from here: the leaves below
+
+    def norm(x, w, b):
+        module.weight, module.bias = w, b
+        return module(x, mask)
+
+    assert norm(*leaves).grad_fn.name() == "MaskedChannelsNormBackward"
+    assert torch.autograd.gradcheck(norm, leaves)
+    assert torch.autograd.gradgradcheck(norm, leaves)
+
+
+def test_a_group_the_kernel_flags_leaves_a_training_call_to_the_route():
+    """A flagged group with a gradient wanted: the lane gives the call back (its node is dropped) and the route's
+    gradients are the module's; the operator called directly answers its node's backward with the general closed
+    form (its output at the flagged group is x, the caller's to redo: the gradient is that of the norm)."""
+    module = MaskedGroupNorm(2, 4)
+    x = torch.randn(2, 4, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x[1, 2:] = 1e6 + 1e-3 * x[1, 2:]
+    x = x.float()
+    mask = torch.arange(10) < torch.tensor([[7], [10]])
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    got, expected = (_trained(module, x, mask, dy, lane, "both") for lane in (True, False))
+    for a, b in zip(got, expected):
+        _same_bits(a, b)
+    leaves = [t.clone().requires_grad_() for t in (x, module.weight.detach(), module.bias.detach())]
+    y, *_, count = torch.ops.masknorm.masked_channels_norm(leaves[0], mask, *leaves[1:], 2, 1e-5, 0)
+    assert int(count) == 1 and y.grad_fn.name() == "MaskedChannelsNormBackward"
+    y.backward(dy)
+    for leaf, g in zip(leaves, expected[1:]):
+        torch.testing.assert_close(leaf.grad, g, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
@@ -148,6 +259,20 @@ def test_the_lanes_operator_passes_opcheck(dtype, with_mask):
         for xl in (xc, xc.transpose(0, 1).contiguous().transpose(0, 1), torch.cat([xc, xc], 3)[..., :5]):
             torch.library.opcheck(torch.ops.masknorm.masked_channels_norm.default,
                                   (xl, m, weight, bias if with_mask else None, 4, 1e-5, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_mask", [True, False], ids=["mask", "no-mask"])
+@pytest.mark.parametrize("policy", [0, 1, 2])
+def test_the_lanes_autograd_kernel_passes_opcheck(dtype, with_mask, policy):
+    """With a gradient wanted, the operator's own Autograd kernel records MaskedChannelsNormBackward: opcheck's
+    autograd registration and traced-backward tests (x, weight and bias leaves, the padding's garbage replaced)."""
+    x, mask = _inputs(dtype, with_mask, (3, 5))
+    weight, bias = (torch.randn(8, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (1, 2))
+    leaves = [t.clone().requires_grad_() for t in (x.nan_to_num(0.0, 0.0, 0.0), weight, bias)]
+    args = (leaves[0], mask, leaves[1], leaves[2], 4, 1e-5, policy)
+    assert torch.ops.masknorm.masked_channels_norm(*args)[0].grad_fn.name() == "MaskedChannelsNormBackward"
+    torch.library.opcheck(torch.ops.masknorm.masked_channels_norm.default, args)
 
 
 @pytest.mark.parametrize("B, C, spatial", [(1, 4, (5,)), (2, 4, (1,)), (2, 4, (1, 4)), (2, 4, (3, 1)), (1, 6, (2, 3)),

@@ -158,25 +158,27 @@ PyObject* padded_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 }
 
 // masked_channels(x, mask, weight, bias, groups, eps, policy): for the shapes, groups and dtype that the
-// caller's plan has checked; declines where autograd would record the call (the operator has no Autograd
-// kernel).
+// caller's plan has checked. A call with nothing for autograd to record goes straight below autograd (its
+// Autograd kernel would only pass it on).
 PyObject* masked_channels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   Inputs in;
   if (!inputs_of(args, nargs, 7, "masked_channels", &in)) Py_RETURN_NONE;
   const int64_t groups = count_of(args[4]), policy = count_of(args[6]);
   if (groups < 1 || policy > 2 || policy < 0) Py_RETURN_NONE;
-  if (at::GradMode::is_enabled() && (in.x.requires_grad() || (in.weight && in.weight->requires_grad()) ||
-                                     (in.bias && in.bias->requires_grad()))) {
-    Py_RETURN_NONE;
-  }
   static const auto op = c10::Dispatcher::singleton()
       .findSchemaOrThrow("masknorm::masked_channels_norm", "")
-      .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-                                                int64_t, double, int64_t)>();
+      .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+          const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+          const c10::optional<at::Tensor>&, int64_t, double, int64_t)>();
+  const bool records = at::GradMode::is_enabled() && (in.x.requires_grad() ||
+                                                      (in.weight && in.weight->requires_grad()) ||
+                                                      (in.bias && in.bias->requires_grad()));
   return run_unless_flagged([&] {
-    return op.call(in.x, in.mask, in.weight, in.bias, groups, in.eps, policy);
+    c10::optional<at::AutoDispatchBelowADInplaceOrView> below;
+    if (!records) below.emplace();
+    auto out = op.call(in.x, in.mask, in.weight, in.bias, groups, in.eps, policy);
+    return std::make_tuple(std::get<0>(out), std::get<4>(out));
   }, [] {});
   END_HANDLE_TH_ERRORS
 }

@@ -234,10 +234,26 @@ bool all_finite(const T* out, int64_t n) {
   return probe == acc_t(0);
 }
 
+// Whether a group's outputs at its masked-out positions (the only ones repair_overflow mends) are all finite:
+// all_finite over the gaps between the row's runs in each of its Cg channels where the row has at least
+// kGapProbe masked-out positions (`gaps`), else over the whole group (dense rows, or few masked-out positions: a
+// call per gap would cost more than the whole).
+constexpr int64_t kGapProbe = 64;
+template <typename T>
+bool gaps_finite(const Row& row, int64_t gaps, const T* yg, int64_t Cg) {
+  if (row.dense || gaps < kGapProbe) return all_finite(yg, Cg * row.L);
+  bool finite = true;
+  for (int64_t c = 0; c < Cg && finite; ++c)
+    segments(*row.runs, row.L, [&](int64_t s, int64_t e, bool valid) {
+      finite = finite && (valid || all_finite(yg + c * row.L + s, e - s));
+    });
+  return finite;
+}
+
 // A "normalize" row's outputs at masked-out positions that came out non-finite from a finite x,
 // recomputed in double: out_j = affine(j, xh_j) with xh_j = (x_j - m) r (see wide_xh). The caller
-// runs it where all_finite found a non-finite output, and probes only rows with masked-out positions
-// (nothing else is repaired).
+// runs it where a probe (all_finite, gaps_finite) found a non-finite output, and probes only rows with
+// masked-out positions (nothing else is repaired).
 template <typename T, typename A, typename Affine>
 void repair_overflow(const Row& row, T* out, const T* x, A m, A r, Affine affine) {
   using acc_t = at::opmath_type<T>;
@@ -372,7 +388,7 @@ void forward_groups(const T* x, const bool* mask, const at::opmath_type<T>* w, c
         auto normalized = [xr, m, r, wc, bc](int64_t j, bool v) { return stored<T>((pick(xr, j, v, m) - m) * r * wc + bc); };
         write_normalized(row, yr, xr, policy, normalized);
       }
-      if (policy == kNormalize && counts[b] < L && !all_finite(yg, Cg * L))
+      if (policy == kNormalize && counts[b] < L && !gaps_finite(row, L - counts[b], yg, Cg))
         for (int64_t c = 0; c < Cg; ++c) {
           const double wc = w[g * Cg + c], bc = bias[g * Cg + c];
           repair_overflow(row, yg + c * L, xg + c * L, m, r, [wc, bc](int64_t, double xh) { return xh * wc + bc; });
@@ -639,9 +655,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_positions_norm
 
 // The group and instance norm modules' lane (fast/channel_lane.py): masked_positions_norm(centered, correction 0)
 // on x (B, C, *S) read as (B, groups, C / groups, L = prod S) and the mask (B, *S) or (B, 1, *S) read as (B, L)
-// (absent: every position valid): y in x's shape, and the number of groups flagged for redoing (state 2), whose
-// outputs are x's (the caller redoes the call). Its statistics stay inside: one allocation besides y.
-std::tuple<at::Tensor, at::Tensor> masked_channels_norm(const at::Tensor& x_, const c10::optional<at::Tensor>& mask_,
+// (absent: every position valid): y in x's shape, each group's (mean, rstd, state) as masked_positions_norm returns
+// them ((B, groups); what its Autograd kernel, kernels/masked_channels.cpp, saves for the backward), and the number
+// of groups flagged for redoing (state 2), whose outputs are x's (the caller redoes the call).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_channels_norm(const at::Tensor& x_, const c10::optional<at::Tensor>& mask_,
     const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_, int64_t groups, double eps,
     int64_t policy) {
   TORCH_CHECK(x_.dim() >= 3 && x_.device().is_cpu() && x_.numel() > 0 && groups > 0 && x_.size(1) % groups == 0,
@@ -661,17 +678,20 @@ std::tuple<at::Tensor, at::Tensor> masked_channels_norm(const at::Tensor& x_, co
   const auto acc = acc_type(x);
   const auto weight = flat_values(weight_, C, x, acc, 1.0), bias = flat_values(bias_, C, x, acc, 0.0);
   auto y = at::empty_like(x);
-  std::vector<int8_t> state(B * G);
+  auto mean = at::empty({B, G}, x.options().dtype(acc));
+  auto rstd = at::empty({B, G}, x.options().dtype(acc));
+  auto state = at::empty({B, G}, x.options().dtype(at::kChar));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "masked_channels_norm", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    std::vector<acc_t> mean(B * G), rstd(B * G);
     forward_groups<scalar_t>(x.const_data_ptr<scalar_t>(), m, weight.const_data_ptr<acc_t>(),
-                             bias.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), mean.data(), rstd.data(),
-                             state.data(), B, G, Cg, L, 0, eps, true, policy);
+                             bias.const_data_ptr<acc_t>(), y.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
+                             rstd.mutable_data_ptr<acc_t>(), state.mutable_data_ptr<int8_t>(), B, G, Cg, L, 0, eps, true,
+                             policy);
   });
+  const int8_t* states = state.const_data_ptr<int8_t>();
   auto count = at::empty({}, x.options().dtype(at::kLong));
-  *count.mutable_data_ptr<int64_t>() = std::count(state.begin(), state.end(), int8_t(kRedo));
-  return {y, count};
+  *count.mutable_data_ptr<int64_t>() = std::count(states, states + B * G, int8_t(kRedo));
+  return {y, mean, rstd, state, count};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_positions_norm_backward(const at::Tensor& dy_, const at::Tensor& x_,
@@ -782,7 +802,7 @@ TORCH_LIBRARY_FRAGMENT(masknorm, m) {
   m.def("masked_positions_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
         " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("masked_channels_norm(Tensor x, Tensor? mask, Tensor? weight, Tensor? bias, int groups, float eps,"
-        " int policy) -> (Tensor, Tensor)");
+        " int policy) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("masked_row_norm(Tensor x, Tensor mask, Tensor? weight, Tensor? bias, int correction, float eps,"
         " bool center, int policy) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("masked_row_norm_backward(Tensor dy, Tensor x, Tensor mask, Tensor mean, Tensor rstd, Tensor state,"

@@ -30,7 +30,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -50,9 +49,7 @@ constexpr int64_t kRows = 128;   // rows per weight/bias-gradient slot
 using masknorm_kernels::blocked_sums;
 using masknorm_kernels::blocked_sums4;
 using masknorm_kernels::kBlock;
-using masknorm_kernels::make_node;
 using masknorm_kernels::stored;
-using masknorm_kernels::wants_grad;
 
 template <typename T>
 void pass_through(const T* src, T* dst, int64_t n, bool zero) {
@@ -385,32 +382,17 @@ struct PaddedRowsNormBackward : public torch::autograd::Node {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> padded_rows_norm_autograd(const at::Tensor& x,
     const c10::optional<at::Tensor>& mask, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, int64_t ndims, double eps, bool center, bool zero) {
-  using torch::autograd::isFwGradDefined;
-  TORCH_CHECK(!isFwGradDefined(x) && !isFwGradDefined(weight) && !isFwGradDefined(bias),
-              "masknorm::padded_rows_norm has no forward-mode AD formula");
-  auto out = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;  // below autograd, through the dispatcher (fake tensors too)
-    return forward_op().call(x, mask, weight, bias, ndims, eps, center, zero);
-  }();
-  if (at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(weight) || wants_grad(bias))) {
-    auto node = make_node<PaddedRowsNormBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x, weight.value_or(at::Tensor()),
-                                                             bias.value_or(at::Tensor())));
-    node->x = torch::autograd::SavedVariable(x, false);
-    node->mask = torch::autograd::SavedVariable(mask.value_or(at::Tensor()), false);
-    node->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
-    node->mean = torch::autograd::SavedVariable(std::get<1>(out), false);
-    node->rstd = torch::autograd::SavedVariable(std::get<2>(out), false);
-    node->ndims = ndims;
-    node->eps = eps;
-    node->center = center;
-    node->zero = zero;
-    node->has_mask = mask.has_value() && mask->defined();
-    node->has_weight = weight.has_value() && weight->defined();
-    node->has_bias = bias.has_value() && bias->defined();
-    torch::autograd::set_history(std::get<0>(out), node);
-  }
-  return out;
+  return masknorm_kernels::record<PaddedRowsNormBackward>(
+      "masknorm::padded_rows_norm", x, mask, weight, bias,
+      [&] { return forward_op().call(x, mask, weight, bias, ndims, eps, center, zero); },
+      [&](PaddedRowsNormBackward& node, const auto& out) {
+        node.mean = torch::autograd::SavedVariable(std::get<1>(out), false);
+        node.rstd = torch::autograd::SavedVariable(std::get<2>(out), false);
+        node.ndims = ndims;
+        node.eps = eps;
+        node.center = center;
+        node.zero = zero;
+      });
 }
 
 }  // namespace

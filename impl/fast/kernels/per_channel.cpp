@@ -39,7 +39,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -57,12 +56,11 @@
 namespace {
 
 using masknorm_kernels::as_bytes;
+using masknorm_kernels::has_data;
 using masknorm_kernels::blocked_sum;
 using masknorm_kernels::blocked_sums;
 using masknorm_kernels::kBlock;
 using masknorm_kernels::pick;
-using masknorm_kernels::make_node;
-using masknorm_kernels::wants_grad;
 
 enum class Masked { normalize, keep, zero };
 
@@ -422,14 +420,6 @@ const c10::TypedOperatorHandle<ForwardFn>& forward_op() {
   return op;
 }
 
-// True where t is a CPU tensor with data of its own (not fake, functional, batched or meta): its values can be read.
-bool has_data(const at::Tensor& t) {
-  const auto wrappers = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
-                                             c10::DispatchKey::FuncTorchBatched,
-                                             c10::DispatchKey::FuncTorchGradWrapper});
-  return t.device().is_cpu() && t.has_storage() && !t.key_set().has_any(wrappers);
-}
-
 // per_channel_norm's autograd node. Its edges are x, weight and bias; the statistics and flags are not
 // differentiable. Its backward is per_channel_norm_backward, except where that cannot be the answer, where it is
 // masknorm::per_channel_python_backward (fast.per_channel registers it from Python as a CompositeImplicitAutograd
@@ -490,35 +480,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 per_channel_norm_autograd(const at::Tensor& x, const c10::optional<at::Tensor>& mask,
                           const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                           int64_t correction, double eps, c10::string_view masked) {
-  using torch::autograd::isFwGradDefined;
-  TORCH_CHECK(!isFwGradDefined(x) && !isFwGradDefined(weight) && !isFwGradDefined(bias),
-              "masknorm::per_channel_norm has no forward-mode AD formula");
-  auto out = [&] {
-    at::AutoDispatchBelowADInplaceOrView guard;  // below autograd, through the dispatcher (fake tensors too)
-    return forward_op().call(x, mask, weight, bias, correction, eps, masked);
-  }();
-  if (at::GradMode::is_enabled() && (wants_grad(x) || wants_grad(weight) || wants_grad(bias))) {
-    auto node = make_node<PerChannelNormBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(x, weight.value_or(at::Tensor()),
-                                                             bias.value_or(at::Tensor())));
-    node->x = torch::autograd::SavedVariable(x, false);
-    node->mask = torch::autograd::SavedVariable(mask.value_or(at::Tensor()), false);
-    node->weight = torch::autograd::SavedVariable(weight.value_or(at::Tensor()), false);
-    node->var = torch::autograd::SavedVariable(std::get<4>(out), false);
-    node->shift = torch::autograd::SavedVariable(std::get<5>(out), false);
-    node->inv_s = torch::autograd::SavedVariable(std::get<6>(out), false);
-    node->flagged = torch::autograd::SavedVariable(std::get<8>(out), false);
-    node->has_mask = mask.has_value() && mask->defined();
-    node->has_weight = weight.has_value() && weight->defined();
-    node->has_bias = bias.has_value() && bias->defined();
-    if (node->has_weight) node->weight_shape = weight->sizes().vec();
-    if (node->has_bias) node->bias_shape = bias->sizes().vec();
-    node->correction = correction;
-    node->eps = eps;
-    node->masked = std::string(masked);
-    torch::autograd::set_history(std::get<0>(out), node);
-  }
-  return out;
+  return masknorm_kernels::record<PerChannelNormBackward>(
+      "masknorm::per_channel_norm", x, mask, weight, bias,
+      [&] { return forward_op().call(x, mask, weight, bias, correction, eps, masked); },
+      [&](PerChannelNormBackward& node, const auto& out) {
+        node.var = torch::autograd::SavedVariable(std::get<4>(out), false);
+        node.shift = torch::autograd::SavedVariable(std::get<5>(out), false);
+        node.inv_s = torch::autograd::SavedVariable(std::get<6>(out), false);
+        node.flagged = torch::autograd::SavedVariable(std::get<8>(out), false);
+        if (node.has_weight) node.weight_shape = weight->sizes().vec();
+        if (node.has_bias) node.bias_shape = bias->sizes().vec();
+        node.correction = correction;
+        node.eps = eps;
+        node.masked = std::string(masked);
+      });
 }
 
 // a r + b s rounded as two torch multiplications and an addition round it: each product, then the sum (volatile:
