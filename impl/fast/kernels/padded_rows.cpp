@@ -64,12 +64,12 @@ void pass_through(const T* src, T* dst, int64_t n, bool zero) {
   }
 }
 
-// Row t[0, n) asked into the cache ahead of its use (a hint: no value changes), at most its first 4 KiB (the
-// hardware's own prefetcher follows from there), so that its loads overlap the work on the row before it.
-template <typename T>
+// Row t[0, n) asked into the cache ahead of its use (Write = 1: to be written; a hint, no value changes), at most
+// its first 4 KiB (the hardware's own prefetcher follows from there), so that its misses overlap the work before.
+template <int Write = 0, typename T>
 void prefetch_row(const T* t, int64_t n) {
   const char* p = reinterpret_cast<const char*>(t);
-  for (int64_t b = 0; b < std::min<int64_t>(n * int64_t(sizeof(T)), 4096); b += 64) __builtin_prefetch(p + b);
+  for (int64_t b = 0; b < std::min<int64_t>(n * int64_t(sizeof(T)), 4096); b += 64) __builtin_prefetch(p + b, Write);
 }
 
 // True where the fused statistics of a valid row are accurate (fast.padded_rows._inaccurate's test).
@@ -142,7 +142,8 @@ void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A
 }
 
 // Valid rows one at a time, in order: the sums of g = dy w and g xh (xh = (x - mean) rstd; one pass over dy and
-// x, from memory), then dx = rstd (g - mean(g) - xh mean(g xh)) with dy xh and dy added to the slot's dw and db.
+// x, from memory, while the row of dx is asked for), then dx = rstd (g - mean(g) - xh mean(g xh)) with dy xh and dy
+// added to the slot's dw and db (while the next rows of dy and x are asked for).
 template <typename T, typename A = at::opmath_type<T>>
 void backward_rows(const T* dy, const T* x, const bool* valid, const A* mean, const A* rstd, const T* w, T* dx,
                    double* slots, int64_t rows, int64_t n, bool center, bool zero) {
@@ -151,10 +152,15 @@ void backward_rows(const T* dy, const T* x, const bool* valid, const A* mean, co
     const T *dyr = dy + i * n, *xr = x + i * n;
     T* dxr = dx + i * n;
     const A m = mean[i], rs = rstd[i];
+    prefetch_row<1>(dxr, n);
     const auto g = [dyr, w](int64_t j) { return double(A(dyr[j]) * A(w[j])); };
     const auto gxh = [dyr, w, xr, m, rs](int64_t j) { return double(A(dyr[j]) * A(w[j])) * double((A(xr[j]) - m) * rs); };
     const auto [sum_g, sum_gxh] = center ? blocked_sums(0, n, g, gxh) : std::pair<double, double>(0.0, blocked_sum(0, n, gxh));
     const A a = A(sum_g / double(n)), c = A(sum_gxh / double(n));
+    if (i + 1 < rows) {
+      prefetch_row(dyr + n, n);
+      prefetch_row(xr + n, n);
+    }
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       const A xh = (A(xr[j]) - m) * rs;
