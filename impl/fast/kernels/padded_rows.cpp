@@ -52,6 +52,7 @@ using masknorm_kernels::blocked_sum;
 using masknorm_kernels::blocked_sums;
 using masknorm_kernels::kBlock;
 using masknorm_kernels::make_node;
+using masknorm_kernels::prefetch_row;
 using masknorm_kernels::stored;
 using masknorm_kernels::wants_grad;
 
@@ -62,14 +63,6 @@ void pass_through(const T* src, T* dst, int64_t n, bool zero) {
   } else {
     std::copy(src, src + n, dst);
   }
-}
-
-// Row t[0, n) asked into the cache ahead of its use (Write = 1: to be written; a hint, no value changes), at most
-// its first 4 KiB (the hardware's own prefetcher follows from there), so that its misses overlap the work before.
-template <int Write = 0, typename T>
-void prefetch_row(const T* t, int64_t n) {
-  const char* p = reinterpret_cast<const char*>(t);
-  for (int64_t b = 0; b < std::min<int64_t>(n * int64_t(sizeof(T)), 4096); b += 64) __builtin_prefetch(p + b, Write);
 }
 
 // True where the fused statistics of a valid row are accurate (fast.padded_rows._inaccurate's test).
