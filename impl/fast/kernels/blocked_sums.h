@@ -1,5 +1,5 @@
 // Deterministic sums in double for the fused CPU kernels (included by padded_rows.cpp, masked_positions.cpp and
-// per_channel.cpp), and the masked loads their terms read through.
+// per_channel.cpp), the masked loads their terms read through, and the prefetch of a row before it is read.
 //
 //   blocked_sum(s, e, t) = sum_{j in [s, e)} t(j): blocks of kBlock terms, each added across SIMD lanes, then the
 //   blocks' sums in order (float64 terms: error ~ (kBlock / lanes + (e - s) / kBlock) u).
@@ -28,6 +28,14 @@ template <typename U, typename T>
 U pick(const T* p, int64_t j, bool v, U other) {
   const U value = U(p[j]);
   return v ? value : other;
+}
+
+// Row t[0, n) asked into the cache ahead of its use (Write = 1: to be written; a hint, no value changes), at most
+// its first 4 KiB (the hardware's own prefetcher follows from there), so that its misses overlap the work before.
+template <int Write = 0, typename T>
+inline void prefetch_row(const T* t, int64_t n) {
+  const char* p = reinterpret_cast<const char*>(t);
+  for (int64_t b = 0; b < std::min<int64_t>(n * int64_t(sizeof(T)), 4096); b += 64) __builtin_prefetch(p + b, Write);
 }
 
 // The terms capture their pointers by value: through a captured reference the loop would reload them

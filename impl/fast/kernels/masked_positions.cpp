@@ -52,6 +52,7 @@ using masknorm_kernels::blocked_sum;
 using masknorm_kernels::kBlock;
 using masknorm_kernels::kMomentBlock;
 using masknorm_kernels::pick;
+using masknorm_kernels::prefetch_row;
 using masknorm_kernels::stored;
 
 constexpr int64_t kSamples = 64;  // samples per weight/bias-gradient slot
@@ -521,6 +522,10 @@ void forward_masked_rows(const T* x, const bool* mask, const at::opmath_type<T>*
       const acc_t m = acc_t(mu), r = acc_t(rs);
       mean[i] = m;
       rstd[i] = r;
+      if (i + 1 < R) {
+        prefetch_row(xr + n, n);
+        prefetch_row(row.m + n, n);
+      }
       auto normalized = [xr, m, r, w, bias](int64_t j, bool v) {
         return stored<T>((pick(xr, j, v, m) - m) * r * w[j] + bias[j]);
       };
@@ -583,7 +588,13 @@ void backward_masked_rows(const T* dy, const T* x, const bool* mask, const at::o
         }
         const acc_t m = mean[i], r = rstd[i];
         auto xh = [xr, m, r](int64_t j, bool u) { return (pick(xr, j, u, m) - m) * r; };
+        prefetch_row<1>(dxr, n);
         const auto [a, bsum, k] = masked_row_sums(dyr, xr, row.m, w, m, r, policy == kNormalize, dwb, dbb, n);
+        if (i + 1 < R) {
+          prefetch_row(dyr + n, n);
+          prefetch_row(xr + n, n);
+          prefetch_row(row.m + n, n);
+        }
         const double wa = center ? a / k : 0.0, wb = bsum / (k - double(correction));
         const acc_t ma = acc_t(wa), mb = acc_t(wb);
         auto valid = [dyr, w, r, ma, mb, xh](int64_t j, bool v) {

@@ -15,7 +15,8 @@
 // float16/bfloat16 rows are computed in float (at::opmath_type) and rounded once; mean and rstd are
 // returned in that type. One pass over the memory each way: a padded row is only copied, so
 // whatever it holds (NaN, Inf) never meets an arithmetic operation. Sums run in double, in blocks of
-// kBlock terms (float64 input: error ~ (kBlock / lanes + n / kBlock) u). dw and db are summed per
+// kBlock terms (float64 input: error ~ (kBlock / lanes + n / kBlock) u); a narrower row's moments take one
+// shifted pass where that is as exact (moments()). dw and db are summed per
 // block of kRows rows into their own slot, then across slots in order: the result does not depend on the
 // number of threads.
 //
@@ -46,9 +47,10 @@ namespace {
 
 constexpr int64_t kRows = 128;   // rows per weight/bias-gradient slot
 
+using masknorm_kernels::blocked_sum;
 using masknorm_kernels::blocked_sums;
-using masknorm_kernels::blocked_sums4;
 using masknorm_kernels::kBlock;
+using masknorm_kernels::prefetch_row;
 using masknorm_kernels::stored;
 
 template <typename T>
@@ -68,116 +70,106 @@ bool accurate(A m, A r) {
   return r >= low && r <= high && std::abs(m) * r <= kappa;
 }
 
-// valid == nullptr: every row is valid. inaccurate (may be nullptr): 1 where a valid row's
-// statistics fail accurate(), else 0. Valid rows are taken four at a time, their sums side by side
-// (four independent chains; each row's sum in blocked_sum's order, so the bits of one row at a time).
+// (x_j - m)^2 in double as a blocked_sum term
+template <typename T>
+auto squared_deviation(const T* xr, double m) {
+  return [xr, m](int64_t j) {
+    const double d = double(xr[j]) - m;
+    return d * d;
+  };
+}
+
+// Row xr's (mean, sum of squared deviations) in two passes: mu = (1/n) sum x (0 when !center), ss = sum (x - mu)^2.
+template <typename T>
+std::pair<double, double> two_pass_moments(const T* xr, int64_t n, bool center) {
+  const double mu = center ? blocked_sum(0, n, [xr](int64_t j) { return double(xr[j]); }) / double(n) : 0.0;
+  return {mu, blocked_sum(0, n, squared_deviation(xr, mu))};
+}
+
+// Row xr's (mean, sum of squared deviations). float32/float16/bfloat16 with center take one pass, shifted by the
+// row's first value s (as masked_positions.cpp's group_moments):
+//   S1 = sum (x - s),  S2 = sum (x - s)^2,  mu = s + S1/n,  ss = S2 - S1 (S1/n),
+// kept where (kBlock + n/kBlock) S2 <= 2^20 ss: ss within about 2^-32 relative and mu within 2^-33 sigma, so a
+// rounding to float32 that differs from two_pass_moments' lies within 2^-8 ulp of a tie. A row that fails (|mean|
+// large against sigma, a non-finite value: NaN fails) takes two_pass_moments. A constant row gives mu = s, ss = 0.
+template <typename T>
+std::pair<double, double> moments(const T* xr, int64_t n, bool center) {
+  if (std::is_same_v<T, double> || !center) return two_pass_moments(xr, n, center);
+  const double s = double(xr[0]);
+  const auto [S1, S2] = blocked_sums(0, n, [xr, s](int64_t j) { return double(xr[j]) - s; }, squared_deviation(xr, s));
+  const double ss = S2 - S1 * (S1 / double(n));
+  if ((double(kBlock) + double(n) / double(kBlock)) * S2 <= 0x1p20 * ss) return {s + S1 / double(n), ss};
+  return two_pass_moments(xr, n, center);
+}
+
+// valid == nullptr: every row is valid. inaccurate (may be nullptr): 1 where a valid row's statistics fail
+// accurate(), else 0. One row at a time, in order: its moments (one pass over x, from memory), then its output
+// (x again, from the cache), while the next row is asked into the cache.
 template <typename T, typename A = at::opmath_type<T>>
 void forward_rows(const T* x, const bool* valid, const T* w, const T* b, T* y, A* mean, A* rstd, int64_t rows,
                   int64_t n, double eps, bool center, bool zero, uint8_t* inaccurate = nullptr) {
-  // row i's statistics from its mean and sum of squared deviations, and its output
-  const auto finish = [&](int64_t i, double mu, double ss) {
-    const T* xr = x + i * n;
-    T* yr = y + i * n;
-    const A m = A(mu), r = A(1.0 / std::sqrt(ss / double(n) + eps));
-    mean[i] = m;
-    rstd[i] = r;
-    if (inaccurate) inaccurate[i] = !accurate(m, r);
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j) yr[j] = stored<T>((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
-  };
-  // rows i[0..k) (k in 1..4; a missing row's sums are the last one's again, and dropped)
-  const auto four_rows = [&](const int64_t* i, int k) {
-    const T* p[4];
-    for (int r = 0; r < 4; ++r) p[r] = x + i[std::min(r, k - 1)] * n;
-    const auto row = [](const T* xr) { return [xr](int64_t j) { return double(xr[j]); }; };
-    std::array<double, 4> mu{0, 0, 0, 0};
-    if (center) mu = blocked_sums4(0, n, row(p[0]), row(p[1]), row(p[2]), row(p[3]));
-    for (auto& m : mu) m /= double(n);
-    const auto squares = [](const T* xr, double m) {
-      return [xr, m](int64_t j) {
-        const double d = double(xr[j]) - m;
-        return d * d;
-      };
-    };
-    const auto ss = blocked_sums4(0, n, squares(p[0], mu[0]), squares(p[1], mu[1]), squares(p[2], mu[2]),
-                                  squares(p[3], mu[3]));
-    for (int r = 0; r < k; ++r) finish(i[r], mu[r], ss[r]);
-  };
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / n), [&](int64_t lo, int64_t hi) {
-    int64_t batch[4];
-    int k = 0;
     for (int64_t i = lo; i < hi; ++i) {
+      const T* xr = x + i * n;
+      T* yr = y + i * n;
       if (inaccurate) inaccurate[i] = 0;
       if (valid && !valid[i]) {
-        pass_through(x + i * n, y + i * n, n, zero);
+        pass_through(xr, yr, n, zero);
         mean[i] = A(0);
         rstd[i] = A(0);
         continue;
       }
-      batch[k++] = i;
-      if (k == 4) {
-        four_rows(batch, k);
-        k = 0;
-      }
+      const auto [mu, ss] = moments(xr, n, center);
+      const A m = A(mu), r = A(1.0 / std::sqrt(ss / double(n) + eps));
+      mean[i] = m;
+      rstd[i] = r;
+      if (inaccurate) inaccurate[i] = !accurate(m, r);
+      if (i + 1 < rows) prefetch_row(xr + n, n);
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) yr[j] = stored<T>((A(xr[j]) - m) * r * A(w[j]) + A(b[j]));
     }
-    if (k > 0) four_rows(batch, k);
   });
 }
 
-// Valid rows are taken two at a time, their sums side by side (each in blocked_sum's order); dw and db
-// take the rows in order.
+// Valid rows one at a time, in order: the sums of g = dy w and g xh (xh = (x - mean) rstd; one pass over dy and
+// x, from memory, while the row of dx is asked for), then dx = rstd (g - mean(g) - xh mean(g xh)) with dy xh and dy
+// added to the slot's dw and db (while the next rows of dy and x are asked for).
 template <typename T, typename A = at::opmath_type<T>>
 void backward_rows(const T* dy, const T* x, const bool* valid, const A* mean, const A* rstd, const T* w, T* dx,
                    double* slots, int64_t rows, int64_t n, bool center, bool zero) {
   const int64_t nslots = (rows + kRows - 1) / kRows;
-  const auto g = [w](const T* dyr) { return [dyr, w](int64_t j) { return double(A(dyr[j]) * A(w[j])); }; };
-  const auto gxh = [w](const T* dyr, const T* xr, A m, A r) {
-    return [dyr, w, xr, m, r](int64_t j) { return double(A(dyr[j]) * A(w[j])) * double((A(xr[j]) - m) * r); };
-  };
-  // rows i[0..k) (k in 1..2; a missing row's sums are the first one's again, and dropped)
-  const auto two_rows = [&](const int64_t* i, int k, double* dw, double* db) {
-    const int64_t i1 = i[k - 1];
-    const T *dy0 = dy + i[0] * n, *dy1 = dy + i1 * n, *x0 = x + i[0] * n, *x1 = x + i1 * n;
-    const auto gx0 = gxh(dy0, x0, mean[i[0]], rstd[i[0]]), gx1 = gxh(dy1, x1, mean[i1], rstd[i1]);
-    std::array<double, 4> sums{0, 0, 0, 0};  // sum g and sum g xh of each row
-    if (center) {
-      sums = blocked_sums4(0, n, g(dy0), gx0, g(dy1), gx1);
-    } else {
-      std::tie(sums[1], sums[3]) = blocked_sums(0, n, gx0, gx1);
+  const auto valid_row = [&](int64_t i, double* dw, double* db) {
+    const T *dyr = dy + i * n, *xr = x + i * n;
+    T* dxr = dx + i * n;
+    const A m = mean[i], rs = rstd[i];
+    prefetch_row<1>(dxr, n);
+    const auto g = [dyr, w](int64_t j) { return double(A(dyr[j]) * A(w[j])); };
+    const auto gxh = [dyr, w, xr, m, rs](int64_t j) { return double(A(dyr[j]) * A(w[j])) * double((A(xr[j]) - m) * rs); };
+    const auto [sum_g, sum_gxh] = center ? blocked_sums(0, n, g, gxh) : std::pair<double, double>(0.0, blocked_sum(0, n, gxh));
+    const A a = A(sum_g / double(n)), c = A(sum_gxh / double(n));
+    if (i + 1 < rows) {
+      prefetch_row(dyr + n, n);
+      prefetch_row(xr + n, n);
     }
-    for (int r = 0; r < k; ++r) {
-      const T* dyr = r ? dy1 : dy0;
-      const T* xr = r ? x1 : x0;
-      T* dxr = dx + i[r] * n;
-      const A m = mean[i[r]], rs = rstd[i[r]];
-      const A a = A(sums[2 * r] / double(n)), c = A(sums[2 * r + 1] / double(n));
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) {
-        const A xh = (A(xr[j]) - m) * rs;
-        dxr[j] = stored<T>(rs * (A(dyr[j]) * A(w[j]) - a - xh * c));
-        dw[j] += double(dyr[j]) * double(xh);
-        db[j] += double(dyr[j]);
-      }
+    for (int64_t j = 0; j < n; ++j) {
+      const A xh = (A(xr[j]) - m) * rs;
+      dxr[j] = stored<T>(rs * (A(dyr[j]) * A(w[j]) - a - xh * c));
+      dw[j] += double(dyr[j]) * double(xh);
+      db[j] += double(dyr[j]);
     }
   };
   at::parallel_for(0, nslots, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t s = lo; s < hi; ++s) {
       double* dw = slots + s * 2 * n;
       double* db = dw + n;
-      int64_t pair[2];
-      int k = 0;
       for (int64_t i = s * kRows; i < std::min(rows, (s + 1) * kRows); ++i) {
         if (valid && !valid[i]) {
           pass_through(dy + i * n, dx + i * n, n, zero);
-          continue;
-        }
-        pair[k++] = i;
-        if (k == 2) {
-          two_rows(pair, k, dw, db);
-          k = 0;
+        } else {
+          valid_row(i, dw, db);
         }
       }
-      if (k > 0) two_rows(pair, k, dw, db);
     }
   });
 }
