@@ -41,7 +41,8 @@ def _maybe_fake(x: torch.Tensor) -> bool:
 
 def lanes_may_run() -> bool:
     """What a C++ lane (fast/kernels/lanes.cpp) cannot see for itself, which eager_on_data also asks: not
-    traced by torch.compile/export, no torch.func transform, and no forward-mode AD level open (a call
-    may carry tangents, which the lanes' operators have no formula for). The lanes check the tensors."""
+    traced by torch.compile/export, no torch.func transform, no forward-mode AD level open (a call
+    may carry tangents, which the lanes' operators have no formula for), and no TorchFunctionMode active
+    (the route's torch calls reach it; a lane's one C++ call would not). The lanes check the tensors."""
     return not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-                or torch.autograd.forward_ad._current_level >= 0)
+                or torch.autograd.forward_ad._current_level >= 0 or torch._C._is_torch_function_mode_enabled())

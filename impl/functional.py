@@ -9,7 +9,7 @@ import torch
 from masknorm._autograd import MaskedNormFunction, MaskedNormFunctionWithJvp, affine
 from masknorm._contract import FLOATING, check_args, check_tensor
 from masknorm._tracing import eager_on_data as _eager_on_data, exporting
-from masknorm.fast import backend as fast_backend, dispatch
+from masknorm.fast import backend as fast_backend, dispatch, padded_rows
 
 
 Moments = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # mean, unbiased variance, valid count
@@ -79,6 +79,9 @@ def masked_norm_with_moments(
 def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
                backend: str = "auto") -> Tuple[torch.Tensor, Optional[Moments]]:
     """Check the arguments (before any work), then dispatch to a fast path or the general one."""
+    out = _token_lane(x, mask, dim, correction, eps, center, weight, bias, masked, backend)
+    if out is not None:
+        return out, None
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOATING:
@@ -114,6 +117,31 @@ def _normalize(x, mask, dim, correction, eps, center, weight, bias, masked,
         x, mask, weight, bias, args.dims, args.correction, args.eps, args.center, args.masked
     )
     return out, None
+
+
+def _token_lane(x, mask, dim, correction, eps, center, weight, bias, masked, backend) -> Optional[torch.Tensor]:
+    """The layer modules' lane (fast.padded_rows.eager_call: one kernel call, the route's bits) for a call over x's
+    last axis with one mask flag per token, as `masked_norm(x, mask (*x.shape[:-1], 1), -1, ...)` is called by
+    hand; None for any other call (the route checks it, raises or runs it): x of rank >= 2, dim -1 (or x.dim() - 1,
+    alone or as the one axis of a tuple or list), mask None or (*x.shape[:-1], 1), weight and bias None or
+    (x.shape[-1],), correction 0, center a bool, backend "auto" or "torch"; eps, masked and the tensors' types,
+    dtypes and devices are the lane's to check."""
+    if not (type(x) is torch.Tensor and x.dim() >= 2 and type(correction) is int and correction == 0
+            and type(center) is bool and type(backend) is str and backend in ("auto", "torch")):
+        return None
+    axis = dim[0] if type(dim) in (tuple, list) and len(dim) == 1 else dim
+    last = x.dim() - 1
+    width = x.shape[last]
+    if not (type(axis) is int and axis in (-1, last)
+            and all(t is None or (type(t) in (torch.Tensor, torch.nn.Parameter) and t.shape == (width,))
+                    for t in (weight, bias))):
+        return None
+    if mask is not None:
+        if not (type(mask) is torch.Tensor and mask.dim() == x.dim() and mask.shape[last] == 1
+                and mask.shape[:last] == x.shape[:last]):
+            return None
+        mask = mask.squeeze(last)
+    return padded_rows.eager_call(x, mask, 1, eps, center, weight, bias, masked)
 
 
 def _compiling_with_ops(x: torch.Tensor) -> bool:

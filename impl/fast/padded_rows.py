@@ -346,6 +346,8 @@ def _general_backward(dy, x, mask, weight, ndims: int, eps: float, center: bool,
     row, "keep" and "normalize" agree (a padded row passes through under both). A parameter's
     gradient that does not exist comes back empty."""
     dims = tuple(range(x.dim() - ndims, x.dim()))
+    if mask is not None and mask.dim() < x.dim():  # one flag per token (the lanes' form): x's rank, as the route's
+        mask = mask.reshape(*mask.shape, *[1] * ndims)
     bias_shape = (x.shape[x.dim() - ndims:], x.dtype) if bias else None
     gx, gw, gb = general_vjp(dy, x, mask, weight, bias_shape, (dims, 0, eps, center, "zero" if zero else "normalize"),
                              (True, False, weight is not None, bias))

@@ -8,6 +8,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import masknorm
+from masknorm.fast import native
 from masknorm import _contract
 
 X = torch.randn(2, 3)
@@ -83,6 +84,35 @@ def test_metadata_guard_detects_work():
     """The guard above is not vacuous: a valid call does tensor work inside it and is stopped."""
     with pytest.raises(AssertionError, match="tensor work"), _NoTensorWork():
         masknorm.masked_norm(X)
+
+
+_TOKENS = torch.randn(2, 5, 8), torch.tensor([[True] * 5, [True, True, True, False, False]])
+_LANE_CALLS = {
+    "masked_norm": lambda: masknorm.masked_norm(_TOKENS[0], _TOKENS[1][..., None], -1),
+    "layer": lambda: masknorm.MaskedLayerNorm(8)(*_TOKENS),
+    "group": lambda: masknorm.MaskedGroupNorm(2, 8)(_TOKENS[0].transpose(1, 2), _TOKENS[1]),
+    "batch": lambda: masknorm.MaskedBatchNorm1d(8)(_TOKENS[0].transpose(1, 2), _TOKENS[1]),
+}
+
+
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _NoLane:
+    def __getattr__(self, name):
+        raise AssertionError(f"the C++ lane {name} was called under a TorchFunctionMode")
+
+
+@pytest.mark.parametrize("call", _LANE_CALLS)
+def test_a_call_under_a_torch_function_mode_takes_the_route(call, monkeypatch):
+    """Under a TorchFunctionMode the C++ lanes are not called (their one C++ call would pass the mode by): the
+    route's torch calls reach the mode, as torch's own layers' do."""
+    expected = _LANE_CALLS[call]()
+    monkeypatch.setattr(native, "lanes", _NoLane)
+    with _PassThrough():
+        torch.testing.assert_close(_LANE_CALLS[call](), expected, rtol=0, atol=0)
 
 
 def _layer_norm(x, eps):

@@ -3,10 +3,12 @@ the call (fast.padded_rows.eager_call): eager mode on CPU data, mask None or one
 That lane must give the bits of masked_norm's general route (outputs and gradients), leave every
 other call to that route, and raise what the route raises, before any work."""
 
+from unittest import mock
+
 import pytest
 import torch
 
-from masknorm import masked_norm
+from masknorm import functional, masked_norm
 from masknorm.fast import native, padded_rows
 from masknorm.modules import MaskedLayerNorm, MaskedRMSNorm
 from masknorm.modules import layer
@@ -19,13 +21,20 @@ def _same_bits(a, b):
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def _routed(*args, **kwargs):
+    """masked_norm(*args, **kwargs) through its route: its own lane into the same kernel (functional._token_lane)
+    off, so that the lanes are compared with the route, not with each other."""
+    with mock.patch.object(functional, "_token_lane", lambda *lane_args: None):
+        return masked_norm(*args, **kwargs)
+
+
 def _general(module, x, mask):
     """The module's call through masked_norm (the route every call took before the lane)."""
     center = isinstance(module, MaskedLayerNorm)
     eps = (torch.finfo(x.dtype).eps if module.eps is None else module.eps)
-    return masked_norm(x, None if mask is None else mask[..., None], -1, eps=eps, center=center,
-                       weight=module.weight, bias=getattr(module, "bias", None) if center else None,
-                       masked=module.masked)
+    return _routed(x, None if mask is None else mask[..., None], -1, eps=eps, center=center,
+                   weight=module.weight, bias=getattr(module, "bias", None) if center else None,
+                   masked=module.masked)
 
 
 def _inputs(dtype, with_mask, B=3, T=7, D=24):
@@ -123,8 +132,8 @@ def test_calls_the_lane_does_not_take_give_the_general_routes_bits(case):
                 got = fwAD.unpack_dual(module(fwAD.make_dual(x, torch.ones_like(x)), mask)).primal
         else:
             got = module(x, mask)
-        general = masked_norm(x, expected_mask[..., None] if expected_mask.dim() < x.dim() else expected_mask, -1,
-                              eps=float(module.eps), weight=module.weight, bias=module.bias, masked=module.masked)
+        general = _routed(x, expected_mask[..., None] if expected_mask.dim() < x.dim() else expected_mask, -1,
+                          eps=float(module.eps), weight=module.weight, bias=module.bias, masked=module.masked)
     _same_bits(got, general)
 
 
@@ -144,3 +153,16 @@ def test_bad_calls_raise_what_the_general_route_raises_before_any_work(case, mon
         lane_off=[(padded_rows, "eager_call", lambda *args: None)],  # the module's route before the lane
         kernels=[(padded_rows, "one_call"), (padded_rows.PaddedRowsFunction, "apply")],
         operators=["padded_rows_norm", "rows_norm"])
+
+
+@pytest.mark.parametrize("cls", [MaskedLayerNorm, MaskedRMSNorm], ids=["layer", "rms"])
+@pytest.mark.parametrize("masked", ["normalize", "zero"])
+def test_the_lanes_double_backward_with_a_token_mask_passes_gradgradcheck(cls, masked):
+    """The lane's node saves the token mask (B, T); its double backward (the general closed form) reads it at x's
+    rank. It raised a broadcasting error before (the mask (B, T) against x (B, T, D))."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [False] * 4])
+    module = _module(cls, 6, torch.float64, True, masked)
+    assert "PaddedRowsNorm" in module(x, mask).grad_fn.name()
+    assert torch.autograd.gradgradcheck(lambda x: module(x, mask), (x,))
