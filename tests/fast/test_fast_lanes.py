@@ -161,20 +161,16 @@ def test_a_lane_declines_under_a_dispatch_mode(lane):
         assert getattr(native.lanes(), lane)(*args) is None
 
 
-def test_the_group_lane_records_the_operators_node():
-    args = _channels_args()
-    args[0].requires_grad_()
-    y = native.lanes().masked_channels(*args)
-    assert y.grad_fn.name() == "MaskedChannelsNormBackward"
-    y.sum().backward()
-    assert args[0].grad is not None and torch.isfinite(args[0].grad).all()
+NODES = {"padded_rows": "PaddedRowsNormBackward", "masked_channels": "MaskedChannelsNormBackward",
+         "batch_channels": "PerChannelNormBackward"}
 
 
-def test_the_layer_lane_records_the_operators_node():
-    args = _rows_args()
+@pytest.mark.parametrize("lane", LANES)
+def test_a_lane_records_its_operators_node(lane):
+    args = LANES[lane][0]()
     args[0].requires_grad_()
-    y = native.lanes().padded_rows(*args)
-    assert type(y.grad_fn).__name__ == "CppFunction"
+    y = getattr(native.lanes(), lane)(*args)
+    assert y.grad_fn.name() == NODES[lane]
     y.sum().backward()
     assert args[0].grad is not None and torch.isfinite(args[0].grad).all()
 
@@ -199,15 +195,6 @@ def test_the_batch_lane_without_running_statistics_updates_nothing():
     args = _batch_args()
     args[6:10] = [None] * 4
     torch.testing.assert_close(native.lanes().batch_channels(*args), _batch_op(args), rtol=0, atol=0)
-
-
-def test_the_batch_lane_records_the_operators_node():
-    args = _batch_args()
-    args[0].requires_grad_()
-    y = native.lanes().batch_channels(*args)
-    assert y.grad_fn.name() == "PerChannelNormBackward"
-    y.sum().backward()
-    assert args[0].grad is not None and torch.isfinite(args[0].grad).all()
 
 
 def test_a_channel_the_batch_kernel_flags_gives_none_and_updates_nothing():

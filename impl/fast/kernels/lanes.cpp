@@ -99,14 +99,24 @@ bool inputs_of(PyObject* const* args, Py_ssize_t nargs, Py_ssize_t expected, con
          optional_tensor(args[3], x->scalar_type(), &in->bias);
 }
 
+// masked as a policy name ("normalize", "keep" or "zero"), or an empty view for anything else.
+c10::string_view policy_name(PyObject* masked) {
+  if (!PyUnicode_CheckExact(masked)) return {};
+  Py_ssize_t size = 0;
+  const char* name = PyUnicode_AsUTF8AndSize(masked, &size);
+  if (name == nullptr) {
+    PyErr_Clear();
+    return {};
+  }
+  const c10::string_view view(name, size);
+  return view == "normalize" || view == "keep" || view == "zero" ? view : c10::string_view();
+}
+
 // masked as padded_rows_norm's `zero` flag: 1 for "zero", 0 for "normalize" or "keep" (one flag per row: they
 // agree), -1 for anything else.
 int zero_flag(PyObject* masked) {
-  if (!PyUnicode_Check(masked)) return -1;
-  if (PyUnicode_CompareWithASCIIString(masked, "zero") == 0) return 1;
-  const bool kept = PyUnicode_CompareWithASCIIString(masked, "normalize") == 0 ||
-                    PyUnicode_CompareWithASCIIString(masked, "keep") == 0;
-  return kept ? 0 : -1;
+  const c10::string_view name = policy_name(masked);
+  return name.empty() ? -1 : int(name == "zero");
 }
 
 // y where the operator's count of flagged rows, groups or channels is 0 (then taken() runs too), else None; the
@@ -181,19 +191,6 @@ PyObject* masked_channels(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return std::make_tuple(std::get<0>(out), std::get<4>(out));
   }, [] {});
   END_HANDLE_TH_ERRORS
-}
-
-// masked as per_channel_norm's policy name ("normalize", "keep" or "zero"), or an empty view for anything else.
-c10::string_view policy_name(PyObject* masked) {
-  if (!PyUnicode_CheckExact(masked)) return {};
-  Py_ssize_t size = 0;
-  const char* name = PyUnicode_AsUTF8AndSize(masked, &size);
-  if (name == nullptr) {
-    PyErr_Clear();
-    return {};
-  }
-  const c10::string_view view(name, size);
-  return view == "normalize" || view == "keep" || view == "zero" ? view : c10::string_view();
 }
 
 // t (None or a tensor) as a contiguous plain CPU vector of n values of `dtype`.
